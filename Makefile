@@ -1,0 +1,41 @@
+# crdgol — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8080
+
+.PHONY: help setup proto run test test-unit test-dataplane test-sdk lint bench bench-quick clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) proto ## create .venv, install pinned dependencies, build the protos
+
+proto: $(STAMP) ## compile proto/ into crdgol/pb with grpcio-tools
+	$(BIN)/python -m crdgol.protogen
+
+run: setup ## serve examples/quickstart on http://127.0.0.1:$(PORT)
+	$(BIN)/crdgol up --manifests examples/quickstart --port $(PORT)
+
+test: setup ## run every test tier
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: setup ## pure functions only
+	$(BIN)/python -m pytest -q tests/unit
+
+test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
+	$(BIN)/python -m pytest -q tests/dataplane
+
+lint: setup ## ruff and mypy --strict
+	$(BIN)/ruff check crdgol extproc controller mockllm tests
+	$(BIN)/mypy crdgol extproc controller mockllm
+
+clean: ## remove the venv and generated code
+	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info

@@ -1,0 +1,62 @@
+"""Read a folder of Kubernetes manifests (the standalone, cluster-less mode) into typed models.
+
+Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents. Resources crdgol does not
+know are ignored; a file that does not parse is reported, never fatal, so one broken file does
+not take the rest of the folder down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller.models import API_VERSION, BindingSpec, SecretData, SpecError, parse_binding, parse_secret
+
+
+@dataclass(frozen=True, slots=True)
+class Manifests:
+    bindings: tuple[BindingSpec, ...] = ()
+    secrets: tuple[SecretData, ...] = ()
+    # Raw documents of the other crdgol kinds (WorkflowSpec, WorkflowRun) for later stages.
+    others: tuple[dict[str, Any], ...] = ()
+    # Problems by "file" or "namespace/name": what is wrong and why.
+    problems: dict[str, SpecError] = field(default_factory=dict)
+
+
+def manifest_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+
+
+def load_folder(folder: Path) -> Manifests:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"manifest folder {folder} does not exist")
+    bindings: list[BindingSpec] = []
+    secrets: list[SecretData] = []
+    others: list[dict[str, Any]] = []
+    problems: dict[str, SpecError] = {}
+    for path in manifest_files(folder):
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            problems[str(path)] = SpecError("InvalidYAML", f"{path}: {exc}")
+            continue
+        for doc in docs:
+            if not isinstance(doc, dict):
+                problems[str(path)] = SpecError("InvalidYAML", f"{path}: a document is not a mapping")
+                continue
+            kind, api = doc.get("kind"), doc.get("apiVersion")
+            meta = doc.get("metadata") or {}
+            ident = f"{meta.get('namespace') or 'default'}/{meta.get('name')}" if isinstance(meta, dict) else str(path)
+            try:
+                if kind == "Secret" and api == "v1":
+                    secrets.append(parse_secret(doc))
+                elif kind == "AIModelBinding" and api == API_VERSION:
+                    bindings.append(parse_binding(doc))
+                elif api == API_VERSION:
+                    others.append(doc)
+            except SpecError as exc:
+                problems[ident] = exc
+    return Manifests(tuple(bindings), tuple(secrets), tuple(others), problems)

@@ -1,0 +1,361 @@
+"""Typed models of the resources crdgol reads, parsed from plain manifests at the edge.
+
+``parse_binding`` turns an AIModelBinding object (as kubectl or a YAML file gives it) into a
+frozen ``BindingSpec`` or raises ``SpecError`` whose ``reason`` becomes the status condition
+reason and whose message says what to fix. Secrets are parsed into ``SecretData`` and never
+printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+GROUP = "crdgol.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+API_KEY_LABEL = "crdgol.io/api-key"
+TENANT_ANNOTATION = "crdgol.io/tenant"
+
+PROVIDERS = ("openai", "anthropic", "openai-compatible")
+RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SpecError(ValueError):
+    """A resource that cannot be served. ``reason`` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    name: str
+    key: str
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    name: str
+    provider: str
+    endpoint: Endpoint
+    model: str
+    credentials: SecretRef | None
+    weight: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileFieldSpec:
+    name: str
+    claim: str = ""
+    header: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySpec:
+    enabled: bool = False
+    max_turns: int = 20
+    max_tokens: int = 4000
+    ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class SnippetSpec:
+    title: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSpec:
+    system_prompt: str = ""
+    profile: tuple[ProfileFieldSpec, ...] = ()
+    history: HistorySpec = field(default_factory=HistorySpec)
+    knowledge: tuple[SnippetSpec, ...] = ()
+    max_context_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSpec:
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    tenant_claim: str
+    hs256_secret: SecretRef | None
+    jwks: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySpec:
+    on: tuple[str, ...] = ("connect-failure", "5xx", "429", "reset")
+    # Retries after the first attempt; None means one per fallback priority level.
+    attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    namespace: str
+    name: str
+    generation: int
+    model: str
+    backends: tuple[BackendSpec, ...]
+    tenants: tuple[str, ...]
+    context: ContextSpec
+    jwt: tuple[JwtSpec, ...]
+    request_timeout: float
+    per_try_timeout: float
+    retry: RetrySpec
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretData:
+    namespace: str
+    name: str
+    data: dict[str, str] = field(repr=False)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def is_api_key(self) -> bool:
+        return self.labels.get(API_KEY_LABEL, "").lower() == "true"
+
+
+def parse_duration(raw: object, what: str) -> float:
+    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
+        return float(raw)
+    m = _DURATION.match(str(raw).strip())
+    if not m or float(m.group(1)) <= 0:
+        raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_endpoint(raw: object, what: str) -> Endpoint:
+    text = str(raw or "")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError("InvalidEndpoint", f"{what}: {text!r} is not an http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise SpecError("InvalidEndpoint", f"{what}: put credentials in credentialsRef, not in the URL; no query or fragment")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path.rstrip("/")
+    # "/v1" is where both APIs live; a prefix before it (Azure-style proxies) is kept.
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return Endpoint(parts.scheme, parts.hostname, port, path)
+
+
+def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw.get("name") or not raw.get("key"):
+        raise SpecError("InvalidSecretRef", f"{what}: needs 'name' and 'key'")
+    return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
+
+
+def _int(raw: object, what: str, lo: int, hi: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
+        raise SpecError("InvalidSpec", f"{what}: must be an integer from {lo} to {hi}, got {raw!r}")
+    return raw
+
+
+def _dict(raw: object, what: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError("InvalidSpec", f"{what}: must be an object")
+    return raw
+
+
+def _list(raw: object, what: str) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError("InvalidSpec", f"{what}: must be a list")
+    return raw
+
+
+def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
+    b = _dict(raw, f"spec.backends[{i}]")
+    what = f"spec.backends[{i}]"
+    name = str(b.get("name") or f"backend-{i}")
+    if not _NAME.match(name):
+        raise SpecError("InvalidSpec", f"{what}.name: {name!r} must be a DNS label")
+    provider = b.get("provider")
+    if provider not in PROVIDERS:
+        raise SpecError("InvalidProvider", f"{what}.provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    model = str(b.get("model") or "")
+    if not model:
+        raise SpecError("InvalidSpec", f"{what}.model: the upstream model name is required")
+    return BackendSpec(
+        name=name,
+        provider=str(provider),
+        endpoint=parse_endpoint(b.get("endpoint"), f"{what}.endpoint"),
+        model=model,
+        credentials=_secret_ref(b.get("credentialsRef"), namespace, f"{what}.credentialsRef"),
+        weight=_int(b.get("weight", 1), f"{what}.weight", 1, 10_000),
+        priority=_int(b.get("priority", 0), f"{what}.priority", 0, 16),
+    )
+
+
+def _context(raw: object) -> ContextSpec:
+    c = _dict(raw, "spec.context")
+    profile = []
+    for i, p in enumerate(_list(c.get("profile"), "spec.context.profile")):
+        p = _dict(p, f"spec.context.profile[{i}]")
+        name, claim, header = str(p.get("name") or ""), str(p.get("claim") or ""), str(p.get("header") or "")
+        if not name or bool(claim) == bool(header):
+            raise SpecError("InvalidContext", f"spec.context.profile[{i}]: needs a name and exactly one of claim or header")
+        profile.append(ProfileFieldSpec(name, claim, header.lower()))
+    h = _dict(c.get("history"), "spec.context.history")
+    history = HistorySpec(
+        enabled=bool(h.get("enabled", bool(h))),
+        max_turns=_int(h.get("maxTurns", 20), "spec.context.history.maxTurns", 1, 1000),
+        max_tokens=_int(h.get("maxTokens", 4000), "spec.context.history.maxTokens", 1, 1_000_000),
+        ttl_seconds=int(parse_duration(h.get("ttl", "1h"), "spec.context.history.ttl")),
+    )
+    knowledge = []
+    for i, s in enumerate(_list(c.get("knowledge"), "spec.context.knowledge")):
+        s = _dict(s, f"spec.context.knowledge[{i}]")
+        if not s.get("text"):
+            raise SpecError("InvalidContext", f"spec.context.knowledge[{i}].text is required")
+        knowledge.append(SnippetSpec(str(s.get("title") or f"snippet {i + 1}"), str(s["text"])))
+    template = str(c.get("systemPrompt") or "")
+    _check_template(template)
+    return ContextSpec(
+        system_prompt=template,
+        profile=tuple(profile),
+        history=history,
+        knowledge=tuple(knowledge),
+        max_context_tokens=_int(c.get("maxContextTokens", 0), "spec.context.maxContextTokens", 0, 2_000_000),
+    )
+
+
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_KNOWN_VAR = re.compile(r"^(tenant|date|model|user\.[A-Za-z0-9_-]+)$")
+
+
+def _check_template(template: str) -> None:
+    for m in _VAR.finditer(template):
+        if not _KNOWN_VAR.match(m.group(1)):
+            raise SpecError(
+                "InvalidTemplate",
+                f"spec.context.systemPrompt: unknown variable ${{{m.group(1)}}}; use ${{tenant}}, ${{date}}, ${{model}} or ${{user.<field>}}",
+            )
+    if template.count("${") != len(_VAR.findall(template)):
+        raise SpecError("InvalidTemplate", "spec.context.systemPrompt: an unterminated ${ (write $$ for a literal $)")
+
+
+def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
+    j = _dict(raw, f"spec.auth.jwt[{i}]")
+    what = f"spec.auth.jwt[{i}]"
+    issuer = str(j.get("issuer") or "")
+    if not issuer:
+        raise SpecError("InvalidAuth", f"{what}.issuer is required")
+    secret = _secret_ref(j.get("hs256SecretRef"), namespace, f"{what}.hs256SecretRef")
+    jwks = j.get("jwks") or ""
+    if isinstance(jwks, dict):
+        import json
+
+        jwks = json.dumps(jwks, sort_keys=True)
+    if bool(secret) == bool(jwks):
+        raise SpecError("InvalidAuth", f"{what}: give exactly one of hs256SecretRef or jwks")
+    audiences = j.get("audiences") or []
+    return JwtSpec(
+        name=str(j.get("name") or issuer),
+        issuer=issuer,
+        audiences=tuple(str(a) for a in _list(audiences, f"{what}.audiences")),
+        tenant_claim=str(j.get("tenantClaim") or "tenant"),
+        hs256_secret=secret,
+        jwks=str(jwks),
+    )
+
+
+def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    meta = _dict(obj.get("metadata"), "metadata")
+    name = str(meta.get("name") or "")
+    namespace = str(meta.get("namespace") or "default")
+    if not _NAME.match(name):
+        raise SpecError("InvalidSpec", f"metadata.name: {name!r} must be a DNS label")
+    spec = _dict(obj.get("spec"), "spec")
+    model = str(spec.get("model") or "")
+    if not _MODEL.match(model):
+        raise SpecError("InvalidModel", f"spec.model: {model!r} must be 1-128 characters of letters, digits and ._:/-")
+    raw_backends = _list(spec.get("backends"), "spec.backends")
+    if not raw_backends:
+        raise SpecError("NoBackends", "spec.backends: at least one backend is required")
+    backends = tuple(_backend(b, i, namespace) for i, b in enumerate(raw_backends))
+    names = [b.name for b in backends]
+    if len(set(names)) != len(names):
+        raise SpecError("InvalidSpec", "spec.backends: backend names must be unique")
+    auth = _dict(spec.get("auth"), "spec.auth")
+    timeouts = _dict(spec.get("timeouts"), "spec.timeouts")
+    retry = _dict(spec.get("retry"), "spec.retry")
+    on = tuple(str(x) for x in _list(retry.get("on", list(RetrySpec().on)), "spec.retry.on"))
+    for cond in on:
+        if cond not in RETRY_CONDITIONS:
+            raise SpecError("InvalidSpec", f"spec.retry.on: {cond!r} is not one of {', '.join(RETRY_CONDITIONS)}")
+    attempts = retry.get("attempts")
+    return BindingSpec(
+        namespace=namespace,
+        name=name,
+        generation=int(meta.get("generation") or 1),
+        model=model,
+        backends=backends,
+        tenants=tuple(str(t) for t in _list(spec.get("tenants"), "spec.tenants")),
+        context=_context(spec.get("context")),
+        jwt=tuple(_jwt(j, i, namespace) for i, j in enumerate(_list(auth.get("jwt"), "spec.auth.jwt"))),
+        request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
+        per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
+        retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
+    )
+
+
+def parse_secret(obj: dict[str, Any]) -> SecretData:
+    meta = _dict(obj.get("metadata"), "metadata")
+    data: dict[str, str] = {}
+    for k, v in _dict(obj.get("data"), "data").items():
+        try:
+            data[str(k)] = base64.b64decode(str(v), validate=True).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SpecError("InvalidSecret", f"data.{k} is not valid base64 of UTF-8 text") from exc
+    for k, v in _dict(obj.get("stringData"), "stringData").items():
+        data[str(k)] = str(v)
+    return SecretData(
+        namespace=str(meta.get("namespace") or "default"),
+        name=str(meta.get("name") or ""),
+        data=data,
+        labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},
+        annotations={str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()},
+    )

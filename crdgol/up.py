@@ -1,0 +1,84 @@
+"""``crdgol up``: the standalone gateway a newcomer runs, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from crdgol.stack import Stack, StackSettings
+
+
+@dataclass(frozen=True, slots=True)
+class UpSettings:
+    manifests: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    mock_port: int | None = 8081
+    metrics_port: int = 9102
+    state_dir: Path | None = None
+    envoy_log_level: str = "warning"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def up(settings: UpSettings) -> int:
+    if not settings.manifests.is_dir():
+        _say(f"crdgol up: {settings.manifests} is not a folder of manifests")
+        return 2
+    stack = Stack(
+        StackSettings(
+            manifests=settings.manifests,
+            host=settings.host,
+            port=settings.port,
+            mock_port=settings.mock_port,
+            metrics_port=settings.metrics_port,
+            state_dir=settings.state_dir,
+            envoy_log_level=settings.envoy_log_level,
+        )
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    _say(f"crdgol up: starting {'the mock upstream, ' if settings.mock_port else ''}extproc and Envoy ...")
+    try:
+        stack.start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        _say(f"crdgol up: could not start: {exc} (logs in {stack.state})")
+        return 1
+    for where, problem in stack.problems.items():
+        _say(f"crdgol up: refused {where}: {problem.reason}: {problem.message}")
+    result = stack.result
+    models = sorted(b.model for b in result.snapshot.bindings) if result else []
+    _say(
+        f"\ncrdgol gateway ready on {stack.url}/v1\n"
+        f"  models:  {', '.join(models) or '(none)'}\n"
+        + (f"  mock upstream: {stack.mock_url}\n" if settings.mock_port else "")
+        + (f"  metrics: http://127.0.0.1:{settings.metrics_port}/metrics\n" if settings.metrics_port else "")
+        + f"  state:   {stack.state}\n\n"
+        f"Try it:\n"
+        f"  curl {stack.url}/v1/chat/completions -H 'Authorization: Bearer sk-crdgol-quickstart' \\\n"
+        f"    -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\": \"{models[0] if models else 'quickstart-chat'}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n\n"
+        f"Press Ctrl-C to stop.\n"
+    )
+    try:
+        while not stop.wait(0.5):
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None:
+                    _say(f"crdgol up: {name} exited with {proc.returncode}; stopping")
+                    stop.set()
+    finally:
+        _say("crdgol up: stopping ...")
+        stack.stop()
+        _say("crdgol up: stopped")
+    return 0

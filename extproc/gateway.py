@@ -1,0 +1,383 @@
+"""Downstream strategies: what extproc does for each client-facing endpoint.
+
+One handler per HTTP request, chosen from the method and path of its first message:
+
+* ``POST /v1/chat/completions`` and ``POST /v1/messages`` -> ``Completion``: auth, model ->
+  binding, tenant check, MCP context injection, route selection; then usage and history from the
+  response (streamed or not).
+* ``POST /v1/embeddings`` -> ``Embeddings``: auth, binding, route; usage from the response.
+* ``GET /v1/models`` -> ``Models``: answered by extproc from the policy.
+* anything else -> 404 (405 for a known path with the wrong method).
+
+Per-attempt work (model rewrite, credentials, API translation) is in ``extproc.upstream``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from extproc import context as mcp
+from extproc.auth import Identity, credential_from_headers
+from extproc.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    UnsupportedMediaType,
+)
+from extproc.history import Turn, history_key, validate_session_id
+from extproc.metrics import RequestLabels
+from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
+from extproc.policy import Api, Binding
+from extproc.services import BACKEND_HEADER, CLIENT_API_HEADER, INTERNAL_HEADERS, ROUTE_HEADER, Services
+from extproc.usage import StreamTap, Usage, text_from_json, usage_from_json
+
+log = logging.getLogger(__name__)
+
+
+def anthropic_error(exc: GatewayError) -> bytes:
+    """Anthropic's error shape, which also carries the OpenAI fields (error.message/type/code)."""
+    return orjson.dumps({"type": "error", "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
+
+
+class Downstream(Handler):
+    """Picks the endpoint strategy from the first message, then delegates to it."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.inner: Handler = Handler()
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
+        return await self.inner.request_headers(headers, end_of_stream)
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        return await self.inner.request_body(body, end_of_stream)
+
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        return await self.inner.response_headers(headers, end_of_stream)
+
+    async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        return await self.inner.response_body(body, end_of_stream)
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        return self.inner.error_reply(exc)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+_ENDPOINTS = {
+    "/v1/chat/completions": "POST",
+    "/v1/messages": "POST",
+    "/v1/embeddings": "POST",
+    "/v1/models": "GET",
+}
+
+
+def choose(services: Services, method: str, raw_path: str) -> Handler:
+    path = raw_path.split("?", 1)[0].rstrip("/") or "/"
+    allowed = _ENDPOINTS.get(path)
+    if allowed is None:
+        return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))
+    if method != allowed:
+        return Refuse(
+            GatewayError(f"{path} accepts {allowed}, not {method}", code="method_not_allowed"), status=405, allow=allowed
+        )
+    match path:
+        case "/v1/chat/completions":
+            return Completion(services, Api.OPENAI)
+        case "/v1/messages":
+            return Completion(services, Api.ANTHROPIC)
+        case "/v1/embeddings":
+            return Embeddings(services)
+        case _:
+            return Models(services)
+
+
+class Refuse(Handler):
+    def __init__(self, exc: GatewayError, *, status: int | None = None, allow: str = "") -> None:
+        self.exc, self.status, self.allow = exc, status, allow
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        r = self.error_reply(self.exc)
+        if self.status is not None:
+            r.status = self.status
+            r.headers["allow"] = self.allow
+        return r
+
+
+def authenticate(services: Services, headers: Headers) -> Identity:
+    credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+    return services.authenticator().authenticate(credential)
+
+
+class Models(Handler):
+    """``GET /v1/models``: the models this caller may use, from the policy."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        ident = authenticate(self.services, headers)
+        policy = self.services.current
+        data = [
+            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.key.split("/", 1)[0]}
+            for b in sorted(policy.bindings.values(), key=lambda b: b.model)
+            if b.allows(ident.tenant)
+        ]
+        return Respond(200, orjson.dumps({"object": "list", "data": data}))
+
+
+class ModelCall(Handler):
+    """What every model-calling endpoint shares: auth, binding selection, usage accounting."""
+
+    operation = "chat"
+
+    def __init__(self, services: Services, api: Api) -> None:
+        self.services = services
+        self.api = api
+        self.started = services.clock()
+        self.identity: Identity | None = None
+        self.headers = Headers()
+        self.binding: Binding | None = None
+        self.request_model = ""
+        self.backend = ""
+        self.status = 0
+        self.finished = False
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        self.services.metrics.rejections.labels(exc.code).inc()
+        if self.api is Api.ANTHROPIC:
+            return Respond(exc.status, anthropic_error(exc), {"content-type": "application/json", **exc.headers()})
+        return super().error_reply(exc)
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        ctype = headers.get("content-type", "")
+        if not ctype.lower().startswith("application/json"):
+            raise UnsupportedMediaType(f"send the request body as application/json, not {ctype or 'no content type'!r}")
+        self.identity = authenticate(self.services, headers)
+        if end_of_stream:
+            raise BadRequest("the request body is empty: send a JSON object")
+        self.headers = headers
+        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers])
+
+    def parse(self, body: bytes) -> dict[str, Any]:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        return doc
+
+    def select(self, doc: dict[str, Any]) -> Binding:
+        model = doc.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required: name one of the models GET /v1/models lists", code="missing_model")
+        self.request_model = model
+        binding = self.services.current.bindings.get(model)
+        if binding is None:
+            raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
+        assert self.identity is not None
+        if not binding.allows(self.identity.tenant):
+            raise Forbidden(f"tenant {self.identity.tenant!r} may not call the model {model!r}")
+        self.binding = binding
+        return binding
+
+    def forward(self, doc: dict[str, Any], binding: Binding) -> Continue:
+        body = orjson.dumps(doc)
+        return Continue(
+            set_headers={
+                ROUTE_HEADER: binding.route,
+                CLIENT_API_HEADER: self.api.value,
+                "content-length": str(len(body)),
+            },
+            body=body,
+            clear_route_cache=True,
+        )
+
+    def labels(self) -> RequestLabels:
+        return RequestLabels(
+            tenant=self.identity.tenant if self.identity else "",
+            binding=self.binding.key if self.binding else "",
+            backend=self.backend,
+            operation=self.operation,
+            request_model=self.request_model,
+            response_model=self.request_model,
+        )
+
+    def account(self, usage: Usage | None) -> None:
+        """Record what the request cost, once."""
+        if self.finished:
+            return
+        self.finished = True
+        m = self.services.metrics
+        labels = self.labels()
+        if usage is not None:
+            m.record_usage(labels, usage.input_tokens, usage.output_tokens)
+        m.record_duration(labels, self.status, self.services.clock() - self.started)
+        m.requests.labels(self.operation, str(self.status)).inc()
+
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        self.status = int(headers.get(":status", "0") or 0)
+        self.backend = headers.get(BACKEND_HEADER, "")
+        strip = [BACKEND_HEADER] if BACKEND_HEADER in headers else []
+        if end_of_stream or self.status != 200 or self.binding is None:
+            self.account(None)
+            return Continue(remove_headers=strip)
+        return Continue(remove_headers=strip, response_body_mode=BUFFERED)
+
+    async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        if end_of_stream:
+            self.account(usage_from_json(self.api, body))
+        return PASS
+
+    def close(self) -> None:
+        if not self.finished and self.binding is not None:
+            # The client went away or Envoy reset the stream before the response ended.
+            self.status = self.status or 499
+            self.account(None)
+
+
+class Embeddings(ModelCall):
+    operation = "embeddings"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services, Api.OPENAI)
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        doc = self.parse(body)
+        binding = self.select(doc)
+        if any(b.api is Api.ANTHROPIC for b in binding.backends):
+            raise BadRequest(f"the model {self.request_model!r} does not support embeddings", code="unsupported_operation")
+        if "input" not in doc:
+            raise BadRequest("'input' is required: a string or a list of strings", code="missing_input")
+        return self.forward(doc, binding)
+
+
+class Completion(ModelCall):
+    """Chat completions (OpenAI) and messages (Anthropic), streamed or not."""
+
+    def __init__(self, services: Services, api: Api) -> None:
+        super().__init__(services, api)
+        self.stream = False
+        self.client_wants_usage = False
+        self.session = ""
+        self.user_text = ""
+        self.tap: StreamTap | None = None
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        reply = await super().request_headers(headers, end_of_stream)
+        raw_session = headers.get("x-session-id")
+        if raw_session is not None:
+            self.session = validate_session_id(raw_session)
+        return reply
+
+    def _validate(self, doc: dict[str, Any]) -> list[Any]:
+        messages = doc.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list", code="invalid_messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadRequest(f"messages[{i}] must be an object with a 'role'", code="invalid_messages")
+        if self.api is Api.ANTHROPIC:
+            mt = doc.get("max_tokens")
+            if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+                raise BadRequest("'max_tokens' is required: a positive integer", code="invalid_max_tokens")
+        stream = doc.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false", code="invalid_stream")
+        return messages
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        doc = self.parse(body)
+        binding = self.select(doc)
+        messages = self._validate(doc)
+        self.stream = bool(doc.get("stream"))
+        self.user_text = last_user_text(messages)
+        if self.api is Api.OPENAI:
+            opts = doc.get("stream_options")
+            self.client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+            if self.stream:
+                # Usage is always metered: ask for it upstream, strip it again if the client did not.
+                doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        ctx = binding.context
+        if ctx.active:
+            doc = await self._inject(doc, binding)
+        return self.forward(doc, binding)
+
+    async def _inject(self, doc: dict[str, Any], binding: Binding) -> dict[str, Any]:
+        assert self.identity is not None
+        ctx = binding.context
+        turns: list[Turn] = []
+        if ctx.history.enabled and self.session:
+            key = history_key(self.identity.tenant, binding.key, self.session)
+            turns = await self.services.history.load(key, ctx.history.max_turns)
+        inj = mcp.build_injection(
+            ctx, self.identity, self.headers, turns, model=binding.model, today=self.services.today()
+        )
+        m = self.services.metrics
+        m.context_tokens.labels(binding.key).inc(inj.tokens)
+        if inj.dropped_turns:
+            m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
+        return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
+
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        reply = await super().response_headers(headers, end_of_stream)
+        if self.finished or not isinstance(reply, Continue):
+            return reply
+        if "text/event-stream" in headers.get("content-type", ""):
+            strip = self.api is Api.OPENAI and not self.client_wants_usage
+            self.tap = StreamTap(self.api, strip_usage=strip)
+            reply.response_body_mode = STREAMED
+            if strip:
+                reply.remove_headers.append("content-length")
+        return reply
+
+    async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        if self.tap is None:
+            if end_of_stream:
+                self.account(usage_from_json(self.api, body))
+                await self._remember(text_from_json(self.api, body))
+            return PASS
+        out = self.tap.feed(body)
+        if end_of_stream:
+            out += self.tap.finish()
+            self.account(self.tap.usage)
+            await self._remember(self.tap.text)
+        return PASS if out == body else Continue(body=out)
+
+    async def _remember(self, reply_text: str) -> None:
+        """Record the user turn and the assistant's reply once the response has ended."""
+        binding, ident = self.binding, self.identity
+        if binding is None or ident is None or not self.session or not binding.context.history.enabled:
+            return
+        if not reply_text or self.status != 200:
+            return
+        h = binding.context.history
+        key = history_key(ident.tenant, binding.key, self.session)
+        turns = [Turn("user", self.user_text), Turn("assistant", reply_text)] if self.user_text else [Turn("assistant", reply_text)]
+        try:
+            await self.services.history.append(key, turns, h.max_turns, h.ttl_seconds)
+        except Exception:
+            log.exception("could not record session history for binding %s", binding.key)
+
+
+def last_user_text(messages: list[Any]) -> str:
+    """The text of the last user message (string content or text parts/blocks joined)."""
+    for m in reversed(messages):
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "\n".join(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text")
+            )
+        return ""
+    return ""

@@ -1,0 +1,82 @@
+"""Prometheus metrics of extproc, named after the OpenTelemetry GenAI semantic conventions.
+
+``gen_ai_client_token_usage`` and ``gen_ai_server_request_duration`` follow the GenAI names
+(dots become underscores in Prometheus); the ``crdgol_*`` series are the gateway's own. Labels
+carry tenant, binding and backend ids, never credentials. Each ``Metrics`` owns its registry so
+tests and several servers in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLabels:
+    tenant: str
+    binding: str
+    backend: str
+    operation: str  # "chat" | "embeddings"
+    request_model: str
+    response_model: str
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        common = ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_response_model", "tenant", "binding", "backend"]
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens used per request, by token type (input/output).",
+            [*common, "gen_ai_token_type"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gen_ai_server_request_duration",
+            "Seconds from the request's arrival at the gateway to the end of its response.",
+            [*common, "http_response_status_code"],
+            buckets=DURATION_BUCKETS,
+            unit="seconds",
+            registry=r,
+        )
+        self.tokens_total = Counter(
+            "crdgol_tokens", "Tokens used, by tenant, binding, backend and type.", ["tenant", "binding", "backend", "type"], registry=r
+        )
+        self.requests = Counter(
+            "crdgol_requests", "Requests finished, by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "crdgol_rejections", "Requests refused by the gateway, by reason.", ["reason"], registry=r
+        )
+        self.context_tokens = Counter(
+            "crdgol_context_tokens_injected", "Estimated tokens of MCP context injected into prompts.", ["binding"], registry=r
+        )
+        self.history_dropped = Counter(
+            "crdgol_context_history_turns_dropped", "History turns dropped to fit the context budget.", ["binding"], registry=r
+        )
+        self.policy_version = Gauge("crdgol_policy_version", "Version of the policy snapshot in force.", registry=r)
+        self.handler_errors = Counter("crdgol_extproc_errors", "Unexpected errors inside extproc handlers.", registry=r)
+        self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
+
+    def record_usage(self, labels: RequestLabels, input_tokens: int, output_tokens: int) -> None:
+        base = (labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend)
+        self.token_usage.labels(*base, "input").observe(input_tokens)
+        if labels.operation != "embeddings":
+            self.token_usage.labels(*base, "output").observe(output_tokens)
+        self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "input").inc(input_tokens)
+        self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "output").inc(output_tokens)
+
+    def record_duration(self, labels: RequestLabels, status: int, seconds: float) -> None:
+        self.duration.labels(
+            labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend, str(status)
+        ).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

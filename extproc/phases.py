@@ -1,0 +1,189 @@
+"""The ext_proc phase machinery, written once.
+
+Envoy opens one gRPC stream per HTTP request (per attempt for the upstream filter) and sends a
+``ProcessingRequest`` for each phase it was configured or asked to send. ``run`` reads them, hands
+each to the matching method of a ``Handler`` and turns the handler's typed ``Reply`` into the
+``ProcessingResponse`` Envoy expects. Handlers are per-endpoint strategies; the base class passes
+everything through, so a strategy overrides only the phases it cares about.
+
+A ``GatewayError`` raised by a handler becomes an immediate response with the right status and
+an OpenAI-shaped body (or the shape ``error_shape`` says), in this one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+
+from extproc.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+ProcessingMode = processing_mode_pb2.ProcessingMode
+BUFFERED = ProcessingMode.BUFFERED
+STREAMED = ProcessingMode.STREAMED
+NONE = ProcessingMode.NONE
+
+
+class Headers(dict[str, str]):
+    """Request or response headers as Envoy sent them: lower-case names, pseudo-headers included."""
+
+    @staticmethod
+    def from_pb(msg: ep.HttpHeaders) -> Headers:
+        h = Headers()
+        for hv in msg.headers.headers:
+            h[hv.key] = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
+        return h
+
+
+@dataclass(slots=True)
+class Continue:
+    """Let the message go on, possibly changed."""
+
+    set_headers: dict[str, str] = field(default_factory=dict)
+    remove_headers: list[str] = field(default_factory=list)
+    body: bytes | None = None
+    clear_route_cache: bool = False
+    # Ask Envoy for the response body in this mode (only honoured on the response-headers reply).
+    response_body_mode: int | None = None
+
+
+@dataclass(slots=True)
+class Respond:
+    """Stop here and answer the client directly."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+
+
+Reply = Continue | Respond
+PASS = Continue()
+
+
+class Handler:
+    """One HTTP request (or one upstream attempt) as seen by extproc. Default: pass through."""
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        return PASS
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        return PASS
+
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        return PASS
+
+    async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        return PASS
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        """How a refusal is shaped for this endpoint's client (OpenAI shape by default)."""
+        return Respond(exc.status, exc.to_body(), {"content-type": "application/json", **exc.headers()})
+
+    def close(self) -> None:
+        """The stream ended, normally or not (client gone, Envoy reset): release what is held."""
+
+
+def _header_mutation(c: Continue) -> ep.HeaderMutation | None:
+    if not c.set_headers and not c.remove_headers:
+        return None
+    return ep.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for k, v in c.set_headers.items()
+        ],
+        remove_headers=c.remove_headers,
+    )
+
+
+def _common(c: Continue) -> ep.CommonResponse:
+    common = ep.CommonResponse(clear_route_cache=c.clear_route_cache)
+    mutation = _header_mutation(c)
+    if mutation is not None:
+        common.header_mutation.CopyFrom(mutation)
+    if c.body is not None:
+        common.body_mutation.body = c.body
+    return common
+
+
+def _immediate(r: Respond) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=r.status),
+            headers=_header_mutation(Continue(set_headers=r.headers)),
+            body=r.body,
+            details="crdgol",
+        )
+    )
+
+
+def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
+    if isinstance(reply, Respond):
+        return _immediate(reply)
+    common = _common(reply)
+    match phase:
+        case "request_headers":
+            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+        case "request_body":
+            return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+        case "response_headers":
+            resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+            if reply.response_body_mode is not None:
+                resp.mode_override.response_body_mode = reply.response_body_mode  # type: ignore[assignment]
+            return resp
+        case "response_body":
+            return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+        case "request_trailers":
+            return ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+        case _:
+            return ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+
+
+async def _dispatch(handler: Handler, phase: str, req: ep.ProcessingRequest) -> Reply:
+    match phase:
+        case "request_headers":
+            return await handler.request_headers(Headers.from_pb(req.request_headers), req.request_headers.end_of_stream)
+        case "request_body":
+            return await handler.request_body(req.request_body.body, req.request_body.end_of_stream)
+        case "response_headers":
+            return await handler.response_headers(Headers.from_pb(req.response_headers), req.response_headers.end_of_stream)
+        case "response_body":
+            return await handler.response_body(req.response_body.body, req.response_body.end_of_stream)
+        case _:
+            return PASS
+
+
+async def run(
+    requests: AsyncIterable[ep.ProcessingRequest],
+    handler: Handler,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> AsyncIterator[ep.ProcessingResponse]:
+    """Drive one ext_proc stream through ``handler``; always calls ``handler.close()``."""
+    try:
+        async for req in requests:
+            phase = req.WhichOneof("request")
+            if phase is None:
+                continue
+            try:
+                reply = await _dispatch(handler, phase, req)
+            except GatewayError as exc:
+                reply = handler.error_reply(exc)
+            except Exception as exc:  # a bug must not hang the request: answer 500 and log it
+                log.exception("extproc handler failed in %s", phase)
+                if on_error is not None:
+                    on_error(exc)
+                reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
+            yield to_pb(phase, reply)
+            if isinstance(reply, Respond):
+                return
+    finally:
+        handler.close()

@@ -1,0 +1,153 @@
+"""The extproc gRPC server: Envoy's ExternalProcessor service, gRPC health, /metrics.
+
+Each ext_proc stream is one HTTP request (downstream filter) or one upstream attempt (upstream
+filter, identified by the ``x-crdgol-backend`` gRPC metadata). Shutdown is graceful: health turns
+NOT_SERVING, new streams are refused, open ones get ``grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from crdgol.pb import policy_pb2 as pb
+from extproc import phases
+from extproc.errors import GatewayError
+from extproc.gateway import Downstream
+from extproc.phases import Handler, Headers, Reply
+from extproc.services import Services
+from extproc.upstream import Attempt
+
+log = logging.getLogger(__name__)
+
+BACKEND_METADATA = "x-crdgol-backend"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 9002
+    metrics_port: int = 9102  # 0 disables the /metrics endpoint
+    grace: float = 10.0
+    policy_file: Path | None = None
+
+
+class _Failing(Handler):
+    """An attempt that cannot be served: refuses at its first message."""
+
+    def __init__(self, exc: GatewayError) -> None:
+        self.exc = exc
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        raise self.exc
+
+
+class Processor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._streams = services.metrics.streams
+
+    def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
+        backend = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == BACKEND_METADATA:
+                backend = value if isinstance(value, str) else value.decode()
+        if not backend:
+            return "downstream", Downstream(self.services)
+        try:
+            return "upstream", Attempt(self.services, backend)
+        except GatewayError as exc:
+            return "upstream", _Failing(exc)
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        role, handler = self.handler_for(context)
+        gauge = self._streams.labels(role)
+        gauge.inc()
+        try:
+            async for resp in phases.run(request_iterator, handler, lambda _e: self.services.metrics.handler_errors.inc()):
+                yield resp
+        finally:
+            gauge.dec()
+
+
+def load_policy_file(services: Services, path: Path) -> None:
+    snap = pb.PolicySnapshot()
+    snap.ParseFromString(path.read_bytes())
+    if services.policy.offer(snap):
+        services.metrics.policy_version.set(snap.version)
+
+
+async def _metrics_app(services: Services, port: int, host: str) -> web.AppRunner:
+    async def metrics(_req: web.Request) -> web.Response:
+        return web.Response(body=services.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def healthz(_req: web.Request) -> web.Response:
+        return web.Response(text=f"ok policy={services.current.version}\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve(settings: ServerSettings, services: Services, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
+    if settings.policy_file is not None:
+        load_policy_file(services, settings.policy_file)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_concurrent_streams", 100_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(Processor(services), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if not bound:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None
+    log.info(
+        "extproc listening on %s:%d (policy version %d)%s",
+        settings.host,
+        bound,
+        services.current.version,
+        f", metrics on :{settings.metrics_port}/metrics" if runner else "",
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if settings.policy_file is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("extproc draining open streams (up to %.0fs)", settings.grace)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace)
+    if runner is not None:
+        await runner.cleanup()
+    log.info("extproc stopped")

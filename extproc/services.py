@@ -1,0 +1,46 @@
+"""What every handler shares: the policy in force, the stores, metrics, and injected clocks.
+
+Built once at the entry point and passed down; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+from extproc.auth import Authenticator
+from extproc.history import HistoryStore, MemoryHistoryStore
+from extproc.metrics import Metrics
+from extproc.policy import Policy, PolicyHolder
+
+# Internal request headers: set by the downstream filter for the upstream one, never by clients.
+ROUTE_HEADER = "x-crdgol-route"
+CLIENT_API_HEADER = "x-crdgol-client-api"
+# Response header the upstream filter sets so the downstream one knows which backend answered.
+BACKEND_HEADER = "x-crdgol-backend"
+INTERNAL_HEADERS = (ROUTE_HEADER, CLIENT_API_HEADER, BACKEND_HEADER)
+
+
+@dataclass
+class Services:
+    policy: PolicyHolder = field(default_factory=PolicyHolder)
+    history: HistoryStore = field(default_factory=MemoryHistoryStore)
+    metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], float] = time.monotonic
+    today: Callable[[], date] = date.today
+    _auth: tuple[int, Authenticator] | None = None
+
+    @property
+    def current(self) -> Policy:
+        return self.policy.current
+
+    def authenticator(self) -> Authenticator:
+        """The authenticator of the policy in force, built once per policy version."""
+        policy = self.policy.current
+        cached = self._auth
+        if cached is None or cached[0] != policy.version:
+            cached = (policy.version, Authenticator(policy))
+            self._auth = cached
+        return cached[1]
