@@ -127,20 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.set_defaults(func=cmd_extproc)
 
-    mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm -- --help`)", add_help=False)
+    mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm --help`)", add_help=False)
     mock.add_argument("mock_args", nargs=argparse.REMAINDER)
     mock.set_defaults(func=cmd_mock)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mock-llm"]:
+        # The mock has its own parser and flags: hand it everything after the command name.
+        from mockllm.server import main as mock_main
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return mock_main([a for a in argv[1:] if a != "--"])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if getattr(args, "mock_args", None) and args.mock_args[:1] == ["--"]:
-        args.mock_args = args.mock_args[1:]
     return int(args.func(args))
 
 
