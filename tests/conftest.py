@@ -190,7 +190,7 @@ def write_manifests(folder: Path, mocks: dict[str, str], jwks: str) -> None:
             context={
                 "systemPrompt": "Short system.",
                 "history": {"enabled": True, "maxTurns": 50, "maxTokens": 100000},
-                "maxContextTokens": 60,
+                "maxContextTokens": 120,
             },
         ),
     ]
