@@ -13,7 +13,14 @@ from typing import Any
 
 import yaml
 
-from controller.models import API_VERSION, BindingSpec, SecretData, SpecError, parse_binding, parse_secret
+from controller.models import (
+    API_VERSION,
+    BindingSpec,
+    SecretData,
+    SpecError,
+    parse_binding,
+    parse_secret,
+)
 
 
 @dataclass(frozen=True, slots=True)

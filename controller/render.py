@@ -358,7 +358,7 @@ def _listener(settings: RenderSettings, routes: list[Json]) -> Json:
                 {
                     "name": "gateway",
                     "domains": ["*"],
-                    "per_request_buffer_limit_bytes": settings.max_request_bytes,
+                    "request_body_buffer_limit": settings.max_request_bytes,
                     "routes": [*routes, not_found],
                 }
             ],

@@ -48,7 +48,7 @@ def wait_http(url: str, ok: tuple[int, ...], timeout: float, proc: subprocess.Po
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} while starting")
+            raise RuntimeError(f"{url}: the process serving it exited with {proc.returncode} while starting")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status in ok:

@@ -32,7 +32,13 @@ from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
 from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
-from extproc.services import BACKEND_HEADER, CLIENT_API_HEADER, INTERNAL_HEADERS, ROUTE_HEADER, Services
+from extproc.services import (
+    BACKEND_HEADER,
+    CLIENT_API_HEADER,
+    INTERNAL_HEADERS,
+    ROUTE_HEADER,
+    Services,
+)
 from extproc.usage import StreamTap, Usage, text_from_json, usage_from_json
 
 log = logging.getLogger(__name__)

@@ -138,7 +138,7 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
         case "response_headers":
             resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
             if reply.response_body_mode is not None:
-                resp.mode_override.response_body_mode = reply.response_body_mode  # type: ignore[assignment]
+                resp.mode_override.response_body_mode = reply.response_body_mode
             return resp
         case "response_body":
             return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))

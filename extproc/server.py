@@ -8,6 +8,7 @@ NOT_SERVING, new streams are refused, open ones get ``grace`` seconds to finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -52,7 +53,7 @@ class _Failing(Handler):
         raise self.exc
 
 
-class Processor(ep_grpc.ExternalProcessorServicer):
+class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, services: Services) -> None:
         self.services = services
         self._streams = services.metrics.streams
@@ -69,7 +70,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except GatewayError as exc:
             return "upstream", _Failing(exc)
 
-    async def Process(  # noqa: N802 (gRPC method name)
+    async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
         role, handler = self.handler_for(context)
@@ -135,15 +136,11 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
     if settings.policy_file is not None:
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
-        except (NotImplementedError, RuntimeError):
-            pass
     await stop.wait()
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()

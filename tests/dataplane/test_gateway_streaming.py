@@ -68,7 +68,7 @@ def test_an_anthropic_client_streams_from_an_openai_backend(gw: Gateway) -> None
     deltas = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     text = "".join(d["delta"].get("text", "") for d in deltas if d["type"] == "content_block_delta")
     assert "model=mock-gpt" in text
-    final = [d for d in deltas if d["type"] == "message_delta"][0]
+    final = next(d for d in deltas if d["type"] == "message_delta")
     assert final["usage"]["output_tokens"] > 0
 
 

@@ -1,0 +1,47 @@
+"""Fail closed: without extproc, requests get a clear error and never reach a provider."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from crdgol.stack import Stack, StackSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Iterator[Stack]:
+    folder = tmp_path / "m"
+    shutil.copytree(ROOT / "examples" / "quickstart", folder)
+    stack = Stack(StackSettings(manifests=folder, quiet=True))
+    # Point the quickstart's backends at this stack's own mock upstream.
+    for f in folder.glob("*.yaml"):
+        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_the_quickstart_answers_then_fails_closed_when_extproc_dies(quickstart: Stack) -> None:
+    body = {"model": "quickstart-chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": "Bearer sk-crdgol-quickstart"}
+    r = httpx.post(f"{quickstart.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    httpx.delete(f"{quickstart.mock_url}/_mock/requests")
+
+    proc = quickstart.procs["extproc"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    r = httpx.post(f"{quickstart.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "server_error"
+    # Nothing reached the provider without being authenticated.
+    assert httpx.get(f"{quickstart.mock_url}/_mock/requests").json() == []

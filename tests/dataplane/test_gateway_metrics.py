@@ -1,0 +1,21 @@
+"""Usage is exported as Prometheus metrics with the GenAI names, never with credentials."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import ACME_KEY, PROVIDER_KEY, Gateway
+
+
+def test_token_usage_and_duration_are_exported_per_tenant_binding_and_backend(gw: Gateway) -> None:
+    assert gw.chat("chat", "count my tokens").status_code == 200
+    text = gw.metrics()
+    assert re.search(r'gen_ai_client_token_usage_count\{[^}]*binding="team-a/chat"[^}]*gen_ai_token_type="input"[^}]*tenant="acme"', text)
+    assert re.search(r'gen_ai_server_request_duration_seconds_bucket\{[^}]*http_response_status_code="200"', text)
+    assert "crdgol_policy_version 1.0" in text
+    assert ACME_KEY not in text and PROVIDER_KEY not in text
+
+
+def test_refusals_are_counted_by_reason(gw: Gateway) -> None:
+    gw.chat("chat", key="sk-bad-key-xyz")
+    assert re.search(r'crdgol_rejections_total\{reason="invalid_api_key"\} [1-9]', gw.metrics())
