@@ -65,8 +65,11 @@ class RenderSettings:
 
 @dataclass(frozen=True, slots=True)
 class RenderResult:
-    envoy: Json  # a complete static bootstrap
+    envoy: Json  # a complete static bootstrap (what `crdgol render` prints)
     snapshot: pb.PolicySnapshot
+    # The same resources, for xDS: what the ADS server hands Envoy.
+    listeners: tuple[Json, ...] = ()
+    clusters: tuple[Json, ...] = ()
     # Bindings that could not be served, by "namespace/name", with the reason.
     problems: dict[str, SpecError] = field(default_factory=dict)
     accepted: tuple[str, ...] = ()
@@ -437,9 +440,58 @@ def render(
     for b, _, _ in served:
         routes.append(_binding_route(b))
         clusters.extend(_backend_cluster(b, be, settings) for be in b.backends)
+    listeners = [_listener(settings, routes)]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
-        "static_resources": {"listeners": [_listener(settings, routes)], "clusters": clusters},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
-    return RenderResult(envoy=envoy, snapshot=snapshot, problems=problems, accepted=tuple(b.key for b, _, _ in served))
+    return RenderResult(
+        envoy=envoy,
+        snapshot=snapshot,
+        listeners=tuple(listeners),
+        clusters=tuple(clusters),
+        problems=problems,
+        accepted=tuple(b.key for b, _, _ in served),
+    )
+
+
+XDS_CLUSTER = "crdgol-xds"
+
+
+def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway") -> Json:
+    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server."""
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": {"id": node_id, "cluster": "crdgol"},
+        "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "lds_config": ads,
+            "cds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            explicit_http_config={"http2_protocol_options": {}},
+                        )
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(xds_host, xds_port)}}]}],
+                    },
+                }
+            ]
+        },
+    }

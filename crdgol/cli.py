@@ -62,9 +62,38 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         grace=args.grace,
         policy_file=Path(args.policy) if args.policy else None,
+        policy_server=args.policy_server,
     )
     _run_async(serve(settings, Services()))
     return 0
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from controller.app import ControllerSettings, serve_file_mode
+    from controller.render import RenderSettings
+
+    render = RenderSettings(
+        listen_host=args.gateway_host,
+        listen_port=args.gateway_port,
+        extproc_host=args.extproc_host,
+        extproc_port=args.extproc_port,
+        admin_port=args.admin_port,
+    )
+    settings = ControllerSettings(
+        render=render,
+        host=args.host,
+        xds_port=args.xds_port,
+        policy_port=args.policy_port,
+        metrics_port=args.metrics_port,
+        manifests=Path(args.manifests) if args.manifests else None,
+        status_file=Path(args.status_file) if args.status_file else None,
+    )
+    if settings.manifests is not None:
+        _run_async(serve_file_mode(settings))
+        return 0
+    from controller.operator import run_operator
+
+    return int(run_operator(settings, namespaces=args.namespace, peering=args.peering))
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -124,8 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--port", type=int, default=int(_env("CRDGOL_EXTPROC_PORT", "9002")), help="gRPC port (default 9002, env CRDGOL_EXTPROC_PORT)")
     ext.add_argument("--metrics-port", type=int, default=int(_env("CRDGOL_METRICS_PORT", "9102")), help="Prometheus port (default 9102; 0 = off)")
     ext.add_argument("--policy", default=_env("CRDGOL_POLICY_FILE", ""), help="policy snapshot file (binary PolicySnapshot); SIGHUP reloads it")
+    ext.add_argument("--policy-server", default=_env("CRDGOL_POLICY_SERVER", ""), help="controller's policy stream host:port (env CRDGOL_POLICY_SERVER)")
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.set_defaults(func=cmd_extproc)
+
+    ctl = sub.add_parser("controller", help="run the controller: kopf against a cluster, or --manifests DIR without one")
+    ctl.add_argument("--manifests", default=_env("CRDGOL_MANIFESTS", ""), help="file mode: watch this folder instead of a cluster (env CRDGOL_MANIFESTS)")
+    ctl.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable; default: all)")
+    ctl.add_argument("--peering", default="crdgol", help="kopf peering name: one active controller at a time (default crdgol)")
+    ctl.add_argument("--host", default=_env("CRDGOL_CONTROLLER_HOST", "127.0.0.1"), help="listen address for xDS, policy and metrics (env CRDGOL_CONTROLLER_HOST)")
+    ctl.add_argument("--xds-port", type=int, default=18000, help="ADS gRPC port Envoy connects to (default 18000)")
+    ctl.add_argument("--policy-port", type=int, default=18001, help="policy stream port extproc subscribes to (default 18001)")
+    ctl.add_argument("--metrics-port", type=int, default=9103, help="/metrics and /status port (default 9103; 0 = off)")
+    ctl.add_argument("--status-file", default="", help="file mode: write resource status here as JSON")
+    ctl.add_argument("--gateway-host", default="0.0.0.0", help="address the rendered Envoy listener binds (default 0.0.0.0)")
+    ctl.add_argument("--gateway-port", type=int, default=8080, help="port the rendered Envoy listener binds (default 8080)")
+    ctl.add_argument("--extproc-host", default="127.0.0.1", help="where Envoy reaches extproc (default 127.0.0.1)")
+    ctl.add_argument("--extproc-port", type=int, default=9002, help="extproc's gRPC port (default 9002)")
+    ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
+    ctl.set_defaults(func=cmd_controller)
 
     mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm --help`)", add_help=False)
     mock.add_argument("mock_args", nargs=argparse.REMAINDER)

@@ -1,8 +1,10 @@
-"""The standalone stack as processes: mock upstream, extproc and Envoy, on loopback.
+"""The standalone stack as processes: mock upstream, controller, extproc and Envoy, on loopback.
 
-``Stack`` renders a folder of manifests, writes the Envoy config and the policy snapshot into a
-state folder, starts the real processes and waits until the gateway answers. ``crdgol up`` and
-the data-plane tests both use it, so what the tests drive is what a user runs.
+``Stack`` starts the controller in file mode on a folder of manifests (it serves Envoy over ADS
+and extproc over the policy stream, and picks up every change to the folder), extproc subscribed
+to it, and Envoy with a bootstrap that points at the controller; then it waits until the gateway
+answers with a policy in force. ``crdgol up`` and the data-plane tests both use it, so what the
+tests drive is what a user runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from controller.manifests import load_folder
 from controller.models import SpecError
-from controller.render import RenderResult, RenderSettings, render
+from controller.render import RenderResult, RenderSettings, ads_bootstrap, render
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,7 +88,10 @@ class Stack:
         self.mock_port = None if settings.mock_port is None else (settings.mock_port or free_port())
         self.extproc_port = free_port()
         self.admin_port = free_port()
-        self.metrics_port = settings.metrics_port if settings.metrics_port >= 0 else 0
+        self.xds_port = free_port()
+        self.policy_port = free_port()
+        self.controller_port = free_port()
+        self.metrics_port = settings.metrics_port or free_port()
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.result: RenderResult | None = None
@@ -100,30 +105,44 @@ class Stack:
     def mock_url(self) -> str:
         return f"http://127.0.0.1:{self.mock_port}"
 
-    def render(self, version: int = 1) -> RenderResult:
-        manifests = load_folder(self.settings.manifests)
-        result = render(
-            manifests.bindings,
-            manifests.secrets,
-            RenderSettings(
-                listen_host=self.settings.host,
-                listen_port=self.port,
-                admin_port=self.admin_port,
-                extproc_port=self.extproc_port,
-                version=version,
-                generated_at=int(time.time()),
-            ),
+    @property
+    def render_settings(self) -> RenderSettings:
+        return RenderSettings(
+            listen_host=self.settings.host,
+            listen_port=self.port,
+            admin_port=self.admin_port,
+            extproc_port=self.extproc_port,
         )
+
+    def render(self) -> RenderResult:
+        """What the controller will serve for the folder as it is now (for the start-up summary)."""
+        manifests = load_folder(self.settings.manifests)
+        result = render(manifests.bindings, manifests.secrets, self.render_settings)
         self.problems = {**manifests.problems, **result.problems}
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / "envoy.json").write_text(json.dumps(result.envoy, indent=1, sort_keys=True))
-        tmp = self.state / "policy.pb.tmp"
-        tmp.write_bytes(result.snapshot.SerializeToString())
-        # Readers only ever see a whole snapshot.
-        os.replace(tmp, self.state / "policy.pb")
-        os.chmod(self.state / "policy.pb", 0o600)
         self.result = result
         return result
+
+    def policy_version(self) -> int:
+        """The policy version extproc has in force (from its /healthz)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2) as r:
+            text = r.read().decode()
+        return int(text.rsplit("policy=", 1)[1].split()[0])
+
+    def wait_policy(self, at_least: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.policy_version() >= at_least:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"extproc did not reach policy version {at_least} in {timeout:.0f}s")
+
+    def status(self) -> dict[str, object]:
+        """The controller's view: config version, per-binding conditions, Envoy ACK/NACK."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.controller_port}/status", timeout=2) as r:
+            return dict(json.loads(r.read()))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.state / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
@@ -139,24 +158,44 @@ class Stack:
         return proc
 
     def start(self, timeout: float = 30.0) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
         self.render()
         py = [sys.executable, "-m", "crdgol.cli"]
         try:
             if self.mock_port is not None:
                 mock = self._spawn("mock-llm", [*py, "mock-llm", "--port", str(self.mock_port), *self.settings.mock_args])
                 wait_http(f"{self.mock_url}/healthz", (200,), timeout, mock)
+            rs = self.render_settings
+            ctl = self._spawn(
+                "controller",
+                [
+                    *py, "controller",
+                    "--manifests", str(self.settings.manifests),
+                    "--xds-port", str(self.xds_port),
+                    "--policy-port", str(self.policy_port),
+                    "--metrics-port", str(self.controller_port),
+                    "--status-file", str(self.state / "status.json"),
+                    "--gateway-host", rs.listen_host,
+                    "--gateway-port", str(rs.listen_port),
+                    "--extproc-port", str(rs.extproc_port),
+                    "--admin-port", str(rs.admin_port),
+                ],
+            )
+            wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
             ext = self._spawn(
                 "extproc",
                 [
-                    *py,
-                    "extproc",
+                    *py, "extproc",
                     "--port", str(self.extproc_port),
                     "--metrics-port", str(self.metrics_port),
-                    "--policy", str(self.state / "policy.pb"),
+                    "--policy-server", f"127.0.0.1:{self.policy_port}",
                 ],
             )
-            if self.metrics_port:
-                wait_http(f"http://127.0.0.1:{self.metrics_port}/healthz", (200,), timeout, ext)
+            wait_http(f"http://127.0.0.1:{self.metrics_port}/healthz", (200,), timeout, ext)
+            self.wait_policy(1, timeout)
+            (self.state / "envoy.json").write_text(
+                json.dumps(ads_bootstrap(rs, "127.0.0.1", self.xds_port), indent=1, sort_keys=True)
+            )
             argv = [
                 envoy_binary(),
                 "-c", str(self.state / "envoy.json"),
@@ -172,16 +211,9 @@ class Stack:
             self.stop()
             raise
 
-    def reload_policy(self) -> None:
-        """Re-render and hand extproc the new snapshot (SIGHUP)."""
-        version = (self.result.snapshot.version if self.result else 0) + 1
-        self.render(version)
-        if "extproc" in self.procs:
-            self.procs["extproc"].send_signal(signal.SIGHUP)
-
     def stop(self, grace: float = 10.0) -> None:
         # Envoy first (no new requests), then extproc drains, then the upstream goes.
-        for name in ("envoy", "extproc", "mock-llm"):
+        for name in ("envoy", "extproc", "controller", "mock-llm"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

@@ -156,7 +156,9 @@ class Price:
 
 def cost_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
     """The cost in micro-units, rounded up once: exact integers, never under-charged."""
-    scaled = input_tokens * price.input_per_mtok_micros + output_tokens * price.output_per_mtok_micros
+    scaled = (
+        input_tokens * price.input_per_mtok_micros + output_tokens * price.output_per_mtok_micros
+    )
     return -(-scaled // _MICROS_PER_MTOK)  # ceiling division on integers, no float
 
 
@@ -236,4 +238,3 @@ class Decision:
     remaining: dict[str, int] = field(default_factory=dict)
     limits: dict[str, int] = field(default_factory=dict)
     resets: dict[str, float] = field(default_factory=dict)
-

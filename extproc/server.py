@@ -41,6 +41,7 @@ class ServerSettings:
     metrics_port: int = 9102  # 0 disables the /metrics endpoint
     grace: float = 10.0
     policy_file: Path | None = None
+    policy_server: str = ""  # host:port of the controller's policy stream
 
 
 class _Failing(Handler):
@@ -141,7 +142,14 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     if settings.policy_file is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
+    follower = None
+    if settings.policy_server:
+        from extproc.policy_client import follow
+
+        follower = asyncio.create_task(follow(services, settings.policy_server))
     await stop.wait()
+    if follower is not None:
+        follower.cancel()
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)

@@ -1,0 +1,1 @@
+"""crdgol load benchmarks: ``python -m benchmarks.run [--quick]`` (see benchmarks/README.md)."""

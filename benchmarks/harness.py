@@ -1,0 +1,432 @@
+"""The moving parts of a benchmark run: processes, wrk, /proc sampling, the streaming client.
+
+Every process started here is on 127.0.0.1, in its own session, and stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import scenarios as sc
+from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, wait_http
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MOCK_ARGS = ("--record", "0")  # the mock keeps no request log: less work, same for every setup
+
+
+# --- /proc sampling -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    cpu_s: float  # user + system CPU seconds since the process started
+    rss_mb: float
+    hwm_mb: float  # peak RSS
+
+
+def sample(pid: int) -> ProcSample | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces) start at field 3.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M)}
+    return ProcSample(cpu, kb.get("VmRSS", 0) / 1024, kb.get("VmHWM", 0) / 1024)
+
+
+# --- setups as processes --------------------------------------------------------------------
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    f = open(log, "ab")  # noqa: SIM115 (kept open for the child)
+    return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Running:
+    """One started setup: its URL, the mock's URL and the pids worth sampling."""
+
+    url: str
+    mock_url: str
+    pids: dict[str, int]
+    metrics_url: str | None = None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class BareEnvoy(Running):
+    """The mock upstream plus an Envoy with no ext_proc (``scenarios.bare_envoy_config``)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix="crdgol-bench-bare-"))
+        self.concurrency = concurrency
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> BareEnvoy:
+        mock_port, port, admin = free_port(), free_port(), free_port()
+        try:
+            mock = _spawn(
+                [sys.executable, "-m", "crdgol.cli", "mock-llm", "--port", str(mock_port), *MOCK_ARGS],
+                self.state / "mock-llm.log",
+            )
+            self.procs["mock-llm"] = mock
+            self.mock_url = f"http://127.0.0.1:{mock_port}"
+            wait_http(f"{self.mock_url}/healthz", (200,), 30, mock)
+            cfg = sc.write_json(self.state / "envoy.json", sc.bare_envoy_config(port, admin, mock_port))
+            argv = [envoy_binary(), "-c", str(cfg), "--log-level", "warning", "--disable-hot-restart"]
+            if self.concurrency:
+                argv += ["--concurrency", str(self.concurrency)]
+            envoy = _spawn(argv, self.state / "envoy.log")
+            self.procs["envoy"] = envoy
+            self.url = f"http://127.0.0.1:{port}"
+            wait_http(f"http://127.0.0.1:{admin}/ready", (200,), 30, envoy)
+        except BaseException:
+            self.stop()
+            raise
+        self.pids = {name: p.pid for name, p in self.procs.items()}
+        return self
+
+    def stop(self) -> None:
+        for name in ("envoy", "mock-llm"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                _stop(proc)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+class Upstream(Running):
+    """wrk straight at a running setup's mock: the ceiling any proxy in front of it can reach."""
+
+    def __init__(self, of: Running) -> None:
+        self.url = self.mock_url = of.mock_url
+        self.pids = {"mock-llm": of.pids["mock-llm"]}
+
+    def stop(self) -> None:
+        pass
+
+
+class Gateway(Running):
+    """The real gateway (``crdgol.stack.Stack``) serving a benchmark manifest folder."""
+
+    def __init__(self, manifests: Path, concurrency: int) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="crdgol-bench-gw-"))
+        self.manifests = manifests
+        self.concurrency = concurrency
+        self.stack: Stack | None = None
+
+    def start(self) -> Gateway:
+        mock_port = free_port()
+        folder = self.root / "manifests"
+        folder.mkdir()
+        # The manifests name the mock at 127.0.0.1:8081; point them at this run's free port.
+        for src in sorted(self.manifests.glob("*.yaml")):
+            text = src.read_text().replace(f"127.0.0.1:{sc.MANIFEST_MOCK_PORT}", f"127.0.0.1:{mock_port}")
+            (folder / src.name).write_text(text)
+        stack = Stack(
+            StackSettings(
+                manifests=folder,
+                mock_port=mock_port,
+                mock_args=MOCK_ARGS,
+                metrics_port=free_port(),
+                state_dir=self.root / "state",
+                envoy_concurrency=self.concurrency,
+                quiet=True,
+            )
+        )
+        self.stack = stack
+        try:
+            stack.start()
+        except BaseException:
+            self.stop()
+            raise
+        if stack.problems:
+            self.stop()
+            raise RuntimeError(f"benchmark manifests {self.manifests} have problems: {stack.problems}")
+        self.url, self.mock_url = stack.url, stack.mock_url
+        self.metrics_url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+        self.pids = {name: p.pid for name, p in stack.procs.items()}
+        return self
+
+    def stop(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_setup(setup: sc.Setup, concurrency: int, bare: Running | None = None) -> Running:
+    if setup.kind == "bare":
+        return BareEnvoy(concurrency).start()
+    if setup.kind == "upstream":
+        if bare is None:
+            raise RuntimeError("the upstream setup runs on the bare setup's mock; start bare first")
+        return Upstream(bare)
+    assert setup.manifests is not None
+    return Gateway(setup.manifests, concurrency).start()
+
+
+def set_mock(mock_url: str, **knobs: float) -> None:
+    req = urllib.request.Request(
+        f"{mock_url}/_mock/config", data=json.dumps(knobs).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        r.read()
+
+
+def metric_total(metrics_url: str | None, name: str) -> float | None:
+    """Sum of every series of one Prometheus counter (None without a metrics endpoint)."""
+    if not metrics_url:
+        return None
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- wrk ------------------------------------------------------------------------------------
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_DUR = r"([\d.]+)(us|ms|s|m|h)"
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
+
+
+def _count(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)([kMG]?)", text)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+
+
+@dataclass
+class WrkResult:
+    rps: float = 0.0
+    requests: int = 0
+    seconds: float = 0.0
+    p50_ms: float | None = None
+    p75_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    non_2xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    raw: str = ""
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """Parse wrk's ``--latency`` text output."""
+    r = WrkResult(raw=out)
+    if m := re.search(r"^\s*Latency\s+" + _DUR + r"\s+" + _DUR + r"\s+" + _DUR, out, re.M):
+        r.max_ms = _ms(m.group(5), m.group(6))
+    for pct, attr in (("50", "p50_ms"), ("75", "p75_ms"), ("90", "p90_ms"), ("99", "p99_ms")):
+        if m := re.search(rf"^\s*{pct}%\s+" + _DUR, out, re.M):
+            setattr(r, attr, _ms(m.group(1), m.group(2)))
+    if m := re.search(r"^\s*(\d+) requests in " + _DUR, out, re.M):
+        r.requests = int(m.group(1))
+        r.seconds = _ms(m.group(2), m.group(3)) / 1000
+    if m := re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M):
+        r.rps = float(m.group(1))
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
+        r.non_2xx = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        r.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True))
+    return r
+
+
+def wrk_argv(
+    url: str,
+    body_file: Path,
+    headers: dict[str, str],
+    *,
+    connections: int,
+    duration: float,
+    threads: int = 1,
+    sessions: int = 0,
+    prefix: str = "s-",
+    stop: int = 0,
+) -> list[str]:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise FileNotFoundError("wrk is missing: apt-get install -y wrk")
+    argv = [
+        wrk,
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout", "10s",
+        "--latency",
+        "-s", str(sc.POST_LUA),
+        url,
+        "--",
+        f"body={body_file}",
+    ]
+    if sessions:
+        argv += [f"sessions={sessions}", f"prefix={prefix}"]
+    if stop:
+        argv.append(f"stop={stop}")
+    argv += [f"{k}: {v}" for k, v in headers.items()]
+    return argv
+
+
+def run_wrk(argv: list[str], timeout: float) -> WrkResult:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return parse_wrk(proc.stdout)
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    requests: int = 0
+    ok: int = 0
+    errors: list[str] = field(default_factory=list)
+    ttfb_ms: list[float] = field(default_factory=list)  # request sent -> first body bytes
+    total_ms: list[float] = field(default_factory=list)
+    max_gap_ms: list[float] = field(default_factory=list)  # per response: largest gap between reads
+    gaps_ms: list[float] = field(default_factory=list)  # every gap between reads
+    frames: list[int] = field(default_factory=list)  # SSE events per response
+    reads: list[int] = field(default_factory=list)  # separate socket reads per response
+
+    def summary(self, chunk_delay_ms: float) -> dict[str, Any]:
+        def pct(xs: list[float], p: float) -> float | None:
+            if not xs:
+                return None
+            xs = sorted(xs)
+            return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 3)
+
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": len(self.errors),
+            "error_samples": self.errors[:5],
+            "ttfb_p50_ms": pct(self.ttfb_ms, 50),
+            "ttfb_p99_ms": pct(self.ttfb_ms, 99),
+            "total_p50_ms": pct(self.total_ms, 50),
+            "chunk_delay_ms": chunk_delay_ms,
+            "gap_p50_ms": pct(self.gaps_ms, 50),
+            "gap_p99_ms": pct(self.gaps_ms, 99),
+            "max_gap_ms": round(max(self.max_gap_ms), 3) if self.max_gap_ms else None,
+            # Held-back chunks show as fewer reads than events (frames arriving glued together).
+            "frames_per_response": statistics.median(self.frames) if self.frames else None,
+            "reads_per_response_min": min(self.reads) if self.reads else None,
+            "reads_per_response_median": statistics.median(self.reads) if self.reads else None,
+        }
+
+
+async def stream_check(url: str, body: dict[str, Any], headers: dict[str, str], n: int, session_prefix: str) -> StreamResult:
+    """``n`` sequential streamed chat requests; timing of each read of the response body."""
+    import aiohttp
+
+    res = StreamResult()
+    payload = json.dumps(body).encode()
+    timeout = aiohttp.ClientTimeout(total=30)
+    conn = aiohttp.TCPConnector(limit=1, force_close=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=conn, auto_decompress=False) as s:
+        for i in range(n):
+            h = dict(headers)
+            if session_prefix:
+                h["x-session-id"] = f"{session_prefix}{i % 64}"
+            res.requests += 1
+            t0 = time.perf_counter()
+            try:
+                async with s.post(url + sc.CHAT_PATH, data=payload, headers=h) as r:
+                    if r.status != 200:
+                        res.errors.append(f"status {r.status}: {(await r.text())[:200]}")
+                        continue
+                    first = last = None
+                    gaps: list[float] = []
+                    data = bytearray()
+                    reads = 0
+                    async for chunk in r.content.iter_any():
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append((now - last) * 1000)  # type: ignore[operator]
+                        last = now
+                        reads += 1
+                        data += chunk
+                    if first is None or b"data: [DONE]" not in data:
+                        res.errors.append("stream ended without data: [DONE]")
+                        continue
+                    res.ok += 1
+                    res.ttfb_ms.append((first - t0) * 1000)
+                    res.total_ms.append((last - t0) * 1000)  # type: ignore[operator]
+                    res.gaps_ms.extend(gaps)
+                    res.max_gap_ms.append(max(gaps, default=0.0))
+                    res.frames.append(data.count(b"data: "))
+                    res.reads.append(reads)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                res.errors.append(f"{type(exc).__name__}: {exc}")
+    return res
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"version: \S+/(\S+?)/", envoy_version)
+    wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True, check=False)
+    wv = re.search(r"wrk (\S+)", wrk_version.stdout + wrk_version.stderr)
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "envoy": m.group(1) if m else envoy_version.strip(),
+        "wrk": wv.group(1) if wv else "",
+        "envoy_concurrency": envoy_concurrency,
+        "wrk_threads": wrk_threads,
+        "mock_upstream": "crdgol mock-llm, latency 0, --record 0",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,218 @@
+"""The controller's desired state: resources in, a versioned render out, status per binding.
+
+Both front ends feed it — the kopf operator (from the Kubernetes API) and file mode (from a
+folder) — so validation and status are the same in both. Rules:
+
+* a binding whose new spec does not parse keeps serving its last good spec, and its status says
+  why the new one was refused (``Accepted=False``);
+* a binding that parses but cannot be served (a missing Secret, a model another binding owns) is
+  not served, and its status says so (``Ready=False``);
+* every change that alters the render bumps the version by one; an unchanged render does not, so
+  versions are monotonic and Envoy/extproc only see real changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
+from controller.render import RenderResult, RenderSettings, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+
+    def to_k8s(self, generation: int, now: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": now,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BindingStatus:
+    key: str
+    observed_generation: int
+    conditions: tuple[Condition, ...]
+    model: str = ""
+    backends: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return any(c.type == "Ready" and c.status == "True" for c in self.conditions)
+
+    def to_k8s(self, now: str) -> dict[str, Any]:
+        return {
+            "observedGeneration": self.observed_generation,
+            "model": self.model,
+            "backends": self.backends,
+            "conditions": [c.to_k8s(self.observed_generation, now) for c in self.conditions],
+        }
+
+
+@dataclass
+class _Entry:
+    generation: int
+    good: BindingSpec | None  # last spec that parsed
+    refused: SpecError | None = None  # why the newest spec was refused, if it was
+
+
+@dataclass
+class ControllerState:
+    settings: RenderSettings
+    publish: Callable[[RenderResult], None] = lambda _r: None
+    clock: Callable[[], float] = time.time
+    version: int = 0
+    result: RenderResult | None = None
+    _bindings: dict[str, _Entry] = field(default_factory=dict)
+    _secrets: dict[str, SecretData] = field(default_factory=dict)
+    _digest: str = ""
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def upsert_binding(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        generation = int(meta.get("generation") or 1)
+        prev = self._bindings.get(key)
+        try:
+            spec = parse_binding(obj)
+        except SpecError as exc:
+            log.warning("refusing AIModelBinding %s generation %d: %s", key, generation, exc.message)
+            self._bindings[key] = _Entry(generation, prev.good if prev else None, exc)
+            return
+        self._bindings[key] = _Entry(generation, spec)
+
+    def delete_binding(self, namespace: str, name: str) -> None:
+        self._bindings.pop(f"{namespace}/{name}", None)
+
+    def upsert_secret(self, obj: dict[str, Any]) -> None:
+        try:
+            secret = parse_secret(obj)
+        except SpecError as exc:
+            log.warning("ignoring Secret: %s", exc.message)
+            return
+        self._secrets[secret.key] = secret
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self._secrets.pop(f"{namespace}/{name}", None)
+
+    def replace_all(self, bindings: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
+        """Make the state exactly these resources (file mode: the folder is the whole truth)."""
+        keep = set()
+        for obj in bindings:
+            self.upsert_binding(obj)
+            meta = obj.get("metadata") or {}
+            keep.add(f"{meta.get('namespace') or 'default'}/{meta.get('name')}")
+        for key in set(self._bindings) - keep:
+            del self._bindings[key]
+        self._secrets = {}
+        for obj in secrets:
+            self.upsert_secret(obj)
+
+    def references(self, namespace: str, name: str) -> list[str]:
+        """Bindings whose spec names the Secret ``namespace/name`` (for status after a rotation)."""
+        out = []
+        for key, entry in self._bindings.items():
+            spec = entry.good
+            if spec is None:
+                continue
+            refs = [b.credentials for b in spec.backends] + [j.hs256_secret for j in spec.jwt]
+            if any(r is not None and r.namespace == namespace and r.name == name for r in refs):
+                out.append(key)
+        return out
+
+    def watches_secret(self, obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if str(labels.get("crdgol.io/api-key", "")).lower() == "true":
+            return True
+        return bool(self.references(meta.get("namespace") or "default", str(meta.get("name"))))
+
+    # --- output ---------------------------------------------------------------------------
+
+    def rebuild(self) -> RenderResult:
+        """Render the current state; publish it under a new version if it changed."""
+        specs = [e.good for e in self._bindings.values() if e.good is not None]
+        candidate = self.version + 1
+        result = render(specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())))
+        digest = _digest(result)
+        if self.result is not None and digest == self._digest:
+            return self.result
+        self.version = candidate
+        self._digest = digest
+        self.result = result
+        log.info(
+            "config version %d: %d bindings served, %d refused",
+            self.version,
+            len(self.result.accepted),
+            len(self.result.problems),
+        )
+        self.publish(self.result)
+        return self.result
+
+    def status(self, key: str) -> BindingStatus | None:
+        entry = self._bindings.get(key)
+        if entry is None:
+            return None
+        result = self.result
+        conditions: list[Condition] = []
+        if entry.refused is not None:
+            conditions.append(Condition("Accepted", "False", entry.refused.reason, entry.refused.message))
+        else:
+            conditions.append(Condition("Accepted", "True", "Valid", "the spec is valid"))
+        spec = entry.good
+        problem = result.problems.get(key) if result else None
+        if spec is None:
+            conditions.append(Condition("Ready", "False", "NoValidSpec", "no valid spec has been seen yet"))
+        elif problem is not None:
+            conditions.append(Condition("Ready", "False", problem.reason, problem.message))
+        elif result is not None and key in result.accepted:
+            note = " (an older valid spec; the newest was refused)" if entry.refused else ""
+            conditions.append(
+                Condition("Ready", "True", "Served", f"model {spec.model!r} is served in config version {result.snapshot.version}{note}")
+            )
+        else:
+            conditions.append(Condition("Ready", "Unknown", "Pending", "not rendered yet"))
+        return BindingStatus(
+            key=key,
+            observed_generation=entry.generation,
+            conditions=tuple(conditions),
+            model=spec.model if spec else "",
+            backends=len(spec.backends) if spec else 0,
+        )
+
+    def statuses(self) -> dict[str, BindingStatus]:
+        out = {}
+        for key in sorted(self._bindings):
+            st = self.status(key)
+            if st is not None:
+                out[key] = st
+        return out
+
+
+def _digest(result: RenderResult) -> str:
+    """What the render says, without its version and timestamp."""
+    snap = type(result.snapshot)()
+    snap.CopyFrom(result.snapshot)
+    snap.version, snap.generated_at = 0, 0
+    h = hashlib.sha256()
+    h.update(json.dumps(result.envoy, sort_keys=True).encode())
+    h.update(snap.SerializeToString(deterministic=True))
+    return h.hexdigest()

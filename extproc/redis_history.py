@@ -1,0 +1,83 @@
+"""A ``HistoryStore`` in Redis: sessions survive restarts and are shared by every replica.
+
+Contract: the ``HistoryStore`` protocol of ``extproc.history``, with the same bounds as
+``MemoryHistoryStore``. Each session is a Redis list of orjson-encoded turns, oldest first, under
+the ``history_key`` string (already tenant-scoped, so keys never collide across tenants).
+
+* ``append`` is one MULTI/EXEC transaction: RPUSH the turns, LTRIM to the ``max_turns`` most recent,
+  EXPIRE ``ttl_seconds``. Appending nothing only refreshes the TTL of an existing session.
+* ``load`` is LRANGE of the ``max_turns`` most recent turns; a missing or expired session is empty.
+* ``max_turns <= 0`` means ``max_turns_cap`` and larger values are capped by it; ``ttl_seconds <= 0``
+  means ``default_ttl_seconds``: every session is bounded in length and lifetime.
+* Redis errors and calls slower than ``timeout`` raise ``StoreUnavailable``. Entries that do not
+  decode (written by something else) are skipped rather than failing the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+from redis.exceptions import RedisError
+
+from extproc.history import Turn
+from extproc.quota_store import StoreUnavailable
+
+__all__ = ["RedisHistoryStore"]
+
+T = TypeVar("T")
+
+
+class RedisHistoryStore:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        timeout: float = 0.5,
+        max_turns_cap: int = 1_000,
+        default_ttl_seconds: int = 86_400,
+    ) -> None:
+        if max_turns_cap < 1:
+            raise ValueError("max_turns_cap must be at least 1")
+        self._client = client
+        self._timeout = timeout
+        self._max_turns_cap = max_turns_cap
+        self._default_ttl = max(1, default_ttl_seconds)
+
+    def _limit(self, max_turns: int) -> int:
+        return self._max_turns_cap if max_turns <= 0 else min(max_turns, self._max_turns_cap)
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(f"history store: {type(exc).__name__}: {exc}") from exc
+
+    async def load(self, key: str, max_turns: int) -> list[Turn]:
+        raw = await self._call(self._client.lrange(key, -self._limit(max_turns), -1))
+        turns = []
+        for item in raw:
+            try:
+                data = orjson.loads(item)
+                turns.append(Turn(str(data["role"]), str(data["content"])))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+        return turns
+
+    async def append(
+        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int
+    ) -> None:
+        ttl = ttl_seconds if ttl_seconds > 0 else self._default_ttl
+        if not turns:
+            # Like the memory store: nothing to add creates no session, but refreshes a live one.
+            await self._call(self._client.expire(key, ttl))
+            return
+        limit = self._limit(max_turns)
+        pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: no reader sees a half-append
+        pipe.rpush(key, *(orjson.dumps({"role": t.role, "content": t.content}) for t in turns))
+        pipe.ltrim(key, -limit, -1)
+        pipe.expire(key, ttl)
+        await self._call(pipe.execute())
