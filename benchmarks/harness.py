@@ -326,6 +326,9 @@ class StreamResult:
     gaps_ms: list[float] = field(default_factory=list)  # every gap between reads
     frames: list[int] = field(default_factory=list)  # SSE events per response
     reads: list[int] = field(default_factory=list)  # separate socket reads per response
+    # Responses where some SSE event did not arrive on its own (fewer reads than events): a chunk
+    # was held back and delivered glued to a later one.
+    glued: int = 0
 
     def summary(self, chunk_delay_ms: float) -> dict[str, Any]:
         def pct(xs: list[float], p: float) -> float | None:
@@ -347,6 +350,7 @@ class StreamResult:
             "gap_p99_ms": pct(self.gaps_ms, 99),
             "max_gap_ms": round(max(self.max_gap_ms), 3) if self.max_gap_ms else None,
             # Held-back chunks show as fewer reads than events (frames arriving glued together).
+            "glued_responses": self.glued,
             "frames_per_response": statistics.median(self.frames) if self.frames else None,
             "reads_per_response_min": min(self.reads) if self.reads else None,
             "reads_per_response_median": statistics.median(self.reads) if self.reads else None,
@@ -396,6 +400,8 @@ async def stream_check(url: str, body: dict[str, Any], headers: dict[str, str], 
                     res.max_gap_ms.append(max(gaps, default=0.0))
                     res.frames.append(data.count(b"data: "))
                     res.reads.append(reads)
+                    if reads < res.frames[-1]:
+                        res.glued += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 res.errors.append(f"{type(exc).__name__}: {exc}")
     return res
@@ -414,7 +420,7 @@ def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
     except OSError:
         pass
     envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"version: \S+/(\S+?)/", envoy_version)
+    m = re.search(r"version: [0-9a-f]+/([^/\s]+)/", envoy_version)
     wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True, check=False)
     wv = re.search(r"wrk (\S+)", wrk_version.stdout + wrk_version.stderr)
     return {

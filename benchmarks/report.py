@@ -54,14 +54,14 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [
             "## Streaming (async client, sequential)",
             "",
-            "| scenario | streams | TTFB p50 ms | TTFB p99 ms | chunk gap p50 ms | gap p99 ms | max gap ms | chunk delay ms | events / reads | valid |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| scenario | streams | TTFB p50 ms | TTFB p99 ms | chunk gap p50 ms | gap p99 ms | max gap ms | chunk delay ms | events / reads | held back | valid |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in streams:
             lines.append(
                 f"| {r['name']} | {r['ok']}/{r['requests']} | {_f(r['ttfb_p50_ms'])} | {_f(r['ttfb_p99_ms'])} | "
                 f"{_f(r['gap_p50_ms'])} | {_f(r['gap_p99_ms'])} | {_f(r['max_gap_ms'])} | {_f(r['chunk_delay_ms'], 0)} | "
-                f"{_f(r['frames_per_response'], 0)} / {_f(r['reads_per_response_median'], 0)} | {'yes' if r['valid'] else '**NO**'} |"
+                f"{_f(r['frames_per_response'], 0)} / {_f(r['reads_per_response_median'], 0)} | {_f(r['glued_responses'])} | {'yes' if r['valid'] else '**NO**'} |"
             )
         lines.append("")
 

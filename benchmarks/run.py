@@ -174,12 +174,32 @@ def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str
     return res
 
 
+def _setup_failed(mine: list[sc.Scenario], reason: str, i: int, total: int, results: list[dict[str, Any]]) -> int:
+    """A setup that did not start or failed its preflight: every scenario of it is invalid."""
+    for s in mine:
+        i += 1
+        res: dict[str, Any] = {
+            "name": s.name, "key": s.key, "setup": s.setup, "kind": s.kind, "size": s.size,
+            "prompt_bytes": sc.PROMPT_SIZES[s.size], "connections": s.connections, "requests": 0, "rps": 0.0,
+            "p50_ms": None, "p90_ms": None, "p99_ms": None, "errors": 0, "extproc_cpu_s": None,
+            "extproc_rss_mb": None, "procs": {}, "valid": False, "invalid_reason": f"setup failed: {reason}",
+        }
+        if s.kind == "stream":
+            res.update({k: None for k in ("ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms", "gap_p99_ms", "max_gap_ms",
+                                          "frames_per_response", "reads_per_response_median", "glued_responses")})
+            res.update(ok=0, chunk_delay_ms=s.chunk_delay_ms)
+        results.append(res)
+        say(_line(i, total, res))
+    return i
+
+
 def _line(i: int, total: int, res: dict[str, Any]) -> str:
     head = f"[{i}/{total}] {res['name']} ..."
     if res["kind"] == "stream":
         body = (
             f" ttfb p50 {res['ttfb_p50_ms']} ms p99 {res['ttfb_p99_ms']} ms,"
-            f" chunk gap p99 {res['gap_p99_ms']} ms max {res['max_gap_ms']} ms (delay {res['chunk_delay_ms']} ms)"
+            f" chunk gap p99 {res['gap_p99_ms']} ms max {res['max_gap_ms']} ms (delay {res['chunk_delay_ms']} ms),"
+            f" held back in {res['glued_responses']} of {res['ok']}"
         )
     else:
         ext = f", extproc cpu {res['procs']['extproc']['cpu_pct']}%" if res["procs"].get("extproc") else ""
@@ -244,12 +264,16 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
         target("streaming first byte added p50", v, "<= 1 ms", None if v is None else v <= 1.0)
         held = None
         if sf is not None and sf["valid"]:
-            # A held-back chunk arrives a whole chunk interval late (gap ~ 2x the delay) or glued
-            # to the next one (fewer reads than events).
-            held = (sf["gap_p99_ms"] or 0) >= 2 * sf["chunk_delay_ms"] or (
-                (sf["reads_per_response_median"] or 0) < (sf["frames_per_response"] or 0)
-            )
-        target("streaming chunks never held back (gap p99 < 2x chunk delay)", sf["gap_p99_ms"] if sf else None, f"< {2 * stream['chunk_delay_ms']} ms", None if held is None else not held)
+            # The mock writes each event 5 ms after the previous; one held back arrives glued to a
+            # later one (fewer socket reads than events). Gaps are reported, not judged: the
+            # gateway drops the usage-only event it asked for, which leaves one 2x-delay gap.
+            held = sf["glued_responses"] > 0
+        target(
+            "streaming chunks never held back (responses with glued events)",
+            sf["glued_responses"] if sf else None,
+            "0",
+            None if held is None else not held,
+        )
     if memory is not None:
         target(
             f"extproc peak RSS after {memory['requests_target']} requests / {memory['sessions']} sessions",
@@ -313,11 +337,19 @@ def main(argv: list[str] | None = None) -> int:
                     bare.stop()  # the upstream reference (run on bare's mock) is done with it
                     bare = None
                 say(f"== {setup.name}: {setup.title}")
-                running = hz.start_setup(setup, args.envoy_concurrency, bare)
+                try:
+                    running = hz.start_setup(setup, args.envoy_concurrency, bare)
+                except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+                    i = _setup_failed(mine, f"{type(exc).__name__}: {exc}", i, total, results)
+                    continue
                 if setup.kind == "bare":
                     bare = running
                 try:
-                    preflight(running, setup, bodies)
+                    try:
+                        preflight(running, setup, bodies)
+                    except Exception as exc:  # noqa: BLE001
+                        i = _setup_failed(mine, f"preflight: {type(exc).__name__}: {exc}", i, total, results)
+                        continue
                     load = [s for s in mine if s.kind == "load"]
                     if load and plan.warmup:
                         hz.run_wrk(

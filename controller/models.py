@@ -58,6 +58,13 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class PricingSpec:
+    # Micro-units of the currency per million tokens.
+    input_per_mtok_micros: int = 0
+    output_per_mtok_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BackendSpec:
     name: str
     provider: str
@@ -66,6 +73,29 @@ class BackendSpec:
     credentials: SecretRef | None
     weight: int
     priority: int
+    pricing: PricingSpec = field(default_factory=PricingSpec)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    metric: str  # requests | input_tokens | output_tokens | total_tokens | concurrent | cost_micros
+    amount: int
+    window_seconds: int = 0
+    period_seconds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSpec:
+    limits: tuple[LimitSpec, ...] = ()
+    default_max_tokens: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasSpec:
+    default: QuotaSpec | None = None
+    tenants: tuple[tuple[str, QuotaSpec], ...] = ()
+    rate_limits_fail_open: bool = True
+    budgets_fail_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +158,7 @@ class BindingSpec:
     request_timeout: float
     per_try_timeout: float
     retry: RetrySpec
+    quotas: QuotasSpec = field(default_factory=QuotasSpec)
 
     @property
     def key(self) -> str:
@@ -218,6 +249,7 @@ def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
     model = str(b.get("model") or "")
     if not model:
         raise SpecError("InvalidSpec", f"{what}.model: the upstream model name is required")
+    pricing = _dict(b.get("pricing"), f"{what}.pricing")
     return BackendSpec(
         name=name,
         provider=str(provider),
@@ -226,6 +258,74 @@ def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
         credentials=_secret_ref(b.get("credentialsRef"), namespace, f"{what}.credentialsRef"),
         weight=_int(b.get("weight", 1), f"{what}.weight", 1, 10_000),
         priority=_int(b.get("priority", 0), f"{what}.priority", 0, 16),
+        pricing=PricingSpec(
+            input_per_mtok_micros=parse_money(pricing.get("inputPerMillion", "0"), f"{what}.pricing.inputPerMillion"),
+            output_per_mtok_micros=parse_money(pricing.get("outputPerMillion", "0"), f"{what}.pricing.outputPerMillion"),
+        ),
+    )
+
+
+_MONEY = re.compile(r"^\d{1,12}(\.\d{1,6})?$")
+WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+PERIODS = {"day": 86400, "month": 30 * 86400}
+TOKEN_TYPES = {"input": "input_tokens", "output": "output_tokens", "total": "total_tokens"}
+
+
+def parse_money(raw: object, what: str) -> int:
+    """A decimal amount of money as a string ("2.50") -> integer micro-units, exactly."""
+    text = str(raw).strip()
+    if isinstance(raw, float) or not _MONEY.match(text):
+        raise SpecError("InvalidQuota", f"{what}: {raw!r} must be a decimal string like \"2.50\" (quote it in YAML)")
+    whole, _, frac = text.partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
+def _per(raw: object, table: dict[str, int], what: str) -> int:
+    if raw not in table:
+        raise SpecError("InvalidQuota", f"{what}: must be one of {', '.join(table)}, got {raw!r}")
+    return table[str(raw)]
+
+
+def _quota(raw: object, what: str) -> QuotaSpec:
+    q = _dict(raw, what)
+    limits: list[LimitSpec] = []
+    for i, r in enumerate(_list(q.get("requests"), f"{what}.requests")):
+        r = _dict(r, f"{what}.requests[{i}]")
+        limits.append(LimitSpec("requests", _int(r.get("amount"), f"{what}.requests[{i}].amount", 1, 10**12), _per(r.get("per"), WINDOWS, f"{what}.requests[{i}].per")))
+    for i, t in enumerate(_list(q.get("tokens"), f"{what}.tokens")):
+        t = _dict(t, f"{what}.tokens[{i}]")
+        metric = TOKEN_TYPES.get(str(t.get("type", "total")))
+        if metric is None:
+            raise SpecError("InvalidQuota", f"{what}.tokens[{i}].type: must be input, output or total")
+        limits.append(LimitSpec(metric, _int(t.get("amount"), f"{what}.tokens[{i}].amount", 1, 10**15), _per(t.get("per"), WINDOWS, f"{what}.tokens[{i}].per")))
+    if q.get("concurrent") is not None:
+        limits.append(LimitSpec("concurrent", _int(q.get("concurrent"), f"{what}.concurrent", 1, 10**6)))
+    if q.get("budget") is not None:
+        b = _dict(q.get("budget"), f"{what}.budget")
+        limits.append(
+            LimitSpec("cost_micros", parse_money(b.get("amount"), f"{what}.budget.amount"), period_seconds=_per(b.get("per", "month"), PERIODS, f"{what}.budget.per"))
+        )
+    return QuotaSpec(tuple(limits), _int(q.get("defaultMaxTokens", 1024), f"{what}.defaultMaxTokens", 1, 10**7))
+
+
+def _fail(raw: object, what: str, default: str) -> bool:
+    value = str(raw or default)
+    if value not in ("open", "closed"):
+        raise SpecError("InvalidQuota", f"{what}: must be open or closed, got {raw!r}")
+    return value == "open"
+
+
+def _quotas(raw: object) -> QuotasSpec:
+    q = _dict(raw, "spec.quotas")
+    if not q:
+        return QuotasSpec()
+    tenants = _dict(q.get("tenants"), "spec.quotas.tenants")
+    fail = _dict(q.get("failPolicy"), "spec.quotas.failPolicy")
+    return QuotasSpec(
+        default=_quota(q["default"], "spec.quotas.default") if q.get("default") is not None else None,
+        tenants=tuple((str(t), _quota(v, f"spec.quotas.tenants.{t}")) for t, v in sorted(tenants.items())),
+        rate_limits_fail_open=_fail(fail.get("rateLimits"), "spec.quotas.failPolicy.rateLimits", "open"),
+        budgets_fail_open=_fail(fail.get("budgets"), "spec.quotas.failPolicy.budgets", "closed"),
     )
 
 
@@ -339,6 +439,7 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
+        quotas=_quotas(spec.get("quotas")),
     )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.models import BackendSpec, BindingSpec, SecretData, SecretRef, SpecError
+from controller.models import BackendSpec, BindingSpec, QuotaSpec, SecretData, SecretRef, SpecError
 from crdgol.pb import policy_pb2 as pb
 
 ROUTE_HEADER = "x-crdgol-route"
@@ -54,6 +54,8 @@ class RenderSettings:
     admin_port: int = 9901
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 9002
+    # Several extproc replicas (Envoy spreads streams across them); overrides extproc_port.
+    extproc_ports: tuple[int, ...] = ()
     # Largest request body accepted (Envoy answers 413 above it) and buffered for retries.
     max_request_bytes: int = 4 * 1024 * 1024
     # How long Envoy waits for one extproc answer before failing the request closed.
@@ -119,6 +121,8 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding
                 api_key=key,
                 weight=be.weight,
                 priority=be.priority,
+                input_per_mtok_micros=be.pricing.input_per_mtok_micros,
+                output_per_mtok_micros=be.pricing.output_per_mtok_micros,
             )
         )
     c = b.context
@@ -137,8 +141,32 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding
         knowledge=[pb.Snippet(title=s.title, text=s.text) for s in c.knowledge],
         max_context_tokens=c.max_context_tokens,
     )
+    q = b.quotas
+    quotas = pb.QuotaPolicy(
+        rate_limits_fail_open=q.rate_limits_fail_open,
+        budgets_fail_open=q.budgets_fail_open,
+        tenants={t: _quota_pb(spec) for t, spec in q.tenants},
+    )
+    if q.default is not None:
+        quotas.default_quota.CopyFrom(_quota_pb(q.default))
     return pb.Binding(
-        key=b.key, model=b.model, backends=backends, tenants=sorted(b.tenants), context=context, route=route_id(b)
+        key=b.key,
+        model=b.model,
+        backends=backends,
+        tenants=sorted(b.tenants),
+        context=context,
+        route=route_id(b),
+        quotas=quotas,
+    )
+
+
+def _quota_pb(q: QuotaSpec) -> pb.Quota:
+    return pb.Quota(
+        limits=[
+            pb.QuotaLimit(metric=lim.metric, amount=lim.amount, window_seconds=lim.window_seconds, period_seconds=lim.period_seconds)
+            for lim in q.limits
+        ],
+        default_max_tokens=q.default_max_tokens,
     )
 
 
@@ -393,7 +421,14 @@ def _extproc_cluster(settings: RenderSettings) -> Json:
         },
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(settings.extproc_host, settings.extproc_port)}}]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket(settings.extproc_host, port)}}
+                        for port in (settings.extproc_ports or (settings.extproc_port,))
+                    ]
+                }
+            ],
         },
     }
 

@@ -52,6 +52,32 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 1 if args.strict and (manifests.problems or result.problems) else 0
 
 
+def build_services(redis_url: str, redis_timeout: float) -> object:
+    """extproc's shared parts: in memory by default, in Redis when a URL is given."""
+    from extproc.services import Services
+
+    if not redis_url:
+        return Services()
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    from extproc.quota_store import RedisQuotaStore
+    from extproc.redis_history import RedisHistoryStore
+
+    client = aioredis.from_url(
+        redis_url,
+        socket_timeout=redis_timeout,
+        socket_connect_timeout=redis_timeout,
+        # One immediate retry on a dropped connection, so a restarted Redis costs no request.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=10,
+    )
+    return Services(quotas=RedisQuotaStore(client, timeout=redis_timeout), history=RedisHistoryStore(client, timeout=redis_timeout))
+
+
 def cmd_extproc(args: argparse.Namespace) -> int:
     from extproc.server import ServerSettings, serve
     from extproc.services import Services
@@ -64,7 +90,12 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         policy_file=Path(args.policy) if args.policy else None,
         policy_server=args.policy_server,
     )
-    _run_async(serve(settings, Services()))
+    async def main() -> None:
+        services = build_services(args.redis_url, args.redis_timeout)
+        assert isinstance(services, Services)
+        await serve(settings, services)
+
+    _run_async(main())
     return 0
 
 
@@ -76,7 +107,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         listen_host=args.gateway_host,
         listen_port=args.gateway_port,
         extproc_host=args.extproc_host,
-        extproc_port=args.extproc_port,
+        extproc_ports=tuple(int(p) for p in str(args.extproc_port).split(",")),
         admin_port=args.admin_port,
     )
     settings = ControllerSettings(
@@ -113,6 +144,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         envoy_log_level=args.envoy_log_level,
+        redis_url=args.redis_url,
+        extproc_replicas=args.extproc_replicas,
     )
     return up(settings)
 
@@ -136,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-mock", action="store_true", help="do not start the bundled mock upstream")
     up.add_argument("--metrics-port", type=int, default=9102, help="extproc's Prometheus /metrics port (default 9102; 0 = off)")
     up.add_argument("--state-dir", default=None, help="where rendered config is written (default: a temporary folder)")
+    up.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and history through this Redis (env CRDGOL_REDIS_URL; default: in memory)")
+    up.add_argument("--extproc-replicas", type=int, default=1, help="extproc processes Envoy spreads requests across (default 1; more than 1 needs --redis-url)")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's log level (default warning)")
     up.set_defaults(func=cmd_up)
 
@@ -154,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--metrics-port", type=int, default=int(_env("CRDGOL_METRICS_PORT", "9102")), help="Prometheus port (default 9102; 0 = off)")
     ext.add_argument("--policy", default=_env("CRDGOL_POLICY_FILE", ""), help="policy snapshot file (binary PolicySnapshot); SIGHUP reloads it")
     ext.add_argument("--policy-server", default=_env("CRDGOL_POLICY_SERVER", ""), help="controller's policy stream host:port (env CRDGOL_POLICY_SERVER)")
+    ext.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and session history through Redis, e.g. redis://127.0.0.1:6379/0 (env CRDGOL_REDIS_URL; default: in memory)")
+    ext.add_argument("--redis-timeout", type=float, default=0.25, help="seconds one Redis call may take before the fail policy applies (default 0.25)")
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.set_defaults(func=cmd_extproc)
 
@@ -169,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--gateway-host", default="0.0.0.0", help="address the rendered Envoy listener binds (default 0.0.0.0)")
     ctl.add_argument("--gateway-port", type=int, default=8080, help="port the rendered Envoy listener binds (default 8080)")
     ctl.add_argument("--extproc-host", default="127.0.0.1", help="where Envoy reaches extproc (default 127.0.0.1)")
-    ctl.add_argument("--extproc-port", type=int, default=9002, help="extproc's gRPC port (default 9002)")
+    ctl.add_argument("--extproc-port", default="9002", help="extproc's gRPC port, or several comma-separated for several replicas (default 9002)")
     ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
     ctl.set_defaults(func=cmd_controller)
 

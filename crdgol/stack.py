@@ -79,6 +79,8 @@ class StackSettings:
     envoy_concurrency: int = 0  # 0 = Envoy's default (one worker per core)
     quiet: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    redis_url: str = ""
+    extproc_replicas: int = 1
 
 
 class Stack:
@@ -86,12 +88,14 @@ class Stack:
         self.settings = settings
         self.port = settings.port or free_port()
         self.mock_port = None if settings.mock_port is None else (settings.mock_port or free_port())
-        self.extproc_port = free_port()
+        self.extproc_ports = tuple(free_port() for _ in range(max(1, settings.extproc_replicas)))
+        self.extproc_port = self.extproc_ports[0]
         self.admin_port = free_port()
         self.xds_port = free_port()
         self.policy_port = free_port()
         self.controller_port = free_port()
         self.metrics_port = settings.metrics_port or free_port()
+        self.metrics_ports = (self.metrics_port, *(free_port() for _ in self.extproc_ports[1:]))
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.result: RenderResult | None = None
@@ -112,6 +116,7 @@ class Stack:
             listen_port=self.port,
             admin_port=self.admin_port,
             extproc_port=self.extproc_port,
+            extproc_ports=self.extproc_ports,
         )
 
     def render(self) -> RenderResult:
@@ -122,17 +127,18 @@ class Stack:
         self.result = result
         return result
 
-    def policy_version(self) -> int:
-        """The policy version extproc has in force (from its /healthz)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2) as r:
+    def policy_version(self, replica: int = 0) -> int:
+        """The policy version an extproc replica has in force (from its /healthz)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[replica]}/healthz", timeout=2) as r:
             text = r.read().decode()
         return int(text.rsplit("policy=", 1)[1].split()[0])
 
     def wait_policy(self, at_least: int, timeout: float = 10.0) -> None:
+        """Wait until every extproc replica holds at least this policy version."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.policy_version() >= at_least:
+                if all(self.policy_version(i) >= at_least for i in range(len(self.metrics_ports))):
                     return
             except OSError:
                 pass
@@ -177,21 +183,24 @@ class Stack:
                     "--status-file", str(self.state / "status.json"),
                     "--gateway-host", rs.listen_host,
                     "--gateway-port", str(rs.listen_port),
-                    "--extproc-port", str(rs.extproc_port),
+                    "--extproc-port", ",".join(str(p) for p in self.extproc_ports),
                     "--admin-port", str(rs.admin_port),
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
-            ext = self._spawn(
-                "extproc",
-                [
-                    *py, "extproc",
-                    "--port", str(self.extproc_port),
-                    "--metrics-port", str(self.metrics_port),
-                    "--policy-server", f"127.0.0.1:{self.policy_port}",
-                ],
-            )
-            wait_http(f"http://127.0.0.1:{self.metrics_port}/healthz", (200,), timeout, ext)
+            redis = ["--redis-url", self.settings.redis_url] if self.settings.redis_url else []
+            for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
+                ext = self._spawn(
+                    "extproc" if i == 0 else f"extproc-{i}",
+                    [
+                        *py, "extproc",
+                        "--port", str(port),
+                        "--metrics-port", str(mport),
+                        "--policy-server", f"127.0.0.1:{self.policy_port}",
+                        *redis,
+                    ],
+                )
+                wait_http(f"http://127.0.0.1:{mport}/healthz", (200,), timeout, ext)
             self.wait_policy(1, timeout)
             (self.state / "envoy.json").write_text(
                 json.dumps(ads_bootstrap(rs, "127.0.0.1", self.xds_port), indent=1, sort_keys=True)
@@ -213,7 +222,8 @@ class Stack:
 
     def stop(self, grace: float = 10.0) -> None:
         # Envoy first (no new requests), then extproc drains, then the upstream goes.
-        for name in ("envoy", "extproc", "controller", "mock-llm"):
+        names = ["envoy", *sorted(n for n in self.procs if n.startswith("extproc")), "controller", "mock-llm"]
+        for name in names:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

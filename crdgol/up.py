@@ -21,6 +21,8 @@ class UpSettings:
     metrics_port: int = 9102
     state_dir: Path | None = None
     envoy_log_level: str = "warning"
+    redis_url: str = ""
+    extproc_replicas: int = 1
 
 
 def _say(msg: str) -> None:
@@ -40,8 +42,13 @@ def up(settings: UpSettings) -> int:
             metrics_port=settings.metrics_port,
             state_dir=settings.state_dir,
             envoy_log_level=settings.envoy_log_level,
+            redis_url=settings.redis_url,
+            extproc_replicas=settings.extproc_replicas,
         )
     )
+    if settings.extproc_replicas > 1 and not settings.redis_url:
+        _say("crdgol up: --extproc-replicas above 1 needs --redis-url, so replicas share quotas and history")
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

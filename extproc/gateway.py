@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from extproc import context as mcp
+from extproc.admission import Admission
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
     BadRequest,
@@ -154,6 +155,7 @@ class ModelCall(Handler):
         self.backend = ""
         self.status = 0
         self.finished = False
+        self.admission = Admission(services)
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
@@ -194,8 +196,10 @@ class ModelCall(Handler):
         self.binding = binding
         return binding
 
-    def forward(self, doc: dict[str, Any], binding: Binding) -> Continue:
+    async def forward(self, doc: dict[str, Any], binding: Binding) -> Continue:
         body = orjson.dumps(doc)
+        assert self.identity is not None
+        await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         return Continue(
             set_headers={
                 ROUTE_HEADER: binding.route,
@@ -223,6 +227,10 @@ class ModelCall(Handler):
         self.finished = True
         m = self.services.metrics
         labels = self.labels()
+        if usage is not None and self.status == 200:
+            self.admission.settle(usage, self.backend)
+        else:
+            self.admission.release()
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
@@ -232,10 +240,11 @@ class ModelCall(Handler):
         self.status = int(headers.get(":status", "0") or 0)
         self.backend = headers.get(BACKEND_HEADER, "")
         strip = [BACKEND_HEADER] if BACKEND_HEADER in headers else []
+        limits = self.admission.headers()
         if end_of_stream or self.status != 200 or self.binding is None:
             self.account(None)
-            return Continue(remove_headers=strip)
-        return Continue(remove_headers=strip, response_body_mode=BUFFERED)
+            return Continue(set_headers=limits, remove_headers=strip)
+        return Continue(set_headers=limits, remove_headers=strip, response_body_mode=BUFFERED)
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         if end_of_stream:
@@ -262,7 +271,7 @@ class Embeddings(ModelCall):
             raise BadRequest(f"the model {self.request_model!r} does not support embeddings", code="unsupported_operation")
         if "input" not in doc:
             raise BadRequest("'input' is required: a string or a list of strings", code="missing_input")
-        return self.forward(doc, binding)
+        return await self.forward(doc, binding)
 
 
 class Completion(ModelCall):
@@ -314,7 +323,7 @@ class Completion(ModelCall):
         ctx = binding.context
         if ctx.active:
             doc = await self._inject(doc, binding)
-        return self.forward(doc, binding)
+        return await self.forward(doc, binding)
 
     async def _inject(self, doc: dict[str, Any], binding: Binding) -> dict[str, Any]:
         assert self.identity is not None

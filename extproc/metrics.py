@@ -63,6 +63,18 @@ class Metrics:
         )
         self.policy_version = Gauge("crdgol_policy_version", "Version of the policy snapshot in force.", registry=r)
         self.handler_errors = Counter("crdgol_extproc_errors", "Unexpected errors inside extproc handlers.", registry=r)
+        self.quota_remaining = Gauge(
+            "crdgol_quota_remaining", "What is left of each quota limit after the last check.", ["tenant", "binding", "limit"], registry=r
+        )
+        self.quota_store_errors = Counter(
+            "crdgol_quota_store_errors", "Quota checks that could not reach the store (the fail policy applied).", registry=r
+        )
+        self.quota_store_seconds = Histogram(
+            "crdgol_quota_store_seconds",
+            "Time to reserve a quota in the store.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+            registry=r,
+        )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
 
     def record_usage(self, labels: RequestLabels, input_tokens: int, output_tokens: int) -> None:

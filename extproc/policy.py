@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 from crdgol.pb import policy_pb2 as pb
+from extproc.quota import Limit, Price, Window, normalize_limits
+from extproc.quota_store import FailPolicy
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,26 @@ class Backend:
     auth_headers: tuple[tuple[str, str], ...]
     weight: int
     priority: int
+    price: Price | None = None
 
     def __repr__(self) -> str:  # never print the credential
         return f"Backend(id={self.id!r}, api={self.api.value}, model={self.model!r}, host={self.host!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRule:
+    limits: tuple[Limit, ...]
+    default_max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPolicy:
+    default: QuotaRule | None = None
+    tenants: dict[str, QuotaRule] = field(default_factory=dict)
+    fail: FailPolicy = field(default_factory=FailPolicy)
+
+    def rule_for(self, tenant: str) -> QuotaRule | None:
+        return self.tenants.get(tenant, self.default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +102,9 @@ class Binding:
     tenants: frozenset[str]
     context: ContextPolicy
     route: str
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
+    # The dearest backend's price: what a reservation assumes before Envoy picks the backend.
+    max_price: Price | None = None
 
     def allows(self, tenant: str) -> bool:
         return not self.tenants or tenant in self.tenants
@@ -130,6 +152,32 @@ def _auth_headers(api: Api, api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+def _limit(q: pb.QuotaLimit) -> Limit:
+    if q.metric == "concurrent":
+        return Limit("concurrent", q.amount)
+    if q.period_seconds:
+        return Limit(q.metric, q.amount, period_seconds=q.period_seconds)
+    return Limit(q.metric, q.amount, Window(q.window_seconds))
+
+
+def _quota_rule(q: pb.Quota) -> QuotaRule:
+    return QuotaRule(normalize_limits(_limit(x) for x in q.limits), q.default_max_tokens or 1024)
+
+
+def _quota_policy(q: pb.QuotaPolicy) -> QuotaPolicy:
+    return QuotaPolicy(
+        default=_quota_rule(q.default_quota) if q.HasField("default_quota") else None,
+        tenants={t: _quota_rule(v) for t, v in q.tenants.items()},
+        fail=FailPolicy(rate_limits_open=q.rate_limits_fail_open, budgets_open=q.budgets_fail_open),
+    )
+
+
+def _price(be: pb.Backend) -> Price | None:
+    if not be.input_per_mtok_micros and not be.output_per_mtok_micros:
+        return None
+    return Price(be.input_per_mtok_micros, be.output_per_mtok_micros)
+
+
 def compile_policy(snap: pb.PolicySnapshot) -> Policy:
     """Compile a snapshot into lookup tables. Raises ValueError on an inconsistent snapshot."""
     bindings: dict[str, Binding] = {}
@@ -169,8 +217,14 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
                     auth_headers=_auth_headers(api, be.api_key),
                     weight=be.weight or 1,
                     priority=be.priority,
+                    price=_price(be),
                 )
             )
+        prices = [be_c.price for be_c in compiled_backends if be_c.price is not None]
+        try:
+            quotas = _quota_policy(b.quotas)
+        except ValueError as exc:
+            raise ValueError(f"binding {b.key}: {exc}") from None
         binding = Binding(
             key=b.key,
             model=b.model,
@@ -178,6 +232,12 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             tenants=frozenset(b.tenants),
             context=context,
             route=b.route,
+            quotas=quotas,
+            max_price=Price(
+                max(p.input_per_mtok_micros for p in prices), max(p.output_per_mtok_micros for p in prices)
+            )
+            if prices
+            else None,
         )
         bindings[b.model] = binding
         for be_c in compiled_backends:

@@ -5,6 +5,7 @@ Built once at the entry point and passed down; nothing here reads the environmen
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from extproc.auth import Authenticator
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
+from extproc.quota_store import MemoryQuotaStore, QuotaStore
 
 # Internal request headers: set by the downstream filter for the upstream one, never by clients.
 ROUTE_HEADER = "x-crdgol-route"
@@ -28,8 +30,13 @@ class Services:
     policy: PolicyHolder = field(default_factory=PolicyHolder)
     history: HistoryStore = field(default_factory=MemoryHistoryStore)
     metrics: Metrics = field(default_factory=Metrics)
+    quotas: QuotaStore = field(default_factory=MemoryQuotaStore)
     clock: Callable[[], float] = time.monotonic
+    # Wall-clock time for quota windows (aligned to the epoch, the same on every replica).
+    wall: Callable[[], float] = time.time
     today: Callable[[], date] = date.today
+    # Work that outlives the stream that started it (settling a quota after a cancel).
+    background: set[asyncio.Task[None]] = field(default_factory=set)
     _auth: tuple[int, Authenticator] | None = None
 
     @property

@@ -1,0 +1,139 @@
+"""Quota admission for one request: reserve before it goes upstream, settle when it ends.
+
+``Admission.admit`` reserves the estimated demand (prompt tokens estimated from the body, output =
+``max_tokens`` or the binding's default, money at the dearest backend's price) against the
+tenant's limits, or raises ``QuotaExceeded`` (429 with ``Retry-After``). ``settle`` charges the
+real usage at the price of the backend that answered; ``release`` undoes the reservation when the
+request fails or is cancelled. Both run at most once. ``headers`` are the ``x-ratelimit-*``
+response headers for requests and tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from extproc.errors import RateLimited
+from extproc.policy import Binding, QuotaRule
+from extproc.quota import Decision, Demand, Limit, estimate_demand, quota_scope
+from extproc.quota_store import Reservation, check, finish
+from extproc.services import Services
+from extproc.usage import Usage
+
+log = logging.getLogger(__name__)
+
+_TOKEN_METRICS = ("total_tokens", "input_tokens", "output_tokens")
+
+
+class QuotaExceeded(RateLimited):
+    def __init__(self, limit: Limit | None, retry_after: float, headers: dict[str, str]) -> None:
+        what = limit.name if limit is not None else "quota"
+        code = "budget_exceeded" if limit is not None and limit.is_budget else "rate_limit_exceeded"
+        super().__init__(
+            f"quota exceeded ({what}); retry after {math.ceil(retry_after)}s", retry_after=max(1, math.ceil(retry_after)), code=code
+        )
+        self.limit = limit
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self._headers, **super().headers()}
+
+
+def _reset(seconds: float) -> str:
+    return f"{max(0, math.ceil(seconds))}s"
+
+
+def ratelimit_headers(decision: Decision) -> dict[str, str]:
+    """OpenAI-style ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the tightest limits."""
+    out: dict[str, str] = {}
+    for kind, metrics in (("requests", ("requests",)), ("tokens", _TOKEN_METRICS)):
+        names = [n for n in decision.limits if n.split("/", 1)[0] in metrics]
+        if not names:
+            continue
+        tightest = min(names, key=lambda n: decision.remaining.get(n, decision.limits[n]))
+        out[f"x-ratelimit-limit-{kind}"] = str(decision.limits[tightest])
+        out[f"x-ratelimit-remaining-{kind}"] = str(max(0, decision.remaining.get(tightest, 0)))
+        out[f"x-ratelimit-reset-{kind}"] = _reset(decision.resets.get(tightest, 0.0))
+    return out
+
+
+def _max_tokens(doc: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = doc.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+class Admission:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.rule: QuotaRule | None = None
+        self.reservation: Reservation | None = None
+        self.decision: Decision | None = None
+        self.done = False
+
+    def _store_error(self, exc: Exception) -> None:
+        self.services.metrics.quota_store_errors.inc()
+        log.warning("quota store unavailable (%s): applying the binding's fail policy", type(exc).__name__)
+
+    async def admit(self, tenant: str, binding: Binding, doc: dict[str, Any], body_bytes: int) -> None:
+        rule = binding.quotas.rule_for(tenant)
+        if rule is None or not rule.limits:
+            return
+        self.rule = rule
+        # ~4 bytes per token over the whole JSON body: an over-estimate, so reservations err high.
+        demand = estimate_demand(math.ceil(body_bytes / 4), _max_tokens(doc), rule.default_max_tokens, binding.max_price)
+        started = time.perf_counter()
+        decision, self.reservation = await check(
+            self.services.quotas,
+            quota_scope(tenant, binding.key),
+            rule.limits,
+            demand,
+            self.services.wall(),
+            binding.quotas.fail,
+            self._store_error,
+        )
+        m = self.services.metrics
+        m.quota_store_seconds.observe(time.perf_counter() - started)
+        self.decision = decision
+        for name, remaining in decision.remaining.items():
+            m.quota_remaining.labels(tenant, binding.key, name).set(remaining)
+        if not decision.allowed:
+            self.done = True
+            raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
+
+    def headers(self) -> dict[str, str]:
+        return ratelimit_headers(self.decision) if self.decision is not None else {}
+
+    def settle(self, usage: Usage | None, backend_id: str) -> None:
+        """Charge the real usage (or release when there is none). Runs once, in the background."""
+        if self.done or self.reservation is None:
+            self.done = True
+            return
+        self.done = True
+        actual: Demand | None = None
+        if usage is not None:
+            entry = self.services.current.backends.get(backend_id)
+            price = entry[1].price if entry is not None else None
+            actual = Demand.used(usage.input_tokens, usage.output_tokens, price)
+        self._spawn(actual)
+
+    def release(self) -> None:
+        if self.done or self.reservation is None:
+            self.done = True
+            return
+        self.done = True
+        self._spawn(None)
+
+    def _spawn(self, actual: Demand | None) -> None:
+        assert self.reservation is not None
+        task = asyncio.get_running_loop().create_task(
+            finish(self.services.quotas, self.reservation, actual, self.services.wall(), self._store_error)
+        )
+        # Keep a reference until it finishes: the stream that started it may already be gone.
+        self.services.background.add(task)
+        task.add_done_callback(self.services.background.discard)
