@@ -5,7 +5,6 @@ Every process started here is on 127.0.0.1, in its own session, and stopped by i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import platform
@@ -48,7 +47,10 @@ def sample(pid: int) -> ProcSample | None:
     # Fields after the command name (which may hold spaces) start at field 3.
     fields = stat[stat.rindex(")") + 2 :].split()
     cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-    kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M)}
+    kb = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M)
+    }
     return ProcSample(cpu, kb.get("VmRSS", 0) / 1024, kb.get("VmHWM", 0) / 1024)
 
 
@@ -95,14 +97,31 @@ class BareEnvoy(Running):
         mock_port, port, admin = free_port(), free_port(), free_port()
         try:
             mock = _spawn(
-                [sys.executable, "-m", "crdgol.cli", "mock-llm", "--port", str(mock_port), *MOCK_ARGS],
+                [
+                    sys.executable,
+                    "-m",
+                    "crdgol.cli",
+                    "mock-llm",
+                    "--port",
+                    str(mock_port),
+                    *MOCK_ARGS,
+                ],
                 self.state / "mock-llm.log",
             )
             self.procs["mock-llm"] = mock
             self.mock_url = f"http://127.0.0.1:{mock_port}"
             wait_http(f"{self.mock_url}/healthz", (200,), 30, mock)
-            cfg = sc.write_json(self.state / "envoy.json", sc.bare_envoy_config(port, admin, mock_port))
-            argv = [envoy_binary(), "-c", str(cfg), "--log-level", "warning", "--disable-hot-restart"]
+            cfg = sc.write_json(
+                self.state / "envoy.json", sc.bare_envoy_config(port, admin, mock_port)
+            )
+            argv = [
+                envoy_binary(),
+                "-c",
+                str(cfg),
+                "--log-level",
+                "warning",
+                "--disable-hot-restart",
+            ]
             if self.concurrency:
                 argv += ["--concurrency", str(self.concurrency)]
             envoy = _spawn(argv, self.state / "envoy.log")
@@ -149,7 +168,9 @@ class Gateway(Running):
         folder.mkdir()
         # The manifests name the mock at 127.0.0.1:8081; point them at this run's free port.
         for src in sorted(self.manifests.glob("*.yaml")):
-            text = src.read_text().replace(f"127.0.0.1:{sc.MANIFEST_MOCK_PORT}", f"127.0.0.1:{mock_port}")
+            text = src.read_text().replace(
+                f"127.0.0.1:{sc.MANIFEST_MOCK_PORT}", f"127.0.0.1:{mock_port}"
+            )
             (folder / src.name).write_text(text)
         stack = Stack(
             StackSettings(
@@ -170,7 +191,9 @@ class Gateway(Running):
             raise
         if stack.problems:
             self.stop()
-            raise RuntimeError(f"benchmark manifests {self.manifests} have problems: {stack.problems}")
+            raise RuntimeError(
+                f"benchmark manifests {self.manifests} have problems: {stack.problems}"
+            )
         self.url, self.mock_url = stack.url, stack.mock_url
         self.metrics_url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
         self.pids = {name: p.pid for name, p in stack.procs.items()}
@@ -195,7 +218,9 @@ def start_setup(setup: sc.Setup, concurrency: int, bare: Running | None = None) 
 
 def set_mock(mock_url: str, **knobs: float) -> None:
     req = urllib.request.Request(
-        f"{mock_url}/_mock/config", data=json.dumps(knobs).encode(), headers={"content-type": "application/json"}
+        f"{mock_url}/_mock/config",
+        data=json.dumps(knobs).encode(),
+        headers={"content-type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=5) as r:
         r.read()
@@ -266,7 +291,9 @@ def parse_wrk(out: str) -> WrkResult:
     if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
         r.non_2xx = int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        r.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True))
+        r.socket_errors = dict(
+            zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True)
+        )
     return r
 
 
@@ -290,9 +317,11 @@ def wrk_argv(
         f"-t{min(threads, connections)}",
         f"-c{connections}",
         f"-d{max(1, round(duration))}s",
-        "--timeout", "10s",
+        "--timeout",
+        "10s",
         "--latency",
-        "-s", str(sc.POST_LUA),
+        "-s",
+        str(sc.POST_LUA),
         url,
         "--",
         f"body={body_file}",
@@ -308,7 +337,9 @@ def wrk_argv(
 def run_wrk(argv: list[str], timeout: float) -> WrkResult:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return parse_wrk(proc.stdout)
 
 
@@ -335,7 +366,7 @@ class StreamResult:
             if not xs:
                 return None
             xs = sorted(xs)
-            return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 3)
+            return round(xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))], 3)
 
         return {
             "requests": self.requests,
@@ -357,7 +388,9 @@ class StreamResult:
         }
 
 
-async def stream_check(url: str, body: dict[str, Any], headers: dict[str, str], n: int, session_prefix: str) -> StreamResult:
+async def stream_check(
+    url: str, body: dict[str, Any], headers: dict[str, str], n: int, session_prefix: str
+) -> StreamResult:
     """``n`` sequential streamed chat requests; timing of each read of the response body."""
     import aiohttp
 
@@ -402,7 +435,7 @@ async def stream_check(url: str, body: dict[str, Any], headers: dict[str, str], 
                     res.reads.append(reads)
                     if reads < res.frames[-1]:
                         res.glued += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 res.errors.append(f"{type(exc).__name__}: {exc}")
     return res
 
@@ -419,9 +452,13 @@ def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, check=False).stdout
+    envoy_version = subprocess.run(
+        [envoy_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout
     m = re.search(r"version: [0-9a-f]+/([^/\s]+)/", envoy_version)
-    wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True, check=False)
+    wrk_version = subprocess.run(
+        [shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True, check=False
+    )
     wv = re.search(r"wrk (\S+)", wrk_version.stdout + wrk_version.stderr)
     return {
         "nproc": os.cpu_count(),
@@ -435,4 +472,13 @@ def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
         "wrk_threads": wrk_threads,
         "mock_upstream": "crdgol mock-llm, latency 0, --record 0",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: high before a run means something else is busy."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []

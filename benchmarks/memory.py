@@ -46,7 +46,9 @@ def measure(
         gw = hz.Gateway(setup.manifests or sc.MANIFESTS / "full", envoy_concurrency).start()
         try:
             pid = gw.pids["extproc"]
-            r = httpx.post(gw.url + sc.CHAT_PATH, content=body_file.read_bytes(), headers=headers, timeout=30)
+            r = httpx.post(
+                gw.url + sc.CHAT_PATH, content=body_file.read_bytes(), headers=headers, timeout=30
+            )
             if r.status_code != 200:
                 raise RuntimeError(f"memory: the gateway answered {r.status_code}: {r.text[:300]}")
             time.sleep(0.5)
@@ -71,7 +73,9 @@ def measure(
             try:
                 while proc.poll() is None:
                     time.sleep(0.25)
-                    metered = (hz.metric_total(gw.metrics_url, "crdgol_requests_total") or 0.0) - metered0
+                    metered = (
+                        hz.metric_total(gw.metrics_url, "crdgol_requests_total") or 0.0
+                    ) - metered0
                     if metered >= requests:
                         proc.send_signal(signal.SIGINT)
                         break
@@ -105,13 +109,17 @@ def measure(
         "rss_after_mb": round(after.rss_mb, 1),
         "rss_peak_mb": round(after.hwm_mb, 1),
         "rss_growth_mb": round(after.rss_mb - before.rss_mb, 1),
-        "kb_per_session": round((after.rss_mb - before.rss_mb) * 1024 / sessions, 2) if sessions else None,
+        "kb_per_session": round((after.rss_mb - before.rss_mb) * 1024 / sessions, 2)
+        if sessions
+        else None,
         "target_mb": TARGET_MB,
     }
     result["valid"] = w.errors == 0 and w.requests >= requests
     if not result["valid"]:
         result["invalid_reason"] = (
-            f"{w.errors} request errors" if w.errors else f"only {w.requests} of {requests} requests completed"
+            f"{w.errors} request errors"
+            if w.errors
+            else f"only {w.requests} of {requests} requests completed"
         )
         if err.strip():
             result["invalid_reason"] += f"; wrk: {err.strip()[:200]}"
@@ -120,10 +128,18 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="5k requests over 500 sessions")
-    p.add_argument("--requests", type=int, help="requests to send (default 100000; 5000 with --quick)")
-    p.add_argument("--sessions", type=int, help="distinct x-session-id values (default 10000; 500 with --quick)")
+    p.add_argument(
+        "--requests", type=int, help="requests to send (default 100000; 5000 with --quick)"
+    )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        help="distinct x-session-id values (default 10000; 500 with --quick)",
+    )
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--envoy-concurrency", type=int, default=1)
     p.add_argument("--out", default=str(sc.HERE / "results"))
@@ -131,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = sc.plan(args.quick)
     n = args.requests or plan.memory_requests
     m = args.sessions or plan.memory_sessions
-    print(f"memory: {n} requests over {m} sessions, full policy, c{args.connections} ...", flush=True)
+    print(
+        f"memory: {n} requests over {m} sessions, full policy, c{args.connections} ...", flush=True
+    )
     res = measure(n, m, connections=args.connections, envoy_concurrency=args.envoy_concurrency)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

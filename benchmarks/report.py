@@ -29,8 +29,16 @@ def markdown(doc: dict[str, Any]) -> str:
         f"upstream: {m['mock_upstream']}. Took {doc['elapsed_s']} s.",
         "",
     ]
+    if m.get("loadavg_start"):
+        lines += [
+            f"Load average (1/5/15 min) at start {m['loadavg_start']}, at end {m.get('loadavg_end')}.",
+            "",
+        ]
     if not doc["valid"]:
-        lines += [f"**INVALID scenarios (request errors):** {', '.join(doc['invalid_scenarios'])}", ""]
+        lines += [
+            f"**INVALID scenarios (request errors):** {', '.join(doc['invalid_scenarios'])}",
+            "",
+        ]
     lines += ["Setups:", ""] + [f"- **{k}**: {v}" for k, v in doc["setups"].items()] + [""]
 
     lines += [
@@ -47,7 +55,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_cpu(r, 'extproc')} | {_f(r['extproc_rss_mb'], 1)} | {_cpu(r, 'envoy')} | {_cpu(r, 'mock-llm')} | "
             f"{'yes' if r['valid'] else '**NO**'} |"
         )
-    lines += ["", "CPU columns: share of one core used during the scenario (from /proc/<pid>/stat).", ""]
+    lines += [
+        "",
+        "CPU columns: share of one core used during the scenario (from /proc/<pid>/stat).",
+        "",
+    ]
 
     streams = [r for r in doc["scenarios"] if r["kind"] == "stream"]
     if streams:
@@ -66,13 +78,27 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("")
 
     d = doc["derived"]
-    lines += ["## Against bare Envoy", "", "| setup | " + " | ".join(_conn_keys(d)) + " | added p50 ms (c1) | added p99 ms (c1) |"]
+    lines += [
+        "## Against bare Envoy",
+        "",
+        "| setup | " + " | ".join(_conn_keys(d)) + " | added p50 ms (c1) | added p99 ms (c1) |",
+    ]
     lines.append("|---|" + "---:|" * (len(_conn_keys(d)) + 2))
     for key, ratios in d["throughput_ratio_vs_bare"].items():
         add = d["added_latency_vs_bare_c1"].get(key, {})
-        cells = [f"{_f(ratios.get(c), 3)}x" if ratios.get(c) is not None else "-" for c in _conn_keys(d)]
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {_f(add.get('p50_ms'), 3)} | {_f(add.get('p99_ms'), 3)} |")
-    lines += ["", "Ratios are rps / bare Envoy's rps at the same prompt size and connection count.", ""]
+        cells = [
+            f"{_f(ratios.get(c), 3)}x" if ratios.get(c) is not None else "-" for c in _conn_keys(d)
+        ]
+        lines.append(
+            f"| {key} | "
+            + " | ".join(cells)
+            + f" | {_f(add.get('p50_ms'), 3)} | {_f(add.get('p99_ms'), 3)} |"
+        )
+    lines += [
+        "",
+        "Ratios are rps / bare Envoy's rps at the same prompt size and connection count.",
+        "",
+    ]
 
     mem = doc.get("memory")
     if mem:
@@ -86,12 +112,20 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
         ]
 
-    lines += ["## Targets (DESIGN.md)", "", "| target | value | goal | result |", "|---|---:|---|---|"]
+    lines += [
+        "## Targets (DESIGN.md)",
+        "",
+        "| target | value | goal | result |",
+        "|---|---:|---|---|",
+    ]
     for t in d["targets"]:
         res = {True: "pass", False: "**FAIL**", None: "n/a (invalid)"}[t["pass"]]
         lines.append(f"| {t['name']} | {_f(t['value'], 3)} | {t['target']} | {res} |")
     if doc.get("ratio_full_policy_vs_bare_c16") is not None:
-        lines += ["", f"`ratio_full_policy_vs_bare_c16` = **{doc['ratio_full_policy_vs_bare_c16']}**"]
+        lines += [
+            "",
+            f"`ratio_full_policy_vs_bare_c16` = **{doc['ratio_full_policy_vs_bare_c16']}**",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -108,11 +142,15 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     load = [r for r in doc["scenarios"] if r["kind"] == "load"]
     setups = [s for s in doc["setups"] if any(r["setup"] == s for r in load)]
-    groups = sorted({(r["size"], r["connections"]) for r in load}, key=lambda g: (int(g[0].rstrip("k")), g[1]))
+    groups = sorted(
+        {(r["size"], r["connections"]) for r in load}, key=lambda g: (int(g[0].rstrip("k")), g[1])
+    )
     by = {(r["setup"], r["size"], r["connections"]): r for r in load}
     colors = {"upstream": "#bbbbbb", "bare": "#4c72b0", "passthrough": "#55a868", "full": "#c44e52"}
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [max(2, len(groups)), 2]})
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [max(2, len(groups)), 2]}
+    )
     width = 0.8 / max(1, len(setups))
     for j, s in enumerate(setups):
         xs, ys, hatches = [], [], []
@@ -129,14 +167,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax1.set_xticks(range(len(groups)), [f"{size} c{c}" for size, c in groups])
     ax1.set_ylabel("requests / s")
     ax1.set_title("Throughput (non-streaming chat; hatched = invalid)")
-    ax1.legend()
+    ax1.legend(ncols=len(setups), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax1.grid(axis="y", alpha=0.3)
 
     c1 = [(s, by.get((s, "1k", 1))) for s in setups]
     c1 = [(s, r) for s, r in c1 if r is not None]
     xs = range(len(c1))
-    ax2.bar([x - 0.2 for x in xs], [r["p50_ms"] or 0 for _, r in c1], 0.4, label="p50", color="#4c72b0")
-    ax2.bar([x + 0.2 for x in xs], [r["p99_ms"] or 0 for _, r in c1], 0.4, label="p99", color="#dd8452")
+    ax2.bar(
+        [x - 0.2 for x in xs], [r["p50_ms"] or 0 for _, r in c1], 0.4, label="p50", color="#4c72b0"
+    )
+    ax2.bar(
+        [x + 0.2 for x in xs], [r["p99_ms"] or 0 for _, r in c1], 0.4, label="p99", color="#dd8452"
+    )
     ax2.set_xticks(list(xs), [s for s, _ in c1])
     ax2.set_ylabel("ms")
     ax2.set_title("Latency at 1 connection, 1 KB prompt")
@@ -145,7 +187,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     m = doc["machine"]
     fig.suptitle(
         f"crdgol {doc['name']}: {m['nproc']} CPUs, Envoy {m['envoy']} --concurrency {m['envoy_concurrency']}"
-        + (f", full/bare c16 = {doc['ratio_full_policy_vs_bare_c16']}" if doc.get("ratio_full_policy_vs_bare_c16") is not None else "")
+        + (
+            f", full/bare c16 = {doc['ratio_full_policy_vs_bare_c16']}"
+            if doc.get("ratio_full_policy_vs_bare_c16") is not None
+            else ""
+        )
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -41,36 +41,65 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
     headers = sc.request_headers(setup)
     with httpx.Client(base_url=running.url, headers=headers, timeout=30) as c:
         for size, path in bodies.items():
-            r = c.post(sc.CHAT_PATH, content=path.read_bytes(), headers={"x-session-id": "preflight"} if setup.sessions else {})
+            r = c.post(
+                sc.CHAT_PATH,
+                content=path.read_bytes(),
+                headers={"x-session-id": "preflight"} if setup.sessions else {},
+            )
             if r.status_code != 200:
-                raise RuntimeError(f"{setup.name}: preflight {size} answered {r.status_code}: {r.text[:300]}")
+                raise RuntimeError(
+                    f"{setup.name}: preflight {size} answered {r.status_code}: {r.text[:300]}"
+                )
             reply = r.json()["choices"][0]["message"]["content"]
             if setup.kind == "gateway" and "model=mock-gpt" not in reply:
-                raise RuntimeError(f"{setup.name}: the gateway did not route to the mock backend: {reply[:200]}")
+                raise RuntimeError(
+                    f"{setup.name}: the gateway did not route to the mock backend: {reply[:200]}"
+                )
             if setup.kind in ("bare", "upstream") and "model=bench-chat" not in reply:
                 raise RuntimeError(f"{setup.name}: unexpected reply {reply[:200]}")
             if setup.name == "passthrough" and "system=-" not in reply:
-                raise RuntimeError(f"{setup.name}: context was injected in pass-through: {reply[:200]}")
+                raise RuntimeError(
+                    f"{setup.name}: context was injected in pass-through: {reply[:200]}"
+                )
             if setup.name == "full":
-                for want in ("benchmark assistant", "tenant bench", "team is platform", "Knowledge"):
+                for want in (
+                    "benchmark assistant",
+                    "tenant bench",
+                    "team is platform",
+                    "Knowledge",
+                ):
                     if want not in reply:
-                        raise RuntimeError(f"{setup.name}: context injection missing {want!r}: {reply[:300]}")
+                        raise RuntimeError(
+                            f"{setup.name}: context injection missing {want!r}: {reply[:300]}"
+                        )
         if setup.name == "full":
             # History: a second call in the same session carries the previous exchange.
-            r = c.post(sc.CHAT_PATH, content=bodies["1k"].read_bytes(), headers={"x-session-id": "preflight-h"})
-            r = c.post(sc.CHAT_PATH, content=bodies["1k"].read_bytes(), headers={"x-session-id": "preflight-h"})
+            r = c.post(
+                sc.CHAT_PATH,
+                content=bodies["1k"].read_bytes(),
+                headers={"x-session-id": "preflight-h"},
+            )
+            r = c.post(
+                sc.CHAT_PATH,
+                content=bodies["1k"].read_bytes(),
+                headers={"x-session-id": "preflight-h"},
+            )
             reply = r.json()["choices"][0]["message"]["content"]
             if "messages=1 " in reply or "messages=2 " in reply:
                 raise RuntimeError(f"{setup.name}: session history was not injected: {reply[:200]}")
-    if running.metrics_url:
-        if not (hz.metric_total(running.metrics_url, "crdgol_tokens_total") or 0) > 0:
-            raise RuntimeError(f"{setup.name}: usage accounting recorded no tokens")
+    if (
+        running.metrics_url
+        and not (hz.metric_total(running.metrics_url, "crdgol_tokens_total") or 0) > 0
+    ):
+        raise RuntimeError(f"{setup.name}: usage accounting recorded no tokens")
 
 
 # --- one scenario ----------------------------------------------------------------------------
 
 
-def _procs_delta(running: hz.Running, before: dict[str, hz.ProcSample | None], seconds: float) -> dict[str, Any]:
+def _procs_delta(
+    running: hz.Running, before: dict[str, hz.ProcSample | None], seconds: float
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pid in running.pids.items():
         b, a = before.get(name), hz.sample(pid)
@@ -87,7 +116,9 @@ def _procs_delta(running: hz.Running, before: dict[str, hz.ProcSample | None], s
     return out
 
 
-def run_load(running: hz.Running, setup: sc.Setup, s: sc.Scenario, body: Path, wrk_threads: int) -> dict[str, Any]:
+def run_load(
+    running: hz.Running, setup: sc.Setup, s: sc.Scenario, body: Path, wrk_threads: int
+) -> dict[str, Any]:
     argv = hz.wrk_argv(
         running.url + sc.CHAT_PATH,
         body,
@@ -121,7 +152,9 @@ def run_load(running: hz.Running, setup: sc.Setup, s: sc.Scenario, body: Path, w
         "errors": w.errors,
         "non_2xx": w.non_2xx,
         "socket_errors": w.socket_errors,
-        "metered_requests": None if metered0 is None or metered1 is None else int(metered1 - metered0),
+        "metered_requests": None
+        if metered0 is None or metered1 is None
+        else int(metered1 - metered0),
         "procs": procs,
     }
     ext = procs.get("extproc")
@@ -129,7 +162,9 @@ def run_load(running: hz.Running, setup: sc.Setup, s: sc.Scenario, body: Path, w
     res["extproc_rss_mb"] = ext["rss_mb"] if ext else None
     problems = []
     if w.errors:
-        problems.append(f"{w.errors} request errors (non-2xx {w.non_2xx}, socket {w.socket_errors})")
+        problems.append(
+            f"{w.errors} request errors (non-2xx {w.non_2xx}, socket {w.socket_errors})"
+        )
     if not w.requests or w.p50_ms is None:
         problems.append("wrk reported no completed requests")
     res["valid"] = not problems
@@ -146,7 +181,13 @@ def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str
     t0 = time.monotonic()
     try:
         r = asyncio.run(
-            hz.stream_check(running.url, body, sc.request_headers(setup), s.requests, "stream-" if setup.sessions else "")
+            hz.stream_check(
+                running.url,
+                body,
+                sc.request_headers(setup),
+                s.requests,
+                "stream-" if setup.sessions else "",
+            )
         )
     finally:
         hz.set_mock(running.mock_url, chunk_delay_ms=0)
@@ -170,23 +211,54 @@ def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str
     }
     res["valid"] = not r.errors and r.ok > 0
     if not res["valid"]:
-        res["invalid_reason"] = f"{len(r.errors)} failed streams" if r.errors else "no stream completed"
+        res["invalid_reason"] = (
+            f"{len(r.errors)} failed streams" if r.errors else "no stream completed"
+        )
     return res
 
 
-def _setup_failed(mine: list[sc.Scenario], reason: str, i: int, total: int, results: list[dict[str, Any]]) -> int:
+def _setup_failed(
+    mine: list[sc.Scenario], reason: str, i: int, total: int, results: list[dict[str, Any]]
+) -> int:
     """A setup that did not start or failed its preflight: every scenario of it is invalid."""
     for s in mine:
         i += 1
         res: dict[str, Any] = {
-            "name": s.name, "key": s.key, "setup": s.setup, "kind": s.kind, "size": s.size,
-            "prompt_bytes": sc.PROMPT_SIZES[s.size], "connections": s.connections, "requests": 0, "rps": 0.0,
-            "p50_ms": None, "p90_ms": None, "p99_ms": None, "errors": 0, "extproc_cpu_s": None,
-            "extproc_rss_mb": None, "procs": {}, "valid": False, "invalid_reason": f"setup failed: {reason}",
+            "name": s.name,
+            "key": s.key,
+            "setup": s.setup,
+            "kind": s.kind,
+            "size": s.size,
+            "prompt_bytes": sc.PROMPT_SIZES[s.size],
+            "connections": s.connections,
+            "requests": 0,
+            "rps": 0.0,
+            "p50_ms": None,
+            "p90_ms": None,
+            "p99_ms": None,
+            "errors": 0,
+            "extproc_cpu_s": None,
+            "extproc_rss_mb": None,
+            "procs": {},
+            "valid": False,
+            "invalid_reason": f"setup failed: {reason}",
         }
         if s.kind == "stream":
-            res.update({k: None for k in ("ttfb_p50_ms", "ttfb_p99_ms", "gap_p50_ms", "gap_p99_ms", "max_gap_ms",
-                                          "frames_per_response", "reads_per_response_median", "glued_responses")})
+            res.update(
+                {
+                    k: None
+                    for k in (
+                        "ttfb_p50_ms",
+                        "ttfb_p99_ms",
+                        "gap_p50_ms",
+                        "gap_p99_ms",
+                        "max_gap_ms",
+                        "frames_per_response",
+                        "reads_per_response_median",
+                        "glued_responses",
+                    )
+                }
+            )
             res.update(ok=0, chunk_delay_ms=s.chunk_delay_ms)
         results.append(res)
         say(_line(i, total, res))
@@ -202,8 +274,16 @@ def _line(i: int, total: int, res: dict[str, Any]) -> str:
             f" held back in {res['glued_responses']} of {res['ok']}"
         )
     else:
-        ext = f", extproc cpu {res['procs']['extproc']['cpu_pct']}%" if res["procs"].get("extproc") else ""
-        body = f" {res['rps']:.0f} rps p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{ext}" if res["p50_ms"] is not None else ""
+        ext = (
+            f", extproc cpu {res['procs']['extproc']['cpu_pct']}%"
+            if res["procs"].get("extproc")
+            else ""
+        )
+        body = (
+            f" {res['rps']:.0f} rps p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{ext}"
+            if res["p50_ms"] is not None
+            else ""
+        )
     flag = "" if res["valid"] else f"  INVALID: {res['invalid_reason']}"
     return head + body + flag
 
@@ -226,7 +306,9 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
         if bare is None:
             continue
         key = f"{setup}-{size}"
-        ratios.setdefault(key, {})[f"c{c}"] = round(r["rps"] / bare["rps"], 3) if valid(r, bare) and bare["rps"] else None
+        ratios.setdefault(key, {})[f"c{c}"] = (
+            round(r["rps"] / bare["rps"], 3) if valid(r, bare) and bare["rps"] else None
+        )
         if c == 1:
             added[key] = {
                 "p50_ms": round(r["p50_ms"] - bare["p50_ms"], 3) if valid(r, bare) else None,
@@ -253,7 +335,12 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
     for c in (16, 64):
         if f"c{c}" in ratios.get("full-1k", {}):
             v = ratios["full-1k"][f"c{c}"]
-            target(f"full policy 1 KB throughput vs bare Envoy, c{c}", v, ">= 0.5x", None if v is None else v >= 0.5)
+            target(
+                f"full policy 1 KB throughput vs bare Envoy, c{c}",
+                v,
+                ">= 0.5x",
+                None if v is None else v >= 0.5,
+            )
     if "full-1k" in added:
         v = added["full-1k"]["p50_ms"]
         target("full policy 1 KB added p50 at c1", v, "<= 0.5 ms", None if v is None else v <= 0.5)
@@ -265,13 +352,16 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
         held = None
         if sf is not None and sf["valid"]:
             # The mock writes each event 5 ms after the previous; one held back arrives glued to a
-            # later one (fewer socket reads than events). Gaps are reported, not judged: the
-            # gateway drops the usage-only event it asked for, which leaves one 2x-delay gap.
-            held = sf["glued_responses"] > 0
+            # later one (fewer socket reads than events). A busy machine glues a few events of any
+            # setup (the client reads late), so the test is relative to bare Envoy in the same run:
+            # a gateway that holds chunks back glues nearly every response. Gaps are reported, not
+            # judged: the gateway drops the usage-only event it asked for (one 2x-delay gap).
+            extra = sf["glued_responses"] - (sb["glued_responses"] if sb["valid"] else 0)
+            held = extra > 0.1 * max(1, sf["ok"])
         target(
-            "streaming chunks never held back (responses with glued events)",
-            sf["glued_responses"] if sf else None,
-            "0",
+            "streaming chunks never held back (responses with glued events, full vs bare)",
+            f"{sf['glued_responses']} vs {sb['glued_responses']} of {sf['ok']}" if sf else None,
+            "no more than bare + 10%",
             None if held is None else not held,
         )
     if memory is not None:
@@ -281,20 +371,48 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
             f"< {mem.TARGET_MB:.0f} MB (at 100k / 10k)",
             memory["pass"] if memory["valid"] else None,
         )
-    return {"throughput_ratio_vs_bare": ratios, "added_latency_vs_bare_c1": added, "streaming_vs_bare": stream, "targets": targets}
+    return {
+        "throughput_ratio_vs_bare": ratios,
+        "added_latency_vs_bare_c1": added,
+        "streaming_vs_bare": stream,
+        "targets": targets,
+    }
 
 
 # --- main -----------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description="crdgol load benchmarks (see benchmarks/README.md)")
-    p.add_argument("--quick", action="store_true", help="short run (< 2 min): 5 s scenarios, c1/c16, 1 KB, short streaming and memory checks")
-    p.add_argument("--out", default=str(sc.HERE / "results"), help="results folder (default benchmarks/results)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="crdgol load benchmarks (see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run (< 2 min): 5 s scenarios, c1/c16, 1 KB, short streaming and memory checks",
+    )
+    p.add_argument(
+        "--out",
+        default=str(sc.HERE / "results"),
+        help="results folder (default benchmarks/results)",
+    )
     p.add_argument("--name", help="results file stem (default: quick or bench)")
-    p.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads, the same for every setup (default 1)")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: the load generator shares the cores)")
-    p.add_argument("--duration", type=float, help="seconds per load scenario (default 10; 5 with --quick)")
+    p.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="Envoy worker threads, the same for every setup (default 1)",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: the load generator shares the cores)",
+    )
+    p.add_argument(
+        "--duration", type=float, help="seconds per load scenario (default 10; 5 with --quick)"
+    )
     p.add_argument("--setups", help=f"comma-separated subset of {','.join(sc.SETUP_ORDER)}")
     p.add_argument("--no-memory", action="store_true", help="skip the memory check")
     args = p.parse_args(argv)
@@ -306,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         setups.insert(0, "bare")
     todo = [s for s in plan.scenarios if s.setup in setups]
     if args.duration:
-        todo = [sc.Scenario(s.setup, s.kind, s.size, s.connections, args.duration, s.requests, s.chunk_delay_ms) for s in todo]
+        todo = [
+            sc.Scenario(
+                s.setup, s.kind, s.size, s.connections, args.duration, s.requests, s.chunk_delay_ms
+            )
+            for s in todo
+        ]
     total = len(todo) + (0 if args.no_memory else 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         f"crdgol bench '{name}': {len(todo)} scenarios on {machine['nproc']} CPUs ({machine['cpu_model']}), "
         f"Envoy {machine['envoy']} --concurrency {args.envoy_concurrency}, wrk -t{args.wrk_threads}"
     )
+    if machine["loadavg_start"] and machine["loadavg_start"][0] > 0.5:
+        say(
+            f"warning: load average {machine['loadavg_start'][0]:.2f} before the run: something else is "
+            "using the CPUs, the figures will be noisy"
+        )
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     memory: dict[str, Any] | None = None
@@ -339,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"== {setup.name}: {setup.title}")
                 try:
                     running = hz.start_setup(setup, args.envoy_concurrency, bare)
-                except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+                except Exception as exc:
                     i = _setup_failed(mine, f"{type(exc).__name__}: {exc}", i, total, results)
                     continue
                 if setup.kind == "bare":
@@ -347,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     try:
                         preflight(running, setup, bodies)
-                    except Exception as exc:  # noqa: BLE001
-                        i = _setup_failed(mine, f"preflight: {type(exc).__name__}: {exc}", i, total, results)
+                    except Exception as exc:
+                        i = _setup_failed(
+                            mine, f"preflight: {type(exc).__name__}: {exc}", i, total, results
+                        )
                         continue
                     load = [s for s in mine if s.kind == "load"]
                     if load and plan.warmup:
@@ -367,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     for s in mine:
                         i += 1
-                        res = run_load(running, setup, s, bodies[s.size], args.wrk_threads) if s.kind == "load" else run_stream(running, setup, s)
+                        res = (
+                            run_load(running, setup, s, bodies[s.size], args.wrk_threads)
+                            if s.kind == "load"
+                            else run_stream(running, setup, s)
+                        )
                         results.append(res)
                         say(_line(i, total, res))
                 finally:
@@ -379,16 +513,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_memory:
         i += 1
-        say(f"[{i}/{total}] memory {plan.memory_requests} requests / {plan.memory_sessions} sessions (full policy) ...")
-        memory = mem.measure(plan.memory_requests, plan.memory_sessions, envoy_concurrency=args.envoy_concurrency)
+        say(
+            f"[{i}/{total}] memory {plan.memory_requests} requests / {plan.memory_sessions} sessions (full policy) ..."
+        )
+        memory = mem.measure(
+            plan.memory_requests, plan.memory_sessions, envoy_concurrency=args.envoy_concurrency
+        )
         flag = "" if memory["valid"] else f"  INVALID: {memory['invalid_reason']}"
         say(
             f"[{i}/{total}] memory ... extproc RSS {memory['rss_before_mb']} -> {memory['rss_after_mb']} MB "
             f"(peak {memory['rss_peak_mb']} MB) at {memory['rps']} rps{flag}"
         )
 
+    machine["loadavg_end"] = hz.loadavg()
     derived = derive(results, memory)
-    invalid = [r["name"] for r in results if not r["valid"]] + ([] if memory is None or memory["valid"] else ["memory"])
+    invalid = [r["name"] for r in results if not r["valid"]] + (
+        [] if memory is None or memory["valid"] else ["memory"]
+    )
     doc: dict[str, Any] = {
         "name": name,
         "quick": args.quick,
@@ -417,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     if full_c16 is not None:
         say(f"  ratio_full_policy_vs_bare_c16 = {full_c16}")
     if invalid:
-        say(f"INVALID scenarios (request errors; figures flagged, not used in ratios): {', '.join(invalid)}")
+        say(
+            f"INVALID scenarios (request errors; figures flagged, not used in ratios): {', '.join(invalid)}"
+        )
         return 1
     return 0
 

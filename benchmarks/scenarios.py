@@ -44,7 +44,9 @@ SETUPS: dict[str, Setup] = {
         "mock upstream direct (reference ceiling, no proxy)",
         compare=False,
     ),
-    "bare": Setup("bare", "bare", "bare Envoy proxying the mock upstream, no ext_proc", compare=False),
+    "bare": Setup(
+        "bare", "bare", "bare Envoy proxying the mock upstream, no ext_proc", compare=False
+    ),
     "passthrough": Setup(
         "passthrough",
         "gateway",
@@ -118,7 +120,9 @@ def plan(quick: bool) -> Plan:
             for c in conns:
                 scenarios.append(Scenario(setup, "load", size, c, duration))
         if setup in ("bare", "full"):
-            scenarios.append(Scenario(setup, "stream", "1k", 1, requests=stream_requests, chunk_delay_ms=5.0))
+            scenarios.append(
+                Scenario(setup, "stream", "1k", 1, requests=stream_requests, chunk_delay_ms=5.0)
+            )
     return Plan(
         name="quick" if quick else "bench",
         setups=SETUP_ORDER,
@@ -131,10 +135,29 @@ def plan(quick: bool) -> Plan:
 
 # --- request bodies -------------------------------------------------------------------------
 
-_WORDS = (
-    "gateway envoy tenant quota stream token budget context history profile knowledge route "
-    "backend fallback latency throughput upstream session policy snapshot usage"
-).split()
+_WORDS = [
+    "gateway",
+    "envoy",
+    "tenant",
+    "quota",
+    "stream",
+    "token",
+    "budget",
+    "context",
+    "history",
+    "profile",
+    "knowledge",
+    "route",
+    "backend",
+    "fallback",
+    "latency",
+    "throughput",
+    "upstream",
+    "session",
+    "policy",
+    "snapshot",
+    "usage",
+]
 
 
 def prompt_text(size: int) -> str:
@@ -177,7 +200,8 @@ def bare_envoy_config(listen_port: int, admin_port: int, upstream_port: int) -> 
     """
     any_ = "type.googleapis.com/"
     hcm = {
-        "@type": any_ + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": any_
+        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "bare",
         "codec_type": "AUTO",
         "generate_request_id": True,
@@ -188,13 +212,23 @@ def bare_envoy_config(listen_port: int, admin_port: int, upstream_port: int) -> 
                     "name": "bare",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "mock", "timeout": "60.000s", "idle_timeout": "30.000s"}}
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {
+                                "cluster": "mock",
+                                "timeout": "60.000s",
+                                "idle_timeout": "30.000s",
+                            },
+                        }
                     ],
                 }
             ],
         },
         "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": any_ + "envoy.extensions.filters.http.router.v3.Router"}}
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": any_ + "envoy.extensions.filters.http.router.v3.Router"},
+            }
         ],
     }
     addr = lambda port: {"socket_address": {"address": "127.0.0.1", "port_value": port}}  # noqa: E731
@@ -206,7 +240,16 @@ def bare_envoy_config(listen_port: int, admin_port: int, upstream_port: int) -> 
                 {
                     "name": "bare",
                     "address": addr(listen_port),
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
                 }
             ],
             "clusters": [
@@ -216,11 +259,14 @@ def bare_envoy_config(listen_port: int, admin_port: int, upstream_port: int) -> 
                     "connect_timeout": "5s",
                     "load_assignment": {
                         "cluster_name": "mock",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(upstream_port)}}]}],
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": addr(upstream_port)}}]}
+                        ],
                     },
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": any_ + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "@type": any_
+                            + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                             "explicit_http_config": {"http_protocol_options": {}},
                         }
                     },

@@ -80,12 +80,15 @@ def test_chunks_arrive_as_the_upstream_sends_them(gw: Gateway) -> None:
     try:
         body = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": "slowly"}]}
         start = time.monotonic()
-        arrivals = []
+        arrivals, frames = [], []
         with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {ACME_KEY}"}, timeout=30) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     arrivals.append(time.monotonic() - start)
+                    frames.append(line)
     finally:
         httpx.post(f"{gw.mock_url}/_mock/config", json={"chunk_delay_ms": 0})
     assert len(arrivals) >= 4
     assert arrivals[0] < arrivals[-1] - 0.3, arrivals
+    # Every chunk went through the usage tap: none carries the forced usage fields.
+    assert frames[-1] == "data: [DONE]" and not any('"usage"' in f for f in frames)

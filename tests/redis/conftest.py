@@ -1,4 +1,4 @@
-"""A real redis-server on a free loopback port, started once per session (skipped if absent)."""
+"""A real redis-server on a free loopback port, started once per session (.ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed: `apt-get install redis-server` (.ci/run does this)")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     try:
