@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane test-sdk lint bench bench-quick clean
+.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,14 @@ test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check crdgol extproc controller mockllm tests
 	$(BIN)/mypy crdgol extproc controller mockllm
+
+bench: setup ## full benchmark matrix (bare Envoy, pass-through, full policy; needs wrk)
+	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/results/quick.json
+	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m benchmarks.run --quick
 
 clean: ## remove the venv and generated code
 	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info

