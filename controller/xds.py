@@ -163,7 +163,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         if req.HasField("error_detail") and req.error_detail.code != 0:
                             self.nacks += 1
                             node.last_nack = req.error_detail.message
-                            log.error("Envoy %s rejected %s version %d: %s", node_id, t.rsplit(".", 1)[-1], last[0], req.error_detail.message)
+                            # Envoy quotes the whole resource; the first and last lines say what is wrong.
+                            lines = req.error_detail.message.strip().splitlines()
+                            brief = lines[0] if len(lines) < 3 else f"{lines[0]} ... {lines[-1]}"
+                            log.error("Envoy %s rejected %s version %d (keeping the last good one): %s", node_id, t.rsplit(".", 1)[-1], last[0], brief)
                         else:
                             node.acked[t] = last[0]
                             async with self._acked:
