@@ -297,4 +297,4 @@ def render_mesh(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], 
 
 def to_yaml(docs: list[Json]) -> str:
     """The manifests as one multi-document YAML stream (deterministic: sorted keys)."""
-    return yaml.safe_dump_all(docs, sort_keys=True, default_flow_style=False, width=120)
+    return str(yaml.safe_dump_all(docs, sort_keys=True, default_flow_style=False, width=120))

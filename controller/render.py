@@ -105,6 +105,7 @@ def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str) -> st
 
 def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding:
     backends = []
+    direct = direct_backend(b)
     for i, be in enumerate(b.backends):
         key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef") if be.credentials else ""
         host = be.endpoint.host
@@ -123,6 +124,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding
                 priority=be.priority,
                 input_per_mtok_micros=be.pricing.input_per_mtok_micros,
                 output_per_mtok_micros=be.pricing.output_per_mtok_micros,
+                direct=be is direct,
             )
         )
     c = b.context
@@ -247,7 +249,39 @@ def _ext_proc(settings: RenderSettings, *, backend: str | None) -> Json:
     }
 
 
-def _backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings) -> Json:
+def direct_backend(b: BindingSpec) -> BackendSpec | None:
+    """The binding's only first-priority backend, if it has exactly one.
+
+    Every first attempt goes there, so the downstream filter rewrites the request for it and its
+    cluster needs no upstream ext_proc; only clusters reachable by fallback carry one.
+    """
+    first = min(be.priority for be in b.backends)
+    candidates = [be for be in b.backends if be.priority == first]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+_INTERNAL_REQUEST_HEADERS = ("x-crdgol-route", "x-crdgol-client-api", "x-crdgol-body-api")
+
+
+def _upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[Json]:
+    codec = {
+        "name": "envoy.filters.http.upstream_codec",
+        "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
+    }
+    if not direct:
+        return [_ext_proc(settings, backend=name), codec]
+    # The request was already rewritten downstream; only crdgol's own headers must not leave.
+    strip = {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": [{"remove": h} for h in _INTERNAL_REQUEST_HEADERS]},
+        ),
+    }
+    return [strip, codec]
+
+
+def _backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, direct: bool = False) -> Json:
     name = backend_id(b, be)
     ep = be.endpoint
     cluster: Json = {
@@ -264,13 +298,7 @@ def _backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings) 
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http_protocol_options": {}},
-                http_filters=[
-                    _ext_proc(settings, backend=name),
-                    {
-                        "name": "envoy.filters.http.upstream_codec",
-                        "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
-                    },
-                ],
+                http_filters=_upstream_filters(name, direct, settings),
             )
         },
     }
@@ -474,7 +502,8 @@ def render(
     routes = []
     for b, _, _ in served:
         routes.append(_binding_route(b))
-        clusters.extend(_backend_cluster(b, be, settings) for be in b.backends)
+        direct = direct_backend(b)
+        clusters.extend(_backend_cluster(b, be, settings, direct=be is direct) for be in b.backends)
     listeners = [_listener(settings, routes)]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},

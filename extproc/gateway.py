@@ -21,6 +21,7 @@ import orjson
 
 from extproc import context as mcp
 from extproc.admission import Admission
+from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
     BadRequest,
@@ -35,6 +36,7 @@ from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers,
 from extproc.policy import Api, Binding
 from extproc.services import (
     BACKEND_HEADER,
+    BODY_API_HEADER,
     CLIENT_API_HEADER,
     INTERNAL_HEADERS,
     ROUTE_HEADER,
@@ -43,6 +45,8 @@ from extproc.services import (
 from extproc.usage import StreamTap, Usage, text_from_json, usage_from_json
 
 log = logging.getLogger(__name__)
+
+UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 
 
 def anthropic_error(exc: GatewayError) -> bytes:
@@ -156,6 +160,10 @@ class ModelCall(Handler):
         self.status = 0
         self.finished = False
         self.admission = Admission(services)
+        # Set when this filter rewrote the request for the binding's first backend: the response
+        # of that backend (untagged) is translated here; a fallback's arrives already translated.
+        self.translation: ResponseTranslation | None = None
+        self.translating = False
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
@@ -197,18 +205,26 @@ class ModelCall(Handler):
         return binding
 
     async def forward(self, doc: dict[str, Any], binding: Binding) -> Continue:
-        body = orjson.dumps(doc)
+        """Admit the request, then send it on: to its first backend directly when that is known."""
         assert self.identity is not None
-        await self.admission.admit(self.identity.tenant, binding, doc, len(body))
-        return Continue(
-            set_headers={
-                ROUTE_HEADER: binding.route,
-                CLIENT_API_HEADER: self.api.value,
-                "content-length": str(len(body)),
-            },
-            body=body,
-            clear_route_cache=True,
-        )
+        primary = binding.primary
+        set_headers = {ROUTE_HEADER: binding.route, CLIENT_API_HEADER: self.api.value}
+        remove: list[str] = []
+        if primary is None:
+            body = orjson.dumps(doc)
+            await self.admission.admit(self.identity.tenant, binding, doc, len(body))
+        else:
+            # The first attempt's backend is fixed: do its rewrite here, so its cluster needs no
+            # upstream ext_proc. A fallback attempt's filter starts from this body (x-crdgol-body-api).
+            await self.admission.admit(self.identity.tenant, binding, doc, len(orjson.dumps(doc)))
+            body = rewrite_body(primary, doc, self.api)
+            targets = target_headers(primary, self.operation == "embeddings", "anthropic-version" in self.headers)
+            set_headers.update(targets)
+            set_headers[BODY_API_HEADER] = primary.api.value
+            remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
+            self.translation = ResponseTranslation(primary.api, self.api, binding.model)
+        set_headers["content-length"] = str(len(body))
+        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
 
     def labels(self) -> RequestLabels:
         return RequestLabels(
@@ -238,18 +254,39 @@ class ModelCall(Handler):
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
-        self.backend = headers.get(BACKEND_HEADER, "")
-        strip = [BACKEND_HEADER] if BACKEND_HEADER in headers else []
-        limits = self.admission.headers()
+        tagged = headers.get(BACKEND_HEADER)
+        strip = [BACKEND_HEADER] if tagged is not None else []
+        reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
+        if tagged is not None:
+            self.backend = tagged
+        elif self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
+            # An untagged answer from upstream came from the first backend, whose cluster has no
+            # upstream filter. (Envoy's own local replies carry no upstream timing header.)
+            self.backend = self.binding.primary.id
+            if self.translation is not None and not end_of_stream:
+                mode = self.translation.start(self.status, headers.get("content-type", ""))
+                if mode is not None:
+                    self.translating = True
+                    reply.response_body_mode = mode
+                    reply.remove_headers.append("content-length")
         if end_of_stream or self.status != 200 or self.binding is None:
             self.account(None)
-            return Continue(set_headers=limits, remove_headers=strip)
-        return Continue(set_headers=limits, remove_headers=strip, response_body_mode=BUFFERED)
+            return reply
+        if reply.response_body_mode is None:
+            reply.response_body_mode = BUFFERED
+        return reply
+
+    def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
+        """The response body in the client's API (translated here for a direct first backend)."""
+        if self.translating and self.translation is not None:
+            return self.translation.body(body, end_of_stream)
+        return body
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        if end_of_stream:
-            self.account(usage_from_json(self.api, body))
-        return PASS
+        out = self.client_bytes(body, end_of_stream)
+        if end_of_stream and not self.finished:
+            self.account(usage_from_json(self.api, out))
+        return PASS if out is body else Continue(body=out)
 
     def close(self) -> None:
         if not self.finished and self.binding is not None:
@@ -354,17 +391,18 @@ class Completion(ModelCall):
         return reply
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        chunk = self.client_bytes(body, end_of_stream)
         if self.tap is None:
-            if end_of_stream:
-                self.account(usage_from_json(self.api, body))
-                await self._remember(text_from_json(self.api, body))
-            return PASS
-        out = self.tap.feed(body)
+            if end_of_stream and not self.finished:
+                self.account(usage_from_json(self.api, chunk))
+                await self._remember(text_from_json(self.api, chunk))
+            return PASS if chunk is body else Continue(body=chunk)
+        out = self.tap.feed(chunk)
         if end_of_stream:
             out += self.tap.finish()
             self.account(self.tap.usage)
             await self._remember(self.tap.text)
-        return PASS if out == body else Continue(body=out)
+        return PASS if out is body or out == body else Continue(body=out)
 
     async def _remember(self, reply_text: str) -> None:
         """Record the user turn and the assistant's reply once the response has ended."""

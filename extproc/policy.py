@@ -103,6 +103,8 @@ class Binding:
     context: ContextPolicy
     route: str
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
+    # The first attempt's backend when it is fixed (the only one at the first priority).
+    primary: Backend | None = None
     # The dearest backend's price: what a reservation assumes before Envoy picks the backend.
     max_price: Price | None = None
 
@@ -203,6 +205,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             max_context_tokens=ctx.max_context_tokens,
         )
         compiled_backends = []
+        direct = [be.id for be in b.backends if be.direct]
         for be in b.backends:
             api = _PROVIDER_API.get(be.provider)
             if api is None:
@@ -233,6 +236,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             context=context,
             route=b.route,
             quotas=quotas,
+            primary=next((c for c in compiled_backends if c.id in direct), None),
             max_price=Price(
                 max(p.input_per_mtok_micros for p in prices), max(p.output_per_mtok_micros for p in prices)
             )

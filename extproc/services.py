@@ -20,9 +20,12 @@ from extproc.quota_store import MemoryQuotaStore, QuotaStore
 # Internal request headers: set by the downstream filter for the upstream one, never by clients.
 ROUTE_HEADER = "x-crdgol-route"
 CLIENT_API_HEADER = "x-crdgol-client-api"
+# The API the request body is in when it reaches a fallback attempt (the first backend's, when the
+# downstream filter already rewrote it for that backend).
+BODY_API_HEADER = "x-crdgol-body-api"
 # Response header the upstream filter sets so the downstream one knows which backend answered.
 BACKEND_HEADER = "x-crdgol-backend"
-INTERNAL_HEADERS = (ROUTE_HEADER, CLIENT_API_HEADER, BACKEND_HEADER)
+INTERNAL_HEADERS = (ROUTE_HEADER, CLIENT_API_HEADER, BODY_API_HEADER, BACKEND_HEADER)
 
 
 @dataclass
