@@ -9,6 +9,7 @@ tests and several servers in one process do not collide.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -76,14 +77,30 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
+        self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
+
+    def _usage_children(self, labels: RequestLabels) -> tuple[Any, Any, Any, Any]:
+        # Label look-ups cost more than the observation; the label sets are bounded by the
+        # policy (tenants x bindings x backends), so they are cached.
+        children = self._children.get(labels)
+        if children is None:
+            base = (labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend)
+            children = (
+                self.token_usage.labels(*base, "input"),
+                self.token_usage.labels(*base, "output"),
+                self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "input"),
+                self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "output"),
+            )
+            self._children[labels] = children
+        return children
 
     def record_usage(self, labels: RequestLabels, input_tokens: int, output_tokens: int) -> None:
-        base = (labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend)
-        self.token_usage.labels(*base, "input").observe(input_tokens)
+        hist_in, hist_out, total_in, total_out = self._usage_children(labels)
+        hist_in.observe(input_tokens)
         if labels.operation != "embeddings":
-            self.token_usage.labels(*base, "output").observe(output_tokens)
-        self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "input").inc(input_tokens)
-        self.tokens_total.labels(labels.tenant, labels.binding, labels.backend, "output").inc(output_tokens)
+            hist_out.observe(output_tokens)
+        total_in.inc(input_tokens)
+        total_out.inc(output_tokens)
 
     def record_duration(self, labels: RequestLabels, status: int, seconds: float) -> None:
         self.duration.labels(

@@ -36,10 +36,10 @@ class Headers(dict[str, str]):
 
     @staticmethod
     def from_pb(msg: ep.HttpHeaders) -> Headers:
-        h = Headers()
-        for hv in msg.headers.headers:
-            h[hv.key] = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
-        return h
+        # Envoy sends raw_value; value is only for older peers.
+        return Headers(
+            {hv.key: hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value for hv in msg.headers.headers}
+        )
 
 
 @dataclass(slots=True)
@@ -126,7 +126,20 @@ def _immediate(r: Respond) -> ep.ProcessingResponse:
     )
 
 
+# Unchanged pass-through answers are the same every time: built once, sent many times.
+_PASS_PB = {
+    "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+
+
 def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
+    if reply is PASS:
+        return _PASS_PB[phase]
     if isinstance(reply, Respond):
         return _immediate(reply)
     common = _common(reply)
