@@ -27,7 +27,7 @@ from controller.filemode import FolderReader
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
-from controller.xds import XdsServer, build_snapshot
+from controller.xds import Encoder, XdsServer
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._lock = asyncio.Lock()
         self._nacks_seen = 0
+        self._encoder = Encoder()
 
     async def publish(self) -> RenderResult:
         """Render the current state and hand any new version to Envoy and extproc."""
@@ -77,7 +78,8 @@ class Controller:
             version = result.snapshot.version
             if self.xds.snapshot is None or self.xds.snapshot.version < version:
                 try:
-                    snap = build_snapshot(version, result.listeners, result.clusters)
+                    # Encoding a large config takes a while: keep the event loop serving meanwhile.
+                    snap = await asyncio.to_thread(self._encoder.snapshot, version, result.listeners, result.clusters)
                 except Exception:  # a render Envoy's protos reject must not take the controller down
                     log.exception("config version %d does not serialise; keeping version %s", version, self.xds.snapshot and self.xds.snapshot.version)
                 else:

@@ -340,7 +340,9 @@ def _context(raw: object) -> ContextSpec:
         profile.append(ProfileFieldSpec(name, claim, header.lower()))
     h = _dict(c.get("history"), "spec.context.history")
     history = HistorySpec(
-        enabled=bool(h.get("enabled", bool(h))),
+        # A history object turns history on unless it says otherwise (the same whether or not the
+        # API server filled in its defaults).
+        enabled=c.get("history") is not None and h.get("enabled", True) is not False,
         max_turns=_int(h.get("maxTurns", 20), "spec.context.history.maxTurns", 1, 1000),
         max_tokens=_int(h.get("maxTokens", 4000), "spec.context.history.maxTokens", 1, 1_000_000),
         ttl_seconds=int(parse_duration(h.get("ttl", "1h"), "spec.context.history.ttl")),
@@ -422,7 +424,9 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
     auth = _dict(spec.get("auth"), "spec.auth")
     timeouts = _dict(spec.get("timeouts"), "spec.timeouts")
     retry = _dict(spec.get("retry"), "spec.retry")
-    on = tuple(str(x) for x in _list(retry.get("on", list(RetrySpec().on)), "spec.retry.on"))
+    # YAML 1.1 (PyYAML, kubectl) reads an unquoted `on:` key as the boolean true.
+    raw_on = retry.get("on", retry.get(True, list(RetrySpec().on)))  # type: ignore[call-overload]
+    on = tuple(str(x) for x in _list(raw_on, "spec.retry.on"))
     for cond in on:
         if cond not in RETRY_CONDITIONS:
             raise SpecError("InvalidSpec", f"spec.retry.on: {cond!r} is not one of {', '.join(RETRY_CONDITIONS)}")
@@ -439,8 +443,17 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
-        quotas=_quotas(spec.get("quotas")),
+        quotas=_check_budget(_quotas(spec.get("quotas")), backends),
     )
+
+
+def _check_budget(quotas: QuotasSpec, backends: tuple[BackendSpec, ...]) -> QuotasSpec:
+    rules = ([quotas.default] if quotas.default else []) + [q for _, q in quotas.tenants]
+    if any(lim.metric == "cost_micros" for q in rules for lim in q.limits):
+        unpriced = [b.name for b in backends if not (b.pricing.input_per_mtok_micros or b.pricing.output_per_mtok_micros)]
+        if unpriced:
+            raise SpecError("InvalidQuota", f"a money budget needs pricing on every backend; missing on {', '.join(unpriced)}")
+    return quotas
 
 
 def parse_secret(obj: dict[str, Any]) -> SecretData:

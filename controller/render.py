@@ -69,7 +69,8 @@ class RenderSettings:
 class RenderResult:
     envoy: Json  # a complete static bootstrap (what `crdgol render` prints)
     snapshot: pb.PolicySnapshot
-    # The same resources, for xDS: what the ADS server hands Envoy.
+    # The same resources, for xDS: what the ADS server hands Envoy (the extproc cluster is in the
+    # bootstrap instead, see ``ads_bootstrap``).
     listeners: tuple[Json, ...] = ()
     clusters: tuple[Json, ...] = ()
     # Bindings that could not be served, by "namespace/name", with the reason.
@@ -498,7 +499,7 @@ def render(
         api_keys=_api_keys(secret_map[k] for k in sorted(secret_map)),
         jwt_providers=[providers[i] for i in sorted(providers)],
     )
-    clusters = [_extproc_cluster(settings)]
+    clusters: list[Json] = []
     routes = []
     for b, _, _ in served:
         routes.append(_binding_route(b))
@@ -508,7 +509,7 @@ def render(
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "static_resources": {"listeners": listeners, "clusters": [_extproc_cluster(settings), *clusters]},
     }
     return RenderResult(
         envoy=envoy,
@@ -541,6 +542,8 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
         },
         "static_resources": {
             "clusters": [
+                # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
+                _extproc_cluster(settings),
                 {
                     "name": XDS_CLUSTER,
                     "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",

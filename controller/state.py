@@ -13,8 +13,6 @@ folder) — so validation and status are the same in both. Rules:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -82,7 +80,6 @@ class ControllerState:
     result: RenderResult | None = None
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
-    _digest: str = ""
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -152,11 +149,9 @@ class ControllerState:
         specs = [e.good for e in self._bindings.values() if e.good is not None]
         candidate = self.version + 1
         result = render(specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())))
-        digest = _digest(result)
-        if self.result is not None and digest == self._digest:
+        if self.result is not None and _same(result, self.result):
             return self.result
         self.version = candidate
-        self._digest = digest
         self.result = result
         log.info(
             "config version %d: %d bindings served, %d refused",
@@ -207,12 +202,17 @@ class ControllerState:
         return out
 
 
-def _digest(result: RenderResult) -> str:
-    """What the render says, without its version and timestamp."""
+def _same(a: RenderResult, b: RenderResult) -> bool:
+    """Whether two renders say the same thing, ignoring their versions and timestamps."""
+    if a.listeners != b.listeners or a.clusters != b.clusters:
+        return False
+    if {k: (p.reason, p.message) for k, p in a.problems.items()} != {k: (p.reason, p.message) for k, p in b.problems.items()}:
+        return False
+    return _unversioned(a) == _unversioned(b)
+
+
+def _unversioned(result: RenderResult) -> bytes:
     snap = type(result.snapshot)()
     snap.CopyFrom(result.snapshot)
     snap.version, snap.generated_at = 0, 0
-    h = hashlib.sha256()
-    h.update(json.dumps(result.envoy, sort_keys=True).encode())
-    h.update(snap.SerializeToString(deterministic=True))
-    return h.hexdigest()
+    return bytes(snap.SerializeToString(deterministic=True))

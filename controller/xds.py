@@ -10,7 +10,6 @@ ACK, or a NACK when it carries ``error_detail``. A NACKed version is reported (l
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 (registers the Any type)
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
@@ -52,26 +52,85 @@ def to_any(resource: dict[str, Any], message: type[Any]) -> any_pb2.Any:
     return packed
 
 
-def listener_any(listener: dict[str, Any]) -> any_pb2.Any:
-    listener = copy.deepcopy(listener)
-    flagged: list[tuple[int, int, int, int]] = []
-    for ci, chain in enumerate(listener.get("filter_chains", [])):
-        for fi, f in enumerate(chain.get("filters", [])):
-            for vi, vh in enumerate(f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", [])):
-                for ri, route in enumerate(vh.get("routes", [])):
-                    policy = route.get("route", {}).get("retry_policy")
-                    if policy and policy.pop("refresh_cluster_on_retry", False):
-                        flagged.append((ci, fi, vi, ri))
-    msg = json_format.ParseDict(listener, listener_pb2.Listener())
-    for ci, fi, vi, ri in flagged:
-        typed = msg.filter_chains[ci].filters[fi].typed_config
-        hcm = http_connection_manager_pb2.HttpConnectionManager()
-        typed.Unpack(hcm)
-        hcm.route_config.virtual_hosts[vi].routes[ri].route.retry_policy.MergeFromString(_REFRESH_CLUSTER_ON_RETRY)
-        typed.Pack(hcm)
-    packed = any_pb2.Any()
-    packed.Pack(msg)
-    return packed
+def _route_pb(route: dict[str, Any]) -> route_components_pb2.Route:
+    action = route.get("route")
+    policy = action.get("retry_policy") if action else None
+    refresh = bool(policy and policy.get("refresh_cluster_on_retry"))
+    if refresh:
+        assert action is not None and policy is not None
+        trimmed = {k: v for k, v in policy.items() if k != "refresh_cluster_on_retry"}
+        route = {**route, "route": {**action, "retry_policy": trimmed}}
+    msg = json_format.ParseDict(route, route_components_pb2.Route())
+    if refresh:
+        msg.route.retry_policy.MergeFromString(_REFRESH_CLUSTER_ON_RETRY)
+    return msg
+
+
+class Encoder:
+    """Rendered resources -> protobuf, reusing every cluster and route that did not change.
+
+    Parsing Python data into protobuf is the slow part of publishing (about 0.5 ms per cluster);
+    a change to one binding re-encodes only that binding's clusters and route.
+    """
+
+    def __init__(self) -> None:
+        self._clusters: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
+        self._routes: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
+
+    def cluster(self, cluster: dict[str, Any], cache: dict[str, tuple[dict[str, Any], any_pb2.Any]]) -> any_pb2.Any:
+        name = str(cluster["name"])
+        hit = self._clusters.get(name)
+        packed = hit[1] if hit is not None and hit[0] == cluster else to_any(cluster, cluster_pb2.Cluster)
+        cache[name] = (cluster, packed)
+        return packed
+
+    def route(self, route: dict[str, Any], cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]]) -> route_components_pb2.Route:
+        name = str(route.get("name", ""))
+        hit = self._routes.get(name) if name else None
+        msg = hit[1] if hit is not None and hit[0] == route else _route_pb(route)
+        if name:
+            cache[name] = (route, msg)
+        return msg
+
+    def listener(self, listener: dict[str, Any], routes_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]]) -> any_pb2.Any:
+        # Parse the listener without its routes, then put the (cached) route messages in.
+        held: dict[tuple[int, int], list[list[dict[str, Any]]]] = {}
+        chains = []
+        for ci, chain in enumerate(listener.get("filter_chains", [])):
+            filters = []
+            for fi, f in enumerate(chain.get("filters", [])):
+                rc = f.get("typed_config", {}).get("route_config")
+                if rc is not None:
+                    held[(ci, fi)] = [vh.get("routes", []) for vh in rc.get("virtual_hosts", [])]
+                    vhs = [{k: v for k, v in vh.items() if k != "routes"} for vh in rc.get("virtual_hosts", [])]
+                    f = {**f, "typed_config": {**f["typed_config"], "route_config": {**rc, "virtual_hosts": vhs}}}
+                filters.append(f)
+            chains.append({**chain, "filters": filters})
+        msg = json_format.ParseDict({**listener, "filter_chains": chains}, listener_pb2.Listener())
+        for (ci, fi), per_vh in held.items():
+            typed = msg.filter_chains[ci].filters[fi].typed_config
+            hcm = http_connection_manager_pb2.HttpConnectionManager()
+            typed.Unpack(hcm)
+            for vi, routes in enumerate(per_vh):
+                hcm.route_config.virtual_hosts[vi].routes.extend(self.route(r, routes_cache) for r in routes)
+            typed.Pack(hcm)
+        packed = any_pb2.Any()
+        packed.Pack(msg)
+        return packed
+
+    def snapshot(self, version: int, listeners: Sequence[dict[str, Any]], clusters: Sequence[dict[str, Any]]) -> XdsSnapshot:
+        cluster_cache: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
+        route_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
+        snap = XdsSnapshot(
+            version=version,
+            resources={
+                CDS: tuple(self.cluster(c, cluster_cache) for c in clusters),
+                LDS: tuple(self.listener(listener, route_cache) for listener in listeners),
+            },
+        )
+        # Keep only what this snapshot uses, so the caches never outgrow the config.
+        self._clusters, self._routes = cluster_cache, route_cache
+        return snap
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +140,8 @@ class XdsSnapshot:
 
 
 def build_snapshot(version: int, listeners: Sequence[dict[str, Any]], clusters: Sequence[dict[str, Any]]) -> XdsSnapshot:
-    return XdsSnapshot(
-        version=version,
-        resources={
-            CDS: tuple(to_any(c, cluster_pb2.Cluster) for c in clusters),
-            LDS: tuple(listener_any(listener) for listener in listeners),
-        },
-    )
+    """Encode one snapshot from scratch (see ``Encoder`` to reuse unchanged resources)."""
+    return Encoder().snapshot(version, listeners, clusters)
 
 
 @dataclass

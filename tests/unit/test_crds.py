@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ Json = dict[str, Any]
 # --- the CRDs as JSON Schema ------------------------------------------------------------------
 
 
+@functools.cache
 def load_crd(plural: str) -> Json:
+    """The parsed CRD, shared between tests: read it, never change it."""
     crd: Json = yaml.safe_load((CRDS / f"{plural}.yaml").read_text())
     return crd
 
@@ -285,12 +288,6 @@ def test_the_quickstart_binding_is_valid_once_its_yaml_1_1_keys_are_quoted() -> 
     parse_binding(obj)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="examples/quickstart/binding.yaml writes `retry: on: [.., 429, ..]` unquoted: YAML 1.1 reads "
-    "the key as the boolean true and 429 as an integer, so kubectl sends spec.retry.true (an unknown "
-    'field) and the file-mode loader silently uses the default; it needs `"on": [.., "429", ..]`',
-)
 def test_the_quickstart_binding_is_valid_as_written() -> None:
     obj = yaml.safe_load((ROOT / "examples" / "quickstart" / "binding.yaml").read_text())
     assert schema_errors("aimodelbindings", obj) == []
@@ -332,13 +329,6 @@ def test_the_crd_defaults_mean_what_the_controller_assumes_when_a_field_is_absen
     assert parse_binding(defaulted) == parse_binding(obj)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models.py enables history when the history object is non-empty (h.get('enabled', bool(h))); "
-    "`history: {}` is empty as written but holds maxTurns/maxTokens/ttl once the API server defaults it, "
-    "so in a cluster it turns history on and in file mode it does not. Fix in models.py: enable history "
-    "when the object is present unless enabled is false.",
-)
 def test_an_empty_history_object_means_the_same_before_and_after_defaulting() -> None:
     obj = binding(context={"history": {}})
     defaulted = apply_defaults(version_schema(load_crd("aimodelbindings")), obj)
@@ -479,7 +469,7 @@ def test_the_system_prompt_rule_accepts_the_templates_the_controller_accepts(tem
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet="${}.a\nuser.tenantdx-", max_size=24))
+@given(st.lists(st.sampled_from(["$", "{", "}", "${", "tenant", "date", "model", "user.", "user", ".", "team", "-", "x", " ", "\n"]), max_size=12).map("".join))
 def test_the_system_prompt_rule_agrees_with_the_controller_on_any_text(template: str) -> None:
     assert bool(re.match(_template_pattern(), template)) == _controller_accepts_template(template)
 
