@@ -34,7 +34,7 @@ test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
 	$(BIN)/python -m pytest -q tests/dataplane
 
 lint: setup ## ruff and mypy --strict
-	$(BIN)/ruff check crdgol extproc controller mockllm tests
+	$(BIN)/ruff check crdgol extproc controller mockllm tests benchmarks
 	$(BIN)/mypy crdgol extproc controller mockllm
 
 bench: setup ## full benchmark matrix (bare Envoy, pass-through, full policy; needs wrk)
