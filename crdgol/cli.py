@@ -35,6 +35,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     from controller.render import RenderSettings, render
 
     manifests = load_folder(Path(args.manifests))
+    if args.mesh:
+        from controller.mesh import MeshSettings, render_mesh, to_yaml
+
+        for where, problem in manifests.problems.items():
+            print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
+        sys.stdout.write(to_yaml(render_mesh(manifests.bindings, manifests.secrets, MeshSettings(namespace=args.mesh_namespace))))
+        return 1 if args.strict and manifests.problems else 0
     result = render(
         manifests.bindings,
         manifests.secrets,
@@ -181,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered config")
     render.add_argument("--output", choices=("json", "yaml"), default="json", help="output format (default json)")
     render.add_argument("--strict", action="store_true", help="exit 1 if any manifest is refused")
+    render.add_argument("--mesh", action="store_true", help="print Istio manifests (EnvoyFilter, ServiceEntry, DestinationRule) that make every sidecar apply crdgol to provider hosts")
+    render.add_argument("--mesh-namespace", default="istio-system", help="namespace of the mesh manifests (default istio-system: mesh-wide)")
     render.set_defaults(func=cmd_render)
 
     ext = sub.add_parser("extproc", help="run the ext_proc gRPC service Envoy calls for every request")

@@ -165,7 +165,8 @@ class Cluster:
         result: dict[str, Any] = await self.eventually(check, timeout, f"{name} {type_}={status} {reason}")
         return result
 
-    async def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[dict[str, Any]]:
+        """Kubernetes Events the operator posted."""
         return [dict(obj) for (res, _ns, _n), obj in self.server.objects.items() if res == "v1/events" and not obj.deleted]
 
 
