@@ -56,6 +56,9 @@ class RenderSettings:
     extproc_port: int = 9002
     # Several extproc replicas (Envoy spreads streams across them); overrides extproc_port.
     extproc_ports: tuple[int, ...] = ()
+    # Unix domain sockets of the extproc replicas, when they share a host with Envoy; overrides
+    # the TCP address (no TCP stack on the hottest path).
+    extproc_sockets: tuple[str, ...] = ()
     # Largest request body accepted (Envoy answers 413 above it) and buffered for retries.
     max_request_bytes: int = 4 * 1024 * 1024
     # How long Envoy waits for one extproc answer before failing the request closed.
@@ -437,6 +440,12 @@ def _listener(settings: RenderSettings, routes: list[Json]) -> Json:
     }
 
 
+def _extproc_addresses(settings: RenderSettings) -> list[Json]:
+    if settings.extproc_sockets:
+        return [{"pipe": {"path": path}} for path in settings.extproc_sockets]
+    return [_socket(settings.extproc_host, port) for port in (settings.extproc_ports or (settings.extproc_port,))]
+
+
 def _extproc_cluster(settings: RenderSettings) -> Json:
     return {
         "name": EXTPROC_CLUSTER,
@@ -452,10 +461,7 @@ def _extproc_cluster(settings: RenderSettings) -> Json:
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [
                 {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _socket(settings.extproc_host, port)}}
-                        for port in (settings.extproc_ports or (settings.extproc_port,))
-                    ]
+                    "lb_endpoints": [{"endpoint": {"address": a}} for a in _extproc_addresses(settings)]
                 }
             ],
         },

@@ -96,6 +96,7 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         grace=args.grace,
         policy_file=Path(args.policy) if args.policy else None,
         policy_server=args.policy_server,
+        socket=args.socket,
     )
     async def main() -> None:
         services = build_services(args.redis_url, args.redis_timeout)
@@ -115,6 +116,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         listen_port=args.gateway_port,
         extproc_host=args.extproc_host,
         extproc_ports=tuple(int(p) for p in str(args.extproc_port).split(",")),
+        extproc_sockets=tuple(p for p in str(args.extproc_socket).split(",") if p),
         admin_port=args.admin_port,
     )
     settings = ControllerSettings(
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--port", type=int, default=int(_env("CRDGOL_EXTPROC_PORT", "9002")), help="gRPC port (default 9002, env CRDGOL_EXTPROC_PORT)")
     ext.add_argument("--metrics-port", type=int, default=int(_env("CRDGOL_METRICS_PORT", "9102")), help="Prometheus port (default 9102; 0 = off)")
     ext.add_argument("--policy", default=_env("CRDGOL_POLICY_FILE", ""), help="policy snapshot file (binary PolicySnapshot); SIGHUP reloads it")
+    ext.add_argument("--socket", default=_env("CRDGOL_EXTPROC_SOCKET", ""), help="also listen on this Unix domain socket, for an Envoy on the same host (env CRDGOL_EXTPROC_SOCKET)")
     ext.add_argument("--policy-server", default=_env("CRDGOL_POLICY_SERVER", ""), help="controller's policy stream host:port (env CRDGOL_POLICY_SERVER)")
     ext.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and session history through Redis, e.g. redis://127.0.0.1:6379/0 (env CRDGOL_REDIS_URL; default: in memory)")
     ext.add_argument("--redis-timeout", type=float, default=0.25, help="seconds one Redis call may take before the fail policy applies (default 0.25)")
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--gateway-port", type=int, default=8080, help="port the rendered Envoy listener binds (default 8080)")
     ctl.add_argument("--extproc-host", default="127.0.0.1", help="where Envoy reaches extproc (default 127.0.0.1)")
     ctl.add_argument("--extproc-port", default="9002", help="extproc's gRPC port, or several comma-separated for several replicas (default 9002)")
+    ctl.add_argument("--extproc-socket", default="", help="Envoy reaches extproc on these Unix sockets instead (comma-separated), when they share a host")
     ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
     ctl.set_defaults(func=cmd_controller)
 

@@ -81,6 +81,8 @@ class StackSettings:
     env: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     extproc_replicas: int = 1
+    # Envoy reaches extproc over Unix domain sockets in the state folder instead of TCP.
+    unix_sockets: bool = True
 
 
 class Stack:
@@ -97,6 +99,9 @@ class Stack:
         self.metrics_port = settings.metrics_port or free_port()
         self.metrics_ports = (self.metrics_port, *(free_port() for _ in self.extproc_ports[1:]))
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
+        self.extproc_sockets = (
+            tuple(str(self.state / f"extproc-{i}.sock") for i in range(len(self.extproc_ports))) if settings.unix_sockets else ()
+        )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.result: RenderResult | None = None
         self.problems: dict[str, SpecError] = {}
@@ -117,6 +122,7 @@ class Stack:
             admin_port=self.admin_port,
             extproc_port=self.extproc_port,
             extproc_ports=self.extproc_ports,
+            extproc_sockets=self.extproc_sockets,
         )
 
     def render(self) -> RenderResult:
@@ -184,12 +190,14 @@ class Stack:
                     "--gateway-host", rs.listen_host,
                     "--gateway-port", str(rs.listen_port),
                     "--extproc-port", ",".join(str(p) for p in self.extproc_ports),
+                    "--extproc-socket", ",".join(self.extproc_sockets),
                     "--admin-port", str(rs.admin_port),
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
             redis = ["--redis-url", self.settings.redis_url] if self.settings.redis_url else []
             for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
+                sock = ["--socket", self.extproc_sockets[i]] if self.extproc_sockets else []
                 ext = self._spawn(
                     "extproc" if i == 0 else f"extproc-{i}",
                     [
@@ -197,6 +205,7 @@ class Stack:
                         "--port", str(port),
                         "--metrics-port", str(mport),
                         "--policy-server", f"127.0.0.1:{self.policy_port}",
+                        *sock,
                         *redis,
                     ],
                 )

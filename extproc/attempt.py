@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from extproc import translate
+from extproc import translate, translate_errors, translate_stream
 from extproc.errors import BadRequest
 from extproc.phases import BUFFERED, STREAMED
 from extproc.policy import Api, Backend
@@ -27,7 +27,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 # Never forwarded to a provider: the client's credentials and crdgol's own request headers.
 STRIP = ("authorization", "x-api-key", ROUTE_HEADER, CLIENT_API_HEADER, BODY_API_HEADER)
 
-Translator = translate.AnthropicToOpenAIStream | translate.OpenAIToAnthropicStream
+Translator = translate_stream.AnthropicToOpenAIStream | translate_stream.OpenAIToAnthropicStream
 
 
 def api_of(value: str | None) -> Api:
@@ -84,9 +84,9 @@ class ResponseTranslation:
             self.error_status = status
         elif "text/event-stream" in content_type:
             self.stream = (
-                translate.AnthropicToOpenAIStream(self.model, include_usage=True)
+                translate_stream.AnthropicToOpenAIStream(self.model, include_usage=True)
                 if self.client_api is Api.OPENAI
-                else translate.OpenAIToAnthropicStream(self.model)
+                else translate_stream.OpenAIToAnthropicStream(self.model)
             )
             return int(STREAMED)
         self.buffered = True
@@ -103,12 +103,12 @@ class ResponseTranslation:
             return chunk
         if self.error_status:
             if self.client_api is Api.OPENAI:
-                return translate.error_to_openai(self.error_status, chunk)
-            return translate.error_to_anthropic(self.error_status, chunk)
+                return translate_errors.error_to_openai(self.error_status, chunk)
+            return translate_errors.error_to_anthropic(self.error_status, chunk)
         try:
             doc = orjson.loads(chunk)
         except orjson.JSONDecodeError:
-            return translate.error_to_openai(502, chunk) if self.client_api is Api.OPENAI else translate.error_to_anthropic(502, chunk)
+            return translate_errors.error_to_openai(502, chunk) if self.client_api is Api.OPENAI else translate_errors.error_to_anthropic(502, chunk)
         if self.client_api is Api.OPENAI:
             doc = translate.anthropic_response_to_openai(doc, self.model)
         else:

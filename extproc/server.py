@@ -42,6 +42,7 @@ class ServerSettings:
     grace: float = 10.0
     policy_file: Path | None = None
     policy_server: str = ""  # host:port of the controller's policy stream
+    socket: str = ""  # also listen on this Unix domain socket (Envoy on the same host)
 
 
 class _Failing(Handler):
@@ -124,6 +125,9 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if not bound:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    if settings.socket:
+        Path(settings.socket).unlink(missing_ok=True)
+        server.add_insecure_port(f"unix:{settings.socket}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None

@@ -1,4 +1,4 @@
-"""Bundled mock LLM upstream (``crdgol mock-llm``).
+"""Bundled mock LLM upstream (``crdgol mock-llm``): the aiohttp app, its knobs and the CLI.
 
 No real provider is reachable from tests or the quickstart, so this server stands in
 for OpenAI and Anthropic behind Envoy.  Contract:
@@ -13,15 +13,9 @@ for OpenAI and Anthropic behind Envoy.  Contract:
   - ``GET  /v1/models``            OpenAI model list
   - ``POST /v1/messages``          Anthropic Messages (needs ``anthropic-version``)
 
-* Replies are deterministic and reveal what was received::
-
-      [<name>] model=<model> messages=<n> system=<S> last=<U>
-
-  ``S`` is the full system text ("-" if none; OpenAI ``system``/``developer`` messages
-  and Anthropic ``system`` blocks are joined with " | "), ``U`` the text of the last
-  user message ("-" if none; text parts joined with " ").  Prompt/input tokens are
-  ``max(1, ceil(chars / 4))`` over all message texts plus system; completion/output
-  tokens are the number of whitespace-separated words of the reply.
+* Replies are deterministic and reveal what was received (``[<name>] model=<model>
+  messages=<n> system=<S> last=<U>``); reply text, token counts, response bodies, SSE
+  frames and error bodies are built by ``mockllm.wire``, which documents them.
 
 * Knobs (``MockSettings``; runtime-adjustable via ``POST /_mock/config``): latency
   before answering, delay between stream chunks, injected failure status and rate
@@ -30,9 +24,6 @@ for OpenAI and Anthropic behind Envoy.  Contract:
   ``x-mock-fail-status`` and ``x-mock-latency-ms`` take precedence over the instance
   knobs.  Injected failures carry ``x-mock-failed: 1``.  Latency applies before any
   answer, errors included.
-
-* Errors use the provider's real shape: OpenAI ``{"error": {message, type, param,
-  code}}``; Anthropic ``{"type": "error", "error": {type, message}}``.
 
 * ``require_key``: OpenAI paths need ``Authorization: Bearer <key>``; ``/v1/messages``
   takes ``x-api-key: <key>`` or (as current anthropic SDKs send it) the bearer form.
@@ -49,29 +40,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import dataclasses
-import hashlib
 import logging
 import math
 import random
-import re
 import signal
-import struct
 import sys
-import time
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-log = logging.getLogger("crdgol.mockllm")
+from mockllm import wire
+from mockllm.wire import Flavor
 
-Flavor = Literal["openai", "anthropic"]
+log = logging.getLogger("crdgol.mockllm")
 
 
 @dataclass(frozen=True)
@@ -92,14 +77,6 @@ class MockSettings:
 # test cannot accidentally make two instances indistinguishable.
 _RUNTIME_KNOBS: Final = ("latency_ms", "chunk_delay_ms", "fail_status", "fail_rate")
 
-MODEL_IDS: Final = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "claude-sonnet-4-5")
-EMBEDDING_DIM: Final = 8
-# Fixed so /v1/models is byte-for-byte stable across runs.
-_MODELS_CREATED: Final = 1_700_000_000
-# Streams are split into at most this many content chunks: word-by-word for normal
-# replies, but a huge injected system prompt must not turn into thousands of frames.
-_MAX_CONTENT_CHUNKS: Final = 16
-_WORD_RE: Final = re.compile(r"\S+\s*")
 # Large prompts (context-injection tests, benchmarks) exceed aiohttp's 1 MiB default.
 _CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
 
@@ -129,33 +106,6 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     )
 
 
-def _openai_error_type(status: int) -> tuple[str, str | None]:
-    """Map a status to OpenAI's (type, code) pair as the real API reports them."""
-    if status == 401:
-        return "invalid_request_error", "invalid_api_key"
-    if status == 403:
-        return "permission_error", None
-    if status == 404:
-        return "invalid_request_error", "not_found"
-    if status == 429:
-        return "requests", "rate_limit_exceeded"
-    if status >= 500:
-        return "server_error", None
-    return "invalid_request_error", None
-
-
-def _anthropic_error_type(status: int) -> str:
-    return {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        413: "request_too_large",
-        429: "rate_limit_error",
-        529: "overloaded_error",
-    }.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
 def _error(
     flavor: Flavor,
     status: int,
@@ -166,66 +116,7 @@ def _error(
     headers = {"x-mock-name": name}
     if extra_headers:
         headers.update(extra_headers)
-    if flavor == "anthropic":
-        body: dict[str, Any] = {
-            "type": "error",
-            "error": {"type": _anthropic_error_type(status), "message": message},
-        }
-    else:
-        etype, code = _openai_error_type(status)
-        body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
-    return _json(body, status=status, headers=headers)
-
-
-def _content_text(content: Any) -> str:
-    """Text of a message content: a plain string, or the text parts of a list joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
-def _dicts(items: Iterable[Any]) -> list[dict[str, Any]]:
-    return [m for m in items if isinstance(m, dict)]
-
-
-def _last_user(messages: list[dict[str, Any]]) -> str:
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return _content_text(m.get("content"))
-    return "-"
-
-
-def _prompt_tokens(chars: int) -> int:
-    return max(1, math.ceil(chars / 4))
-
-
-def _reply(name: str, model: str, n: int, system: str, last: str) -> str:
-    return f"[{name}] model={model} messages={n} system={system or '-'} last={last}"
-
-
-def _split_reply(reply: str) -> list[str]:
-    """Split into >= 3 content pieces whose concatenation is exactly ``reply``."""
-    words = _WORD_RE.findall(reply)
-    if "".join(words) != reply:  # leading whitespace cannot happen, but never lose text
-        words = [reply]
-    per = max(1, math.ceil(len(words) / _MAX_CONTENT_CHUNKS))
-    pieces = ["".join(words[i : i + per]) for i in range(0, len(words), per)]
-    while len(pieces) < 3:  # only reachable through the fallback above
-        pieces.append("")
-    return pieces
-
-
-def _embedding(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    raw = [v / 2**31 for v in struct.unpack("<8i", digest)]
-    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
-    return [v / norm for v in raw]
+    return _json(wire.error_body(flavor, status, message), status=status, headers=headers)
 
 
 def _parse_float_header(value: str | None) -> float | None:
@@ -373,75 +264,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _error("openai", 400, problem, name)
 
     model: str = body["model"]
-    messages = _dicts(body["messages"])
-    system = " | ".join(
-        _content_text(m.get("content"))
-        for m in messages
-        if m.get("role") in ("system", "developer")
-    )
-    chars = sum(len(_content_text(m.get("content"))) for m in messages)
-    reply = _reply(name, model, len(body["messages"]), system, _last_user(messages))
-    usage = {
-        "prompt_tokens": _prompt_tokens(chars),
-        "completion_tokens": len(reply.split()),
-    }
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-    created = int(time.time())
-
+    reply, usage = wire.openai_reply(name, model, body["messages"])
     if body.get("stream") is not True:
-        return _json(
-            {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            },
-            headers={"x-mock-name": name},
-        )
-
+        return _json(wire.openai_completion(model, reply, usage), headers={"x-mock-name": name})
     opts = body.get("stream_options")
     include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-        obj: dict[str, Any] = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            obj["usage"] = None  # the real API marks every non-final chunk this way
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-    frames = [chunk({"role": "assistant", "content": ""}, None)]
-    frames.extend(chunk({"content": piece}, None) for piece in _split_reply(reply))
-    frames.append(chunk({}, "stop"))
-    if include_usage:
-        tail = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": usage,
-        }
-        frames.append(b"data: " + orjson.dumps(tail) + b"\n\n")
-    frames.append(b"data: [DONE]\n\n")
-    return await _sse(request, frames, name)
+    return await _sse(request, wire.openai_stream(model, reply, usage, include_usage), name)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -463,22 +291,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         return _error("openai", 400, "input: Field required", name)
 
     as_base64 = body.get("encoding_format") == "base64"
-    data = []
-    for i, text in enumerate(texts):
-        vec = _embedding(text)
-        emb: Any = (
-            base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vec)).decode() if as_base64 else vec
-        )
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    tokens = _prompt_tokens(sum(len(t) for t in texts))
     return _json(
-        {
-            "object": "list",
-            "data": data,
-            "model": body["model"],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        },
-        headers={"x-mock-name": name},
+        wire.embeddings_list(body["model"], texts, as_base64), headers={"x-mock-name": name}
     )
 
 
@@ -487,16 +301,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     err, _ = await _prologue(request, "openai")
     if err is not None:
         return err
-    return _json(
-        {
-            "object": "list",
-            "data": [
-                {"id": mid, "object": "model", "created": _MODELS_CREATED, "owned_by": "mock"}
-                for mid in MODEL_IDS
-            ],
-        },
-        headers={"x-mock-name": name},
-    )
+    return _json(wire.models_list(), headers={"x-mock-name": name})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -509,88 +314,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return _error("anthropic", 400, problem, name)
 
     model: str = body["model"]
-    msgs = _dicts(body["messages"])
-    raw_system = body.get("system")
-    if isinstance(raw_system, list):
-        system = " | ".join(
-            b["text"] for b in raw_system if isinstance(b, dict) and isinstance(b.get("text"), str)
-        )
-    else:
-        system = raw_system if isinstance(raw_system, str) else ""
-    chars = len(system) + sum(len(_content_text(m.get("content"))) for m in msgs)
-    reply = _reply(name, model, len(body["messages"]), system, _last_user(msgs))
-    input_tokens = _prompt_tokens(chars)
-    output_tokens = len(reply.split())
-    mid = "msg_" + uuid.uuid4().hex[:24]
-
+    reply, input_tokens, output_tokens = wire.anthropic_reply(
+        name, model, body["messages"], body.get("system")
+    )
     if body.get("stream") is not True:
         return _json(
-            {
-                "id": mid,
-                "type": "message",
-                "role": "assistant",
-                "model": model,
-                "content": [{"type": "text", "text": reply}],
-                "stop_reason": "end_turn",
-                "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
-            },
+            wire.anthropic_message(model, reply, input_tokens, output_tokens),
             headers={"x-mock-name": name},
         )
-
-    def event(kind: str, data: dict[str, Any]) -> bytes:
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-    frames = [
-        event(
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": mid,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
-                },
-            },
-        ),
-        event(
-            "content_block_start",
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-        ),
-        event("ping", {"type": "ping"}),
-    ]
-    frames.extend(
-        event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": piece},
-            },
-        )
-        for piece in _split_reply(reply)
-    )
-    frames.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    frames.append(
-        event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": output_tokens},
-            },
-        )
-    )
-    frames.append(event("message_stop", {"type": "message_stop"}))
+    frames = wire.anthropic_stream(model, reply, input_tokens, output_tokens)
     return await _sse(request, frames, name)
 
 

@@ -18,16 +18,14 @@ from pydantic import TypeAdapter
 
 from extproc.sse import SSEParser
 from extproc.translate import (
-    AnthropicToOpenAIStream,
-    OpenAIToAnthropicStream,
     TranslationError,
     anthropic_request_to_openai,
     anthropic_response_to_openai,
-    error_to_anthropic,
-    error_to_openai,
     openai_request_to_anthropic,
     openai_response_to_anthropic,
 )
+from extproc.translate_errors import error_to_anthropic, error_to_openai
+from extproc.translate_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
 from extproc.usage import Usage
 
 ANTHROPIC_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
