@@ -156,11 +156,13 @@ class Upstream(Running):
 class Gateway(Running):
     """The real gateway (``crdgol.stack.Stack``) serving a benchmark manifest folder."""
 
-    def __init__(self, manifests: Path, concurrency: int) -> None:
+    def __init__(self, manifests: Path, concurrency: int, redis: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="crdgol-bench-gw-"))
         self.manifests = manifests
         self.concurrency = concurrency
         self.stack: Stack | None = None
+        self.redis = redis
+        self.redis_proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Gateway:
         mock_port = free_port()
@@ -172,9 +174,20 @@ class Gateway(Running):
                 f"127.0.0.1:{sc.MANIFEST_MOCK_PORT}", f"127.0.0.1:{mock_port}"
             )
             (folder / src.name).write_text(text)
+        redis_url = ""
+        if self.redis:
+            port = free_port()
+            self.redis_proc = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            wait_redis(port)
         stack = Stack(
             StackSettings(
                 manifests=folder,
+                redis_url=redis_url,
                 mock_port=mock_port,
                 mock_args=MOCK_ARGS,
                 metrics_port=free_port(),
@@ -202,7 +215,25 @@ class Gateway(Running):
     def stop(self) -> None:
         if self.stack is not None:
             self.stack.stop()
+        if self.redis_proc is not None:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(10)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_redis(port: int, timeout: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not answer on port {port}")
 
 
 def start_setup(setup: sc.Setup, concurrency: int, bare: Running | None = None) -> Running:
@@ -213,7 +244,7 @@ def start_setup(setup: sc.Setup, concurrency: int, bare: Running | None = None) 
             raise RuntimeError("the upstream setup runs on the bare setup's mock; start bare first")
         return Upstream(bare)
     assert setup.manifests is not None
-    return Gateway(setup.manifests, concurrency).start()
+    return Gateway(setup.manifests, concurrency, redis=setup.redis).start()
 
 
 def set_mock(mock_url: str, **knobs: float) -> None:

@@ -61,7 +61,7 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
                 raise RuntimeError(
                     f"{setup.name}: context was injected in pass-through: {reply[:200]}"
                 )
-            if setup.name == "full":
+            if setup.name.startswith("full"):
                 for want in (
                     "benchmark assistant",
                     "tenant bench",
@@ -72,7 +72,7 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
                         raise RuntimeError(
                             f"{setup.name}: context injection missing {want!r}: {reply[:300]}"
                         )
-        if setup.name == "full":
+        if setup.name.startswith("full"):
             # History: a second call in the same session carries the previous exchange.
             r = c.post(
                 sc.CHAT_PATH,

@@ -35,6 +35,8 @@ class Setup:
     sessions: int = 0
     # Whether the derived figures compare it against bare Envoy.
     compare: bool = True
+    # Quotas and history in a real redis-server (started for the run) instead of extproc's memory.
+    redis: bool = False
 
 
 SETUPS: dict[str, Setup] = {
@@ -61,6 +63,15 @@ SETUPS: dict[str, Setup] = {
         manifests=MANIFESTS / "full",
         headers={"x-user-team": "platform"},
         sessions=512,
+    ),
+    "full-redis": Setup(
+        "full-redis",
+        "gateway",
+        "gateway full policy with quotas and history in Redis (what several replicas share)",
+        manifests=MANIFESTS / "full",
+        headers={"x-user-team": "platform"},
+        sessions=512,
+        redis=True,
     ),
 }
 
@@ -115,8 +126,9 @@ def plan(quick: bool) -> Plan:
         stream_requests, warmup = 200, 3.0
         memory = (100_000, 10_000)
     scenarios: list[Scenario] = []
-    for setup in SETUP_ORDER:
-        for size in sizes:
+    order = SETUP_ORDER if quick else (*SETUP_ORDER, "full-redis")
+    for setup in order:
+        for size in sizes if setup != "full-redis" else ("1k",):
             for c in conns:
                 scenarios.append(Scenario(setup, "load", size, c, duration))
         if setup in ("bare", "full"):
@@ -125,7 +137,7 @@ def plan(quick: bool) -> Plan:
             )
     return Plan(
         name="quick" if quick else "bench",
-        setups=SETUP_ORDER,
+        setups=order,
         scenarios=tuple(scenarios),
         warmup=warmup,
         memory_requests=memory[0],
