@@ -74,6 +74,10 @@ class Downstream(Handler):
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         return await self.inner.response_body(body, end_of_stream)
 
+    def resolved(self) -> Handler:
+        # After the first message the chosen strategy takes the stream over: no delegation hop.
+        return self.inner
+
     def error_reply(self, exc: GatewayError) -> Respond:
         return self.inner.error_reply(exc)
 

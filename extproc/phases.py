@@ -82,6 +82,10 @@ class Handler:
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         return PASS
 
+    def resolved(self) -> Handler:
+        """The handler for the rest of the stream (a dispatcher returns the strategy it chose)."""
+        return self
+
     def error_reply(self, exc: GatewayError) -> Respond:
         """How a refusal is shaped for this endpoint's client (OpenAI shape by default)."""
         return Respond(exc.status, exc.to_body(), {"content-type": "application/json", **exc.headers()})
@@ -198,5 +202,6 @@ async def run(
             yield to_pb(phase, reply)
             if isinstance(reply, Respond):
                 return
+            handler = handler.resolved()
     finally:
         handler.close()
