@@ -63,9 +63,26 @@ class RenderSettings:
     max_request_bytes: int = 4 * 1024 * 1024
     # How long Envoy waits for one extproc answer before failing the request closed.
     extproc_timeout_ms: int = 2000
+    # Downstream connections Envoy accepts at once.
+    max_connections: int = 50_000
     version: int = 1
     generated_at: int = 0
     ca_bundle: str = CA_BUNDLE
+
+
+def _overload_manager(max_connections: int) -> Json:
+    """A cap on downstream connections, so a flood cannot exhaust the gateway's file descriptors."""
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": _any(
+                    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    max_active_downstream_connections=max_connections,
+                ),
+            }
+        ]
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +532,7 @@ def render(
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
+        "overload_manager": _overload_manager(settings.max_connections),
         "static_resources": {"listeners": listeners, "clusters": [_extproc_cluster(settings), *clusters]},
     }
     return RenderResult(
@@ -536,6 +554,7 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
+        "overload_manager": _overload_manager(settings.max_connections),
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",
