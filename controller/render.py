@@ -21,6 +21,8 @@ How a request flows through what this renders:
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -230,7 +232,10 @@ def _socket(host: str, port: int) -> Json:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
+    # Cached: ipaddress is slow on hostnames (it fails through the IPv6 parser), and a config
+    # names few distinct hosts.
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -489,6 +494,18 @@ def render(
     bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings
 ) -> RenderResult:
     """Render every binding that can be served; the rest are reported in ``problems``."""
+    # The render allocates hundreds of thousands of small objects and frees none of them: the
+    # cyclic garbage collector would only re-scan them (a third of the time at 5,000 bindings).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _render(bindings, secrets, settings)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _render(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
     served: list[tuple[BindingSpec, pb.Binding, list[pb.JwtProvider]]] = []

@@ -13,6 +13,7 @@ folder) — so validation and status are the same in both. Rules:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -69,6 +70,8 @@ class _Entry:
     generation: int
     good: BindingSpec | None  # last spec that parsed
     refused: SpecError | None = None  # why the newest spec was refused, if it was
+    # The object as last seen, so an unchanged one is not parsed again.
+    source: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,13 +91,15 @@ class ControllerState:
         key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
         generation = int(meta.get("generation") or 1)
         prev = self._bindings.get(key)
+        if prev is not None and prev.source == obj:
+            return  # unchanged since it was last parsed
         try:
             spec = parse_binding(obj)
         except SpecError as exc:
             log.warning("refusing AIModelBinding %s generation %d: %s", key, generation, exc.message)
-            self._bindings[key] = _Entry(generation, prev.good if prev else None, exc)
+            self._bindings[key] = _Entry(generation, prev.good if prev else None, exc, source=obj)
             return
-        self._bindings[key] = _Entry(generation, spec)
+        self._bindings[key] = _Entry(generation, spec, source=obj)
 
     def delete_binding(self, namespace: str, name: str) -> None:
         self._bindings.pop(f"{namespace}/{name}", None)
@@ -112,6 +117,15 @@ class ControllerState:
 
     def replace_all(self, bindings: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
         """Make the state exactly these resources (file mode: the folder is the whole truth)."""
+        enabled = gc.isenabled()
+        gc.disable()  # thousands of small allocations, nothing to collect (see render)
+        try:
+            self._replace_all(bindings, secrets)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _replace_all(self, bindings: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
         keep = set()
         for obj in bindings:
             self.upsert_binding(obj)
