@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick clean
+.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick bench-peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ bench: setup ## full benchmark matrix (bare Envoy, pass-through, full policy; ne
 bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/results/quick.json
 	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run --quick
+
+bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (needs wrk)
+	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m benchmarks.peers
 
 clean: ## remove the venv and generated code
 	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info

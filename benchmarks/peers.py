@@ -219,11 +219,11 @@ class LiteLLM(hz.Running):
             raise
         self.pids = {"mock-llm": mock.pid, "litellm": proc.pid}
         for i, pid in enumerate(self._worker_pids()):
-            self.pids[f"litellm-w{i}"] = pid
+            self.pids[f"litellm-child{i}"] = pid
         return self
 
     def _worker_pids(self) -> list[int]:
-        """uvicorn's worker processes (none with one worker: it serves in the main process)."""
+        """uvicorn's child processes: its workers plus helpers (none with one worker: it serves in the main process)."""
         if self.workers == 1:
             return []
         return [p for p in _children(self.procs["litellm"].pid) if _is_python(p)]
