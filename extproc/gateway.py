@@ -216,17 +216,16 @@ class ModelCall(Handler):
         remove: list[str] = []
         if primary is None:
             body = orjson.dumps(doc)
-            await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         else:
             # The first attempt's backend is fixed: do its rewrite here, so its cluster needs no
             # upstream ext_proc. A fallback attempt's filter starts from this body (x-crdgol-body-api).
-            await self.admission.admit(self.identity.tenant, binding, doc, len(orjson.dumps(doc)))
             body = rewrite_body(primary, doc, self.api)
             targets = target_headers(primary, self.operation == "embeddings", "anthropic-version" in self.headers)
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
             self.translation = ResponseTranslation(primary.api, self.api, binding.model)
+        await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
 
