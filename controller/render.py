@@ -399,8 +399,8 @@ def _error_format(type_: str, code: str, message: str = "%LOCAL_REPLY_BODY%") ->
 def _local_replies() -> Json:
     """Envoy's own error replies become OpenAI-shaped JSON, so SDKs raise the right exception.
 
-    Only replies Envoy makes itself are rewritten (matched by status); extproc's own refusals use
-    4xx codes other than 413 and already carry a JSON body.
+    Matched by status, so extproc's immediate responses with these statuses are rewritten too:
+    extproc sends them with the bare message (``extproc.errors.ENVOY_WRAPPED_STATUSES``).
     """
 
     def by_status(code: int, type_: str, err_code: str, message: str = "%LOCAL_REPLY_BODY%") -> Json:

@@ -30,6 +30,12 @@ class GatewayError(Exception):
         return {}
 
 
+# Statuses whose local replies Envoy rewrites into the OpenAI error shape (controller/render.py,
+# local_reply_config). Envoy applies that rewrite to extproc's immediate responses too, so for these
+# extproc sends the bare message and lets Envoy wrap it once.
+ENVOY_WRAPPED_STATUSES = frozenset({413, 500, 502, 503, 504})
+
+
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
@@ -58,6 +64,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class UnsupportedMediaType(GatewayError):

@@ -24,9 +24,11 @@ from extproc.admission import Admission
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
+    ENVOY_WRAPPED_STATUSES,
     BadRequest,
     Forbidden,
     GatewayError,
+    MethodNotAllowed,
     NotFound,
     UnsupportedMediaType,
 )
@@ -99,9 +101,7 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))
     if method != allowed:
-        return Refuse(
-            GatewayError(f"{path} accepts {allowed}, not {method}", code="method_not_allowed"), status=405, allow=allowed
-        )
+        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed)
     match path:
         case "/v1/chat/completions":
             return Completion(services, Api.OPENAI)
@@ -114,13 +114,12 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
 
 
 class Refuse(Handler):
-    def __init__(self, exc: GatewayError, *, status: int | None = None, allow: str = "") -> None:
-        self.exc, self.status, self.allow = exc, status, allow
+    def __init__(self, exc: GatewayError, *, allow: str = "") -> None:
+        self.exc, self.allow = exc, allow
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         r = self.error_reply(self.exc)
-        if self.status is not None:
-            r.status = self.status
+        if self.allow:
             r.headers["allow"] = self.allow
         return r
 
@@ -171,7 +170,7 @@ class ModelCall(Handler):
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
-        if self.api is Api.ANTHROPIC:
+        if self.api is Api.ANTHROPIC and exc.status not in ENVOY_WRAPPED_STATUSES:
             return Respond(exc.status, anthropic_error(exc), {"content-type": "application/json", **exc.headers()})
         return super().error_reply(exc)
 

@@ -21,7 +21,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
-from extproc.errors import GatewayError
+from extproc.errors import ENVOY_WRAPPED_STATUSES, GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class Handler:
 
     def error_reply(self, exc: GatewayError) -> Respond:
         """How a refusal is shaped for this endpoint's client (OpenAI shape by default)."""
+        if exc.status in ENVOY_WRAPPED_STATUSES:
+            return Respond(exc.status, exc.message.encode(), {"content-type": "text/plain", **exc.headers()})
         return Respond(exc.status, exc.to_body(), {"content-type": "application/json", **exc.headers()})
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ def test_an_unknown_path_is_404_and_a_wrong_method_is_405(gw: Gateway) -> None:
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
     r = httpx.get(f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {ACME_KEY}"})
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert error_of(r)["type"] == "invalid_request_error"
 
 
 def test_anthropic_messages_needs_max_tokens_and_answers_in_anthropic_shape(gw: Gateway) -> None:
