@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from controller.manifests import manifest_files
+from controller.manifests import manifest_files, yaml_problem
 from controller.models import API_VERSION
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class FolderReader:
                 self._cache[path] = docs
             except (yaml.YAMLError, ValueError, UnicodeDecodeError, OSError) as exc:
                 kept = " (keeping what it held before)" if path in self._cache else ""
-                problems[str(path)] = f"{exc}{kept}"
+                problems[str(path)] = f"{yaml_problem(exc)}{kept}"
         for gone in set(self._cache) - set(files):
             del self._cache[gone]
         for where, what in problems.items():

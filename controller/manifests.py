@@ -33,6 +33,17 @@ class Manifests:
     problems: dict[str, SpecError] = field(default_factory=dict)
 
 
+def yaml_problem(exc: Exception) -> str:
+    """What is wrong with a file, without quoting it: the offending line may hold a secret."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"invalid YAML{where}: {exc.problem or exc.context or 'cannot parse'}"
+    if isinstance(exc, yaml.YAMLError):
+        return "invalid YAML"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def manifest_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
 
@@ -48,7 +59,7 @@ def load_folder(folder: Path) -> Manifests:
         try:
             docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            problems[str(path)] = SpecError("InvalidYAML", f"{path}: {exc}")
+            problems[str(path)] = SpecError("InvalidYAML", f"{path}: {yaml_problem(exc)}")
             continue
         for doc in docs:
             if not isinstance(doc, dict):

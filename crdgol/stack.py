@@ -229,8 +229,32 @@ class Stack:
             self.stop()
             raise
 
+    def drain(self, grace: float) -> None:
+        """Stop accepting connections and wait (up to ``grace`` s) for in-flight requests to end."""
+        envoy = self.procs.get("envoy")
+        if envoy is None or envoy.poll() is not None or grace <= 0:
+            return
+        admin = f"http://127.0.0.1:{self.admin_port}"
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{admin}/drain_listeners?graceful", method="POST"), timeout=2).read()
+        except OSError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{admin}/stats?filter=downstream_rq_active", timeout=2) as r:
+                    lines = r.read().decode().splitlines()
+                active = sum(int(ln.rsplit(":", 1)[1]) for ln in lines if ln.startswith("http.crdgol.downstream_rq_active:"))
+            except (OSError, ValueError, IndexError):
+                return
+            if active == 0:
+                return
+            time.sleep(0.1)
+
     def stop(self, grace: float = 10.0) -> None:
-        # Envoy first (no new requests), then extproc drains, then the upstream goes.
+        # Envoy drains first (in-flight streams finish, no new requests), then extproc drains,
+        # then the upstream goes.
+        self.drain(grace)
         names = ["envoy", *sorted(n for n in self.procs if n.startswith("extproc")), "controller", "mock-llm"]
         for name in names:
             proc = self.procs.pop(name, None)

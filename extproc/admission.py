@@ -78,7 +78,11 @@ class Admission:
 
     def _store_error(self, exc: Exception) -> None:
         self.services.metrics.quota_store_errors.inc()
-        log.warning("quota store unavailable (%s): applying the binding's fail policy", type(exc).__name__)
+        # One line per 10 s, not one per request, while the store is down.
+        now = self.services.clock()
+        if now - self.services.store_warned_at >= 10.0:
+            self.services.store_warned_at = now
+            log.warning("quota store unavailable (%s): applying the bindings' fail policies", type(exc).__name__)
 
     async def admit(self, tenant: str, binding: Binding, doc: dict[str, Any], body_bytes: int) -> None:
         rule = binding.quotas.rule_for(tenant)

@@ -40,6 +40,8 @@ class Services:
     today: Callable[[], date] = date.today
     # Work that outlives the stream that started it (settling a quota after a cancel).
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # When the last "quota store unavailable" line was logged (they are rate limited).
+    store_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
 
     @property

@@ -45,3 +45,22 @@ def test_the_quickstart_answers_then_fails_closed_when_extproc_dies(quickstart: 
     assert r.json()["error"]["type"] == "server_error"
     # Nothing reached the provider without being authenticated.
     assert httpx.get(f"{quickstart.mock_url}/_mock/requests").json() == []
+
+
+def test_stopping_the_stack_lets_an_open_stream_finish(quickstart: Stack) -> None:
+    import threading
+
+    httpx.post(f"{quickstart.mock_url}/_mock/config", json={"chunk_delay_ms": 150})
+    body = {"model": "quickstart-chat", "stream": True, "messages": [{"role": "user", "content": "a long answer please"}]}
+    frames: list[str] = []
+    with httpx.stream(
+        "POST", f"{quickstart.url}/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-crdgol-quickstart"}, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        frames.append(next(lines))
+        stopper = threading.Thread(target=quickstart.stop)
+        stopper.start()  # shutdown begins while the stream is mid-way
+        frames.extend(line for line in lines if line)
+    stopper.join(30)
+    assert frames[-1] == "data: [DONE]", frames[-3:]
+    assert len(frames) > 4

@@ -123,3 +123,11 @@ def test_envoy_wraps_exactly_the_statuses_extproc_sends_bare() -> None:
 
     statuses = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] for m in _local_replies()["mappers"]}
     assert statuses == ENVOY_WRAPPED_STATUSES
+
+
+def test_a_broken_secret_file_is_reported_without_quoting_it(tmp_path: Path) -> None:
+    (tmp_path / "secret.yaml").write_text("apiVersion: v1\nkind: Secret\nstringData:\n  key: sk-very-secret: [\n")
+    m = load_folder(tmp_path)
+    problem = m.problems[str(tmp_path / "secret.yaml")]
+    assert problem.reason == "InvalidYAML" and "line" in problem.message
+    assert "sk-very-secret" not in problem.message
