@@ -36,6 +36,7 @@ from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
 from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
+from extproc.quota_store import StoreUnavailable
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -370,7 +371,11 @@ class Completion(ModelCall):
         turns: list[Turn] = []
         if ctx.history.enabled and self.session:
             key = history_key(self.identity.tenant, binding.key, self.session)
-            turns = await self.services.history.load(key, ctx.history.max_turns)
+            try:
+                turns = await self.services.history.load(key, ctx.history.max_turns)
+            except (StoreUnavailable, TimeoutError) as exc:
+                # Fail policy for history: open. The request goes on without the earlier turns.
+                self.services.history_store_error(exc)
         inj = mcp.build_injection(
             ctx, self.identity, self.headers, turns, model=binding.model, today=self.services.today()
         )
@@ -418,8 +423,8 @@ class Completion(ModelCall):
         turns = [Turn("user", self.user_text), Turn("assistant", reply_text)] if self.user_text else [Turn("assistant", reply_text)]
         try:
             await self.services.history.append(key, turns, h.max_turns, h.ttl_seconds)
-        except Exception:
-            log.exception("could not record session history for binding %s", binding.key)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.services.history_store_error(exc)
 
 
 def last_user_text(messages: list[Any]) -> str:

@@ -76,6 +76,9 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
             registry=r,
         )
+        self.history_store_errors = Counter(
+            "crdgol_history_store_errors", "Session-history reads or writes that failed (requests went on without).", registry=r
+        )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
 

@@ -6,6 +6,7 @@ Built once at the entry point and passed down; nothing here reads the environmen
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
 from extproc.quota_store import MemoryQuotaStore, QuotaStore
+
+log = logging.getLogger(__name__)
 
 # Internal request headers: set by the downstream filter for the upstream one, never by clients.
 ROUTE_HEADER = "x-crdgol-route"
@@ -42,7 +45,16 @@ class Services:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # When the last "quota store unavailable" line was logged (they are rate limited).
     store_warned_at: float = float("-inf")
+    history_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
+
+    def history_store_error(self, exc: BaseException) -> None:
+        """History is best effort (fail open): count it, and say so at most every 10 s."""
+        self.metrics.history_store_errors.inc()
+        now = self.clock()
+        if now - self.history_warned_at >= 10.0:
+            self.history_warned_at = now
+            log.warning("session history store unavailable (%s): requests go on without history", type(exc).__name__)
 
     @property
     def current(self) -> Policy:
