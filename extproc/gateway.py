@@ -422,7 +422,8 @@ class Completion(ModelCall):
         key = history_key(ident.tenant, binding.key, self.session)
         turns = [Turn("user", self.user_text), Turn("assistant", reply_text)] if self.user_text else [Turn("assistant", reply_text)]
         try:
-            await self.services.history.append(key, turns, h.max_turns, h.ttl_seconds)
+            # ~4 bytes a token: turns beyond the history budget could never be injected.
+            await self.services.history.append(key, turns, h.max_turns, h.ttl_seconds, max_chars=h.max_tokens * 4)
         except (StoreUnavailable, TimeoutError) as exc:
             self.services.history_store_error(exc)
 

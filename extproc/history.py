@@ -48,9 +48,13 @@ class HistoryStore(Protocol):
         ...
 
     async def append(
-        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int
+        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int, max_chars: int = 0
     ) -> None:
-        """Append ``turns``, keep the ``max_turns`` most recent, expire ``ttl_seconds`` from now."""
+        """Append ``turns``, keep the ``max_turns`` most recent, expire ``ttl_seconds`` from now.
+
+        ``max_chars`` (0: no bound) lets a store also drop the oldest turns beyond that many
+        characters of content: the history budget can never inject them, so nothing is lost.
+        """
         ...
 
 
@@ -136,7 +140,7 @@ class MemoryHistoryStore:
         return list(session.turns[-self._limit(max_turns) :])
 
     async def append(
-        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int
+        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int, max_chars: int = 0
     ) -> None:
         ttl = ttl_seconds if ttl_seconds > 0 else self._default_ttl
         expires_at = self._clock() + ttl
@@ -150,6 +154,13 @@ class MemoryHistoryStore:
         session.turns.extend(turns)
         if len(session.turns) > limit:
             del session.turns[: len(session.turns) - limit]
+        if max_chars > 0:
+            # Keep the newest turns that fit: memory per session is bounded by the history budget.
+            total, keep = 0, len(session.turns)
+            while keep > 0 and total + len(session.turns[keep - 1].content) <= max_chars:
+                keep -= 1
+                total += len(session.turns[keep].content)
+            del session.turns[:keep]
         session.expires_at = expires_at
         self._sessions.move_to_end(key)
         while len(self._sessions) > self._max_sessions:

@@ -68,8 +68,10 @@ class RedisHistoryStore:
         return turns
 
     async def append(
-        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int
+        self, key: str, turns: Sequence[Turn], max_turns: int, ttl_seconds: int, max_chars: int = 0
     ) -> None:
+        # max_chars is not applied here: Redis memory is bounded by max_turns and the TTL, and the
+        # budget still applies when the turns are injected.
         ttl = ttl_seconds if ttl_seconds > 0 else self._default_ttl
         if not turns:
             # Like the memory store: nothing to add creates no session, but refreshes a live one.

@@ -143,3 +143,11 @@ class TestMemoryStore:
     def test_a_store_needs_room_for_a_session(self) -> None:
         with pytest.raises(ValueError):
             MemoryHistoryStore(max_sessions=0)
+
+
+async def test_the_memory_store_keeps_only_the_newest_turns_that_fit_a_character_bound() -> None:
+    store = MemoryHistoryStore()
+    for i in range(10):
+        await store.append("k", [Turn("user", f"u{i}" + "x" * 98), Turn("assistant", f"a{i}" + "y" * 98)], 100, 60, max_chars=450)
+    kept = await store.load("k", 100)
+    assert [t.content[:2] for t in kept] == ["u8", "a8", "u9", "a9"]  # 4 x 100 chars <= 450 < 5 x 100
