@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,5 +226,27 @@ def gw(tmp_path_factory: pytest.TempPathFactory, mock_factory: type[MockProcess]
     stack.start()
     try:
         yield Gateway(stack, mocks, key)
+    finally:
+        stack.stop()
+
+
+def example_stack(tmp_path: Path, name: str, **settings: object) -> Stack:
+    """A stack (not started) serving a copy of ``examples/<name>``, its backends pointed at the
+    stack's own mock upstream instead of the examples' fixed 127.0.0.1:8081."""
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "examples" / name, folder)
+    stack = Stack(StackSettings(manifests=folder, quiet=True, **settings))  # type: ignore[arg-type]
+    for f in folder.glob("*.yaml"):
+        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
+    return stack
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Iterator[Stack]:
+    """The quickstart example, running."""
+    stack = example_stack(tmp_path, "quickstart")
+    stack.start()
+    try:
+        yield stack
     finally:
         stack.stop()

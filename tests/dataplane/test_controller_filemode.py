@@ -3,33 +3,22 @@ request during the switch; a broken file or spec is refused and the last good co
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from crdgol.stack import Stack, StackSettings
+from crdgol.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
-    folder = tmp_path / "m"
-    shutil.copytree(ROOT / "examples" / "quickstart", folder)
-    stack = Stack(StackSettings(manifests=folder, quiet=True))
-    for f in folder.glob("*.yaml"):
-        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
-    stack.start()
-    try:
-        yield stack, folder / "binding.yaml"
-    finally:
-        stack.stop()
+def live(quickstart: Stack) -> tuple[Stack, Path]:
+    return quickstart, quickstart.settings.manifests / "binding.yaml"
 
 
 def ask(url: str, model: str = "quickstart-chat") -> httpx.Response:

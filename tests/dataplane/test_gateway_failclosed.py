@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from crdgol.stack import Stack, StackSettings
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def quickstart(tmp_path: Path) -> Iterator[Stack]:
-    folder = tmp_path / "m"
-    shutil.copytree(ROOT / "examples" / "quickstart", folder)
-    stack = Stack(StackSettings(manifests=folder, quiet=True))
-    # Point the quickstart's backends at this stack's own mock upstream.
-    for f in folder.glob("*.yaml"):
-        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
+from crdgol.stack import Stack
 
 
 def test_the_quickstart_answers_then_fails_closed_when_extproc_dies(quickstart: Stack) -> None:

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from crdgol.stack import Stack, StackSettings
+from crdgol.stack import Stack
+from tests.conftest import example_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"model": "quickstart-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
 HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
-
-
-def example_stack(tmp_path: Path, name: str, **settings: object) -> Stack:
-    folder = tmp_path / name
-    shutil.copytree(ROOT / "examples" / name, folder)
-    stack = Stack(StackSettings(manifests=folder, quiet=True, **settings))  # type: ignore[arg-type]
-    for f in folder.glob("*.yaml"):
-        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
-    return stack
 
 
 @pytest.fixture
