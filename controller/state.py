@@ -8,7 +8,8 @@ folder) — so validation and status are the same in both. Rules:
 * a binding that parses but cannot be served (a missing Secret, a model another binding owns) is
   not served, and its status says so (``Ready=False``);
 * every change that alters the render bumps the version by one; an unchanged render does not, so
-  versions are monotonic and Envoy/extproc only see real changes.
+  versions are monotonic and Envoy/extproc only see real changes. They start from the wall clock
+  (milliseconds), so they keep rising across controller restarts.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ class ControllerState:
     result: RenderResult | None = None
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Versions must keep rising across controller restarts and leader changes, or extproc (which
+        # refuses anything not newer than what it holds) would ignore a restarted controller. So
+        # they start from the wall clock in milliseconds and count up by one per change.
+        if self.version == 0:
+            self.version = int(self.clock() * 1000)
 
     # --- inputs ---------------------------------------------------------------------------
 

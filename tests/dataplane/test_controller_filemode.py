@@ -105,3 +105,22 @@ def test_a_new_binding_is_served_and_a_removed_one_is_gone(live: tuple[Stack, Pa
     extra.unlink()
     wait_for(lambda: ask(stack.url, "second-chat").status_code == 404, 3)
     assert ask(stack.url).status_code == 200
+
+
+def test_the_gateway_keeps_serving_while_the_controller_is_away_and_catches_up_when_it_returns(
+    live: tuple[Stack, Path],
+) -> None:
+    import subprocess
+
+    stack, binding = live
+    controller = stack.procs["controller"]
+    argv = list(controller.args)  # type: ignore[arg-type]
+    controller.kill()
+    controller.wait(10)
+    # Envoy and extproc keep their last good config and policy.
+    for _ in range(5):
+        assert served_model(stack.url) == "mock-gpt"
+    binding.write_text(binding.read_text().replace("model: mock-gpt", "model: mock-gpt-after-restart"))
+    stack.procs["controller"] = subprocess.Popen(argv, start_new_session=True)
+    # extproc reconnects (with backoff) and Envoy re-subscribes: the change made meanwhile goes live.
+    wait_for(lambda: served_model(stack.url) == "mock-gpt-after-restart", 15)
