@@ -186,7 +186,7 @@ def parse_duration(raw: object, what: str) -> float:
     """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
     if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
         return float(raw)
-    m = _DURATION.match(str(raw).strip())
+    m = _DURATION.fullmatch(str(raw).strip())
     if not m or float(m.group(1)) <= 0:
         raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
@@ -241,7 +241,7 @@ def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
     b = _dict(raw, f"spec.backends[{i}]")
     what = f"spec.backends[{i}]"
     name = str(b.get("name") or f"backend-{i}")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise SpecError("InvalidSpec", f"{what}.name: {name!r} must be a DNS label")
     provider = b.get("provider")
     if provider not in PROVIDERS:
@@ -274,7 +274,7 @@ TOKEN_TYPES = {"input": "input_tokens", "output": "output_tokens", "total": "tot
 def parse_money(raw: object, what: str) -> int:
     """A decimal amount of money as a string ("2.50") -> integer micro-units, exactly."""
     text = str(raw).strip()
-    if isinstance(raw, float) or not _MONEY.match(text):
+    if isinstance(raw, float) or not _MONEY.fullmatch(text):
         raise SpecError("InvalidQuota", f"{what}: {raw!r} must be a decimal string like \"2.50\" (quote it in YAML)")
     whole, _, frac = text.partition(".")
     return int(whole) * 1_000_000 + int((frac + "000000")[:6])
@@ -365,12 +365,12 @@ def _context(raw: object) -> ContextSpec:
 
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
-_KNOWN_VAR = re.compile(r"^(tenant|date|model|user\.[A-Za-z0-9_-]+)$")
+_KNOWN_VAR = re.compile(r"tenant|date|model|user\.[A-Za-z0-9_-]+")
 
 
 def _check_template(template: str) -> None:
     for m in _VAR.finditer(template):
-        if not _KNOWN_VAR.match(m.group(1)):
+        if not _KNOWN_VAR.fullmatch(m.group(1)):  # fullmatch: "$" would allow a trailing newline
             raise SpecError(
                 "InvalidTemplate",
                 f"spec.context.systemPrompt: unknown variable ${{{m.group(1)}}}; use ${{tenant}}, ${{date}}, ${{model}} or ${{user.<field>}}",
@@ -408,11 +408,11 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
     meta = _dict(obj.get("metadata"), "metadata")
     name = str(meta.get("name") or "")
     namespace = str(meta.get("namespace") or "default")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise SpecError("InvalidSpec", f"metadata.name: {name!r} must be a DNS label")
     spec = _dict(obj.get("spec"), "spec")
     model = str(spec.get("model") or "")
-    if not _MODEL.match(model):
+    if not _MODEL.fullmatch(model):
         raise SpecError("InvalidModel", f"spec.model: {model!r} must be 1-128 characters of letters, digits and ._:/-")
     raw_backends = _list(spec.get("backends"), "spec.backends")
     if not raw_backends:

@@ -131,3 +131,15 @@ def test_a_broken_secret_file_is_reported_without_quoting_it(tmp_path: Path) -> 
     problem = m.problems[str(tmp_path / "secret.yaml")]
     assert problem.reason == "InvalidYAML" and "line" in problem.message
     assert "sk-very-secret" not in problem.message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"model": "m\n"},
+        {"context": {"systemPrompt": "${tenant\n}"}},
+    ],
+)
+def test_a_trailing_newline_does_not_sneak_past_a_pattern(spec: dict[str, object]) -> None:
+    with pytest.raises(SpecError):
+        parse_binding(_binding(**spec))
