@@ -170,7 +170,21 @@ def test_a_cancelled_stream_releases_its_reservation(shared: Stack) -> None:
 
 
 def test_redis_down_applies_the_fail_policy_and_recovers(shared: Stack, redis_server: RedisServer) -> None:
+    import threading
+
     assert chat(shared.url, "budget").status_code == 200
+    # Background load on a rate-limited binding for the whole outage: never a 5xx, never a hang.
+    stop, seen = threading.Event(), []
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                r = c.post(f"{shared.url}/v1/chat/completions", json={"model": "history", "messages": [{"role": "user", "content": "x"}]}, headers={"authorization": f"Bearer {KEY}"})
+                seen.append(r.status_code)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(0.3)
     redis_server.stop()
     try:
         # Rate limits fail open, and so does session history: requests still flow, without history.
@@ -191,10 +205,14 @@ def test_redis_down_applies_the_fail_policy_and_recovers(shared: Stack, redis_se
             if line.startswith("crdgol_quota_store_errors_total ")
         )
         assert errors >= 2
+        time.sleep(0.5)
     finally:
         redis_server.start()
     # Back without a restart of anything else.
     deadline = time.monotonic() + 5
     while (code := chat(shared.url, "budget").status_code) != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
+    stop.set()
+    loader.join(15)
     assert code == 200
+    assert len(seen) > 10 and set(seen) == {200}, sorted(set(seen))
