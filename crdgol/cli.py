@@ -131,6 +131,15 @@ def cmd_controller(args: argparse.Namespace) -> int:
     if settings.manifests is not None:
         _run_async(serve_file_mode(settings))
         return 0
+    kubeconfig = [Path(p) for p in os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config")).split(os.pathsep) if p]
+    if not os.environ.get("KUBERNETES_SERVICE_HOST") and not any(p.is_file() for p in kubeconfig):
+        print(
+            "crdgol controller: no Kubernetes cluster to watch (not in a pod, and no kubeconfig at "
+            f"{os.pathsep.join(map(str, kubeconfig))}). Set KUBECONFIG, or run without a cluster: "
+            "crdgol controller --manifests DIR",
+            file=sys.stderr,
+        )
+        return 2
     from controller.operator import run_operator
 
     return int(run_operator(settings, namespaces=args.namespace, peering=args.peering))
