@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ class UpSettings:
     envoy_log_level: str = "warning"
     redis_url: str = ""
     extproc_replicas: int = 1
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _say(msg: str) -> None:
@@ -49,6 +59,10 @@ def up(settings: UpSettings) -> int:
     if settings.extproc_replicas > 1 and not settings.redis_url:
         _say("crdgol up: --extproc-replicas above 1 needs --redis-url, so replicas share quotas and history")
         return 2
+    for what, port, flag in (("gateway", settings.port, "--port"), ("mock upstream", settings.mock_port, "--mock-port"), ("metrics", settings.metrics_port, "--metrics-port")):
+        if port and not _free(settings.host if what == "gateway" else "127.0.0.1", port):
+            _say(f"crdgol up: port {port} for the {what} is already in use: stop what holds it, or choose another with {flag}")
+            return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
