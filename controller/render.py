@@ -25,8 +25,8 @@ import functools
 import gc
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.models import BackendSpec, BindingSpec, QuotaSpec, SecretData, SecretRef, SpecError
@@ -491,7 +491,10 @@ def _extproc_cluster(settings: RenderSettings) -> Json:
 
 
 def render(
-    bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings
+    bindings: Iterable[BindingSpec],
+    secrets: Iterable[SecretData],
+    settings: RenderSettings,
+    cache: RenderCache | None = None,
 ) -> RenderResult:
     """Render every binding that can be served; the rest are reported in ``problems``."""
     # The render allocates hundreds of thousands of small objects and frees none of them: the
@@ -499,33 +502,103 @@ def render(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _render(bindings, secrets, settings)
+        return _render(bindings, secrets, settings, cache)
     finally:
         if enabled:
             gc.enable()
 
 
-def _render(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings) -> RenderResult:
+@dataclass(frozen=True, slots=True)
+class _Pieces:
+    """Everything one binding contributes to a render."""
+
+    spec: BindingSpec
+    binding: pb.Binding
+    jwts: tuple[pb.JwtProvider, ...]
+    route: Json
+    clusters: tuple[Json, ...]
+
+
+class RenderCache:
+    """Per-binding render results, reused while the binding, the Secret values it names and the
+    render settings are unchanged: after one change among thousands of bindings, only that one is
+    rendered again. The output is the same with or without the cache; callers must not mutate it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, _Pieces] = {}
+        self._used: dict[Hashable, _Pieces] = {}
+
+    def get(self, key: Hashable, spec: BindingSpec) -> _Pieces | None:
+        hit = self._entries.get(key)
+        # Keys name the spec by identity (hashing a whole spec costs more than rendering it); the
+        # entry holds the spec, so its id cannot be reused while the entry lives.
+        if hit is None or hit.spec is not spec:
+            return None
+        self._used[key] = hit
+        return hit
+
+    def put(self, key: Hashable, pieces: _Pieces) -> None:
+        self._used[key] = pieces
+
+    def finish(self) -> None:
+        """Keep only what the last render used, so the cache never outgrows the config."""
+        self._entries, self._used = self._used, {}
+
+
+def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[str | None, ...]:
+    refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
+    out: list[str | None] = []
+    for ref in refs:
+        secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None
+        out.append(secret.data.get(ref.key) if secret is not None and ref is not None else None)
+    return tuple(out)
+
+
+def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderSettings) -> _Pieces:
+    direct = direct_backend(b)
+    return _Pieces(
+        spec=b,
+        binding=_binding_pb(b, secrets),
+        jwts=tuple(_jwt_pb(b, secrets)),
+        route=_binding_route(b),
+        clusters=tuple(_backend_cluster(b, be, settings, direct=be is direct) for be in b.backends),
+    )
+
+
+def _render(
+    bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings, cache: RenderCache | None = None
+) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
-    served: list[tuple[BindingSpec, pb.Binding, list[pb.JwtProvider]]] = []
+    served: list[tuple[BindingSpec, _Pieces]] = []
     owners: dict[str, str] = {}
+    # Per-binding pieces do not depend on the version or the timestamp.
+    stable = replace(settings, version=0, generated_at=0)
     for b in sorted(bindings, key=lambda b: b.key):
         if b.model in owners:
             problems[b.key] = SpecError(
                 "ModelConflict", f"model {b.model!r} is already served by AIModelBinding {owners[b.model]}"
             )
             continue
-        try:
-            served.append((b, _binding_pb(b, secret_map), _jwt_pb(b, secret_map)))
-        except SpecError as exc:
-            problems[b.key] = exc
-            continue
+        key = (id(b), _secret_values(b, secret_map), stable)
+        pieces = cache.get(key, b) if cache is not None else None
+        if pieces is None:
+            try:
+                pieces = _pieces(b, secret_map, settings)
+            except SpecError as exc:
+                problems[b.key] = exc
+                continue
+            if cache is not None:
+                cache.put(key, pieces)
+        served.append((b, pieces))
         owners[b.model] = b.key
+    if cache is not None:
+        cache.finish()
 
     providers: dict[str, pb.JwtProvider] = {}
-    for b, _, jwts in served:
-        for j in jwts:
+    for b, pieces in served:
+        for j in pieces.jwts:
             if j.issuer in providers and providers[j.issuer] != j:
                 problems.setdefault(
                     b.key, SpecError("JwtIssuerConflict", f"issuer {j.issuer!r} is configured differently elsewhere")
@@ -535,16 +608,15 @@ def _render(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], sett
     snapshot = pb.PolicySnapshot(
         version=settings.version,
         generated_at=settings.generated_at,
-        bindings=[p for _, p, _ in served],
+        bindings=[p.binding for _, p in served],
         api_keys=_api_keys(secret_map[k] for k in sorted(secret_map)),
         jwt_providers=[providers[i] for i in sorted(providers)],
     )
     clusters: list[Json] = []
     routes = []
-    for b, _, _ in served:
-        routes.append(_binding_route(b))
-        direct = direct_backend(b)
-        clusters.extend(_backend_cluster(b, be, settings, direct=be is direct) for be in b.backends)
+    for _, pieces in served:
+        routes.append(pieces.route)
+        clusters.extend(pieces.clusters)
     listeners = [_listener(settings, routes)]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
@@ -558,7 +630,7 @@ def _render(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], sett
         listeners=tuple(listeners),
         clusters=tuple(clusters),
         problems=problems,
-        accepted=tuple(b.key for b, _, _ in served),
+        accepted=tuple(b.key for b, _ in served),
     )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
-from controller.render import RenderResult, RenderSettings, render
+from controller.render import RenderCache, RenderResult, RenderSettings, render
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class ControllerState:
     result: RenderResult | None = None
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
+    _cache: RenderCache = field(default_factory=RenderCache)
 
     def __post_init__(self) -> None:
         # Versions must keep rising across controller restarts and leader changes, or extproc (which
@@ -170,7 +171,9 @@ class ControllerState:
         """Render the current state; publish it under a new version if it changed."""
         specs = [e.good for e in self._bindings.values() if e.good is not None]
         candidate = self.version + 1
-        result = render(specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())))
+        result = render(
+            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache
+        )
         if self.result is not None and _same(result, self.result):
             return self.result
         self.version = candidate

@@ -143,3 +143,31 @@ def test_a_broken_secret_file_is_reported_without_quoting_it(tmp_path: Path) -> 
 def test_a_trailing_newline_does_not_sneak_past_a_pattern(spec: dict[str, object]) -> None:
     with pytest.raises(SpecError):
         parse_binding(_binding(**spec))
+
+
+def test_the_render_cache_changes_nothing_but_the_time() -> None:
+    import json as _json
+
+    from controller.models import parse_secret
+    from controller.render import RenderCache
+
+    def spec(i: int, model: str = "gpt") -> dict[str, object]:
+        b = _binding(model=f"m{i}", backends=[{"name": "a", "provider": "openai", "endpoint": "https://api.example.com/v1", "model": model, "credentialsRef": {"name": "p", "key": "k"}}])
+        b["metadata"] = {"name": f"b{i}", "namespace": "ns"}
+        return b
+
+    def secret(value: str) -> list[object]:
+        return [parse_secret({"metadata": {"name": "p", "namespace": "ns"}, "stringData": {"k": value}})]
+
+    cache = RenderCache()
+    specs = [parse_binding(spec(i)) for i in range(20)]
+    first = render(specs, secret("v1"), RenderSettings(), cache)
+    changed = [*specs[:5], parse_binding(spec(5, "other")), *specs[6:]]
+    for bindings, secrets in ((changed, secret("v1")), (changed, secret("v2"))):
+        cached = render(bindings, secrets, RenderSettings(), cache)
+        fresh = render(bindings, secrets, RenderSettings())
+        assert _json.dumps(cached.envoy, sort_keys=True) == _json.dumps(fresh.envoy, sort_keys=True)
+        assert cached.snapshot == fresh.snapshot
+    assert cached.snapshot != first.snapshot
+    # A rotated Secret reaches the snapshot even though no binding changed.
+    assert {be.api_key for b in cached.snapshot.bindings for be in b.backends} == {"v2"}
