@@ -79,3 +79,18 @@ async def test_health_serving_and_an_unknown_path_refused_then_drain_on_stop() -
             refused = True
         assert refused
     await asyncio.wait_for(task, 10)
+
+
+def test_a_policy_file_is_loaded_and_an_older_one_is_refused(tmp_path: Path) -> None:
+    from extproc.server import load_policy_file
+
+    m = load_folder(ROOT / "examples" / "quickstart")
+    path = tmp_path / "policy.pb"
+    services = Services()
+    path.write_bytes(render(m.bindings, m.secrets, RenderSettings(version=7)).snapshot.SerializeToString())
+    load_policy_file(services, path)
+    assert services.current.version == 7 and "quickstart-chat" in services.current.bindings
+    # A stale file (version not newer) leaves the policy in force alone.
+    path.write_bytes(render([], m.secrets, RenderSettings(version=3)).snapshot.SerializeToString())
+    load_policy_file(services, path)
+    assert services.current.version == 7 and "quickstart-chat" in services.current.bindings
