@@ -55,17 +55,17 @@ from typing import Any
 
 import yaml
 
-from controller.models import BindingSpec, SecretData
-from controller.render import (
+from controller import envoy_config
+from controller.envoy_config import (
     CA_BUNDLE,
     EXTPROC_CLUSTER,
     RenderSettings,
-    _any,
-    _backend_cluster,
-    _binding_route,
-    _ext_proc,
-    render,
+    backend_cluster,
+    binding_route,
+    typed,
 )
+from controller.models import BindingSpec, SecretData
+from controller.render import render
 
 Json = dict[str, Any]
 
@@ -157,7 +157,7 @@ def _extproc_cluster(settings: MeshSettings) -> Json:
         "connect_timeout": "1s",
         "dns_lookup_family": "V4_PREFERRED",
         "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http2_protocol_options": {"max_concurrent_streams": 10000}},
             )
@@ -186,7 +186,7 @@ def _extproc_cluster(settings: MeshSettings) -> Json:
 
 def ext_proc_filter(settings: MeshSettings) -> Json:
     """The downstream ext_proc filter, disabled unless a provider virtual host enables it."""
-    f = _retarget(_ext_proc(settings.render_settings(), backend=None), settings.cluster)
+    f = _retarget(envoy_config.ext_proc_filter(settings.render_settings(), backend=None), settings.cluster)
     return {"name": f["name"], "disabled": True, "typed_config": f["typed_config"]}
 
 
@@ -194,7 +194,7 @@ def _vhost_patch(settings: MeshSettings) -> Json:
     return {
         "request_body_buffer_limit": settings.max_request_bytes,
         "typed_per_filter_config": {
-            EXT_PROC: _any("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", overrides={}),
+            EXT_PROC: typed("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", overrides={}),
         },
     }
 
@@ -209,7 +209,7 @@ def _envoy_filter(bindings: list[BindingSpec], hosts: list[str], settings: MeshS
         )
     for b in bindings:
         for be in b.backends:
-            cluster = _retarget(_backend_cluster(b, be, rs), settings.cluster)
+            cluster = _retarget(backend_cluster(b, be, rs), settings.cluster)
             patches.append({"applyTo": "CLUSTER", "match": {"context": outbound}, "patch": {"operation": "ADD", "value": cluster}})
     patches.append(
         {
@@ -233,7 +233,7 @@ def _envoy_filter(bindings: list[BindingSpec], hosts: list[str], settings: MeshS
         # INSERT_FIRST puts each route before Istio's default one; header matches are exclusive,
         # so their relative order does not matter.
         for b in bindings:
-            patches.append({"applyTo": "HTTP_ROUTE", "match": match, "patch": {"operation": "INSERT_FIRST", "value": _binding_route(b)}})
+            patches.append({"applyTo": "HTTP_ROUTE", "match": match, "patch": {"operation": "INSERT_FIRST", "value": binding_route(b)}})
     spec: Json = {"configPatches": patches}
     if settings.workload_labels:
         spec = {"workloadSelector": {"labels": dict(settings.workload_labels)}, **spec}

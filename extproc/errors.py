@@ -30,7 +30,7 @@ class GatewayError(Exception):
         return {}
 
 
-# Statuses whose local replies Envoy rewrites into the OpenAI error shape (controller/render.py,
+# Statuses whose local replies Envoy rewrites into the OpenAI error shape (controller/envoy_config.py,
 # local_reply_config). Envoy applies that rewrite to extproc's immediate responses too, so for these
 # extproc sends the bare message and lets Envoy wrap it once.
 ENVOY_WRAPPED_STATUSES = frozenset({413, 500, 502, 503, 504})

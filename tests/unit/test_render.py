@@ -118,10 +118,10 @@ def test_invalid_specs_are_refused_with_an_actionable_reason(spec: dict[str, obj
 
 
 def test_envoy_wraps_exactly_the_statuses_extproc_sends_bare() -> None:
-    from controller.render import _local_replies
+    from controller.envoy_config import local_replies
     from extproc.errors import ENVOY_WRAPPED_STATUSES
 
-    statuses = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] for m in _local_replies()["mappers"]}
+    statuses = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] for m in local_replies()["mappers"]}
     assert statuses == ENVOY_WRAPPED_STATUSES
 
 
