@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,11 +28,26 @@ from controller.manifests import load_folder
 from controller.models import SpecError
 from controller.render import RenderResult, RenderSettings, ads_bootstrap, render
 
+# Ports are picked below the kernel's ephemeral range (32768-60999 by default): a port taken from
+# that range can be grabbed by any outgoing connection between the pick and the server's bind.
+_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, outside the ephemeral range, not handed out before."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} on {host}")
 
 
 def envoy_binary() -> str:
