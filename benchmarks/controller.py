@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 from envoy.config.cluster.v3 import cluster_pb2
 
+from benchmarks.harness import cpu_model
 from controller.models import parse_binding
 from controller.render import RenderSettings, render
 from controller.state import ControllerState
@@ -301,14 +302,7 @@ def bench_live(n: int, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,

@@ -5,12 +5,12 @@ Every process started here is on 127.0.0.1, in its own session, and stopped by i
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import scenarios as sc
-from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, wait_http
+from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MOCK_ARGS = ("--record", "0")  # the mock keeps no request log: less work, same for every setup
@@ -62,18 +62,19 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
+def start_mock(state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The bundled mock upstream on a free port, answering; its process and port."""
+    port = free_port()
+    proc = _spawn([sys.executable, "-m", "crdgol.cli", "mock-llm", "--port", str(port), *MOCK_ARGS], state / "mock-llm.log")
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        wait_http(f"http://127.0.0.1:{port}/healthz", (200,), 30, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, port
 
 
-class Running:
+class Running(abc.ABC):
     """One started setup: its URL, the mock's URL and the pids worth sampling."""
 
     url: str
@@ -81,8 +82,8 @@ class Running:
     pids: dict[str, int]
     metrics_url: str | None = None
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self) -> None: ...
 
 
 class BareEnvoy(Running):
@@ -94,23 +95,11 @@ class BareEnvoy(Running):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> BareEnvoy:
-        mock_port, port, admin = free_port(), free_port(), free_port()
+        port, admin = free_port(), free_port()
         try:
-            mock = _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "crdgol.cli",
-                    "mock-llm",
-                    "--port",
-                    str(mock_port),
-                    *MOCK_ARGS,
-                ],
-                self.state / "mock-llm.log",
-            )
+            mock, mock_port = start_mock(self.state)
             self.procs["mock-llm"] = mock
             self.mock_url = f"http://127.0.0.1:{mock_port}"
-            wait_http(f"{self.mock_url}/healthz", (200,), 30, mock)
             cfg = sc.write_json(
                 self.state / "envoy.json", sc.bare_envoy_config(port, admin, mock_port)
             )
@@ -138,7 +127,7 @@ class BareEnvoy(Running):
         for name in ("envoy", "mock-llm"):
             proc = self.procs.pop(name, None)
             if proc is not None:
-                _stop(proc)
+                stop_process(proc)
         shutil.rmtree(self.state, ignore_errors=True)
 
 
@@ -474,15 +463,18 @@ async def stream_check(
 # --- the machine ----------------------------------------------------------------------------
 
 
-def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
-    model = ""
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def machine_info(envoy_concurrency: int, wrk_threads: int) -> dict[str, Any]:
+    model = cpu_model()
     envoy_version = subprocess.run(
         [envoy_binary(), "--version"], capture_output=True, text=True, check=False
     ).stdout

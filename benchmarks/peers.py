@@ -152,23 +152,11 @@ class LiteLLM(hz.Running):
         self.procs: dict[str, Any] = {}
 
     def start(self) -> LiteLLM:
-        mock_port, port = free_port(), free_port()
+        port = free_port()
         try:
-            mock = hz._spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "crdgol.cli",
-                    "mock-llm",
-                    "--port",
-                    str(mock_port),
-                    *hz.MOCK_ARGS,
-                ],
-                self.state / "mock-llm.log",
-            )
+            mock, mock_port = hz.start_mock(self.state)
             self.procs["mock-llm"] = mock
             self.mock_url = f"http://127.0.0.1:{mock_port}"
-            wait_http(f"{self.mock_url}/healthz", (200,), 30, mock)
             cfg = self.state / "litellm-config.yaml"
             cfg.write_text(
                 CONFIG.read_text().replace(

@@ -332,10 +332,11 @@ def extproc_addresses(settings: RenderSettings) -> list[Json]:
     return [socket_address(settings.extproc_host, port) for port in (settings.extproc_ports or (settings.extproc_port,))]
 
 
-def extproc_cluster(settings: RenderSettings) -> Json:
-    return {
-        "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
+def grpc_cluster(name: str, addresses: list[Json], *, dns: bool = False) -> Json:
+    """A cluster of HTTP/2 (gRPC) endpoints: extproc, or the controller's ADS server."""
+    cluster: Json = {
+        "name": name,
+        "type": "STRICT_DNS" if dns else "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
@@ -344,14 +345,17 @@ def extproc_cluster(settings: RenderSettings) -> Json:
             )
         },
         "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addresses(settings)]
-                }
-            ],
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in addresses]}],
         },
     }
+    if dns:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def extproc_cluster(settings: RenderSettings) -> Json:
+    return grpc_cluster(EXTPROC_CLUSTER, extproc_addresses(settings))
 
 
 XDS_CLUSTER = "crdgol-xds"
@@ -378,21 +382,7 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
             "clusters": [
                 # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
                 extproc_cluster(settings),
-                {
-                    "name": XDS_CLUSTER,
-                    "type": "STATIC" if is_ip(xds_host) else "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            explicit_http_config={"http2_protocol_options": {}},
-                        )
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(xds_host, xds_port)}}]}],
-                    },
-                }
+                grpc_cluster(XDS_CLUSTER, [socket_address(xds_host, xds_port)], dns=not is_ip(xds_host)),
             ]
         },
     }

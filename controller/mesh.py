@@ -62,6 +62,8 @@ from controller.envoy_config import (
     RenderSettings,
     backend_cluster,
     binding_route,
+    grpc_cluster,
+    socket_address,
     typed,
 )
 from controller.models import BindingSpec, SecretData
@@ -151,37 +153,7 @@ def _retarget(value: Json, cluster: str) -> Json:
 
 
 def _extproc_cluster(settings: MeshSettings) -> Json:
-    return {
-        "name": EXTPROC_CLUSTER,
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "dns_lookup_family": "V4_PREFERRED",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                explicit_http_config={"http2_protocol_options": {"max_concurrent_streams": 10000}},
-            )
-        },
-        "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": settings.extproc_host,
-                                        "port_value": settings.extproc_port,
-                                    }
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
+    return grpc_cluster(EXTPROC_CLUSTER, [socket_address(settings.extproc_host, settings.extproc_port)], dns=True)
 
 
 def ext_proc_filter(settings: MeshSettings) -> Json:

@@ -82,6 +82,18 @@ def wait_http(url: str, ok: tuple[int, ...], timeout: float, proc: subprocess.Po
     raise TimeoutError(f"{url} did not answer in {timeout:.0f}s (last: {last})")
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class StackSettings:
     manifests: Path
@@ -274,14 +286,8 @@ class Stack:
         names = ["envoy", *sorted(n for n in self.procs if n.startswith("extproc")), "controller", "mock-llm"]
         for name in names:
             proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                stop_process(proc, grace)
 
     def __enter__(self) -> Stack:
         self.start()

@@ -53,6 +53,15 @@ T = TypeVar("T")
 _CONCURRENT_RETRY = 1.0  # a concurrent slot frees as soon as any request ends: retry soon
 
 
+async def bounded(awaitable: Awaitable[T], timeout: float, what: str) -> T:
+    """One Redis call within ``timeout``; any failure or delay becomes ``StoreUnavailable``."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except (TimeoutError, RedisError, OSError) as exc:
+        raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 class StoreUnavailable(Exception):
     """The shared store (Redis) failed or did not answer in time."""
 
@@ -277,11 +286,7 @@ class RedisQuotaStore:
         return f"{self._base(scope)}{metric}:{seconds}:{start}"
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreUnavailable(f"quota store: {type(exc).__name__}: {exc}") from exc
+        return await bounded(awaitable, self._timeout, "quota store")
 
     async def reserve(
         self, scope: str, limits: Sequence[Limit], demand: Demand, now: float, ttl_hint: float

@@ -15,15 +15,13 @@ the ``history_key`` string (already tenant-scoped, so keys never collide across 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import RedisError
 
 from extproc.history import Turn
-from extproc.quota_store import StoreUnavailable
+from extproc.quota_store import bounded
 
 __all__ = ["RedisHistoryStore"]
 
@@ -50,11 +48,7 @@ class RedisHistoryStore:
         return self._max_turns_cap if max_turns <= 0 else min(max_turns, self._max_turns_cap)
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreUnavailable(f"history store: {type(exc).__name__}: {exc}") from exc
+        return await bounded(awaitable, self._timeout, "history store")
 
     async def load(self, key: str, max_turns: int) -> list[Turn]:
         raw = await self._call(self._client.lrange(key, -self._limit(max_turns), -1))

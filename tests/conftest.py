@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -241,12 +242,19 @@ def example_stack(tmp_path: Path, name: str, **settings: object) -> Stack:
     return stack
 
 
-@pytest.fixture
-def quickstart(tmp_path: Path) -> Iterator[Stack]:
-    """The quickstart example, running."""
-    stack = example_stack(tmp_path, "quickstart")
+@contextlib.contextmanager
+def running_example(tmp_path: Path, name: str, **settings: object) -> Iterator[Stack]:
+    """``examples/<name>`` served for the duration of the block."""
+    stack = example_stack(tmp_path, name, **settings)
     stack.start()
     try:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Iterator[Stack]:
+    """The quickstart example, running."""
+    with running_example(tmp_path, "quickstart") as stack:
+        yield stack

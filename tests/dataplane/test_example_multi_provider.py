@@ -12,19 +12,15 @@ import jwt
 import pytest
 
 from crdgol.stack import Stack
-from tests.conftest import example_stack
+from tests.conftest import running_example
 
 SECRET = "change-me-to-a-long-random-secret"
 
 
 @pytest.fixture
 def multi(tmp_path: Path) -> Iterator[Stack]:
-    stack = example_stack(tmp_path, "multi-provider")
-    stack.start()
-    try:
+    with running_example(tmp_path, "multi-provider") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def ask(stack: Stack, credential: str) -> str:

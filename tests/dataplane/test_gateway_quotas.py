@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from crdgol.stack import Stack
-from tests.conftest import example_stack
+from tests.conftest import running_example
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"model": "quickstart-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
@@ -19,12 +19,8 @@ HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
 
 @pytest.fixture
 def quotas(tmp_path: Path) -> Iterator[Stack]:
-    stack = example_stack(tmp_path, "quotas")
-    stack.start()
-    try:
+    with running_example(tmp_path, "quotas") as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 async def burst(url: str, n: int) -> list[httpx.Response]:
