@@ -79,6 +79,11 @@ class Metrics:
         self.history_store_errors = Counter(
             "crdgol_history_store_errors", "Session-history reads or writes that failed (requests went on without).", registry=r
         )
+        self.charged_estimates = Counter(
+            "crdgol_charged_estimates",
+            "Answered requests charged at least their reservation: cut short or without a usage block.",
+            registry=r,
+        )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
 
