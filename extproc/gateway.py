@@ -255,7 +255,9 @@ class ModelCall(Handler):
             outcome = Outcome.NOT_ANSWERED
         elif not 200 <= self.status < 300:
             outcome = Outcome.PROVIDER_ERROR
-        elif complete and usage is not None:
+        elif complete and usage is not None and usage.input_tokens > 0:
+            # Every real request has a prompt: a usage block that counts no prompt token was
+            # made up (a translator closing a stream or body that carried no usage), not reported.
             outcome = Outcome.ANSWERED
         else:
             outcome = Outcome.CUT_SHORT

@@ -27,7 +27,7 @@ from controller.render import RenderSettings, render
 from extproc import phases
 from extproc.gateway import Downstream
 from extproc.phases import Handler
-from extproc.policy import PolicyHolder, compile_policy
+from extproc.policy import Policy, PolicyHolder, compile_policy
 from extproc.quota import Decision, Demand, Limit
 from extproc.quota_store import MemoryQuotaStore, Reservation
 from extproc.services import Services
@@ -65,6 +65,8 @@ QUOTAS = {
     }
 }
 PRICING = {"inputPerMillion": "1.00", "outputPerMillion": "2.00"}
+# Room for many requests at once (the state machine opens dozens of streams).
+ROOMY = {"tenants": {"acme": {"requests": [{"amount": 100000, "per": "minute"}], "tokens": [{"amount": 10**9, "per": "hour", "type": "total"}], "concurrent": 1000, "defaultMaxTokens": 100}}}
 
 
 def _backend(name: str, provider: str = "openai-compatible", model: str = "up-gpt", priority: int = 0) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def _binding(name: str, backends: list[dict[str, Any]], **spec: Any) -> str:
             "apiVersion": "crdgol.io/v1alpha1",
             "kind": "AIModelBinding",
             "metadata": {"name": name, "namespace": "ns"},
-            "spec": {"model": name, "tenants": ["acme", "globex"], "backends": backends, "quotas": QUOTAS, **spec},
+            "spec": {"model": name, "tenants": ["acme", "globex"], "backends": backends, "quotas": QUOTAS} | spec,
         }
     )
 
@@ -94,6 +96,8 @@ BINDINGS = [
     _binding("metered", [_backend("a")]),
     _binding("claude", [_backend("c", "anthropic", "up-claude")]),
     _binding("history", [_backend("a")], context={"systemPrompt": "Be brief.", "history": {"enabled": True, "maxTurns": 4, "maxTokens": 2000}}),
+    _binding("roomy", [_backend("a")], quotas=ROOMY),
+    _binding("roomy-claude", [_backend("c", "anthropic", "up-claude")], quotas=ROOMY),
     _binding("fallback", [_backend("first"), _backend("second", "anthropic", "up-claude", priority=1)]),
 ]
 
@@ -129,12 +133,21 @@ class RecordingStore(MemoryQuotaStore):
         return [d for i, d in self.finished if i == rid]
 
 
+_compiled: list[Policy] = []
+
+
+def harness_policy(folder: Path) -> Policy:
+    """The harness's policy, rendered from its manifests once per process (it never changes)."""
+    if not _compiled:
+        (folder / "secrets.yaml").write_text(MANIFESTS)
+        (folder / "bindings.yaml").write_text("---\n".join(b + "\n" for b in BINDINGS))
+        m = load_folder(folder)
+        _compiled.append(compile_policy(render(m.bindings, m.secrets, RenderSettings()).snapshot))
+    return _compiled[0]
+
+
 def policy_services(folder: Path, store: RecordingStore | None = None) -> Services:
-    (folder / "secrets.yaml").write_text(MANIFESTS)
-    (folder / "bindings.yaml").write_text("---\n".join(b + "\n" for b in BINDINGS))
-    m = load_folder(folder)
-    snap = render(m.bindings, m.secrets, RenderSettings()).snapshot
-    return Services(policy=PolicyHolder(compile_policy(snap)), quotas=store or RecordingStore(), wall=lambda: T0)
+    return Services(policy=PolicyHolder(harness_policy(folder)), quotas=store or RecordingStore(), wall=lambda: T0)
 
 
 # --- ProcessingRequests as Envoy sends them ----------------------------------------------------

@@ -259,3 +259,11 @@ async def test_a_fallback_answer_tagged_by_its_attempt_is_charged_at_that_backen
     run = await drive(downstream(services), msgs, services=services)
     assert "x-crdgol-backend" in [h for h in run.responses[2].response_headers.response.header_mutation.remove_headers]
     assert store.outcome(only_reservation(store)) == [Demand.used(3, 4, PRICE)]
+
+
+async def test_a_translated_answer_without_usage_is_not_charged_the_translators_zeros(services: Services, store: RecordingStore) -> None:
+    # The translator writes a usage block of zeros when the backend sent none: not a provider's.
+    msgs = [request_headers(), request_body(chat("claude")), response_headers(), response_body(b'{"type": "message", "content": []}')]
+    await drive(downstream(services), msgs, services=services)
+    rid = only_reservation(store)
+    assert store.outcome(rid) == [store.reserved[rid].demand]
