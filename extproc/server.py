@@ -60,6 +60,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.services = services
         self._streams = services.metrics.streams
 
+    def _on_error(self, _exc: BaseException) -> None:
+        self.services.metrics.handler_errors.inc()
+
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
         backend = ""
         for key, value in context.invocation_metadata() or ():
@@ -79,7 +82,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         gauge = self._streams.labels(role)
         gauge.inc()
         try:
-            async for resp in phases.run(request_iterator, handler, lambda _e: self.services.metrics.handler_errors.inc()):
+            async for resp in phases.run(
+                request_iterator,
+                handler,
+                self._on_error,
+                self.services.capacity,
+                count_stream=role == "downstream",
+            ):
                 yield resp
         finally:
             gauge.dec()
@@ -128,6 +137,10 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     if settings.socket:
         Path(settings.socket).unlink(missing_ok=True)
         server.add_insecure_port(f"unix:{settings.socket}")
+    capacity = services.capacity
+    capacity.tune_malloc()
+    services.metrics.watch_capacity(capacity)
+    lag_watch = asyncio.create_task(capacity.watch_lag())
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None
@@ -157,6 +170,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)
+    lag_watch.cancel()
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")
