@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.add_argument("--max-streams", type=int, default=4096, help="gateway requests processed at once; more get 503 gateway_overloaded (default 4096)")
     ext.add_argument("--max-body-mib", type=int, default=64, help="MiB of request and response bodies held at once; a request body beyond gets 503 (default 64)")
-    ext.add_argument("--shed-lag-ms", type=float, default=250.0, help="refuse new requests with 503 while the event loop runs this late (default 250 ms)")
+    ext.add_argument("--shed-lag-ms", type=float, default=500.0, help="refuse new requests with 503 while the event loop runs this late (default 500 ms)")
     ext.set_defaults(func=cmd_extproc)
 
     ctl = sub.add_parser("controller", help="run the controller: kopf against a cluster, or --manifests DIR without one")

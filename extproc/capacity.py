@@ -12,7 +12,7 @@ Contract
 * **Messages per stream.** A stream that sends more than ``max_messages`` messages (an endless
   response in streamed mode) is cut with a 503 (Envoy resets it; the charge rule charges it).
 * **Event-loop lag.** A monitor measures how late the loop runs a timer; while it lags more than
-  ``shed_lag`` seconds (default 0.25 s, an eighth of Envoy's 2 s message timeout) new requests are
+  ``shed_lag`` seconds (default 0.5 s, a quarter of Envoy's 2 s message timeout) new requests are
   refused at their first message, so the ones already admitted finish well within the timeout.
 * **Memory returns to baseline.** glibc's malloc is told to serve large blocks (bodies) with
   ``mmap`` at a fixed threshold (it otherwise raises the threshold after the first big free and
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import math
 import time
@@ -45,12 +46,13 @@ class CapacitySettings:
     max_streams: int = 4096
     max_body_bytes: int = 64 * 1024 * 1024
     max_messages: int = 100_000
-    shed_lag: float = 0.25
+    shed_lag: float = 0.5
     lag_interval: float = 0.05
     # Trim the heap once this many body bytes passed through since the last trim and none are
     # held any more.
     trim_after_bytes: int = 8 * 1024 * 1024
     mmap_threshold: int = 256 * 1024
+    trim_delay: float = 0.5
 
 
 class Overloaded(Unavailable):
@@ -136,17 +138,28 @@ class Capacity:
         if self.body_bytes == 0 and self._since_trim >= self.settings.trim_after_bytes and not self._trim_pending:
             self._trim_pending = True
             with contextlib.suppress(RuntimeError):  # no running loop: trim now
-                asyncio.get_running_loop().call_soon(self._trim)
+                # A moment later: gRPC lets go of its buffers for the last messages only after
+                # they are on the wire, and a burst often has a tail.
+                asyncio.get_running_loop().call_later(self.settings.trim_delay, self._trim)
                 return
             self._trim()
 
-    def _trim(self) -> None:
+    def _trim(self, follow_up: bool = True) -> None:
         self._trim_pending = False
         if self.body_bytes:
             return  # a new burst started: trim when it drains
         self._since_trim = 0
+        # Streams that ended by cancellation leave frames in reference cycles (traceback <->
+        # frame) that hold their bodies until the cycle collector runs, which an idle process
+        # may not do for a long time.
+        gc.collect()
         if self._libc is not None:
             self._libc.malloc_trim(0)
+        if follow_up:
+            # Once more when the last streams of the burst have been closed by Envoy and gRPC
+            # has freed their calls (that happens after their answers, on Envoy's schedule).
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(self.settings.trim_delay * 4, self._trim, False)
 
     # --- event-loop lag ---------------------------------------------------------------------
 

@@ -121,6 +121,8 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
     if settings.policy_file is not None:
         load_policy_file(services, settings.policy_file)
+    # Before gRPC starts its threads: their malloc arenas are created with these settings.
+    services.capacity.tune_malloc()
     server = grpc.aio.server(
         options=[
             ("grpc.max_concurrent_streams", 100_000),
@@ -138,7 +140,6 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
         Path(settings.socket).unlink(missing_ok=True)
         server.add_insecure_port(f"unix:{settings.socket}")
     capacity = services.capacity
-    capacity.tune_malloc()
     services.metrics.watch_capacity(capacity)
     lag_watch = asyncio.create_task(capacity.watch_lag())
     await server.start()

@@ -273,8 +273,10 @@ async def drive(
         if cancel_after is not None:
             await asyncio.Event().wait()  # Envoy sends nothing more; the cancel below ends it
 
+    capacity = services.capacity if services is not None else None
+
     async def consume() -> None:
-        async for resp in phases.run(requests(), handler):
+        async for resp in phases.run(requests(), handler, capacity=capacity, count_stream=isinstance(handler, Downstream)):
             responses.append(resp)
             answered.set()
 

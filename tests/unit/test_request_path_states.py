@@ -122,6 +122,8 @@ class RequestPath(RuleBasedStateMachine):
             if stream not in self.ended:
                 self.cancel(stream)
         self.every_ended_reservation_is_finished_once_by_the_charge_rule()
+        # Nothing is held once every stream has ended, however it ended.
+        assert self.services.capacity.streams == 0 and self.services.capacity.body_bytes == 0
         self.loop.close()
         self.tmp.cleanup()
 
@@ -147,7 +149,7 @@ class RequestPath(RuleBasedStateMachine):
                 yield msg
 
         async def serve() -> None:
-            async for resp in phases.run(requests(), handler):
+            async for resp in phases.run(requests(), handler, capacity=self.services.capacity, count_stream=True):
                 responses.append(resp)
 
         task = self.loop.create_task(serve())
