@@ -8,6 +8,7 @@ Nothing here holds a secret: credentials travel only in the policy snapshot.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -84,12 +85,30 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def route_id(b: BindingSpec) -> str:
-    return f"{b.namespace}.{b.name}"
+def binding_stamp(b: BindingSpec) -> str:
+    """A short hash of what extproc must agree with Envoy about for this binding.
+
+    Route and cluster names carry it, so a name never changes meaning between config versions:
+    which backends the route reaches, at which priorities, and which one is rewritten by the
+    downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
+    change what a name means, so they keep the names (and Envoy's connection pools).
+    """
+    direct = direct_backend(b)
+    parts = (b.key, direct.name if direct else "", tuple((be.name, be.endpoint, be.priority) for be in b.backends))
+    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+
+
+def route_id(b: BindingSpec, stamp: str) -> str:
+    return f"{b.namespace}.{b.name}.{stamp}"
 
 
 def backend_id(b: BindingSpec, be: BackendSpec) -> str:
+    """The backend's stable id (metrics, logs); its Envoy cluster is ``cluster_name``."""
     return f"crdgol-be.{b.namespace}.{b.name}.{be.name}"
+
+
+def cluster_name(b: BindingSpec, be: BackendSpec, stamp: str) -> str:
+    return f"{backend_id(b, be)}.{stamp}"
 
 
 def socket_address(host: str, port: int) -> Json:
@@ -171,8 +190,8 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
     return [strip, codec]
 
 
-def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, direct: bool = False) -> Json:
-    name = backend_id(b, be)
+def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
+    name = cluster_name(b, be, stamp)
     ep = be.endpoint
     cluster: Json = {
         "name": name,
@@ -209,13 +228,13 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
     return cluster
 
 
-def binding_route(b: BindingSpec) -> Json:
+def binding_route(b: BindingSpec, stamp: str) -> Json:
     levels = sorted({be.priority for be in b.backends})
     groups = [
         {
             "name": f"p{level}",
             "clusters": [
-                {"cluster_name": backend_id(b, be), "weight": be.weight} for be in b.backends if be.priority == level
+                {"cluster_name": cluster_name(b, be, stamp), "weight": be.weight} for be in b.backends if be.priority == level
             ],
         }
         for level in levels
@@ -246,9 +265,10 @@ def binding_route(b: BindingSpec) -> Json:
         if "429" in b.retry.on:
             policy["retriable_status_codes"] = [429]
         route["retry_policy"] = policy
+    rid = route_id(b, stamp)
     return {
-        "name": b.key,
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route_id(b)}}]},
+        "name": rid,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": rid}}]},
         "route": route,
     }
 
