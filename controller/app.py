@@ -106,6 +106,9 @@ class Controller:
             "version": self.state.version,
             "bindings": {k: s.to_k8s(now) for k, s in self.state.statuses().items()},
             "files": dict(self.problems),
+            # Sources that contribute nothing (an API-key Secret naming no valid tenant), and
+            # resources crdgol cannot serve (an unknown crdgol.io kind), with what is wrong.
+            "sources": dict(self.state.result.source_problems) if self.state.result else {},
             "envoy": {n: {"acked": dict(s.acked), "lastNack": s.last_nack} for n, s in self.xds.nodes.items()},
         }
 
