@@ -13,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controller.health import cluster_health
 from controller.models import BackendSpec, BindingSpec
 
 ROUTE_HEADER = "x-crdgol-route"
@@ -210,6 +211,7 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, s
                 http_filters=upstream_filters(name, direct, settings),
             )
         },
+        **cluster_health(b.health, ep.host),
     }
     if ep.tls:
         cluster["transport_socket"] = {
@@ -304,7 +306,11 @@ def local_replies() -> Json:
     }
 
 
-def listener(settings: RenderSettings, routes: list[Json]) -> Json:
+ROUTE_CONFIG = "crdgol"
+
+
+def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
+    """The gateway's route table: one route per binding, then a JSON 404 for everything else."""
     not_found = {
         "name": "not-found",
         "match": {"prefix": "/"},
@@ -316,22 +322,34 @@ def listener(settings: RenderSettings, routes: list[Json]) -> Json:
         },
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
     }
+    return {
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "request_body_buffer_limit": settings.max_request_bytes,
+                "routes": [*routes, not_found],
+            }
+        ],
+    }
+
+
+def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False) -> Json:
+    """The gateway listener. With ``rds`` its routes come over xDS (RDS) instead of inline: a
+    route change then reaches every open connection at once, where a changed listener would
+    leave open connections on the old routes while they drain."""
+    routing: Json = (
+        {"rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": ROUTE_CONFIG}}
+        if rds
+        else {"route_config": route_configuration(settings, routes)}
+    )
     hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="crdgol",
         codec_type="AUTO",
         generate_request_id=True,
-        route_config={
-            "name": "crdgol",
-            "virtual_hosts": [
-                {
-                    "name": "gateway",
-                    "domains": ["*"],
-                    "request_body_buffer_limit": settings.max_request_bytes,
-                    "routes": [*routes, not_found],
-                }
-            ],
-        },
+        **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.health import ActiveCheckSpec, BreakerSpec, HealthSpec, OutlierSpec
 from crdgol import tenancy
 
 GROUP = "crdgol.io"
@@ -163,6 +164,7 @@ class BindingSpec:
     per_try_timeout: float
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
 
     @property
     def key(self) -> str:
@@ -478,6 +480,43 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
+        health=_health(spec.get("health")),
+    )
+
+
+def _health(raw: object) -> HealthSpec:
+    h = _dict(raw, "spec.health")
+    o = _dict(h.get("outlierDetection"), "spec.health.outlierDetection")
+    c = _dict(h.get("circuitBreakers"), "spec.health.circuitBreakers")
+    d_o, d_c, d_a = OutlierSpec(), BreakerSpec(), ActiveCheckSpec()
+    what = "spec.health"
+    active = None
+    if h.get("activeCheck") is not None:
+        a = _dict(h.get("activeCheck"), f"{what}.activeCheck")
+        path = str(a.get("path", d_a.path))
+        if not path.startswith("/"):
+            raise SpecError("InvalidSpec", f"{what}.activeCheck.path: {path!r} must start with /")
+        active = ActiveCheckSpec(
+            path=path,
+            interval=parse_duration(a.get("interval", "10s"), f"{what}.activeCheck.interval"),
+            timeout=parse_duration(a.get("timeout", "2s"), f"{what}.activeCheck.timeout"),
+            unhealthy_threshold=_int(a.get("unhealthyThreshold", d_a.unhealthy_threshold), f"{what}.activeCheck.unhealthyThreshold", 1, 100),
+            healthy_threshold=_int(a.get("healthyThreshold", d_a.healthy_threshold), f"{what}.activeCheck.healthyThreshold", 1, 100),
+        )
+    return HealthSpec(
+        outlier=OutlierSpec(
+            consecutive_5xx=_int(o.get("consecutive5xx", d_o.consecutive_5xx), f"{what}.outlierDetection.consecutive5xx", 0, 1000),
+            interval=parse_duration(o.get("interval", "10s"), f"{what}.outlierDetection.interval"),
+            base_ejection_time=parse_duration(o.get("baseEjectionTime", "30s"), f"{what}.outlierDetection.baseEjectionTime"),
+            max_ejection_percent=_int(o.get("maxEjectionPercent", 100), f"{what}.outlierDetection.maxEjectionPercent", 0, 100),
+        ),
+        breakers=BreakerSpec(
+            max_connections=_int(c.get("maxConnections", d_c.max_connections), f"{what}.circuitBreakers.maxConnections", 1, 10**6),
+            max_pending_requests=_int(c.get("maxPendingRequests", d_c.max_pending_requests), f"{what}.circuitBreakers.maxPendingRequests", 1, 10**6),
+            max_requests=_int(c.get("maxRequests", d_c.max_requests), f"{what}.circuitBreakers.maxRequests", 1, 10**6),
+            max_retries=_int(c.get("maxRetries", d_c.max_retries), f"{what}.circuitBreakers.maxRetries", 0, 10**6),
+        ),
+        active=active,
     )
 
 
