@@ -361,9 +361,13 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 XDS_CLUSTER = "crdgol-xds"
 
 
-def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway") -> Json:
-    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server."""
+def ads_bootstrap(
+    settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway", *, xds_socket: str = ""
+) -> Json:
+    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server
+    (at ``xds_host:xds_port``, or on the Unix socket ``xds_socket`` when it is given)."""
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_address = {"pipe": {"path": xds_socket}} if xds_socket else socket_address(xds_host, xds_port)
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -382,7 +386,7 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
             "clusters": [
                 # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
                 extproc_cluster(settings),
-                grpc_cluster(XDS_CLUSTER, [socket_address(xds_host, xds_port)], dns=not is_ip(xds_host)),
+                grpc_cluster(XDS_CLUSTER, [xds_address], dns=not xds_socket and not is_ip(xds_host)),
             ]
         },
     }
