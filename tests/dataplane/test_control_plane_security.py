@@ -43,7 +43,7 @@ def start_envoy(tmp_path: Path, name: str, xds_port: int, client: devcerts.Pem, 
 
 async def test_envoy_gets_its_config_over_mutual_tls_and_an_envoy_with_a_foreign_certificate_gets_none(tmp_path: Path) -> None:
     ca_pem, ca_key, ca_cert = devcerts.ca()
-    other_pem, other_key, other_cert = devcerts.ca("another CA")
+    _, other_key, other_cert = devcerts.ca("another CA")
     server = devcerts.write(tmp_path / "controller", devcerts.leaf(ca_key, ca_cert, (CONTROLLER,), server=True), ca_pem)
     settings = ControllerSettings(
         host="127.0.0.1", xds_port=free_port(), policy_port=free_port(), metrics_port=0, auth=ServerAuth(tls=server, client_names=(GATEWAY,))
