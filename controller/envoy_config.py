@@ -399,9 +399,23 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 XDS_CLUSTER = "crdgol-xds"
 
 
-def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway") -> Json:
-    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server."""
+def ads_bootstrap(
+    settings: RenderSettings,
+    xds_host: str,
+    xds_port: int,
+    node_id: str = "crdgol-gateway",
+    *,
+    xds_socket: str = "",
+    xds_tls: Json | None = None,
+) -> Json:
+    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server
+    (at ``xds_host:xds_port``, or on the Unix socket ``xds_socket`` when it is given; over mutual
+    TLS when ``xds_tls`` is a transport socket from ``xds_client_tls``)."""
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_address = {"pipe": {"path": xds_socket}} if xds_socket else socket_address(xds_host, xds_port)
+    xds = grpc_cluster(XDS_CLUSTER, [xds_address], dns=not xds_socket and not is_ip(xds_host))
+    if xds_tls is not None:
+        xds["transport_socket"] = xds_tls
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -420,7 +434,27 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
             "clusters": [
                 # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
                 extproc_cluster(settings),
-                grpc_cluster(XDS_CLUSTER, [socket_address(xds_host, xds_port)], dns=not is_ip(xds_host)),
+                xds,
             ]
         },
+    }
+
+
+def xds_client_tls(cert: str, key: str, ca: str, server_name: str) -> Json:
+    """Envoy's side of the control plane's mutual TLS: present ``cert``, and accept only a
+    controller whose certificate chains to ``ca`` and names ``server_name``."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=server_name,
+            common_tls_context={
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                },
+            },
+        ),
     }
