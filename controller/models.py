@@ -9,18 +9,21 @@ printed.
 from __future__ import annotations
 
 import base64
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.fields import binding_problems
 from controller.health import ActiveCheckSpec, BreakerSpec, HealthSpec, OutlierSpec
 from crdgol import tenancy
 
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the crdgol.io group
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"
@@ -186,6 +189,20 @@ class SecretData:
     @property
     def is_api_key(self) -> bool:
         return self.labels.get(API_KEY_LABEL, "").lower() == "true"
+
+
+def kind_problem(doc: dict[str, Any]) -> str:
+    """What is wrong with a document's crdgol.io kind or version ("" when it is one of ours)."""
+    api, kind = str(doc.get("apiVersion") or ""), doc.get("kind")
+    if not api.startswith(f"{GROUP}/"):
+        return ""
+    if api != API_VERSION:
+        return f"apiVersion {api!r} is not served: use {API_VERSION}"
+    if kind not in KINDS:
+        guess = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {guess[0]}?" if guess else f"; crdgol.io kinds are {', '.join(KINDS)}"
+        return f"kind {kind!r} is not a crdgol.io kind{hint}"
+    return ""
 
 
 def parse_duration(raw: object, what: str) -> float:
@@ -441,6 +458,10 @@ def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
 
 
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    unknown = binding_problems(obj)
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise SpecError("UnknownField", "; ".join(unknown[:3]) + more)
     meta = _dict(obj.get("metadata"), "metadata")
     name = str(meta.get("name") or "")
     namespace = str(meta.get("namespace") or "default")
