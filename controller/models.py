@@ -27,6 +27,9 @@ KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the c
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"
+# On a Secret: the namespaces (comma-separated, or "*") whose bindings may reference it. Without it a
+# Secret serves its own namespace's bindings only (the owner of a provider account says who spends it).
+SHARE_ANNOTATION = "crdgol.io/share-with"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
@@ -190,6 +193,13 @@ class SecretData:
     def is_api_key(self) -> bool:
         return self.labels.get(API_KEY_LABEL, "").lower() == "true"
 
+    def shared_with(self, namespace: str) -> bool:
+        """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
+        if namespace == self.namespace:
+            return True
+        allowed = {n.strip() for n in self.annotations.get(SHARE_ANNOTATION, "").split(",")}
+        return namespace in allowed or "*" in allowed
+
 
 def kind_problem(doc: dict[str, Any]) -> str:
     """What is wrong with a document's crdgol.io kind or version ("" when it is one of ours)."""
@@ -235,15 +245,9 @@ def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
         return None
     if not isinstance(raw, dict) or not raw.get("name") or not raw.get("key"):
         raise SpecError("InvalidSecretRef", f"{what}: needs 'name' and 'key'")
-    # A binding reads Secrets of its own namespace only: naming another namespace's Secret would
-    # spend that namespace's provider account or sign as its issuer.
-    other = str(raw.get("namespace") or namespace)
-    if other != namespace:
-        raise SpecError(
-            "CrossNamespaceReference",
-            f"{what}.namespace: a binding may only use Secrets of its own namespace {namespace!r}, not {other!r}",
-        )
-    return SecretRef(str(raw["name"]), str(raw["key"]), namespace)
+    # Another namespace's Secret is only usable when its owner shares it (SHARE_ANNOTATION,
+    # checked at render): naming it here grants nothing by itself.
+    return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
 
 
 def _int(raw: object, what: str, lo: int, hi: int) -> int:

@@ -82,14 +82,32 @@ def test_quota_entries_name_qualified_tenants() -> None:
         parse_binding(binding("team", "chat", quotas={"tenants": {"*": {"concurrent": 1}}}))
 
 
-def test_a_binding_cannot_use_another_namespaces_secret() -> None:
-    for ref in ({"name": "p", "key": "k", "namespace": "victim"},):
-        with pytest.raises(SpecError) as exc:
-            parse_binding(binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}]))
-        assert exc.value.reason == "CrossNamespaceReference"
-    jwt_ref = {"jwt": [{"issuer": ISSUER, "hs256SecretRef": {"name": "issuer", "key": "hs", "namespace": "victim"}}]}
-    with pytest.raises(SpecError, match="own namespace"):
-        parse_binding(binding("team", "chat", auth=jwt_ref))
+def test_a_binding_can_use_another_namespaces_secret_only_when_its_owner_shares_it() -> None:
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+    b = binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}])
+    unshared = {"metadata": {"name": "p", "namespace": "platform"}, "stringData": {"k": "sk-platform"}}
+    _, result = policy([b], [unshared])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    assert "crdgol.io/share-with: team" in result.problems["team/chat"].message
+    for share in ("team", "other, team", "*"):
+        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": share}}}
+        pol, result = policy([b], [shared])
+        assert result.accepted == ("team/chat",), share
+    _, result = policy([b], [{**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": "other"}}}])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+
+
+def test_unsharing_a_secret_takes_effect_even_when_the_render_is_cached() -> None:
+    from controller.render import RenderCache
+
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+    spec = parse_binding(binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}]))
+    meta = {"name": "p", "namespace": "platform"}
+    cache = RenderCache()
+    shared = parse_secret({"metadata": {**meta, "annotations": {"crdgol.io/share-with": "team"}}, "stringData": {"k": "v"}})
+    assert render([spec], [shared], RenderSettings(), cache).accepted == ("team/chat",)
+    unshared = parse_secret({"metadata": meta, "stringData": {"k": "v"}})
+    assert render([spec], [unshared], RenderSettings(), cache).accepted == ()
 
 
 # --- identity sources -----------------------------------------------------------------------------
