@@ -17,7 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from controller.fields import binding_problems
-from controller.health import ActiveCheckSpec, BreakerSpec, HealthSpec, OutlierSpec
+from controller.health import HealthSpec, parse_health
+from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
+from controller.spec_parsing import as_dict as _dict
+from controller.spec_parsing import as_list as _list
+from controller.spec_parsing import int_in as _int
+from controller.spec_parsing import parse_duration as parse_duration
 from crdgol import tenancy
 
 GROUP = "crdgol.io"
@@ -35,17 +40,6 @@ PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class SpecError(ValueError):
-    """A resource that cannot be served. ``reason`` is a CamelCase condition reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,16 +209,6 @@ def kind_problem(doc: dict[str, Any]) -> str:
     return ""
 
 
-def parse_duration(raw: object, what: str) -> float:
-    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-        return float(raw)
-    m = _DURATION.fullmatch(str(raw).strip())
-    if not m or float(m.group(1)) <= 0:
-        raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
 def parse_endpoint(raw: object, what: str) -> Endpoint:
     text = str(raw or "")
     parts = urlsplit(text)
@@ -248,28 +232,6 @@ def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
     # Another namespace's Secret is only usable when its owner shares it (SHARE_ANNOTATION,
     # checked at render): naming it here grants nothing by itself.
     return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
-
-
-def _int(raw: object, what: str, lo: int, hi: int) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
-        raise SpecError("InvalidSpec", f"{what}: must be an integer from {lo} to {hi}, got {raw!r}")
-    return raw
-
-
-def _dict(raw: object, what: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise SpecError("InvalidSpec", f"{what}: must be an object")
-    return raw
-
-
-def _list(raw: object, what: str) -> list[Any]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise SpecError("InvalidSpec", f"{what}: must be a list")
-    return raw
 
 
 def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
@@ -505,44 +467,10 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
-        health=_health(spec.get("health")),
+        health=parse_health(spec.get("health")),
     )
 
 
-def _health(raw: object) -> HealthSpec:
-    h = _dict(raw, "spec.health")
-    o = _dict(h.get("outlierDetection"), "spec.health.outlierDetection")
-    c = _dict(h.get("circuitBreakers"), "spec.health.circuitBreakers")
-    d_o, d_c, d_a = OutlierSpec(), BreakerSpec(), ActiveCheckSpec()
-    what = "spec.health"
-    active = None
-    if h.get("activeCheck") is not None:
-        a = _dict(h.get("activeCheck"), f"{what}.activeCheck")
-        path = str(a.get("path", d_a.path))
-        if not path.startswith("/"):
-            raise SpecError("InvalidSpec", f"{what}.activeCheck.path: {path!r} must start with /")
-        active = ActiveCheckSpec(
-            path=path,
-            interval=parse_duration(a.get("interval", "10s"), f"{what}.activeCheck.interval"),
-            timeout=parse_duration(a.get("timeout", "2s"), f"{what}.activeCheck.timeout"),
-            unhealthy_threshold=_int(a.get("unhealthyThreshold", d_a.unhealthy_threshold), f"{what}.activeCheck.unhealthyThreshold", 1, 100),
-            healthy_threshold=_int(a.get("healthyThreshold", d_a.healthy_threshold), f"{what}.activeCheck.healthyThreshold", 1, 100),
-        )
-    return HealthSpec(
-        outlier=OutlierSpec(
-            consecutive_5xx=_int(o.get("consecutive5xx", d_o.consecutive_5xx), f"{what}.outlierDetection.consecutive5xx", 0, 1000),
-            interval=parse_duration(o.get("interval", "10s"), f"{what}.outlierDetection.interval"),
-            base_ejection_time=parse_duration(o.get("baseEjectionTime", "30s"), f"{what}.outlierDetection.baseEjectionTime"),
-            max_ejection_percent=_int(o.get("maxEjectionPercent", 100), f"{what}.outlierDetection.maxEjectionPercent", 0, 100),
-        ),
-        breakers=BreakerSpec(
-            max_connections=_int(c.get("maxConnections", d_c.max_connections), f"{what}.circuitBreakers.maxConnections", 1, 10**6),
-            max_pending_requests=_int(c.get("maxPendingRequests", d_c.max_pending_requests), f"{what}.circuitBreakers.maxPendingRequests", 1, 10**6),
-            max_requests=_int(c.get("maxRequests", d_c.max_requests), f"{what}.circuitBreakers.maxRequests", 1, 10**6),
-            max_retries=_int(c.get("maxRetries", d_c.max_retries), f"{what}.circuitBreakers.maxRetries", 0, 10**6),
-        ),
-        active=active,
-    )
 
 
 def _tenants(raw: object, namespace: str) -> tuple[str, ...]:

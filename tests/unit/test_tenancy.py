@@ -91,7 +91,7 @@ def test_a_binding_can_use_another_namespaces_secret_only_when_its_owner_shares_
     assert "crdgol.io/share-with: team" in result.problems["team/chat"].message
     for share in ("team", "other, team", "*"):
         shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": share}}}
-        pol, result = policy([b], [shared])
+        _, result = policy([b], [shared])
         assert result.accepted == ("team/chat",), share
     _, result = policy([b], [{**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": "other"}}}])
     assert result.problems["team/chat"].reason == "CrossNamespaceReference"
