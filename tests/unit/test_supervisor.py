@@ -139,7 +139,6 @@ def test_the_port_check_refuses_a_listener_but_not_connections_in_time_wait() ->
     client.recv(1)
     client.close()
     listener.close()
-    with socket.socket() as plain:  # the state the old check tripped on
-        with pytest.raises(OSError):
-            plain.bind(("127.0.0.1", port))
+    with socket.socket() as plain, pytest.raises(OSError):  # the state the old check tripped on
+        plain.bind(("127.0.0.1", port))
     assert _free("127.0.0.1", port)
