@@ -137,7 +137,7 @@ async def one(session: aiohttp.ClientSession, url: str, kind: Kind) -> Outcome:
         else:
             err = json.loads(raw).get("error") if raw else None
             out.json_error = isinstance(err, dict) and bool(err.get("message"))
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, UnicodeDecodeError, KeyError):
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError, KeyError):
         pass
     out.end = time.monotonic()
     return out

@@ -243,3 +243,16 @@ def test_the_command_line_refuses_an_unauthenticated_control_plane(tmp_path: Pat
         cli.main(["controller", "--manifests", str(tmp_path), "--tls-cert", "x.pem"])
     assert cli.main(["extproc", "--policy-server", "crdgol-controller:18001", "--metrics-port", "0"]) == 2
     assert "neither authenticated nor encrypted" in capsys.readouterr().err
+
+
+def test_crdgol_certs_writes_a_working_pair_of_identities_with_private_keys(tmp_path: Path) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path), "--days", "2"]) == 0
+    for side in ("controller", "gateway"):
+        assert stat.S_IMODE((tmp_path / side / "tls.key").stat().st_mode) == 0o600
+        assert (tmp_path / side / "ca.crt").read_bytes() == (tmp_path / "controller" / "ca.crt").read_bytes()
+    # The gateway's identity is the one the controller's deploy/ flags accept.
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "gateway" / "tls.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == [devcerts.GATEWAY_NAME]
