@@ -23,7 +23,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from controller.app import Controller, ControllerSettings
 from controller.xds import CDS, build_snapshot
 from crdgol import cli, devcerts
-from crdgol.control_plane import ClientAuth, ServerAuth, TlsFiles, channel_credentials
+from crdgol.control_plane import ClientAuth, ServerAuth, TlsFiles, channel_credentials, private_dir
 from crdgol.pb import policy_pb2 as pb
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 from crdgol.stack import free_port
@@ -256,3 +256,17 @@ def test_crdgol_certs_writes_a_working_pair_of_identities_with_private_keys(tmp_
     cert = x509.load_pem_x509_certificate((tmp_path / "gateway" / "tls.crt").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert names == [devcerts.GATEWAY_NAME]
+
+
+def test_a_socket_folder_someone_else_owns_or_points_to_is_refused(tmp_path: Path) -> None:
+    mine = private_dir(tmp_path / "mine")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(PermissionError, match="not a folder of ours"):
+        private_dir(tmp_path / "link")
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o777)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(PermissionError, match="owned by uid 65534"):
+            private_dir(theirs)
