@@ -270,3 +270,38 @@ def test_a_socket_folder_someone_else_owns_or_points_to_is_refused(tmp_path: Pat
         os.chown(theirs, 65534, 65534)
         with pytest.raises(PermissionError, match="owned by uid 65534"):
             private_dir(theirs)
+
+
+async def test_extproc_takes_no_request_before_it_holds_a_policy(tmp_path: Path) -> None:
+    from extproc.server import ServerSettings, serve
+
+    folder = private_dir(tmp_path / "s")
+    extproc_socket, policy_socket = str(folder / "extproc.sock"), str(folder / "policy.sock")
+    stop = asyncio.Event()
+    settings = ServerSettings(port=0, socket=extproc_socket, metrics_port=0, policy_server=f"unix:{policy_socket}", grace=1)
+    server = asyncio.create_task(serve(settings, Services(), stop))
+    controller = None
+    try:
+        # No controller yet: nothing accepts connections, so Envoy fails closed (503) instead of
+        # extproc answering good keys from an empty policy.
+        await asyncio.sleep(1.0)
+        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+            s.connect(extproc_socket)
+        controller = await serving(ControllerSettings(xds_socket=str(folder / "xds.sock"), policy_socket=policy_socket, metrics_port=0))
+        for _ in range(300):
+            if os.path.exists(extproc_socket):
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(extproc_socket)
+                    break
+                except OSError:
+                    pass
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("extproc never opened its socket after the policy arrived")
+        assert stat.S_IMODE(os.stat(extproc_socket).st_mode) == 0o600
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        if controller is not None:
+            await controller.stop()
