@@ -16,7 +16,7 @@ import httpx
 
 from crdgol.stack import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "quickstart-chat", "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
 
