@@ -8,10 +8,12 @@ Nothing here holds a secret: credentials travel only in the policy snapshot.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controller.health import cluster_health
 from controller.models import BackendSpec, BindingSpec
 
 ROUTE_HEADER = "x-crdgol-route"
@@ -84,12 +86,30 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def route_id(b: BindingSpec) -> str:
-    return f"{b.namespace}.{b.name}"
+def binding_stamp(b: BindingSpec) -> str:
+    """A short hash of what extproc must agree with Envoy about for this binding.
+
+    Route and cluster names carry it, so a name never changes meaning between config versions:
+    which backends the route reaches, at which priorities, and which one is rewritten by the
+    downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
+    change what a name means, so they keep the names (and Envoy's connection pools).
+    """
+    direct = direct_backend(b)
+    parts = (b.key, direct.name if direct else "", tuple((be.name, be.endpoint, be.priority) for be in b.backends))
+    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+
+
+def route_id(b: BindingSpec, stamp: str) -> str:
+    return f"{b.namespace}.{b.name}.{stamp}"
 
 
 def backend_id(b: BindingSpec, be: BackendSpec) -> str:
+    """The backend's stable id (metrics, logs); its Envoy cluster is ``cluster_name``."""
     return f"crdgol-be.{b.namespace}.{b.name}.{be.name}"
+
+
+def cluster_name(b: BindingSpec, be: BackendSpec, stamp: str) -> str:
+    return f"{backend_id(b, be)}.{stamp}"
 
 
 def socket_address(host: str, port: int) -> Json:
@@ -171,8 +191,8 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
     return [strip, codec]
 
 
-def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, direct: bool = False) -> Json:
-    name = backend_id(b, be)
+def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
+    name = cluster_name(b, be, stamp)
     ep = be.endpoint
     cluster: Json = {
         "name": name,
@@ -191,6 +211,7 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
                 http_filters=upstream_filters(name, direct, settings),
             )
         },
+        **cluster_health(b.health, ep.host),
     }
     if ep.tls:
         cluster["transport_socket"] = {
@@ -209,13 +230,13 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
     return cluster
 
 
-def binding_route(b: BindingSpec) -> Json:
+def binding_route(b: BindingSpec, stamp: str) -> Json:
     levels = sorted({be.priority for be in b.backends})
     groups = [
         {
             "name": f"p{level}",
             "clusters": [
-                {"cluster_name": backend_id(b, be), "weight": be.weight} for be in b.backends if be.priority == level
+                {"cluster_name": cluster_name(b, be, stamp), "weight": be.weight} for be in b.backends if be.priority == level
             ],
         }
         for level in levels
@@ -246,9 +267,10 @@ def binding_route(b: BindingSpec) -> Json:
         if "429" in b.retry.on:
             policy["retriable_status_codes"] = [429]
         route["retry_policy"] = policy
+    rid = route_id(b, stamp)
     return {
-        "name": b.key,
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route_id(b)}}]},
+        "name": rid,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": rid}}]},
         "route": route,
     }
 
@@ -284,7 +306,11 @@ def local_replies() -> Json:
     }
 
 
-def listener(settings: RenderSettings, routes: list[Json]) -> Json:
+ROUTE_CONFIG = "crdgol"
+
+
+def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
+    """The gateway's route table: one route per binding, then a JSON 404 for everything else."""
     not_found = {
         "name": "not-found",
         "match": {"prefix": "/"},
@@ -296,22 +322,34 @@ def listener(settings: RenderSettings, routes: list[Json]) -> Json:
         },
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
     }
+    return {
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "request_body_buffer_limit": settings.max_request_bytes,
+                "routes": [*routes, not_found],
+            }
+        ],
+    }
+
+
+def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False) -> Json:
+    """The gateway listener. With ``rds`` its routes come over xDS (RDS) instead of inline: a
+    route change then reaches every open connection at once, where a changed listener would
+    leave open connections on the old routes while they drain."""
+    routing: Json = (
+        {"rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": ROUTE_CONFIG}}
+        if rds
+        else {"route_config": route_configuration(settings, routes)}
+    )
     hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="crdgol",
         codec_type="AUTO",
         generate_request_id=True,
-        route_config={
-            "name": "crdgol",
-            "virtual_hosts": [
-                {
-                    "name": "gateway",
-                    "domains": ["*"],
-                    "request_body_buffer_limit": settings.max_request_bytes,
-                    "routes": [*routes, not_found],
-                }
-            ],
-        },
+        **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},

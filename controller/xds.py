@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 (registers the Any type)
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ORDER = (CDS, LDS)
+RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ORDER = (CDS, LDS, RDS)
 
 
 # RetryPolicy.refresh_cluster_on_retry (Envoy 1.39+) is newer than the pinned xds-protos, so it is
@@ -120,7 +121,23 @@ class Encoder:
         packed.Pack(msg)
         return packed
 
-    def snapshot(self, version: int, listeners: Sequence[dict[str, Any]], clusters: Sequence[dict[str, Any]]) -> XdsSnapshot:
+    def route_config(self, rc: dict[str, Any], routes_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]]) -> any_pb2.Any:
+        vhs = rc.get("virtual_hosts", [])
+        bare = {**rc, "virtual_hosts": [{k: v for k, v in vh.items() if k != "routes"} for vh in vhs]}
+        msg = json_format.ParseDict(bare, route_pb2.RouteConfiguration())
+        for vi, vh in enumerate(vhs):
+            msg.virtual_hosts[vi].routes.extend(self.route(r, routes_cache) for r in vh.get("routes", []))
+        packed = any_pb2.Any()
+        packed.Pack(msg)
+        return packed
+
+    def snapshot(
+        self,
+        version: int,
+        listeners: Sequence[dict[str, Any]],
+        clusters: Sequence[dict[str, Any]],
+        route_configs: Sequence[dict[str, Any]] = (),
+    ) -> XdsSnapshot:
         cluster_cache: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
         route_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
         snap = XdsSnapshot(
@@ -128,6 +145,7 @@ class Encoder:
             resources={
                 CDS: tuple(self.cluster(c, cluster_cache) for c in clusters),
                 LDS: tuple(self.listener(listener, route_cache) for listener in listeners),
+                RDS: tuple(self.route_config(rc, route_cache) for rc in route_configs),
             },
         )
         # Keep only what this snapshot uses, so the caches never outgrow the config.
@@ -175,6 +193,21 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
         def done() -> bool:
             return any(all(n.acked.get(t, 0) >= version for t in ORDER) for n in self.nodes.values())
+
+        async with self._acked:
+            try:
+                await asyncio.wait_for(self._acked.wait_for(done), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def wait_all_acked(self, version: int, timeout: float) -> bool:
+        """Wait until every connected Envoy has ACKed ``version`` (or newer) of every type it
+        asked for. True at once when no Envoy is connected (nothing can route yet); False on
+        timeout, e.g. when an Envoy NACKed it."""
+
+        def done() -> bool:
+            return all(all(v >= version for v in n.acked.values()) for n in self.nodes.values())
 
         async with self._acked:
             try:

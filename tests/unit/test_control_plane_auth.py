@@ -62,7 +62,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def snapshot(version: int) -> pb.PolicySnapshot:
     snap = pb.PolicySnapshot(version=version)
-    snap.jwt_providers.add(issuer="https://issuer.example", hs256_secret=SECRET.encode())
+    snap.jwt_providers.add(issuer="https://issuer.example", hs256_secret=SECRET.encode(), namespace="default")
     return snap
 
 
