@@ -189,13 +189,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             self._changed.notify_all()
 
     async def wait_acked(self, version: int, timeout: float) -> bool:
-        """Wait until some connected Envoy has ACKed ``version`` of every type the snapshot uses
-        (route configurations only when it has any: listeners with inline routes need no RDS)."""
+        """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
 
         def done() -> bool:
-            snap = self.snapshot
-            types = [t for t in ORDER if t != RDS or (snap is not None and snap.resources.get(RDS))]
-            return any(all(n.acked.get(t, 0) >= version for t in types) for n in self.nodes.values())
+            return any(all(n.acked.get(t, 0) >= version for t in ORDER) for n in self.nodes.values())
 
         async with self._acked:
             try:
