@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import date
 from typing import Any
 
@@ -355,3 +356,62 @@ class TestApplyAnthropic:
     def test_a_malformed_system_is_a_bad_request(self) -> None:
         with pytest.raises(BadRequest):
             apply_anthropic({"system": 5, "messages": []}, INJ)
+
+
+DATA_INJ = Injection(
+    system="GATEWAY",
+    history=(Turn("user", "old q"), Turn("assistant", "old a")),
+    tokens=0,
+    dropped_turns=0,
+    caller_data="<caller_profile>DATA</caller_profile>",
+)
+
+
+class TestCallerData:
+    def test_openai_caller_data_is_a_user_message_after_the_instructions_before_the_history(self) -> None:
+        body = {"messages": [{"role": "system", "content": "client sys"}, {"role": "user", "content": "now"}]}
+        out = apply_openai(body, DATA_INJ)
+        assert [(m["role"], m["content"]) for m in out["messages"]] == [
+            ("system", "GATEWAY"),
+            ("system", "client sys"),
+            ("user", DATA_INJ.caller_data),
+            ("user", "old q"),
+            ("assistant", "old a"),
+            ("user", "now"),
+        ]
+
+    def test_anthropic_caller_data_rides_in_the_first_user_turn_and_never_in_system(self) -> None:
+        body: dict[str, Any] = {"system": "client", "messages": [{"role": "user", "content": "now"}]}
+        original = copy.deepcopy(body)
+        out = apply_anthropic(body, DATA_INJ)
+        assert "DATA" not in json.dumps(out["system"])
+        first = out["messages"][0]
+        assert first["role"] == "user" and first["content"] == [
+            {"type": "text", "text": DATA_INJ.caller_data},
+            {"type": "text", "text": "old q"},
+        ]
+        assert [m["role"] for m in out["messages"]] == ["user", "assistant", "user"]
+        assert body == original  # the client's body is not mutated
+
+    def test_anthropic_caller_data_keeps_a_block_list_first_message_as_blocks(self) -> None:
+        blocks = [{"type": "image", "source": {"type": "url", "url": "https://x"}}]
+        inj = Injection("", (), 0, 0, caller_data="D")
+        out = apply_anthropic({"messages": [{"role": "user", "content": blocks}]}, inj)
+        assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "D"}, *blocks]}]
+        assert "system" not in out
+
+    @given(header=st.text(max_size=400))
+    def test_no_header_value_ever_reaches_the_system_text(self, header: str) -> None:
+        policy = ContextPolicy(
+            system_template="T ${user.h} ${user.name}",
+            profile=(ProfileField("h", header="x-h"), ProfileField("name", claim="nope", header="x-name")),
+        )
+        marker = "Zq9" + header
+        inj = build(policy, headers={"x-h": marker, "x-name": marker})
+        assert "Zq9" not in inj.system
+        if sanitize_value(marker):
+            assert inj.caller_data.startswith("<caller_profile>\n") and inj.caller_data.endswith("\n</caller_profile>")
+            # One JSON object that parses back to the sanitized values, and cannot close the tag.
+            obj = json.loads(inj.caller_data.split("\n")[2])
+            assert obj == {"h": sanitize_value(marker), "name": sanitize_value(marker)}
+            assert inj.caller_data.count("</caller_profile>") == 1
