@@ -264,20 +264,21 @@ class ModelCall(Handler):
         tagged = headers.get(BACKEND_HEADER)
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
-        if tagged is not None:
-            self.backend = tagged
-        if self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers):
-            # A provider's error never reaches the client as it was sent (see translate_errors).
+        # A provider's error never reaches the client as it was sent (see translate_errors).
+        provider_error = self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers)
+        if provider_error:
             self.upstream_error = self.status
             reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
             if not end_of_stream:
                 reply.response_body_mode = BUFFERED
                 reply.remove_headers.append("content-length")
-        elif tagged is None and self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
+        if tagged is not None:
+            self.backend = tagged
+        elif self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
             # An untagged answer from upstream came from the first backend, whose cluster has no
             # upstream filter. (Envoy's own local replies carry no upstream timing header.)
             self.backend = self.binding.primary.id
-            if self.translation is not None and not end_of_stream:
+            if self.translation is not None and not end_of_stream and not provider_error:
                 mode = self.translation.start(self.status, headers.get("content-type", ""))
                 if mode is not None:
                     self.translating = True
