@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.envoy_config import LOCAL_REPLIES, RenderSettings, listener, local_replies
+from controller.envoy_config import RenderSettings, listener
+from controller.local_replies import LOCAL_REPLIES, local_replies
 from crdgol.replies import (
     CODEC_HEADER_HEADROOM,
     EXTPROC_REPLY_DETAILS,
@@ -97,7 +98,10 @@ class TestProviderErrors:
 
 class TestLocalReplies:
     def mappers(self) -> list[dict[str, Any]]:
-        return list(local_replies(RenderSettings())["mappers"])
+        hcm = listener(RenderSettings(), [])["filter_chains"][0]["filters"][0]["typed_config"]
+        mappers = hcm["local_reply_config"]["mappers"]
+        assert mappers == local_replies(max_request_bytes=4 * 1024 * 1024, request_headers_timeout_s=10, request_timeout_s=60)["mappers"]
+        return list(mappers)
 
     def test_extprocs_own_answers_pass_through_first_and_unchanged(self) -> None:
         first = self.mappers()[0]
