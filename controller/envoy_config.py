@@ -8,10 +8,12 @@ Nothing here holds a secret: credentials travel only in the policy snapshot.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
@@ -96,12 +98,30 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def route_id(b: BindingSpec) -> str:
-    return f"{b.namespace}.{b.name}"
+def binding_stamp(b: BindingSpec) -> str:
+    """A short hash of what extproc must agree with Envoy about for this binding.
+
+    Route and cluster names carry it, so a name never changes meaning between config versions:
+    which backends the route reaches, at which priorities, and which one is rewritten by the
+    downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
+    change what a name means, so they keep the names (and Envoy's connection pools).
+    """
+    direct = direct_backend(b)
+    parts = (b.key, direct.name if direct else "", tuple((be.name, be.endpoint, be.priority) for be in b.backends))
+    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+
+
+def route_id(b: BindingSpec, stamp: str) -> str:
+    return f"{b.namespace}.{b.name}.{stamp}"
 
 
 def backend_id(b: BindingSpec, be: BackendSpec) -> str:
+    """The backend's stable id (metrics, logs); its Envoy cluster is ``cluster_name``."""
     return f"crdgol-be.{b.namespace}.{b.name}.{be.name}"
+
+
+def cluster_name(b: BindingSpec, be: BackendSpec, stamp: str) -> str:
+    return f"{backend_id(b, be)}.{stamp}"
 
 
 def socket_address(host: str, port: int) -> Json:
@@ -187,8 +207,8 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
     return [strip, codec]
 
 
-def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, direct: bool = False) -> Json:
-    name = backend_id(b, be)
+def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
+    name = cluster_name(b, be, stamp)
     ep = be.endpoint
     cluster: Json = {
         "name": name,
@@ -207,6 +227,7 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
                 http_filters=upstream_filters(name, direct, settings),
             )
         },
+        **cluster_health(b.health, ep.host),
     }
     if ep.tls:
         cluster["transport_socket"] = {
@@ -225,13 +246,13 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
     return cluster
 
 
-def binding_route(b: BindingSpec) -> Json:
+def binding_route(b: BindingSpec, stamp: str) -> Json:
     levels = sorted({be.priority for be in b.backends})
     groups = [
         {
             "name": f"p{level}",
             "clusters": [
-                {"cluster_name": backend_id(b, be), "weight": be.weight} for be in b.backends if be.priority == level
+                {"cluster_name": cluster_name(b, be, stamp), "weight": be.weight} for be in b.backends if be.priority == level
             ],
         }
         for level in levels
@@ -262,36 +283,52 @@ def binding_route(b: BindingSpec) -> Json:
         if "429" in b.retry.on:
             policy["retriable_status_codes"] = [429]
         route["retry_policy"] = policy
+    rid = route_id(b, stamp)
     return {
-        "name": b.key,
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route_id(b)}}]},
+        "name": rid,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": rid}}]},
         "route": route,
     }
 
 
-def listener(settings: RenderSettings, routes: list[Json]) -> Json:
-    # The body is the message: the local-reply mappers shape it for the client's API.
+ROUTE_CONFIG = "crdgol"
+
+
+def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
+    """The gateway's route table: one route per binding, then a JSON 404 for everything else."""
     not_found = {
         "name": "not-found",
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": "no route for this request"}},
     }
+    return {
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "request_body_buffer_limit": settings.max_request_bytes,
+                "routes": [*routes, not_found],
+            }
+        ],
+    }
+
+
+def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False) -> Json:
+    """The gateway listener. With ``rds`` its routes come over xDS (RDS) instead of inline: a
+    route change then reaches every open connection at once, where a changed listener would
+    leave open connections on the old routes while they drain."""
+    routing: Json = (
+        {"rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": ROUTE_CONFIG}}
+        if rds
+        else {"route_config": route_configuration(settings, routes)}
+    )
     hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="crdgol",
         codec_type="AUTO",
         generate_request_id=True,
-        route_config={
-            "name": "crdgol",
-            "virtual_hosts": [
-                {
-                    "name": "gateway",
-                    "domains": ["*"],
-                    "request_body_buffer_limit": settings.max_request_bytes,
-                    "routes": [*routes, not_found],
-                }
-            ],
-        },
+        **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
@@ -354,9 +391,23 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 XDS_CLUSTER = "crdgol-xds"
 
 
-def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway") -> Json:
-    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server."""
+def ads_bootstrap(
+    settings: RenderSettings,
+    xds_host: str,
+    xds_port: int,
+    node_id: str = "crdgol-gateway",
+    *,
+    xds_socket: str = "",
+    xds_tls: Json | None = None,
+) -> Json:
+    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server
+    (at ``xds_host:xds_port``, or on the Unix socket ``xds_socket`` when it is given; over mutual
+    TLS when ``xds_tls`` is a transport socket from ``xds_client_tls``)."""
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_address = {"pipe": {"path": xds_socket}} if xds_socket else socket_address(xds_host, xds_port)
+    xds = grpc_cluster(XDS_CLUSTER, [xds_address], dns=not xds_socket and not is_ip(xds_host))
+    if xds_tls is not None:
+        xds["transport_socket"] = xds_tls
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -375,7 +426,27 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
             "clusters": [
                 # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
                 extproc_cluster(settings),
-                grpc_cluster(XDS_CLUSTER, [socket_address(xds_host, xds_port)], dns=not is_ip(xds_host)),
+                xds,
             ]
         },
+    }
+
+
+def xds_client_tls(cert: str, key: str, ca: str, server_name: str) -> Json:
+    """Envoy's side of the control plane's mutual TLS: present ``cert``, and accept only a
+    controller whose certificate chains to ``ca`` and names ``server_name``."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=server_name,
+            common_tls_context={
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                },
+            },
+        ),
     }

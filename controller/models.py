@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from controller.health import ActiveCheckSpec, BreakerSpec, HealthSpec, OutlierSpec
+from crdgol import tenancy
 
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
@@ -93,7 +97,7 @@ class QuotaSpec:
 @dataclass(frozen=True, slots=True)
 class QuotasSpec:
     default: QuotaSpec | None = None
-    tenants: tuple[tuple[str, QuotaSpec], ...] = ()
+    tenants: tuple[tuple[str, QuotaSpec], ...] = ()  # by qualified tenant
     rate_limits_fail_open: bool = True
     budgets_fail_open: bool = False
 
@@ -152,6 +156,7 @@ class BindingSpec:
     generation: int
     model: str
     backends: tuple[BackendSpec, ...]
+    # Qualified tenant patterns ("ns/name", "ns/*"): who may call the model (crdgol.tenancy).
     tenants: tuple[str, ...]
     context: ContextSpec
     jwt: tuple[JwtSpec, ...]
@@ -159,6 +164,7 @@ class BindingSpec:
     per_try_timeout: float
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
 
     @property
     def key(self) -> str:
@@ -212,7 +218,15 @@ def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
         return None
     if not isinstance(raw, dict) or not raw.get("name") or not raw.get("key"):
         raise SpecError("InvalidSecretRef", f"{what}: needs 'name' and 'key'")
-    return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
+    # A binding reads Secrets of its own namespace only: naming another namespace's Secret would
+    # spend that namespace's provider account or sign as its issuer.
+    other = str(raw.get("namespace") or namespace)
+    if other != namespace:
+        raise SpecError(
+            "CrossNamespaceReference",
+            f"{what}.namespace: a binding may only use Secrets of its own namespace {namespace!r}, not {other!r}",
+        )
+    return SecretRef(str(raw["name"]), str(raw["key"]), namespace)
 
 
 def _int(raw: object, what: str, lo: int, hi: int) -> int:
@@ -315,15 +329,28 @@ def _fail(raw: object, what: str, default: str) -> bool:
     return value == "open"
 
 
-def _quotas(raw: object) -> QuotasSpec:
+def _tenant(parse: Callable[[str, str], str], raw: object, namespace: str, what: str) -> str:
+    try:
+        return parse(str(raw), namespace)
+    except ValueError as exc:
+        raise SpecError("InvalidTenant", f"{what}: {exc}") from None
+
+
+def _quotas(raw: object, namespace: str) -> QuotasSpec:
     q = _dict(raw, "spec.quotas")
     if not q:
         return QuotasSpec()
-    tenants = _dict(q.get("tenants"), "spec.quotas.tenants")
+    tenants: dict[str, QuotaSpec] = {}
+    for t, v in _dict(q.get("tenants"), "spec.quotas.tenants").items():
+        what = f"spec.quotas.tenants.{t}"
+        key = _tenant(tenancy.parse_key, t, namespace, what)
+        if key in tenants:
+            raise SpecError("InvalidTenant", f"{what}: the tenant {key} has two entries")
+        tenants[key] = _quota(v, what)
     fail = _dict(q.get("failPolicy"), "spec.quotas.failPolicy")
     return QuotasSpec(
         default=_quota(q["default"], "spec.quotas.default") if q.get("default") is not None else None,
-        tenants=tuple((str(t), _quota(v, f"spec.quotas.tenants.{t}")) for t, v in sorted(tenants.items())),
+        tenants=tuple(sorted(tenants.items())),
         rate_limits_fail_open=_fail(fail.get("rateLimits"), "spec.quotas.failPolicy.rateLimits", "open"),
         budgets_fail_open=_fail(fail.get("budgets"), "spec.quotas.failPolicy.budgets", "closed"),
     )
@@ -404,6 +431,15 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
     )
 
 
+def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
+    jwts = tuple(_jwt(j, i, namespace) for i, j in enumerate(_list(raw, "spec.auth.jwt")))
+    issuers = [j.issuer for j in jwts]
+    for i, issuer in enumerate(issuers):
+        if issuer in issuers[:i]:
+            raise SpecError("JwtIssuerConflict", f"spec.auth.jwt[{i}].issuer: {issuer!r} is declared twice")
+    return jwts
+
+
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
     meta = _dict(obj.get("metadata"), "metadata")
     name = str(meta.get("name") or "")
@@ -437,14 +473,59 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         generation=int(meta.get("generation") or 1),
         model=model,
         backends=backends,
-        tenants=tuple(str(t) for t in _list(spec.get("tenants"), "spec.tenants")),
+        tenants=_tenants(spec.get("tenants"), namespace),
         context=_context(spec.get("context")),
-        jwt=tuple(_jwt(j, i, namespace) for i, j in enumerate(_list(auth.get("jwt"), "spec.auth.jwt"))),
+        jwt=_jwts(auth.get("jwt"), namespace),
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
-        quotas=_check_budget(_quotas(spec.get("quotas")), backends),
+        quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
+        health=_health(spec.get("health")),
     )
+
+
+def _health(raw: object) -> HealthSpec:
+    h = _dict(raw, "spec.health")
+    o = _dict(h.get("outlierDetection"), "spec.health.outlierDetection")
+    c = _dict(h.get("circuitBreakers"), "spec.health.circuitBreakers")
+    d_o, d_c, d_a = OutlierSpec(), BreakerSpec(), ActiveCheckSpec()
+    what = "spec.health"
+    active = None
+    if h.get("activeCheck") is not None:
+        a = _dict(h.get("activeCheck"), f"{what}.activeCheck")
+        path = str(a.get("path", d_a.path))
+        if not path.startswith("/"):
+            raise SpecError("InvalidSpec", f"{what}.activeCheck.path: {path!r} must start with /")
+        active = ActiveCheckSpec(
+            path=path,
+            interval=parse_duration(a.get("interval", "10s"), f"{what}.activeCheck.interval"),
+            timeout=parse_duration(a.get("timeout", "2s"), f"{what}.activeCheck.timeout"),
+            unhealthy_threshold=_int(a.get("unhealthyThreshold", d_a.unhealthy_threshold), f"{what}.activeCheck.unhealthyThreshold", 1, 100),
+            healthy_threshold=_int(a.get("healthyThreshold", d_a.healthy_threshold), f"{what}.activeCheck.healthyThreshold", 1, 100),
+        )
+    return HealthSpec(
+        outlier=OutlierSpec(
+            consecutive_5xx=_int(o.get("consecutive5xx", d_o.consecutive_5xx), f"{what}.outlierDetection.consecutive5xx", 0, 1000),
+            interval=parse_duration(o.get("interval", "10s"), f"{what}.outlierDetection.interval"),
+            base_ejection_time=parse_duration(o.get("baseEjectionTime", "30s"), f"{what}.outlierDetection.baseEjectionTime"),
+            max_ejection_percent=_int(o.get("maxEjectionPercent", 100), f"{what}.outlierDetection.maxEjectionPercent", 0, 100),
+        ),
+        breakers=BreakerSpec(
+            max_connections=_int(c.get("maxConnections", d_c.max_connections), f"{what}.circuitBreakers.maxConnections", 1, 10**6),
+            max_pending_requests=_int(c.get("maxPendingRequests", d_c.max_pending_requests), f"{what}.circuitBreakers.maxPendingRequests", 1, 10**6),
+            max_requests=_int(c.get("maxRequests", d_c.max_requests), f"{what}.circuitBreakers.maxRequests", 1, 10**6),
+            max_retries=_int(c.get("maxRetries", d_c.max_retries), f"{what}.circuitBreakers.maxRetries", 0, 10**6),
+        ),
+        active=active,
+    )
+
+
+def _tenants(raw: object, namespace: str) -> tuple[str, ...]:
+    """Qualified tenant patterns (see ``crdgol.tenancy``); none given means the own namespace."""
+    patterns = {
+        _tenant(tenancy.parse_pattern, t, namespace, f"spec.tenants[{i}]") for i, t in enumerate(_list(raw, "spec.tenants"))
+    }
+    return tuple(sorted(patterns)) if patterns else (tenancy.qualified(namespace, tenancy.WILDCARD),)
 
 
 def _check_budget(quotas: QuotasSpec, backends: tuple[BackendSpec, ...]) -> QuotasSpec:

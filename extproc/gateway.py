@@ -141,9 +141,8 @@ class Models(Handler):
         ident = authenticate(self.services, headers)
         policy = self.services.current
         data = [
-            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.key.split("/", 1)[0]}
-            for b in sorted(policy.bindings.values(), key=lambda b: b.model)
-            if b.allows(ident.tenant)
+            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.namespace}
+            for b in policy.visible(ident.tenants)
         ]
         return Respond(200, orjson.dumps({"object": "list", "data": data}))
 
@@ -201,12 +200,15 @@ class ModelCall(Handler):
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required: name one of the models GET /v1/models lists", code="missing_model")
         self.request_model = model
-        binding = self.services.current.bindings.get(model)
+        assert self.identity is not None
+        # Which binding, and which of the caller's tenants it acts as, is decided here: quotas,
+        # history and metrics below all key on that one qualified tenant (crdgol.tenancy).
+        binding, tenant = self.services.current.resolve(model, self.identity.tenants)
         if binding is None:
             raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
-        assert self.identity is not None
-        if not binding.allows(self.identity.tenant):
-            raise Forbidden(f"tenant {self.identity.tenant!r} may not call the model {model!r}")
+        if not tenant:
+            raise Forbidden(f"tenant {' or '.join(self.identity.tenants)} may not call the model {model!r}")
+        self.identity = self.identity.acting_as(tenant)
         self.binding = binding
         return binding
 

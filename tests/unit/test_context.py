@@ -27,8 +27,9 @@ from extproc.history import Turn
 from extproc.policy import ContextPolicy, HistoryPolicy, ProfileField, Snippet
 
 TODAY = date(2030, 1, 2)
-JWT_ID = Identity("acme", "alice", "jwt", {"name": "Alice", "groups": ["eng", "ops"]})
-KEY_ID = Identity("acme", "apikey:deadbeef", "api_key", {})
+# The tenant is opaque to the context builder: it renders whatever the identity acts as.
+JWT_ID = Identity(("acme",), "alice", "jwt", {"name": "Alice", "groups": ["eng", "ops"]}, tenant="acme")
+KEY_ID = Identity(("acme",), "apikey:deadbeef", "api_key", {}, tenant="acme")
 
 
 def pairs(n: int, size: int = 40) -> list[Turn]:
