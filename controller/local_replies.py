@@ -83,7 +83,7 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
     LocalReply(_status("EQ", 408), 408, False, "invalid_request_error", "request_timeout",
                "the request was not received in time: send the headers within {headers_s} s and the whole request "
                "within {request_s} s"),
-    LocalReply(_status("EQ", 404), 404, False, "not_found_error", "not_found", "%LOCAL_REPLY_BODY%"),
+    LocalReply(_status("EQ", 404), 404, False, "not_found_error", "not_found", "the gateway has no route for this request"),
     LocalReply(_status("EQ", 400), 400, False, "invalid_request_error", "bad_request",
                "the request is not valid HTTP (%RESPONSE_CODE_DETAILS%)"),
     LocalReply(_status("EQ", 502), 502, False, "server_error", "bad_gateway",
