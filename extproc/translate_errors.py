@@ -72,11 +72,13 @@ _STATUS_ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 
                      529: "overloaded_error"}
 
 # What a credential looks like when a provider echoes one: a bearer token, a prefixed key
-# (sk-..., sk-ant-..., key_..., also masked forms like sk-abc****wxyz), or any long unbroken token.
+# (sk-..., sk-ant-..., key_..., also masked forms like sk-abc****wxyz), or any long unbroken token;
+# keys carry digits (or a mask) and long runs without hyphens, which spares words like
+# ``token_limit`` and hyphenated model names.
 _KEYLIKE = re.compile(
     r"(?i)\bbearer\s+\S+"
-    r"|\b(?:sk|pk|rk|key|api|apikey|token|secret|sess)[-_][A-Za-z0-9*._\-]{4,}"
-    r"|[A-Za-z0-9+/_\-*]{32,}"
+    r"|\b(?:sk|pk|rk|key|api|apikey|token|secret|sess)[-_](?=[A-Za-z._\-]*[0-9*])[A-Za-z0-9*._\-]{4,}"
+    r"|(?=[A-Za-z+/_*]*[0-9])[A-Za-z0-9+/_*]{24,}"
 )
 _CODE = re.compile(r"[a-z0-9_.\-]{1,64}")
 _STRIP_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
