@@ -21,7 +21,8 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 (registers the Any type)
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 (registers the Any type)
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
@@ -192,7 +193,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
 
         def done() -> bool:
-            return any(all(n.acked.get(t, 0) >= version for t in ORDER) for n in self.nodes.values())
+            # Clusters and listeners always; routes when the node subscribed to them (RDS).
+            return any(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
 
         async with self._acked:
             try:
@@ -207,7 +212,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         timeout, e.g. when an Envoy NACKed it."""
 
         def done() -> bool:
-            return all(all(v >= version for v in n.acked.values()) for n in self.nodes.values())
+            return all(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
 
         async with self._acked:
             try:
