@@ -17,6 +17,17 @@ from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
+from crdgol.usage_log import (
+    ACCESS_LOG_NAME,
+    CACHE_CREATION_TOKENS,
+    CACHE_READ_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RESPONSE_MODEL,
+    SETTLE_NAMESPACE,
+    USAGE_LOG_METADATA,
+    USAGE_NAMESPACE,
+)
 
 ROUTE_HEADER = "x-crdgol-route"
 
@@ -73,6 +84,11 @@ class RenderSettings:
     version: int = 1
     generated_at: int = 0
     ca_bundle: str = CA_BUNDLE
+    # Usage read by native filters and sent to extproc over the gRPC access log, batched for up
+    # to this long per Envoy worker (the settle delay: README, "Quotas"). Off: extproc reads usage
+    # from every response body, as the Istio config has it.
+    usage_log: bool = True
+    usage_log_flush_ms: int = 20
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -146,6 +162,12 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
     }
     if backend is not None:
         grpc["initial_metadata"] = [{"key": BACKEND_METADATA, "value": backend}]
+    extra: Json = {}
+    if backend is None and settings.usage_log:
+        # Usage reaches extproc over the access log: it may skip response bodies it does not need,
+        # and marks a request whose usage it settles from the log entry.
+        grpc["initial_metadata"] = [{"key": USAGE_LOG_METADATA, "value": "1"}]
+        extra["metadata_options"] = {"receiving_namespaces": {"untyped": [SETTLE_NAMESPACE]}}
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": typed(
@@ -171,6 +193,78 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
             allow_mode_override=True,
             # The upstream filter rewrites :path and :authority for the chosen backend.
             mutation_rules={"allow_all_routing": True},
+            **extra,
+        ),
+    }
+
+
+def _usage_rule(path: list[str], key: str, kind: str = "NUMBER") -> Json:
+    return {"selectors": [{"key": p} for p in path], "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": kind}}
+
+
+def _typed_struct(type_name: str, **value: Any) -> Json:
+    # xds-protos lacks sse_to_metadata's protos: Envoy converts a TypedStruct itself.
+    return {"@type": "type.googleapis.com/xds.type.v3.TypedStruct", "type_url": f"type.googleapis.com/{type_name}", "value": value}
+
+
+def usage_filters() -> list[Json]:
+    """Native filters that read token usage from responses (JSON and SSE, both APIs) into
+    dynamic metadata, so extproc needs no response body for usage (``crdgol.usage_log``)."""
+    json_rules = [
+        _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS),  # OpenAI
+        _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS),
+        _usage_rule(["usage", "input_tokens"], INPUT_TOKENS),  # Anthropic
+        _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS),
+        _usage_rule(["usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS),
+        _usage_rule(["usage", "cache_read_input_tokens"], CACHE_READ_TOKENS),
+        _usage_rule(["model"], RESPONSE_MODEL, "STRING"),
+    ]
+    sse_rules = [
+        {"rule": _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS)},  # OpenAI's final chunk
+        {"rule": _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS)},
+        {"rule": _usage_rule(["message", "usage", "input_tokens"], INPUT_TOKENS)},  # Anthropic message_start
+        {"rule": _usage_rule(["message", "usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS)},
+        {"rule": _usage_rule(["message", "usage", "cache_read_input_tokens"], CACHE_READ_TOKENS)},
+        {"rule": _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS)},  # Anthropic message_delta
+        {"rule": _usage_rule(["model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
+        {"rule": _usage_rule(["message", "model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
+    ]
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": typed(
+                "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                response_rules={"rules": json_rules, "allow_content_types": ["application/json"]},
+            ),
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": _typed_struct(
+                "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                response_rules={
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": _typed_struct("envoy.extensions.content_parsers.json.v3.JsonContentParser", rules=sse_rules),
+                    }
+                },
+            ),
+        },
+    ]
+
+
+def usage_access_log(settings: RenderSettings) -> Json:
+    """Every finished request's entry (aborted ones included) to extproc, batched per worker."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": typed(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={
+                "log_name": ACCESS_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "buffer_flush_interval": f"{settings.usage_log_flush_ms / 1000:.3f}s",
+                "buffer_size_bytes": 16384,
+            },
         ),
     }
 
@@ -331,8 +425,10 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
+            *(usage_filters() if settings.usage_log else []),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],
+        access_log=[usage_access_log(settings)] if settings.usage_log else [],
         local_reply_config=local_replies(
             max_request_bytes=settings.max_request_bytes,
             request_headers_timeout_s=settings.request_headers_timeout_s,

@@ -104,6 +104,8 @@ class MeshSettings:
             extproc_timeout_ms=self.extproc_timeout_ms,
             max_request_bytes=self.max_request_bytes,
             ca_bundle=self.ca_bundle,
+            # The mesh config carries no usage access log: extproc reads usage from bodies.
+            usage_log=False,
         )
 
     @property

@@ -30,6 +30,8 @@ import math
 import time
 from typing import Any
 
+import orjson
+
 from extproc.errors import RateLimited
 from extproc.policy import Binding, QuotaRule
 from extproc.quota import Decision, Demand, Limit, Price, estimate_demand, quota_scope
@@ -63,6 +65,24 @@ def at_least(seen: Usage | None, reserved: Demand, price: Price | None) -> Deman
 
 
 PROVIDER_ERROR_CHARGE = Demand(requests=1)
+
+
+def encode_reservation(r: Reservation) -> str:
+    """A reservation as a string, to travel in Envoy's dynamic metadata and come back."""
+    d = r.demand
+    return orjson.dumps(
+        {"id": r.id, "scope": r.scope, "counters": r.counters, "demand": [d.requests, d.input_tokens, d.output_tokens, d.cost_micros], "concurrent": r.concurrent}
+    ).decode()
+
+
+def decode_reservation(raw: str) -> Reservation | None:
+    """The reservation ``encode_reservation`` wrote; None for anything else."""
+    try:
+        doc = orjson.loads(raw)
+        counters = tuple((str(m), int(s), int(t)) for m, s, t in doc["counters"])
+        return Reservation(str(doc["id"]), str(doc["scope"]), counters, Demand(*(int(x) for x in doc["demand"])), bool(doc["concurrent"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 class QuotaExceeded(RateLimited):

@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 
 from crdgol.replies import ANTHROPIC_PATH
+from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as mcp
 from extproc import translate_errors
-from extproc.admission import Admission, Outcome
+from extproc.admission import Admission, Outcome, encode_reservation
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
@@ -57,12 +58,15 @@ UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 class Downstream(Handler):
     """Picks the endpoint strategy from the first message, then delegates to it."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, usage_log: bool = False) -> None:
         self.services = services
+        self.usage_log = usage_log
         self.inner: Handler = Handler()
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
+        if isinstance(self.inner, ModelCall):
+            self.inner.usage_log = self.usage_log
         check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
@@ -169,6 +173,10 @@ class ModelCall(Handler):
         self.translation: ResponseTranslation | None = None
         self.translating = False
         self.answered = False
+        # Usage can come over Envoy's access log (``extproc.usage_log``): a response whose body
+        # nothing else needs is then not sent to extproc at all, and settled from the log entry.
+        self.usage_log = False
+        self.deferred = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
 
@@ -310,7 +318,20 @@ class ModelCall(Handler):
             self.account(None, complete=True)
             return reply
         if reply.response_body_mode is None:
+            if self.usage_log and not self.needs_body(headers):
+                return self.defer(reply)
             reply.response_body_mode = BUFFERED
+        return reply
+
+    def needs_body(self, headers: Headers) -> bool:
+        """Whether anything but usage needs this (200, untranslated) response's body."""
+        return False
+
+    def defer(self, reply: Continue) -> Continue:
+        """Settle from the access-log entry instead of the body: mark the request for it."""
+        self.deferred = True
+        self.finished = True  # this stream accounts nothing more; the log entry does
+        reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -337,6 +358,20 @@ class ModelCall(Handler):
             # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
             self.account(self.seen_usage(), complete=False)
+
+
+def settle_record(call: ModelCall) -> dict[str, str | float]:
+    """What the access-log consumer needs to settle and count ``call`` (``extproc.usage_log``)."""
+    r = call.admission.reservation
+    labels = call.labels()
+    return {
+        "reservation": encode_reservation(r) if r is not None and not call.admission.done else "",
+        "tenant": labels.tenant,
+        "binding": labels.binding,
+        "backend": labels.backend,
+        "operation": labels.operation,
+        "request_model": labels.request_model,
+    }
 
 
 class Embeddings(ModelCall):
@@ -425,6 +460,14 @@ class Completion(ModelCall):
         if inj.dropped_turns:
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
         return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
+
+    def needs_body(self, headers: Headers) -> bool:
+        binding = self.binding
+        if binding is not None and binding.context.history.enabled and self.session:
+            return True  # the reply's text joins the session history
+        # A stream whose forced usage chunk must be stripped for a client that did not ask.
+        stream = "text/event-stream" in headers.get("content-type", "")
+        return stream and self.api is Api.OPENAI and not self.client_wants_usage
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         reply = await super().response_headers(headers, end_of_stream)

@@ -58,6 +58,8 @@ class Continue:
     # request-headers reply; the downstream filter skips responses unless asked, see
     # ``controller.envoy_config.ext_proc_filter``).
     process_response: bool = False
+    # Dynamic metadata for Envoy: namespace -> fields (strings and numbers).
+    dynamic_metadata: dict[str, dict[str, str | float]] | None = None
 
 
 @dataclass(slots=True)
@@ -178,6 +180,8 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
             resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
             if reply.response_body_mode is not None:
                 resp.mode_override.response_body_mode = reply.response_body_mode
+            if reply.dynamic_metadata:
+                resp.dynamic_metadata.update(reply.dynamic_metadata)
             return resp
         case "response_body":
             return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))

@@ -17,18 +17,21 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crdgol.control_plane import ClientAuth, private_socket
 from crdgol.pb import policy_pb2 as pb
+from crdgol.usage_log import USAGE_LOG_METADATA
 from extproc import phases
 from extproc.errors import GatewayError
 from extproc.gateway import Downstream
 from extproc.phases import Handler, Headers, Reply
 from extproc.services import Services
 from extproc.upstream import Attempt
+from extproc.usage_log import UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
         backend = ""
+        usage_log = False
         for key, value in context.invocation_metadata() or ():
             if key == BACKEND_METADATA:
                 backend = value if isinstance(value, str) else value.decode()
+            elif key == USAGE_LOG_METADATA:
+                usage_log = True
         if not backend:
-            return "downstream", Downstream(self.services)
+            return "downstream", Downstream(self.services, usage_log=usage_log)
         try:
             return "upstream", Attempt(self.services, backend)
         except GatewayError as exc:
@@ -133,6 +139,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(Processor(services), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(UsageLog(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     capacity = services.capacity

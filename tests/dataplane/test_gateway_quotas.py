@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def test_eight_concurrent_requests_give_five_answers_and_three_429s(quotas: Stac
 
 def test_usage_is_settled_with_the_real_token_count(quotas: Stack) -> None:
     first = httpx.post(f"{quotas.url}/v1/chat/completions", json=BODY, headers=HEADERS, timeout=30)
+    # Usage is settled off the request path, from Envoy's access log, within its flush interval
+    # (20 ms) of the response: README, "Quotas".
+    time.sleep(0.2)
     second = httpx.post(f"{quotas.url}/v1/chat/completions", json=BODY, headers=HEADERS, timeout=30)
     assert first.status_code == second.status_code == 200
     used_first = first.json()["usage"]["total_tokens"]

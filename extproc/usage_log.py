@@ -1,0 +1,138 @@
+"""Usage off the request path: settle quotas and count metrics from Envoy's access-log entries.
+
+Contract
+--------
+* Envoy's gRPC access-log service (``envoy.service.accesslog.v3``) streams every finished HTTP
+  request's entry to extproc, batched per worker (``controller.envoy_config.usage_access_log``).
+* Only entries that carry ``crdgol.settle`` metadata are acted on: extproc set it in its answer
+  to the response headers of a request whose body it did not ask for
+  (``extproc.gateway.ModelCall.defer``). It names the reservation and the metric labels.
+* The usage is what Envoy's native filters read from the response into ``crdgol.usage``; the
+  charge rule (``extproc.admission``) applies unchanged: a request that ended cleanly with a usage
+  block is charged exactly that; one cut short (client gone, upstream reset, a timeout: Envoy's
+  response flags) or without usage is charged at least its reservation. A deferred request was
+  answered by a provider by construction (its 200 response headers came from upstream).
+* Each entry is handled once: Envoy logs each downstream request once, and the store's settle is
+  idempotent by reservation id. An entry that never arrives (extproc down when Envoy flushed)
+  leaves the reservation charged at its estimate; its concurrency slot frees at the store's TTL.
+* The settle delay adds to the overshoot bound: a finished request's usage is counted at most
+  ``usage_log_flush_ms`` (+ one gRPC hop) after its response ended (README, "Quotas").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import struct_pb2
+
+from crdgol.usage_log import (
+    CACHE_CREATION_TOKENS,
+    CACHE_READ_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    SETTLE_NAMESPACE,
+    USAGE_NAMESPACE,
+)
+from extproc.admission import Admission, Outcome, decode_reservation
+from extproc.metrics import RequestLabels
+from extproc.services import Services
+from extproc.usage import Usage
+
+log = logging.getLogger(__name__)
+
+# Response flags that mean the answer did not end as the provider sent it.
+_CUT = (
+    "downstream_connection_termination",
+    "downstream_remote_reset",
+    "upstream_remote_reset",
+    "upstream_connection_termination",
+    "upstream_request_timeout",
+    "stream_idle_timeout",
+    "local_reset",
+    "duration_timeout",
+    "upstream_max_stream_duration_reached",
+    "upstream_protocol_error",
+    "downstream_protocol_error",
+)
+
+
+def _number(fields: Any, key: str) -> int:
+    v = fields.get(key)
+    return int(v.number_value) if v is not None and v.HasField("number_value") else 0
+
+
+def usage_of(metadata: struct_pb2.Struct | None) -> Usage | None:
+    """The usage the native filters wrote, or None when they found none."""
+    if metadata is None:
+        return None
+    f = metadata.fields
+    if INPUT_TOKENS not in f and OUTPUT_TOKENS not in f:
+        return None
+    prompt = _number(f, INPUT_TOKENS) + _number(f, CACHE_CREATION_TOKENS) + _number(f, CACHE_READ_TOKENS)
+    return Usage(prompt, _number(f, OUTPUT_TOKENS))
+
+
+def cut_short(entry: al.HTTPAccessLogEntry) -> bool:
+    flags = entry.common_properties.response_flags
+    return any(getattr(flags, name) for name in _CUT)
+
+
+def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
+    """Settle and count one deferred request from its log entry; False if it was not one."""
+    md = entry.common_properties.metadata.filter_metadata
+    if SETTLE_NAMESPACE not in md:
+        return False
+    fields = md[SETTLE_NAMESPACE].fields
+
+    def text(key: str) -> str:
+        v = fields.get(key)
+        return v.string_value if v is not None else ""
+
+    usage = usage_of(md.get(USAGE_NAMESPACE))
+    complete = not cut_short(entry) and usage is not None and usage.input_tokens > 0
+    backend = text("backend") or entry.common_properties.upstream_cluster
+    reservation = decode_reservation(text("reservation")) if text("reservation") else None
+    if reservation is not None:
+        admission = Admission(services)
+        admission.reservation = reservation
+        admission.finish(Outcome.ANSWERED if complete else Outcome.CUT_SHORT, usage, backend)
+    labels = RequestLabels(
+        tenant=text("tenant"),
+        binding=text("binding"),
+        backend=backend,
+        operation=text("operation"),
+        request_model=text("request_model"),
+        response_model=text("request_model"),
+    )
+    m = services.metrics
+    if usage is not None:
+        m.record_usage(labels, usage.input_tokens, usage.output_tokens)
+    status = entry.response.response_code.value
+    took = entry.common_properties.time_to_last_downstream_tx_byte
+    m.record_duration(labels, status, took.seconds + took.nanos / 1e9)
+    m.requests.labels(labels.operation, str(status)).inc()
+    return True
+
+
+class UsageLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """The access-log service on extproc's gRPC server."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for msg in request_iterator:
+            for entry in msg.http_logs.log_entry:
+                try:
+                    settle_entry(self.services, entry)
+                except Exception:  # one bad entry must not lose the rest of the batch
+                    self.services.metrics.handler_errors.inc()
+                    log.exception("could not settle an access-log entry")
+        return als_pb2.StreamAccessLogsResponse()
