@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from tests.conftest import ACME_KEY, PROVIDER_KEY, Gateway
 
@@ -16,6 +17,11 @@ def total(pattern: re.Pattern[str], text: str) -> float:
 def test_token_usage_and_duration_are_exported_per_tenant_binding_and_backend(gw: Gateway) -> None:
     before = total(USAGE, gw.metrics())
     assert gw.chat("chat", "count my tokens").status_code == 200
+    # Usage is counted off the request path, from Envoy's access log (flushed every 20 ms).
+    deadline = time.monotonic() + 2
+    while total(USAGE, text := gw.metrics()) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # and only once: nothing more arrives
     text = gw.metrics()
     assert total(USAGE, text) == before + 1  # this request, once
     assert re.search(r'gen_ai_server_request_duration_seconds_bucket\{[^}]*http_response_status_code="200"', text)
