@@ -22,6 +22,7 @@ from crdgol.usage_log import (
     CACHE_CREATION_TOKENS,
     CACHE_READ_TOKENS,
     INPUT_TOKENS,
+    LAST_EVENT,
     OUTPUT_TOKENS,
     RESPONSE_MODEL,
     SETTLE_NAMESPACE,
@@ -226,6 +227,8 @@ def usage_filters() -> list[Json]:
         {"rule": _usage_rule(["message", "usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS)},
         {"rule": _usage_rule(["message", "usage", "cache_read_input_tokens"], CACHE_READ_TOKENS)},
         {"rule": _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS)},  # Anthropic message_delta
+        # Anthropic events carry a type; the last one is message_stop only if the stream ended whole.
+        {"rule": _usage_rule(["type"], LAST_EVENT, "STRING")},
         {"rule": _usage_rule(["model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
         {"rule": _usage_rule(["message", "model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
     ]

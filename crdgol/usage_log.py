@@ -23,3 +23,6 @@ OUTPUT_TOKENS = "output_tokens"
 CACHE_CREATION_TOKENS = "cache_creation_input_tokens"
 CACHE_READ_TOKENS = "cache_read_input_tokens"
 RESPONSE_MODEL = "model"
+# The type of the last Anthropic stream event seen: "message_stop" when the stream completed.
+LAST_EVENT = "last_event"
+STREAM_COMPLETE = "message_stop"

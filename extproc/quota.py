@@ -27,7 +27,9 @@ Contract
   requests in flight when the limit was last checked, of how much their actual usage exceeds their
   reservation. When a request sets ``max_tokens``, its reservation is an upper bound on its output,
   so the overshoot comes only from the prompt-token estimation error; without ``max_tokens`` the
-  default output reservation may also be exceeded. Once a counter is over its amount, every later
+  default output reservation may also be exceeded. A request settled asynchronously (from Envoy's
+  access log, ``extproc.usage_log``) counts as in flight until it is settled. Once a counter is
+  over its amount, every later
   request with a non-zero demand on it is refused until the window resets.
 * **Money** is integer micro-units (1e-6 of the currency); a ``Price`` is micro-units per million
   tokens. ``cost_micros`` rounds up once per request with exact integer arithmetic, so a request is

@@ -34,8 +34,10 @@ from crdgol.usage_log import (
     CACHE_CREATION_TOKENS,
     CACHE_READ_TOKENS,
     INPUT_TOKENS,
+    LAST_EVENT,
     OUTPUT_TOKENS,
     SETTLE_NAMESPACE,
+    STREAM_COMPLETE,
     USAGE_NAMESPACE,
 )
 from extproc.admission import Admission, Outcome, decode_reservation
@@ -93,8 +95,12 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         v = fields.get(key)
         return v.string_value if v is not None else ""
 
-    usage = usage_of(md.get(USAGE_NAMESPACE))
+    found = md.get(USAGE_NAMESPACE)
+    usage = usage_of(found)
     complete = not cut_short(entry) and usage is not None and usage.input_tokens > 0
+    last_event = found.fields.get(LAST_EVENT) if found is not None else None
+    if last_event is not None and last_event.string_value != STREAM_COMPLETE:
+        complete = False  # an Anthropic stream that stopped before message_stop: usage not final
     backend = text("backend") or entry.common_properties.upstream_cluster
     reservation = decode_reservation(text("reservation")) if text("reservation") else None
     if reservation is not None:
