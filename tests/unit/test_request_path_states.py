@@ -16,15 +16,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from crdgol.usage_log import SETTLE_NAMESPACE, USAGE_NAMESPACE
 from extproc import phases
 from extproc.admission import PROVIDER_ERROR_CHARGE
 from extproc.gateway import Downstream, ModelCall
 from extproc.quota import Demand, Price
+from extproc.usage_log import settle_entry
 from tests.unit.request_path import (
     RecordingStore,
     chat,
@@ -138,9 +141,10 @@ class RequestPath(RuleBasedStateMachine):
 
         self.loop.run_until_complete(until_quiet())
 
-    @rule(target=streams, model=st.sampled_from(["roomy", "roomy-claude"]), answer=answers)
-    def open(self, model: str, answer: Answer) -> Stream:
-        handler = Downstream(self.services)
+    @rule(target=streams, model=st.sampled_from(["roomy", "roomy-claude"]), answer=answers, usage_log=st.booleans())
+    def open(self, model: str, answer: Answer, usage_log: bool) -> Stream:
+        # usage_log: Envoy's access log brings usage, so extproc skips bodies it does not need.
+        handler = Downstream(self.services, usage_log=usage_log)
         inbox: asyncio.Queue[ep.ProcessingRequest | None] = asyncio.Queue()
         responses: list[ep.ProcessingResponse] = []
 
@@ -173,7 +177,8 @@ class RequestPath(RuleBasedStateMachine):
         """Envoy cancels the stream: client gone, upstream reset, or a timeout."""
         if not stream.task.done():
             stream.task.cancel()
-            stream.cancelled = True
+            # Only a cancel before the whole answer was delivered cuts anything short.
+            stream.cancelled = stream.sent < len(stream.messages)
         self._end(stream)
 
     @rule(stream=consumes(streams))
@@ -192,6 +197,10 @@ class RequestPath(RuleBasedStateMachine):
     def _end(self, stream: Stream) -> None:
         async def wait() -> None:
             await asyncio.gather(stream.task, return_exceptions=True)
+            call = stream.call
+            if call is not None and call.deferred:
+                # Envoy logs the request when it ends: the entry settles what extproc deferred.
+                settle_entry(self.services, log_entry(stream))
             await quiesce(self.services)
 
         self.loop.run_until_complete(wait())
@@ -212,9 +221,10 @@ class RequestPath(RuleBasedStateMachine):
                 continue
             assert charged is not None, (stream.answer, stream.sent)
             assert charged.requests == 1
+            whole = stream.sent == len(stream.messages) or (call.deferred and stream.sent >= 3)
             if stream.answer.status != 200:
                 assert charged == PROVIDER_ERROR_CHARGE
-            elif stream.answer.with_usage and not stream.cancelled and stream.sent == len(stream.messages):
+            elif stream.answer.with_usage and not stream.cancelled and whole:
                 assert charged == Demand.used(7, 11, PRICE)
             else:
                 r = reservation.demand
@@ -229,6 +239,21 @@ class RequestPath(RuleBasedStateMachine):
                 continue
             outcome = self.store.outcome(call.admission.reservation.id)
             assert len(outcome) <= (1 if call.finished else 0), (stream.answer, stream.sent, outcome)
+
+
+def log_entry(stream: Stream) -> al.HTTPAccessLogEntry:
+    """The access-log entry Envoy writes for a request whose response extproc did not read."""
+    e = al.HTTPAccessLogEntry()
+    e.response.response_code.value = stream.answer.status
+    md = e.common_properties.metadata.filter_metadata
+    md[SETTLE_NAMESPACE].CopyFrom(stream.responses[2].dynamic_metadata.fields[SETTLE_NAMESPACE].struct_value)
+    if stream.cancelled:
+        e.common_properties.response_flags.downstream_connection_termination = True
+    # A deferred answer's body never passes extproc: the native filters saw its usage, and
+    # only the flags say how it ended.
+    if stream.answer.with_usage:
+        md[USAGE_NAMESPACE].update({"input_tokens": 7.0, "output_tokens": 11.0})
+    return e
 
 
 def _anthropic(answer: Answer, body: ep.HttpBody) -> bytes:
