@@ -199,6 +199,8 @@ class Gateway(Running):
         self.url, self.mock_url = stack.url, stack.mock_url
         self.metrics_url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
         self.pids = {name: p.pid for name, p in stack.procs.items()}
+        if self.redis_proc is not None:
+            self.pids["redis"] = self.redis_proc.pid  # its CPU is part of what the store costs
         return self
 
     def stop(self) -> None:
