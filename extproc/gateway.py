@@ -241,11 +241,14 @@ class ModelCall(Handler):
         )
 
     def response_model(self) -> str:
-        """``gen_ai_response_model``: the model the provider said answered, else the backend's."""
+        """``gen_ai_response_model``: the model the provider said answered, else the backend's
+        ("" when no backend answered: a refusal or a local reply)."""
         entry = self.services.current.backends.get(self.backend)
-        configured = entry[1].model if entry is not None else self.request_model
+        if entry is None:
+            return ""
+        configured = entry[1].model
         reported = self.reader.model if self.reader is not None else ""
-        if entry is not None and self.reader is not None and not self.reader.needed and entry[1].api is not self.api:
+        if self.reader is not None and not self.reader.needed and entry[1].api is not self.api:
             reported = ""  # a fallback attempt's filter translated it, writing the client's name
         return metric_model(reported, configured)
 

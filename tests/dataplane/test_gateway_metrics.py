@@ -35,7 +35,7 @@ def response_models(text: str, request_model: str) -> set[str]:
     pattern = re.compile(
         r'^gen_ai_server_request_duration_seconds_count\{[^}]*gen_ai_request_model="'
         + re.escape(request_model)
-        + r'"[^}]*gen_ai_response_model="([^"]*)"',
+        + r'"[^}]*gen_ai_response_model="([^"]*)"[^}]*http_response_status_code="200"',
         re.M,
     )
     return set(pattern.findall(text))
