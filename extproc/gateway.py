@@ -19,12 +19,13 @@ from typing import Any
 
 import orjson
 
+from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
+from extproc import translate_errors
 from extproc.admission import Admission
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
-    ENVOY_WRAPPED_STATUSES,
     BadRequest,
     Forbidden,
     GatewayError,
@@ -32,9 +33,10 @@ from extproc.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from extproc.header_limits import check_request_headers
 from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
-from extproc.phases import PASS, Continue, Handler, Headers, Reply, Respond
+from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
@@ -53,11 +55,6 @@ log = logging.getLogger(__name__)
 UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 
 
-def anthropic_error(exc: GatewayError) -> bytes:
-    """Anthropic's error shape, which also carries the OpenAI fields (error.message/type/code)."""
-    return orjson.dumps({"type": "error", "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
-
-
 class Downstream(Handler):
     """Picks the endpoint strategy from the first message, then delegates to it."""
 
@@ -67,6 +64,7 @@ class Downstream(Handler):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
+        check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
@@ -103,7 +101,7 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))
     if method != allowed:
-        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed)
+        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed, anthropic=path == ANTHROPIC_PATH)
     match path:
         case "/v1/chat/completions":
             return Completion(services, Api.OPENAI)
@@ -116,8 +114,11 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
 
 
 class Refuse(Handler):
-    def __init__(self, exc: GatewayError, *, allow: str = "") -> None:
-        self.exc, self.allow = exc, allow
+    def __init__(self, exc: GatewayError, *, allow: str = "", anthropic: bool = False) -> None:
+        self.exc, self.allow, self.anthropic = exc, allow, anthropic
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        return Respond(exc.status, exc.to_body(anthropic=self.anthropic), {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         r = self.error_reply(self.exc)
@@ -141,9 +142,8 @@ class Models(Handler):
         ident = authenticate(self.services, headers)
         policy = self.services.current
         data = [
-            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.key.split("/", 1)[0]}
-            for b in sorted(policy.bindings.values(), key=lambda b: b.model)
-            if b.allows(ident.tenant)
+            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.namespace}
+            for b in policy.visible(ident.tenants)
         ]
         return Respond(200, orjson.dumps({"object": "list", "data": data}))
 
@@ -170,12 +170,13 @@ class ModelCall(Handler):
         # bytes, usage, the provider's model and the reply text, in one parse.
         self.reader: ResponseReader | None = None
         self.client_wants_usage = True  # an OpenAI stream's usage chunk (chat completions only)
+        # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
+        self.upstream_error = 0
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
-        if self.api is Api.ANTHROPIC and exc.status not in ENVOY_WRAPPED_STATUSES:
-            return Respond(exc.status, anthropic_error(exc), {"content-type": "application/json", **exc.headers()})
-        return super().error_reply(exc)
+        body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
+        return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         ctype = headers.get("content-type", "")
@@ -185,7 +186,7 @@ class ModelCall(Handler):
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
-        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers])
+        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers], process_response=True)
 
     def parse(self, body: bytes) -> dict[str, Any]:
         try:
@@ -201,12 +202,15 @@ class ModelCall(Handler):
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required: name one of the models GET /v1/models lists", code="missing_model")
         self.request_model = model
-        binding = self.services.current.bindings.get(model)
+        assert self.identity is not None
+        # Which binding, and which of the caller's tenants it acts as, is decided here: quotas,
+        # history and metrics below all key on that one qualified tenant (crdgol.tenancy).
+        binding, tenant = self.services.current.resolve(model, self.identity.tenants)
         if binding is None:
             raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
-        assert self.identity is not None
-        if not binding.allows(self.identity.tenant):
-            raise Forbidden(f"tenant {self.identity.tenant!r} may not call the model {model!r}")
+        if not tenant:
+            raise Forbidden(f"tenant {' or '.join(self.identity.tenants)} may not call the model {model!r}")
+        self.identity = self.identity.acting_as(tenant)
         self.binding = binding
         return binding
 
@@ -216,12 +220,14 @@ class ModelCall(Handler):
         primary = binding.primary
         set_headers = {ROUTE_HEADER: binding.route, CLIENT_API_HEADER: self.api.value}
         remove: list[str] = []
-        if primary is None:
-            body = orjson.dumps(doc)
-        else:
+        try:
+            body = orjson.dumps(doc) if primary is None else rewrite_body(primary, doc, self.api)
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels of nesting but writes only 254: a legal but absurd body.
+            raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+        if primary is not None:
             # The first attempt's backend is fixed: do its rewrite here, so its cluster needs no
             # upstream ext_proc. A fallback attempt's filter starts from this body (x-crdgol-body-api).
-            body = rewrite_body(primary, doc, self.api)
             targets = target_headers(primary, self.operation == "embeddings", "anthropic-version" in self.headers)
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
@@ -273,6 +279,14 @@ class ModelCall(Handler):
         tagged = headers.get(BACKEND_HEADER)
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
+        # A provider's error never reaches the client as it was sent (see translate_errors).
+        provider_error = self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers)
+        if provider_error:
+            self.upstream_error = self.status
+            reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
+            if not end_of_stream:
+                reply.response_body_mode = BUFFERED
+                reply.remove_headers.append("content-length")
         backend_api = self.api  # a fallback attempt's answer arrives in the client's API
         if tagged is not None:
             self.backend = tagged
@@ -281,7 +295,7 @@ class ModelCall(Handler):
             # upstream filter. (Envoy's own local replies carry no upstream timing header.)
             self.backend = self.binding.primary.id
             backend_api = self.binding.primary.api
-        if self.binding is not None and not end_of_stream:
+        if self.binding is not None and not end_of_stream and not provider_error:
             self.reader = ResponseReader(
                 backend_api, self.api, self.binding.model, include_usage=self.client_wants_usage, observe=True
             )
@@ -294,8 +308,18 @@ class ModelCall(Handler):
             self.account(None)
         return reply
 
+    def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
+        """The response body in the client's API (translated here for a direct first backend)."""
+        if self.upstream_error and self.binding is not None:
+            secrets = [c for be in self.binding.backends for c in translate_errors.credentials(be.auth_headers)]
+            _, out = translate_errors.provider_error(
+                self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
+            )
+            return out
+        return self.reader.body(body, end_of_stream) if self.reader is not None else body
+
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        out = self.reader.body(body, end_of_stream) if self.reader is not None else body
+        out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
             self.account(self.reader.usage if self.reader is not None else None)
         return PASS if out is body else Continue(body=out)
@@ -394,7 +418,7 @@ class Completion(ModelCall):
         return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        out = self.reader.body(body, end_of_stream) if self.reader is not None else body
+        out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
             self.account(self.reader.usage if self.reader is not None else None)
             await self._remember(self.reader.text if self.reader is not None else "")

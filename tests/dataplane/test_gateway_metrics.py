@@ -6,7 +6,7 @@ import re
 
 from tests.conftest import ACME_KEY, PROVIDER_KEY, Gateway
 
-USAGE = re.compile(r'^gen_ai_client_token_usage_count\{[^}]*binding="team-a/chat"[^}]*gen_ai_token_type="input"[^}]*tenant="acme"\} (\S+)$', re.M)
+USAGE = re.compile(r'^gen_ai_client_token_usage_count\{[^}]*binding="team-a/chat"[^}]*gen_ai_token_type="input"[^}]*tenant="team-a/acme"\} (\S+)$', re.M)
 
 
 def total(pattern: re.Pattern[str], text: str) -> float:
