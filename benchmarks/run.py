@@ -65,7 +65,9 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
                 for want in (
                     "benchmark assistant",
                     "tenant bench",
-                    "team is platform",
+                    # A header's value is data, not instructions: the system text points at
+                    # the caller-profile block the gateway adds in the user role.
+                    "team is (see caller_profile.team)",
                     "Knowledge",
                 ):
                     if want not in reply:
