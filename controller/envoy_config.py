@@ -432,21 +432,64 @@ def ads_bootstrap(
     }
 
 
-def xds_client_tls(cert: str, key: str, ca: str, server_name: str) -> Json:
-    """Envoy's side of the control plane's mutual TLS: present ``cert``, and accept only a
-    controller whose certificate chains to ``ca`` and names ``server_name``."""
-    return {
+XDS_CERTIFICATE = "crdgol-gateway-certificate"
+XDS_CA = "crdgol-control-plane-ca"
+_TLS_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def xds_client_tls(tls_dir: str, sds_dir: str, server_name: str) -> tuple[Json, dict[str, Json]]:
+    """Envoy's side of the control plane's mutual TLS, following certificate rotation.
+
+    Envoy presents ``tls_dir``/tls.crt and tls.key and accepts only a controller whose certificate
+    chains to ``tls_dir``/ca.crt and names ``server_name``. The files come through file-based SDS
+    watching ``tls_dir`` (a Kubernetes Secret volume swaps its ``..data`` link on rotation), so a
+    renewed certificate is used from the next connection on, without a restart. Returns the
+    transport socket and the SDS files (name -> content) to write into ``sds_dir``.
+    """
+
+    def sds(name: str) -> Json:
+        return {"resource_api_version": "V3", "path_config_source": {"path": f"{sds_dir}/{name}"}}
+
+    watched = {"path": tls_dir}
+    files = {
+        "sds-certificate.yaml": {
+            "resources": [
+                {
+                    "@type": _TLS_SECRET,
+                    "name": XDS_CERTIFICATE,
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": f"{tls_dir}/tls.crt"},
+                        "private_key": {"filename": f"{tls_dir}/tls.key"},
+                        "watched_directory": watched,
+                    },
+                }
+            ]
+        },
+        "sds-ca.yaml": {
+            "resources": [
+                {
+                    "@type": _TLS_SECRET,
+                    "name": XDS_CA,
+                    "validation_context": {"trusted_ca": {"filename": f"{tls_dir}/ca.crt"}, "watched_directory": watched},
+                }
+            ]
+        },
+    }
+    socket = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             sni=server_name,
             common_tls_context={
                 "alpn_protocols": ["h2"],
-                "tls_certificates": [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}],
-                "validation_context": {
-                    "trusted_ca": {"filename": ca},
-                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                "tls_certificate_sds_secret_configs": [{"name": XDS_CERTIFICATE, "sds_config": sds("sds-certificate.yaml")}],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                    },
+                    "validation_context_sds_secret_config": {"name": XDS_CA, "sds_config": sds("sds-ca.yaml")},
                 },
             },
         ),
     }
+    return socket, files

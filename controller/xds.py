@@ -193,7 +193,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
 
         def done() -> bool:
-            return any(all(n.acked.get(t, 0) >= version for t in ORDER) for n in self.nodes.values())
+            # Clusters and listeners always; routes when the node subscribed to them (RDS).
+            return any(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
 
         async with self._acked:
             try:
@@ -208,7 +212,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         timeout, e.g. when an Envoy NACKed it."""
 
         def done() -> bool:
-            return all(all(v >= version for v in n.acked.values()) for n in self.nodes.values())
+            return all(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
 
         async with self._acked:
             try:

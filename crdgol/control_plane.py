@@ -172,8 +172,15 @@ def _peer_is_loopback(peer: str) -> bool:
 
 
 def private_dir(path: Path) -> Path:
-    """Create (or tighten) a folder only its owner may enter, for sockets and secrets."""
+    """Create (or tighten) a folder only we may enter, for sockets and secrets.
+
+    A folder that exists already must be ours and not a symlink: one another user created in a
+    shared place (say /tmp) would stay theirs to enter whatever its mode.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(f"{path} is not a folder of ours (a symlink, or owned by uid {info.st_uid}): refusing to put sockets there")
     os.chmod(path, stat.S_IRWXU)
     return path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,10 @@ def write(folder: Path, pem: Pem, ca_pem: Pem) -> TlsFiles:
     folder.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(cert=folder / "tls.crt", key=folder / "tls.key", ca=folder / "ca.crt")
     files.cert.write_bytes(pem.cert)
-    files.key.touch(mode=0o600)
-    files.key.write_bytes(pem.key)
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as key:
+        os.fchmod(fd, 0o600)  # also when the file was there before, with a looser mode
+        key.write(pem.key)
     files.ca.write_bytes(ca_pem.cert)
     return files
 

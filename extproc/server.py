@@ -124,14 +124,6 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     ep_grpc.add_ExternalProcessorServicer_to_server(Processor(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = 0
-    if settings.port or not settings.socket:
-        bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if not bound:
-            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-    if settings.socket:
-        Path(settings.socket).unlink(missing_ok=True)
-        server.add_insecure_port(f"unix:{settings.socket}")
     runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -143,11 +135,19 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
         from extproc.policy_client import follow
 
         follower = asyncio.create_task(follow(services, settings.policy_server, settings.policy_auth))
-        # Take no request before a policy is in force: meanwhile Envoy fails closed with a 503,
-        # where an empty policy would tell a good key it is unknown (401).
+        # Bind nothing before a policy is in force: meanwhile Envoy cannot connect and fails closed
+        # with a 503, where an empty policy would tell a good key it is unknown (401).
         while services.current.version == 0 and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.02)
+    bound = 0
+    if settings.port or not settings.socket:
+        bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if not bound:
+            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    if settings.socket:
+        Path(settings.socket).unlink(missing_ok=True)
+        server.add_insecure_port(f"unix:{settings.socket}")
     await server.start()
     if settings.socket:
         private_socket(settings.socket)

@@ -23,7 +23,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from controller.app import Controller, ControllerSettings
 from controller.xds import CDS, build_snapshot
 from crdgol import cli, devcerts
-from crdgol.control_plane import ClientAuth, ServerAuth, TlsFiles, channel_credentials
+from crdgol.control_plane import ClientAuth, ServerAuth, TlsFiles, channel_credentials, private_dir
 from crdgol.pb import policy_pb2 as pb
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 from crdgol.stack import free_port
@@ -243,3 +243,65 @@ def test_the_command_line_refuses_an_unauthenticated_control_plane(tmp_path: Pat
         cli.main(["controller", "--manifests", str(tmp_path), "--tls-cert", "x.pem"])
     assert cli.main(["extproc", "--policy-server", "crdgol-controller:18001", "--metrics-port", "0"]) == 2
     assert "neither authenticated nor encrypted" in capsys.readouterr().err
+
+
+def test_crdgol_certs_writes_a_working_pair_of_identities_with_private_keys(tmp_path: Path) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path), "--days", "2"]) == 0
+    for side in ("controller", "gateway"):
+        assert stat.S_IMODE((tmp_path / side / "tls.key").stat().st_mode) == 0o600
+        assert (tmp_path / side / "ca.crt").read_bytes() == (tmp_path / "controller" / "ca.crt").read_bytes()
+    # The gateway's identity is the one the controller's deploy/ flags accept.
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "gateway" / "tls.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == [devcerts.GATEWAY_NAME]
+
+
+def test_a_socket_folder_someone_else_owns_or_points_to_is_refused(tmp_path: Path) -> None:
+    mine = private_dir(tmp_path / "mine")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(PermissionError, match="not a folder of ours"):
+        private_dir(tmp_path / "link")
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o777)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(PermissionError, match="owned by uid 65534"):
+            private_dir(theirs)
+
+
+async def test_extproc_takes_no_request_before_it_holds_a_policy(tmp_path: Path) -> None:
+    from extproc.server import ServerSettings, serve
+
+    folder = private_dir(tmp_path / "s")
+    extproc_socket, policy_socket = str(folder / "extproc.sock"), str(folder / "policy.sock")
+    stop = asyncio.Event()
+    settings = ServerSettings(port=0, socket=extproc_socket, metrics_port=0, policy_server=f"unix:{policy_socket}", grace=1)
+    server = asyncio.create_task(serve(settings, Services(), stop))
+    controller = None
+    try:
+        # No controller yet: nothing accepts connections, so Envoy fails closed (503) instead of
+        # extproc answering good keys from an empty policy.
+        await asyncio.sleep(1.0)
+        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+            s.connect(extproc_socket)
+        controller = await serving(ControllerSettings(xds_socket=str(folder / "xds.sock"), policy_socket=policy_socket, metrics_port=0))
+        for _ in range(300):
+            if os.path.exists(extproc_socket):
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(extproc_socket)
+                    break
+                except OSError:
+                    pass
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("extproc never opened its socket after the policy arrived")
+        assert stat.S_IMODE(os.stat(extproc_socket).st_mode) == 0o600
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        if controller is not None:
+            await controller.stop()

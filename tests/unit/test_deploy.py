@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controller.envoy_config import xds_client_tls
 from crdgol import cli, devcerts
 from crdgol.control_plane import InsecureControlPlane, ServerAuth, TlsFiles, require_secure_server
 from crdgol.stack import envoy_binary
@@ -100,14 +101,15 @@ def test_namespaced_objects_live_in_crdgol_system() -> None:
 
 
 def test_the_envoy_bootstrap_is_accepted_by_envoy(tmp_path: Path) -> None:
-    # Envoy loads the TLS files while validating: give it the gateway's certificate as the
-    # Secret would mount it (issued by `crdgol certs`).
+    # Envoy loads the TLS files while validating: give it the ConfigMap's files and the gateway's
+    # certificate as the Secret would mount them (issued by `crdgol certs`).
     issued = devcerts.issue()
     devcerts.write(tmp_path / "tls", issued.client, issued.ca)
+    data = find("ConfigMap", "crdgol-envoy-bootstrap")["data"]
+    for name, text in data.items():
+        assert TLS_MOUNT in text or ENVOY_MOUNT in text, name
+        (tmp_path / name).write_text(text.replace(TLS_MOUNT, f"{tmp_path}/tls").replace(ENVOY_MOUNT + "/", f"{tmp_path}/"))
     path = tmp_path / "envoy.yaml"
-    text = find("ConfigMap", "crdgol-envoy-bootstrap")["data"]["envoy.yaml"]
-    assert TLS_MOUNT + "/" in text
-    path.write_text(text.replace(TLS_MOUNT + "/", f"{tmp_path}/tls/"))
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
@@ -261,6 +263,7 @@ def test_the_controller_may_do_what_it_needs_and_no_more() -> None:
 
 
 TLS_MOUNT = "/etc/crdgol/tls"
+ENVOY_MOUNT = "/etc/envoy"
 
 
 def _tls_secret(deployment: str, container: str) -> str:
@@ -294,12 +297,13 @@ def test_envoy_and_extproc_prove_themselves_with_the_gateway_certificate_and_che
     clusters = {c["name"]: c for c in bootstrap()["static_resources"]["clusters"]}
     xds = clusters["crdgol-xds"]
     assert _socket(xds)[0] == service_name
-    tls = xds["transport_socket"]["typed_config"]
-    assert tls["@type"].endswith("UpstreamTlsContext") and tls["sni"] == service_name
-    common = tls["common_tls_context"]
-    assert common["tls_certificates"] == [{"certificate_chain": {"filename": f"{TLS_MOUNT}/tls.crt"}, "private_key": {"filename": f"{TLS_MOUNT}/tls.key"}}]
-    assert common["validation_context"]["trusted_ca"] == {"filename": f"{TLS_MOUNT}/ca.crt"}
-    assert common["validation_context"]["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": service_name}}]
+    # Exactly what xds_client_tls builds (the function the mutual-TLS test runs real Envoy with).
+    socket, sds_files = xds_client_tls(TLS_MOUNT, ENVOY_MOUNT, service_name)
+    assert xds["transport_socket"] == socket
+    data = find("ConfigMap", "crdgol-envoy-bootstrap")["data"]
+    assert {name: yaml.safe_load(data[name]) for name in sds_files} == sds_files
+    (mount,) = [m for m in containers("crdgol-gateway")["envoy"]["volumeMounts"] if m["name"] == "bootstrap"]
+    assert mount["mountPath"] == ENVOY_MOUNT
     args = containers("crdgol-gateway")["extproc"]["args"]
     assert flag(args, "--policy-server").rsplit(":", 1)[0] == service_name
     assert (flag(args, "--policy-tls-cert"), flag(args, "--policy-tls-key"), flag(args, "--policy-tls-ca")) == (
