@@ -268,7 +268,12 @@ class Controller:
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
+                sources_before = dict(self.state.result.source_problems) if self.state.result else {}
                 await self.publish()
+                if self.state.result is not None:
+                    for where, what in self.state.result.source_problems.items():
+                        if sources_before.get(where) != what:
+                            log.error("%s: %s", where, what)
                 for key, st in self.state.statuses().items():
                     if before.get(key) != st.conditions:
                         for c in st.conditions:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.health import cluster_health
+from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
 
 ROUTE_HEADER = "x-crdgol-route"
 
@@ -58,6 +60,16 @@ class RenderSettings:
     extproc_timeout_ms: int = 2000
     # Downstream connections Envoy accepts at once.
     max_connections: int = 50_000
+    # Envoy's codec limits on request headers: a multiple of the gateway's own limits, which
+    # extproc enforces with a JSON 431 (over the codec limit an HTTP/2 stream is only reset).
+    max_request_headers_kb: int = MAX_REQUEST_HEADER_BYTES // 1024 * CODEC_HEADER_HEADROOM
+    max_request_headers: int = MAX_REQUEST_HEADERS * CODEC_HEADER_HEADROOM
+    # Slow clients (slowloris): the headers must arrive within this many seconds of their first
+    # byte, and the whole request within the second figure (both 408); a connection with no
+    # request in flight is closed after the third.
+    request_headers_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+    connection_idle_timeout_s: float = 300.0
     version: int = 1
     generated_at: int = 0
     ca_bundle: str = CA_BUNDLE
@@ -147,7 +159,11 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
+                # Downstream, extproc asks for the response (a mode override in its answer to the
+                # request headers) only for a request it lets through. Envoy's own replies to a
+                # request extproc never saw (protocol errors, headers too large) must not wait on
+                # extproc: Envoy closes such a connection right after, and the reply would be lost.
+                "response_header_mode": "SEND" if backend is not None else "SKIP",
                 # extproc asks for the body only when it needs it (mode override per response).
                 "response_body_mode": "NONE",
                 "response_trailer_mode": "SKIP",
@@ -275,37 +291,6 @@ def binding_route(b: BindingSpec, stamp: str) -> Json:
     }
 
 
-def error_format(type_: str, code: str, message: str = "%LOCAL_REPLY_BODY%") -> Json:
-    return {
-        "json_format": {"error": {"message": message, "type": type_, "code": code}},
-        "content_type": "application/json",
-    }
-
-
-def local_replies() -> Json:
-    """Envoy's own error replies become OpenAI-shaped JSON, so SDKs raise the right exception.
-
-    Matched by status, so extproc's immediate responses with these statuses are rewritten too:
-    extproc sends them with the bare message (``extproc.errors.ENVOY_WRAPPED_STATUSES``).
-    """
-
-    def by_status(code: int, type_: str, err_code: str, message: str = "%LOCAL_REPLY_BODY%") -> Json:
-        return {
-            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"crdgol.local_reply.{code}"}}}},
-            "body_format_override": error_format(type_, err_code, message),
-        }
-
-    return {
-        "mappers": [
-            by_status(413, "invalid_request_error", "request_too_large", "request body is larger than the gateway accepts"),
-            by_status(502, "server_error", "bad_gateway"),
-            by_status(503, "server_error", "upstream_unavailable"),
-            by_status(504, "server_error", "upstream_timeout"),
-            by_status(500, "server_error", "internal_error"),
-        ]
-    }
-
-
 ROUTE_CONFIG = "crdgol"
 
 
@@ -314,13 +299,7 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
     not_found = {
         "name": "not-found",
         "match": {"prefix": "/"},
-        "direct_response": {
-            "status": 404,
-            "body": {
-                "inline_string": '{"error":{"message":"no route for this request","type":"not_found_error","code":"not_found"}}'
-            },
-        },
-        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "direct_response": {"status": 404, "body": {"inline_string": "no route for this request"}},
     }
     return {
         "name": ROUTE_CONFIG,
@@ -354,7 +333,20 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
             ext_proc_filter(settings, backend=None),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],
-        local_reply_config=local_replies(),
+        local_reply_config=local_replies(
+            max_request_bytes=settings.max_request_bytes,
+            request_headers_timeout_s=settings.request_headers_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        ),
+        max_request_headers_kb=settings.max_request_headers_kb,
+        common_http_protocol_options={
+            "max_headers_count": settings.max_request_headers,
+            "idle_timeout": duration(settings.connection_idle_timeout_s),
+        },
+        request_headers_timeout=duration(settings.request_headers_timeout_s),
+        request_timeout=duration(settings.request_timeout_s),
+        # An invalid HTTP/2 stream gets its own error reply; the connection's other streams go on.
+        http2_protocol_options={"override_stream_error_on_invalid_http_message": True},
     )
     return {
         "name": "crdgol-gateway",

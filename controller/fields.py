@@ -16,6 +16,7 @@ Lists are transparent: each item is checked against the tree of the list's field
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def unknown_fields(doc: object, tree: Tree, path: str) -> list[str]:
     out: list[str] = []
     known = sorted(k for k in tree if k != ANY)
     for key, value in doc.items():
-        name = str(key)
+        # YAML 1.1 (PyYAML, kubectl) reads an unquoted `on:` key as true; the parser accepts it.
+        name = "on" if key is True else str(key)
         where = f"{path}.{name}" if path else name
         if name in tree:
             out.extend(unknown_fields(value, tree[name], where))
@@ -107,7 +109,7 @@ def _literal(tree: Tree, indent: int = 0) -> str:
     if tree is None:
         return "None"
     pad = "    " * (indent + 1)
-    items = "".join(f"{pad}{name!r}: {_literal(sub, indent + 1)},\n" for name, sub in tree.items())
+    items = "".join(f"{pad}{json.dumps(name)}: {_literal(sub, indent + 1)},\n" for name, sub in tree.items())
     return "{\n" + items + "    " * indent + "}"
 
 
@@ -118,6 +120,14 @@ def module_text(tree: Tree) -> str:
         "from controller.fields import Tree\n\n"
         f"BINDING_SPEC: Tree = {_literal(tree)}\n"
     )
+
+
+def binding_problems(obj: dict[str, Any]) -> list[str]:
+    """Unknown fields of an AIModelBinding object (``metadata`` and ``status`` are not checked)."""
+    from controller.binding_fields import BINDING_SPEC
+
+    top: Tree = {"apiVersion": None, "kind": None, "metadata": None, "spec": BINDING_SPEC, "status": None}
+    return unknown_fields(obj, top, "")
 
 
 def main() -> int:

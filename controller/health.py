@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from controller.spec_parsing import SpecError, as_dict, int_in, parse_duration
+
 Json = dict[str, Any]
 
 
@@ -56,6 +58,43 @@ class HealthSpec:
     outlier: OutlierSpec = OutlierSpec()
     breakers: BreakerSpec = BreakerSpec()
     active: ActiveCheckSpec | None = None
+
+
+def parse_health(raw: object) -> HealthSpec:
+    """``spec.health`` -> ``HealthSpec`` (defaults for whatever is absent), or ``SpecError``."""
+    h = as_dict(raw, "spec.health")
+    o = as_dict(h.get("outlierDetection"), "spec.health.outlierDetection")
+    c = as_dict(h.get("circuitBreakers"), "spec.health.circuitBreakers")
+    d_o, d_c, d_a = OutlierSpec(), BreakerSpec(), ActiveCheckSpec()
+    what = "spec.health"
+    active = None
+    if h.get("activeCheck") is not None:
+        a = as_dict(h.get("activeCheck"), f"{what}.activeCheck")
+        path = str(a.get("path", d_a.path))
+        if not path.startswith("/"):
+            raise SpecError("InvalidSpec", f"{what}.activeCheck.path: {path!r} must start with /")
+        active = ActiveCheckSpec(
+            path=path,
+            interval=parse_duration(a.get("interval", "10s"), f"{what}.activeCheck.interval"),
+            timeout=parse_duration(a.get("timeout", "2s"), f"{what}.activeCheck.timeout"),
+            unhealthy_threshold=int_in(a.get("unhealthyThreshold", d_a.unhealthy_threshold), f"{what}.activeCheck.unhealthyThreshold", 1, 100),
+            healthy_threshold=int_in(a.get("healthyThreshold", d_a.healthy_threshold), f"{what}.activeCheck.healthyThreshold", 1, 100),
+        )
+    return HealthSpec(
+        outlier=OutlierSpec(
+            consecutive_5xx=int_in(o.get("consecutive5xx", d_o.consecutive_5xx), f"{what}.outlierDetection.consecutive5xx", 0, 1000),
+            interval=parse_duration(o.get("interval", "10s"), f"{what}.outlierDetection.interval"),
+            base_ejection_time=parse_duration(o.get("baseEjectionTime", "30s"), f"{what}.outlierDetection.baseEjectionTime"),
+            max_ejection_percent=int_in(o.get("maxEjectionPercent", 100), f"{what}.outlierDetection.maxEjectionPercent", 0, 100),
+        ),
+        breakers=BreakerSpec(
+            max_connections=int_in(c.get("maxConnections", d_c.max_connections), f"{what}.circuitBreakers.maxConnections", 1, 10**6),
+            max_pending_requests=int_in(c.get("maxPendingRequests", d_c.max_pending_requests), f"{what}.circuitBreakers.maxPendingRequests", 1, 10**6),
+            max_requests=int_in(c.get("maxRequests", d_c.max_requests), f"{what}.circuitBreakers.maxRequests", 1, 10**6),
+            max_retries=int_in(c.get("maxRetries", d_c.max_retries), f"{what}.circuitBreakers.maxRetries", 0, 10**6),
+        ),
+        active=active,
+    )
 
 
 def _seconds(value: float) -> str:

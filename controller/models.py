@@ -9,37 +9,37 @@ printed.
 from __future__ import annotations
 
 import base64
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from controller.health import ActiveCheckSpec, BreakerSpec, HealthSpec, OutlierSpec
+from controller.fields import binding_problems
+from controller.health import HealthSpec, parse_health
+from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
+from controller.spec_parsing import as_dict as _dict
+from controller.spec_parsing import as_list as _list
+from controller.spec_parsing import int_in as _int
+from controller.spec_parsing import parse_duration as parse_duration
 from crdgol import tenancy
 
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the crdgol.io group
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"
+# On a Secret: the namespaces (comma-separated, or "*") whose bindings may reference it. Without it a
+# Secret serves its own namespace's bindings only (the owner of a provider account says who spends it).
+SHARE_ANNOTATION = "crdgol.io/share-with"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class SpecError(ValueError):
-    """A resource that cannot be served. ``reason`` is a CamelCase condition reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,15 +187,26 @@ class SecretData:
     def is_api_key(self) -> bool:
         return self.labels.get(API_KEY_LABEL, "").lower() == "true"
 
+    def shared_with(self, namespace: str) -> bool:
+        """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
+        if namespace == self.namespace:
+            return True
+        allowed = {n.strip() for n in self.annotations.get(SHARE_ANNOTATION, "").split(",")}
+        return namespace in allowed or "*" in allowed
 
-def parse_duration(raw: object, what: str) -> float:
-    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-        return float(raw)
-    m = _DURATION.fullmatch(str(raw).strip())
-    if not m or float(m.group(1)) <= 0:
-        raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+def kind_problem(doc: dict[str, Any]) -> str:
+    """What is wrong with a document's crdgol.io kind or version ("" when it is one of ours)."""
+    api, kind = str(doc.get("apiVersion") or ""), doc.get("kind")
+    if not api.startswith(f"{GROUP}/"):
+        return ""
+    if api != API_VERSION:
+        return f"apiVersion {api!r} is not served: use {API_VERSION}"
+    if kind not in KINDS:
+        guess = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {guess[0]}?" if guess else f"; crdgol.io kinds are {', '.join(KINDS)}"
+        return f"kind {kind!r} is not a crdgol.io kind{hint}"
+    return ""
 
 
 def parse_endpoint(raw: object, what: str) -> Endpoint:
@@ -218,37 +229,9 @@ def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
         return None
     if not isinstance(raw, dict) or not raw.get("name") or not raw.get("key"):
         raise SpecError("InvalidSecretRef", f"{what}: needs 'name' and 'key'")
-    # A binding reads Secrets of its own namespace only: naming another namespace's Secret would
-    # spend that namespace's provider account or sign as its issuer.
-    other = str(raw.get("namespace") or namespace)
-    if other != namespace:
-        raise SpecError(
-            "CrossNamespaceReference",
-            f"{what}.namespace: a binding may only use Secrets of its own namespace {namespace!r}, not {other!r}",
-        )
-    return SecretRef(str(raw["name"]), str(raw["key"]), namespace)
-
-
-def _int(raw: object, what: str, lo: int, hi: int) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
-        raise SpecError("InvalidSpec", f"{what}: must be an integer from {lo} to {hi}, got {raw!r}")
-    return raw
-
-
-def _dict(raw: object, what: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise SpecError("InvalidSpec", f"{what}: must be an object")
-    return raw
-
-
-def _list(raw: object, what: str) -> list[Any]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise SpecError("InvalidSpec", f"{what}: must be a list")
-    return raw
+    # Another namespace's Secret is only usable when its owner shares it (SHARE_ANNOTATION,
+    # checked at render): naming it here grants nothing by itself.
+    return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
 
 
 def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
@@ -441,6 +424,10 @@ def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
 
 
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    unknown = binding_problems(obj)
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise SpecError("UnknownField", "; ".join(unknown[:3]) + more)
     meta = _dict(obj.get("metadata"), "metadata")
     name = str(meta.get("name") or "")
     namespace = str(meta.get("namespace") or "default")
@@ -480,44 +467,10 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
-        health=_health(spec.get("health")),
+        health=parse_health(spec.get("health")),
     )
 
 
-def _health(raw: object) -> HealthSpec:
-    h = _dict(raw, "spec.health")
-    o = _dict(h.get("outlierDetection"), "spec.health.outlierDetection")
-    c = _dict(h.get("circuitBreakers"), "spec.health.circuitBreakers")
-    d_o, d_c, d_a = OutlierSpec(), BreakerSpec(), ActiveCheckSpec()
-    what = "spec.health"
-    active = None
-    if h.get("activeCheck") is not None:
-        a = _dict(h.get("activeCheck"), f"{what}.activeCheck")
-        path = str(a.get("path", d_a.path))
-        if not path.startswith("/"):
-            raise SpecError("InvalidSpec", f"{what}.activeCheck.path: {path!r} must start with /")
-        active = ActiveCheckSpec(
-            path=path,
-            interval=parse_duration(a.get("interval", "10s"), f"{what}.activeCheck.interval"),
-            timeout=parse_duration(a.get("timeout", "2s"), f"{what}.activeCheck.timeout"),
-            unhealthy_threshold=_int(a.get("unhealthyThreshold", d_a.unhealthy_threshold), f"{what}.activeCheck.unhealthyThreshold", 1, 100),
-            healthy_threshold=_int(a.get("healthyThreshold", d_a.healthy_threshold), f"{what}.activeCheck.healthyThreshold", 1, 100),
-        )
-    return HealthSpec(
-        outlier=OutlierSpec(
-            consecutive_5xx=_int(o.get("consecutive5xx", d_o.consecutive_5xx), f"{what}.outlierDetection.consecutive5xx", 0, 1000),
-            interval=parse_duration(o.get("interval", "10s"), f"{what}.outlierDetection.interval"),
-            base_ejection_time=parse_duration(o.get("baseEjectionTime", "30s"), f"{what}.outlierDetection.baseEjectionTime"),
-            max_ejection_percent=_int(o.get("maxEjectionPercent", 100), f"{what}.outlierDetection.maxEjectionPercent", 0, 100),
-        ),
-        breakers=BreakerSpec(
-            max_connections=_int(c.get("maxConnections", d_c.max_connections), f"{what}.circuitBreakers.maxConnections", 1, 10**6),
-            max_pending_requests=_int(c.get("maxPendingRequests", d_c.max_pending_requests), f"{what}.circuitBreakers.maxPendingRequests", 1, 10**6),
-            max_requests=_int(c.get("maxRequests", d_c.max_requests), f"{what}.circuitBreakers.maxRequests", 1, 10**6),
-            max_retries=_int(c.get("maxRetries", d_c.max_retries), f"{what}.circuitBreakers.maxRetries", 0, 10**6),
-        ),
-        active=active,
-    )
 
 
 def _tenants(raw: object, namespace: str) -> tuple[str, ...]:

@@ -49,6 +49,7 @@ from controller.envoy_config import (
     socket_address,
 )
 from controller.models import (
+    SHARE_ANNOTATION,
     TENANT_ANNOTATION,
     BindingSpec,
     QuotaSpec,
@@ -82,10 +83,17 @@ class RenderResult:
     source_problems: dict[str, str] = field(default_factory=dict)
 
 
-def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str) -> str:
+def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str) -> str:
+    """The value a binding of ``namespace`` reads from a Secret it names."""
     secret = secrets.get(f"{ref.namespace}/{ref.name}")
     if secret is None:
         raise SpecError("SecretNotFound", f"{what}: Secret {ref.namespace}/{ref.name} does not exist")
+    if not secret.shared_with(namespace):
+        raise SpecError(
+            "CrossNamespaceReference",
+            f"{what}: Secret {ref.namespace}/{ref.name} is not shared with namespace {namespace}; its owner "
+            f"may annotate it {SHARE_ANNOTATION}: {namespace}",
+        )
     value = secret.data.get(ref.key)
     if not value:
         raise SpecError("SecretKeyNotFound", f"{what}: Secret {ref.namespace}/{ref.name} has no key {ref.key!r}")
@@ -96,7 +104,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str) -
     backends = []
     direct = direct_backend(b)
     for i, be in enumerate(b.backends):
-        key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef") if be.credentials else ""
+        key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef", b.namespace) if be.credentials else ""
         host = be.endpoint.host
         default_port = 443 if be.endpoint.tls else 80
         if be.endpoint.port != default_port:
@@ -165,7 +173,7 @@ def _quota_pb(q: QuotaSpec) -> pb.Quota:
 def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtProvider]:
     out = []
     for i, j in enumerate(b.jwt):
-        secret = _resolve(j.hs256_secret, secrets, f"spec.auth.jwt[{i}].hs256SecretRef") if j.hs256_secret else ""
+        secret = _resolve(j.hs256_secret, secrets, f"spec.auth.jwt[{i}].hs256SecretRef", b.namespace) if j.hs256_secret else ""
         out.append(
             pb.JwtProvider(
                 name=j.name,
@@ -262,12 +270,16 @@ class RenderCache:
         self._entries, self._used = self._used, {}
 
 
-def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[str | None, ...]:
+def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool], ...]:
+    """What a binding's cached render depends on: each named Secret value, and whether it may use it."""
     refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
-    out: list[str | None] = []
+    out: list[tuple[str | None, bool]] = []
     for ref in refs:
         secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None
-        out.append(secret.data.get(ref.key) if secret is not None and ref is not None else None)
+        if secret is None or ref is None:
+            out.append((None, False))
+        else:
+            out.append((secret.data.get(ref.key), secret.shared_with(b.namespace)))
     return tuple(out)
 
 

@@ -53,6 +53,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     )
     for where, problem in {**manifests.problems, **result.problems}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
+    for where, message in result.source_problems.items():
+        print(f"crdgol render: {where}: {message}", file=sys.stderr)
     fmt = args.output
     if fmt == "yaml":
         import yaml
@@ -60,7 +62,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(result.envoy, sort_keys=True))
     else:
         sys.stdout.write(json.dumps(result.envoy, indent=2, sort_keys=True) + "\n")
-    return 1 if args.strict and (manifests.problems or result.problems) else 0
+    return 1 if args.strict and (manifests.problems or result.problems or result.source_problems) else 0
 
 
 def build_services(redis_url: str, redis_timeout: float) -> object:

@@ -172,7 +172,7 @@ def test_another_namespace_cannot_take_the_model_name_and_cannot_use_its_secrets
     assert httpx.get(f"{evil_mock.url}/_mock/requests", timeout=5).json() == []
     status = stack.status()["bindings"]
     steal = {c["type"]: c for c in status["attacker/steal"]["conditions"]}  # type: ignore[index]
-    assert steal["Accepted"]["reason"] == "CrossNamespaceReference" and steal["Ready"]["status"] == "False"
+    assert (steal["Ready"]["status"], steal["Ready"]["reason"]) == ("False", "CrossNamespaceReference")
     assert chat(stack, EVIL_KEY, "steal-chat").status_code == 404
 
 
