@@ -31,6 +31,14 @@ from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
 from controller.xds import Encoder, XdsServer
+from crdgol.control_plane import (
+    InsecureControlPlane,
+    ServerAuth,
+    authorizer,
+    is_loopback,
+    private_socket,
+    server_credentials,
+)
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,11 @@ class ControllerSettings:
     host: str = "127.0.0.1"
     xds_port: int = 18000
     policy_port: int = 18001
+    # Unix sockets for ADS and the policy stream instead of the TCP ports (standalone: 0600 files
+    # in a 0700 folder); TCP ports are served only with mutual TLS, or in plaintext on loopback.
+    xds_socket: str = ""
+    policy_socket: str = ""
+    auth: ServerAuth = field(default_factory=ServerAuth)
     metrics_port: int = 9103  # 0 = off
     manifests: Path | None = None
     status_file: Path | None = None
@@ -69,8 +82,8 @@ class Controller:
     def __init__(self, settings: ControllerSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.state = ControllerState(settings.render, clock=clock)
-        self.xds = XdsServer()
-        self.policy = PolicyServer()
+        self.xds = XdsServer(authorizer(settings.auth))
+        self.policy = PolicyServer(authorizer(settings.auth))
         self.metrics = ControllerMetrics()
         self.problems: dict[str, str] = {}  # file-level problems (file mode)
         self._server: grpc.aio.Server | None = None
@@ -195,14 +208,28 @@ class Controller:
         server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, server)
         pb_grpc.add_PolicyServiceServicer_to_server(self.policy, server)  # type: ignore[no-untyped-call]
-        for port in (s.xds_port, s.policy_port):
-            if not server.add_insecure_port(f"{s.host}:{port}"):
-                raise OSError(f"cannot listen on {s.host}:{port}")
+        where = []
+        for port, sock in ((s.xds_port, s.xds_socket), (s.policy_port, s.policy_socket)):
+            if sock:
+                Path(sock).unlink(missing_ok=True)  # a socket left by a killed controller
+                bound, where_ = server.add_insecure_port(f"unix:{sock}"), f"unix:{sock}"
+            elif s.auth.tls is not None:
+                bound, where_ = server.add_secure_port(f"{s.host}:{port}", server_credentials(s.auth.tls)), f"{s.host}:{port} (mutual TLS)"
+            elif is_loopback(s.host):
+                bound, where_ = server.add_insecure_port(f"{s.host}:{port}"), f"{s.host}:{port} (plaintext, loopback)"
+            else:
+                raise InsecureControlPlane(f"refusing to serve the control plane in plaintext on {s.host}:{port}: configure mutual TLS")
+            if not bound:
+                raise OSError(f"cannot listen on {where_}")
+            where.append(where_)
         await server.start()
+        for sock in (s.xds_socket, s.policy_socket):
+            if sock:
+                private_socket(sock)
         self._server = server
         if s.metrics_port:
             self._runner = await self._http()
-        log.info("controller serving xDS on %s:%d and policy on %s:%d", s.host, s.xds_port, s.host, s.policy_port)
+        log.info("controller serving xDS on %s and policy on %s", *where)
 
     async def _http(self) -> web.AppRunner:
         async def metrics(_r: web.Request) -> web.Response:

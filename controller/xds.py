@@ -4,7 +4,8 @@ It serves two resource types, clusters (CDS) and listeners (LDS, with the route 
 On every change it sends clusters first, then listeners, so a route never names a cluster Envoy
 does not have yet. Each response has a version and a nonce; a request echoing the nonce is an
 ACK, or a NACK when it carries ``error_detail``. A NACKed version is reported (log, metric, and
-``last_nack``) and not resent; Envoy keeps serving the last version it accepted.
+``last_nack``) and not resent; Envoy keeps serving the last version it accepted. A stream from a
+peer that has not proved who it is (``crdgol.control_plane``) is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 (registers the Any type)
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 (registers the Any type)
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
@@ -30,6 +32,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 
+from crdgol.control_plane import ServerAuth, authorizer
 from crdgol.pb import envoy_priority_group_pb2  # noqa: F401 (priority_group, missing from xds-protos)
 
 log = logging.getLogger(__name__)
@@ -169,10 +172,12 @@ class NodeState:
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None) -> None:
         self.snapshot: XdsSnapshot | None = None
         self.nodes: dict[str, NodeState] = {}
         self.nacks = 0
+        self.refused = 0
+        self._authorize = authorize or authorizer(ServerAuth())
         self._changed = asyncio.Condition()
         self._nonces = itertools.count(1)
         self._acked = asyncio.Condition()
@@ -236,6 +241,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        denied = self._authorize(context)
+        if denied is not None:
+            self.refused += 1
+            log.warning("xDS client %s refused: %s", context.peer(), denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an authorized control-plane client")
         out: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
         sent: dict[str, tuple[int, str]] = {}  # type -> (version, nonce) last sent
         wanted: set[str] = set()

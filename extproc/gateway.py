@@ -19,12 +19,13 @@ from typing import Any
 
 import orjson
 
+from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
+from extproc import translate_errors
 from extproc.admission import Admission
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
-    ENVOY_WRAPPED_STATUSES,
     BadRequest,
     Forbidden,
     GatewayError,
@@ -32,6 +33,7 @@ from extproc.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from extproc.header_limits import check_request_headers
 from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
 from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
@@ -52,11 +54,6 @@ log = logging.getLogger(__name__)
 UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 
 
-def anthropic_error(exc: GatewayError) -> bytes:
-    """Anthropic's error shape, which also carries the OpenAI fields (error.message/type/code)."""
-    return orjson.dumps({"type": "error", "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
-
-
 class Downstream(Handler):
     """Picks the endpoint strategy from the first message, then delegates to it."""
 
@@ -66,6 +63,7 @@ class Downstream(Handler):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
+        check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
@@ -102,7 +100,7 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))
     if method != allowed:
-        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed)
+        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed, anthropic=path == ANTHROPIC_PATH)
     match path:
         case "/v1/chat/completions":
             return Completion(services, Api.OPENAI)
@@ -115,8 +113,11 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
 
 
 class Refuse(Handler):
-    def __init__(self, exc: GatewayError, *, allow: str = "") -> None:
-        self.exc, self.allow = exc, allow
+    def __init__(self, exc: GatewayError, *, allow: str = "", anthropic: bool = False) -> None:
+        self.exc, self.allow, self.anthropic = exc, allow, anthropic
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        return Respond(exc.status, exc.to_body(anthropic=self.anthropic), {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         r = self.error_reply(self.exc)
@@ -167,12 +168,13 @@ class ModelCall(Handler):
         # of that backend (untagged) is translated here; a fallback's arrives already translated.
         self.translation: ResponseTranslation | None = None
         self.translating = False
+        # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
+        self.upstream_error = 0
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
-        if self.api is Api.ANTHROPIC and exc.status not in ENVOY_WRAPPED_STATUSES:
-            return Respond(exc.status, anthropic_error(exc), {"content-type": "application/json", **exc.headers()})
-        return super().error_reply(exc)
+        body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
+        return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         ctype = headers.get("content-type", "")
@@ -182,7 +184,7 @@ class ModelCall(Handler):
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
-        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers])
+        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers], process_response=True)
 
     def parse(self, body: bytes) -> dict[str, Any]:
         try:
@@ -216,12 +218,14 @@ class ModelCall(Handler):
         primary = binding.primary
         set_headers = {ROUTE_HEADER: binding.route, CLIENT_API_HEADER: self.api.value}
         remove: list[str] = []
-        if primary is None:
-            body = orjson.dumps(doc)
-        else:
+        try:
+            body = orjson.dumps(doc) if primary is None else rewrite_body(primary, doc, self.api)
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels of nesting but writes only 254: a legal but absurd body.
+            raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+        if primary is not None:
             # The first attempt's backend is fixed: do its rewrite here, so its cluster needs no
             # upstream ext_proc. A fallback attempt's filter starts from this body (x-crdgol-body-api).
-            body = rewrite_body(primary, doc, self.api)
             targets = target_headers(primary, self.operation == "embeddings", "anthropic-version" in self.headers)
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
@@ -262,13 +266,21 @@ class ModelCall(Handler):
         tagged = headers.get(BACKEND_HEADER)
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
+        # A provider's error never reaches the client as it was sent (see translate_errors).
+        provider_error = self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers)
+        if provider_error:
+            self.upstream_error = self.status
+            reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
+            if not end_of_stream:
+                reply.response_body_mode = BUFFERED
+                reply.remove_headers.append("content-length")
         if tagged is not None:
             self.backend = tagged
         elif self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
             # An untagged answer from upstream came from the first backend, whose cluster has no
             # upstream filter. (Envoy's own local replies carry no upstream timing header.)
             self.backend = self.binding.primary.id
-            if self.translation is not None and not end_of_stream:
+            if self.translation is not None and not end_of_stream and not provider_error:
                 mode = self.translation.start(self.status, headers.get("content-type", ""))
                 if mode is not None:
                     self.translating = True
@@ -283,6 +295,12 @@ class ModelCall(Handler):
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
         """The response body in the client's API (translated here for a direct first backend)."""
+        if self.upstream_error and self.binding is not None:
+            secrets = [c for be in self.binding.backends for c in translate_errors.credentials(be.auth_headers)]
+            _, out = translate_errors.provider_error(
+                self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
+            )
+            return out
         if self.translating and self.translation is not None:
             return self.translation.body(body, end_of_stream)
         return body

@@ -21,7 +21,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
-from extproc.errors import ENVOY_WRAPPED_STATUSES, GatewayError
+from crdgol.replies import EXTPROC_REPLY_DETAILS
+from extproc.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class Continue:
     clear_route_cache: bool = False
     # Ask Envoy for the response body in this mode (only honoured on the response-headers reply).
     response_body_mode: int | None = None
+    # Ask the downstream filter for this request's response headers (only honoured on the
+    # request-headers reply; the downstream filter skips responses unless asked, see
+    # ``controller.envoy_config.ext_proc_filter``).
+    process_response: bool = False
 
 
 @dataclass(slots=True)
@@ -88,8 +93,6 @@ class Handler:
 
     def error_reply(self, exc: GatewayError) -> Respond:
         """How a refusal is shaped for this endpoint's client (OpenAI shape by default)."""
-        if exc.status in ENVOY_WRAPPED_STATUSES:
-            return Respond(exc.status, exc.message.encode(), {"content-type": "text/plain", **exc.headers()})
         return Respond(exc.status, exc.to_body(), {"content-type": "application/json", **exc.headers()})
 
     def close(self) -> None:
@@ -127,9 +130,22 @@ def _immediate(r: Respond) -> ep.ProcessingResponse:
             status=http_status_pb2.HttpStatus(code=r.status),
             headers=_header_mutation(Continue(set_headers=r.headers)),
             body=r.body,
-            details="crdgol",
+            # Envoy's local-reply mappers pass answers with these details through unchanged.
+            details=EXTPROC_REPLY_DETAILS,
         )
     )
+
+
+# The whole processing mode for a request extproc lets through (an override replaces every field):
+# the request body buffered as configured, then the response headers, and bodies only on request.
+_PROCESS_RESPONSE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    request_body_mode=BUFFERED,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=NONE,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
 
 
 # Unchanged pass-through answers are the same every time: built once, sent many times.
@@ -151,7 +167,10 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
     common = _common(reply)
     match phase:
         case "request_headers":
-            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+            resp = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+            if reply.process_response:
+                resp.mode_override.CopyFrom(_PROCESS_RESPONSE)
+            return resp
         case "request_body":
             return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
         case "response_headers":

@@ -22,7 +22,8 @@ for OpenAI and Anthropic behind Envoy.  Contract:
   (seeded RNG; with a fail_status set, fail_rate 0 -- the default -- or 1 means every
   request fails, and fail_status 0 turns failures off).  Per-request headers
   ``x-mock-fail-status`` and ``x-mock-latency-ms`` take precedence over the instance
-  knobs.  Injected failures carry ``x-mock-failed: 1``.  Latency applies before any
+  knobs.  Injected failures carry ``x-mock-failed: 1``; with ``x-mock-echo-credential: 1``
+  their message quotes the credential the request carried, as some providers do.  Latency applies before any
   answer, errors included.
 
 * ``require_key``: OpenAI paths need ``Authorization: Bearer <key>``; ``/v1/messages``
@@ -198,11 +199,16 @@ async def _prologue(request: web.Request, flavor: Flavor) -> tuple[web.Response 
     ):
         status = s.fail_status
     if status:
+        message = f"mock {s.name}: injected failure {status}"
+        if request.headers.get("x-mock-echo-credential"):
+            # Like providers that quote the key they were sent back in their error message.
+            sent = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+            message += f"; credential presented: {sent}"
         return (
             _error(
                 flavor,
                 status,
-                f"mock {s.name}: injected failure {status}",
+                message,
                 s.name,
                 {"x-mock-failed": "1"},
             ),

@@ -51,7 +51,7 @@ def test_an_hs256_jwt_names_the_tenant_from_its_claim(gw: Gateway) -> None:
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["message"]["content"]
     assert "Tenant team-a/globex calls chat" in content
-    assert "Name: Ada" in content  # the user profile comes from the JWT claim
+    assert 'Name: "Ada"' in content  # the user profile comes from the JWT claim, quoted
 
 
 def test_an_rs256_jwt_is_verified_against_the_jwks_from_the_manifests(gw: Gateway) -> None:
