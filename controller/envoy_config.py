@@ -107,8 +107,11 @@ def binding_stamp(b: BindingSpec) -> str:
     change what a name means, so they keep the names (and Envoy's connection pools).
     """
     direct = direct_backend(b)
-    parts = (b.key, direct.name if direct else "", tuple((be.name, be.endpoint, be.priority) for be in b.backends))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+    parts = [b.key, direct.name if direct else ""]
+    for be in b.backends:
+        ep = be.endpoint
+        parts.append(f"{be.name} {be.priority} {ep.scheme}://{ep.host}:{ep.port}{ep.path_prefix}")
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=4).hexdigest()
 
 
 def route_id(b: BindingSpec, stamp: str) -> str:

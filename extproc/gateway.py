@@ -22,7 +22,7 @@ import orjson
 from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
 from extproc import translate_errors
-from extproc.admission import Admission
+from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
@@ -170,6 +170,7 @@ class ModelCall(Handler):
         # bytes, usage, the provider's model and the reply text, in one parse.
         self.reader: ResponseReader | None = None
         self.client_wants_usage = True  # an OpenAI stream's usage chunk (chat completions only)
+        self.answered = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
 
@@ -258,29 +259,48 @@ class ModelCall(Handler):
             reported = ""  # a fallback attempt's filter translated it, writing the client's name
         return metric_model(reported, configured)
 
-    def account(self, usage: Usage | None) -> None:
-        """Record what the request cost, once."""
+    def account(self, usage: Usage | None, *, complete: bool) -> None:
+        """Record what the request cost, once, by the charge rule (``extproc.admission``).
+
+        ``complete``: the response ended normally and ``usage`` is the provider's usage block (or
+        None when it had none); otherwise ``usage`` is whatever partial usage was seen.
+        """
         if self.finished:
             return
         self.finished = True
         m = self.services.metrics
         labels = self.labels()
-        if usage is not None and self.status == 200:
-            self.admission.settle(usage, self.backend)
+        if not self.answered:
+            outcome = Outcome.NOT_ANSWERED
+        elif not 200 <= self.status < 300:
+            outcome = Outcome.PROVIDER_ERROR
+        elif complete and usage is not None and usage.input_tokens > 0:
+            # Every real request has a prompt: a usage block that counts no prompt token was
+            # made up (a translator closing a stream or body that carried no usage), not reported.
+            outcome = Outcome.ANSWERED
         else:
-            self.admission.release()
+            outcome = Outcome.CUT_SHORT
+        self.admission.finish(outcome, usage, self.backend)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
         m.requests.labels(self.operation, str(self.status)).inc()
 
+    def seen_usage(self) -> Usage | None:
+        """Usage seen so far in a response that has not ended (a stream's partial usage)."""
+        return self.reader.usage if self.reader is not None else None
+
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
         tagged = headers.get(BACKEND_HEADER)
+        # A provider answered (its response came through the router, or a fallback attempt's
+        # filter tagged it); Envoy's own local replies carry neither mark. From here on the
+        # request is charged, whatever happens to the rest of the response.
+        self.answered = tagged is not None or UPSTREAM_TIMING in headers
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
         # A provider's error never reaches the client as it was sent (see translate_errors).
-        provider_error = self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers)
+        provider_error = self.status >= 400 and self.answered
         if provider_error:
             self.upstream_error = self.status
             reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
@@ -305,7 +325,7 @@ class ModelCall(Handler):
                 if self.reader.rewrites:
                     reply.remove_headers.append("content-length")
         if end_of_stream or self.status != 200 or self.binding is None:
-            self.account(None)
+            self.account(None, complete=True)
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -321,14 +341,15 @@ class ModelCall(Handler):
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
-            self.account(self.reader.usage if self.reader is not None else None)
+            self.account(self.reader.usage if self.reader is not None else None, complete=True)
         return PASS if out is body else Continue(body=out)
 
     def close(self) -> None:
         if not self.finished and self.binding is not None:
-            # The client went away or Envoy reset the stream before the response ended.
+            # The client went away, the upstream reset, or a timeout cut the stream before the
+            # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
-            self.account(None)
+            self.account(self.seen_usage(), complete=False)
 
 
 class Embeddings(ModelCall):
@@ -420,8 +441,9 @@ class Completion(ModelCall):
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
-            self.account(self.reader.usage if self.reader is not None else None)
-            await self._remember(self.reader.text if self.reader is not None else "")
+            reader = self.reader
+            self.account(reader.usage if reader is not None else None, complete=reader is None or reader.complete)
+            await self._remember(reader.text if reader is not None else "")
         return PASS if out is body or out == body else Continue(body=out)
 
     async def _remember(self, reply_text: str) -> None:

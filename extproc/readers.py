@@ -23,7 +23,8 @@ Contract of ``ResponseReader``
   nothing changes). After the last chunk, ``usage`` is the provider's usage (None when it reported
   none: a translator never makes up zeros), ``model`` the model the provider named (its response
   or first frame; "" when it named none), ``text`` the reply text and ``done`` whether the
-  response ended cleanly (a JSON body, or a stream that reached its end marker).
+  response ended cleanly (a JSON body, or a stream that reached its end marker); ``complete``
+  whether ``usage`` is final (the charge rule's "complete" in ``extproc.admission``).
 * ``rewrites`` says whether the bytes may differ from the backend's (the content-length must go).
 * ``include_usage``: whether the client asked for an OpenAI stream's usage chunk. The gateway
   always asks the backend for it (to meter); when the client did not, the reader drops it.
@@ -189,3 +190,12 @@ class ResponseReader:
         if self.stream is not None:
             return self.stream.done
         return self.read is not None
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``usage`` is final: a whole body, a stream that ended cleanly, or an OpenAI-format
+        stream (its usage chunk is the last one by construction; Anthropic's counts grow until
+        ``message_stop``)."""
+        if self.stream is None:
+            return self.read is not None
+        return self.stream.done or self.backend_api is Api.OPENAI
