@@ -105,6 +105,7 @@ def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:
 
 def cmd_extproc(args: argparse.Namespace) -> int:
     from crdgol.control_plane import ClientAuth, InsecureControlPlane, require_secure_client
+    from extproc.capacity import Capacity, CapacitySettings
     from extproc.server import ServerSettings, serve
     from extproc.services import Services
 
@@ -129,9 +130,12 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         policy_auth=policy_auth,
         socket=args.socket,
     )
+    capacity = CapacitySettings(max_streams=args.max_streams, max_body_bytes=args.max_body_mib * 1024 * 1024, shed_lag=args.shed_lag_ms / 1000)
+
     async def main() -> None:
         services = build_services(args.redis_url, args.redis_timeout)
         assert isinstance(services, Services)
+        services.capacity = Capacity(capacity)
         await serve(settings, services)
 
     _run_async(main())
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and session history through Redis, e.g. redis://127.0.0.1:6379/0 (env CRDGOL_REDIS_URL; default: in memory)")
     ext.add_argument("--redis-timeout", type=float, default=0.25, help="seconds one Redis call may take before the fail policy applies (default 0.25)")
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
+    ext.add_argument("--max-streams", type=int, default=4096, help="gateway requests processed at once; more get 503 gateway_overloaded (default 4096)")
+    ext.add_argument("--max-body-mib", type=int, default=64, help="MiB of request and response bodies held at once; a request body beyond gets 503 (default 64)")
+    ext.add_argument("--shed-lag-ms", type=float, default=500.0, help="refuse new requests with 503 while the event loop runs this late (default 500 ms)")
     ext.set_defaults(func=cmd_extproc)
 
     ctl = sub.add_parser("controller", help="run the controller: kopf against a cluster, or --manifests DIR without one")

@@ -22,7 +22,7 @@ import orjson
 from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
 from extproc import translate_errors
-from extproc.admission import Admission
+from extproc.admission import Admission, Outcome
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
@@ -168,6 +168,7 @@ class ModelCall(Handler):
         # of that backend (untagged) is translated here; a fallback's arrives already translated.
         self.translation: ResponseTranslation | None = None
         self.translating = False
+        self.answered = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
 
@@ -245,29 +246,48 @@ class ModelCall(Handler):
             response_model=self.request_model,
         )
 
-    def account(self, usage: Usage | None) -> None:
-        """Record what the request cost, once."""
+    def account(self, usage: Usage | None, *, complete: bool) -> None:
+        """Record what the request cost, once, by the charge rule (``extproc.admission``).
+
+        ``complete``: the response ended normally and ``usage`` is the provider's usage block (or
+        None when it had none); otherwise ``usage`` is whatever partial usage was seen.
+        """
         if self.finished:
             return
         self.finished = True
         m = self.services.metrics
         labels = self.labels()
-        if usage is not None and self.status == 200:
-            self.admission.settle(usage, self.backend)
+        if not self.answered:
+            outcome = Outcome.NOT_ANSWERED
+        elif not 200 <= self.status < 300:
+            outcome = Outcome.PROVIDER_ERROR
+        elif complete and usage is not None and usage.input_tokens > 0:
+            # Every real request has a prompt: a usage block that counts no prompt token was
+            # made up (a translator closing a stream or body that carried no usage), not reported.
+            outcome = Outcome.ANSWERED
         else:
-            self.admission.release()
+            outcome = Outcome.CUT_SHORT
+        self.admission.finish(outcome, usage, self.backend)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
         m.requests.labels(self.operation, str(self.status)).inc()
 
+    def seen_usage(self) -> Usage | None:
+        """Usage seen so far in a response that has not ended (a stream's partial usage)."""
+        return None
+
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
         tagged = headers.get(BACKEND_HEADER)
+        # A provider answered (its response came through the router, or a fallback attempt's
+        # filter tagged it); Envoy's own local replies carry neither mark. From here on the
+        # request is charged, whatever happens to the rest of the response.
+        self.answered = tagged is not None or UPSTREAM_TIMING in headers
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
         # A provider's error never reaches the client as it was sent (see translate_errors).
-        provider_error = self.status >= 400 and (tagged is not None or UPSTREAM_TIMING in headers)
+        provider_error = self.status >= 400 and self.answered
         if provider_error:
             self.upstream_error = self.status
             reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
@@ -287,7 +307,7 @@ class ModelCall(Handler):
                     reply.response_body_mode = mode
                     reply.remove_headers.append("content-length")
         if end_of_stream or self.status != 200 or self.binding is None:
-            self.account(None)
+            self.account(None, complete=True)
             return reply
         if reply.response_body_mode is None:
             reply.response_body_mode = BUFFERED
@@ -308,14 +328,15 @@ class ModelCall(Handler):
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
-            self.account(usage_from_json(self.api, out))
+            self.account(usage_from_json(self.api, out), complete=True)
         return PASS if out is body else Continue(body=out)
 
     def close(self) -> None:
         if not self.finished and self.binding is not None:
-            # The client went away or Envoy reset the stream before the response ended.
+            # The client went away, the upstream reset, or a timeout cut the stream before the
+            # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
-            self.account(None)
+            self.account(self.seen_usage(), complete=False)
 
 
 class Embeddings(ModelCall):
@@ -421,15 +442,20 @@ class Completion(ModelCall):
         chunk = self.client_bytes(body, end_of_stream)
         if self.tap is None:
             if end_of_stream and not self.finished:
-                self.account(usage_from_json(self.api, chunk))
+                self.account(usage_from_json(self.api, chunk), complete=True)
                 await self._remember(text_from_json(self.api, chunk))
             return PASS if chunk is body else Continue(body=chunk)
         out = self.tap.feed(chunk)
         if end_of_stream:
             out += self.tap.finish()
-            self.account(self.tap.usage)
+            # An Anthropic stream's usage is final only at message_stop; OpenAI's usage chunk
+            # is the last one by construction.
+            self.account(self.tap.usage, complete=self.tap.done or self.api is Api.OPENAI)
             await self._remember(self.tap.text)
         return PASS if out is body or out == body else Continue(body=out)
+
+    def seen_usage(self) -> Usage | None:
+        return self.tap.usage if self.tap is not None else None
 
     async def _remember(self, reply_text: str) -> None:
         """Record the user turn and the assistant's reply once the response has ended."""

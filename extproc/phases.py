@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
 from crdgol.replies import EXTPROC_REPLY_DETAILS
+from extproc.capacity import Capacity, Overloaded
 from extproc.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -200,29 +201,74 @@ async def _dispatch(handler: Handler, phase: str, req: ep.ProcessingRequest) -> 
             return PASS
 
 
+def _body_size(phase: str, req: ep.ProcessingRequest) -> int:
+    if phase == "request_body":
+        return len(req.request_body.body)
+    if phase == "response_body":
+        return len(req.response_body.body)
+    return 0
+
+
+def _hold(capacity: Capacity, phase: str, req: ep.ProcessingRequest, count: int) -> int:
+    """Count this message against the caps; returns the body bytes now held (raises Overloaded)."""
+    if count > capacity.settings.max_messages:
+        raise Overloaded(f"this request exceeded {capacity.settings.max_messages} messages; it was cut")
+    size = _body_size(phase, req)
+    if phase == "request_body":
+        capacity.take_request_body(size)
+    elif size:
+        capacity.take_response_body(size)
+    return size
+
+
 async def run(
     requests: AsyncIterable[ep.ProcessingRequest],
     handler: Handler,
     on_error: Callable[[BaseException], None] | None = None,
+    capacity: Capacity | None = None,
+    *,
+    count_stream: bool = False,
 ) -> AsyncIterator[ep.ProcessingResponse]:
-    """Drive one ext_proc stream through ``handler``; always calls ``handler.close()``."""
+    """Drive one ext_proc stream through ``handler``; always calls ``handler.close()``.
+
+    With ``capacity``, every message is held against its caps while it is processed (body bytes,
+    messages per stream) and, with ``count_stream``, the stream itself is counted from its first
+    message; a request over a cap is refused with 503 ``gateway_overloaded``.
+    """
+    count = 0
+    opened = False
     try:
         async for req in requests:
             phase = req.WhichOneof("request")
             if phase is None:
                 continue
+            count += 1
+            held = 0
             try:
-                reply = await _dispatch(handler, phase, req)
-            except GatewayError as exc:
-                reply = handler.error_reply(exc)
-            except Exception as exc:  # a bug must not hang the request: answer 500 and log it
-                log.exception("extproc handler failed in %s", phase)
-                if on_error is not None:
-                    on_error(exc)
-                reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
-            yield to_pb(phase, reply)
-            if isinstance(reply, Respond):
+                try:
+                    if capacity is not None:
+                        if count_stream and not opened:
+                            capacity.open_stream()
+                            opened = True
+                        held = _hold(capacity, phase, req, count)
+                    reply = await _dispatch(handler, phase, req)
+                except GatewayError as exc:
+                    reply = handler.error_reply(exc)
+                except Exception as exc:  # a bug must not hang the request: answer 500 and log it
+                    log.exception("extproc handler failed in %s", phase)
+                    if on_error is not None:
+                        on_error(exc)
+                    reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
+                out = to_pb(phase, reply)
+                del req, reply  # the body is not kept past the answer (to_pb copied what it needs)
+                yield out  # held until gRPC has taken the answer
+            finally:
+                if held and capacity is not None:
+                    capacity.give(held)
+            if out.HasField("immediate_response"):
                 return
             handler = handler.resolved()
     finally:
+        if opened and capacity is not None:
+            capacity.close_stream()
         handler.close()

@@ -15,8 +15,10 @@ Contract
   the windows immediately and atomically with the check, so concurrent requests cannot all pass a
   nearly exhausted limit. When the response ends (streams included) the reservation is *settled*:
   the counters are adjusted by ``actual - reserved`` in the windows the reservation was made in;
-  the delta may be negative (a refund). On error or cancellation it is *released*: the reserved
-  amounts are removed entirely. Settling or releasing twice has no further effect.
+  the delta may be negative (a refund). Only a request that never reached a provider is
+  *released* (the reserved amounts are removed entirely); an answered one is always settled, at
+  least at its reservation when its usage was not reported (the charge rule,
+  ``extproc.admission``). Settling or releasing twice has no further effect.
 * **Admission.** A request is admitted iff for every limit ``used + demand <= amount``. A refused
   request adds nothing. ``retry_after`` is the time until the refusing limit's window resets
   (1 s for ``concurrent``, whose capacity frees up as soon as any request ends).

@@ -62,6 +62,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.services = services
         self._streams = services.metrics.streams
 
+    def _on_error(self, _exc: BaseException) -> None:
+        self.services.metrics.handler_errors.inc()
+
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
         backend = ""
         for key, value in context.invocation_metadata() or ():
@@ -81,7 +84,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         gauge = self._streams.labels(role)
         gauge.inc()
         try:
-            async for resp in phases.run(request_iterator, handler, lambda _e: self.services.metrics.handler_errors.inc()):
+            async for resp in phases.run(
+                request_iterator,
+                handler,
+                self._on_error,
+                self.services.capacity,
+                count_stream=role == "downstream",
+            ):
                 yield resp
         finally:
             gauge.dec()
@@ -114,6 +123,8 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
     if settings.policy_file is not None:
         load_policy_file(services, settings.policy_file)
+    # Before gRPC starts its threads: their malloc arenas are created with these settings.
+    services.capacity.tune_malloc()
     server = grpc.aio.server(
         options=[
             ("grpc.max_concurrent_streams", 100_000),
@@ -124,6 +135,9 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     ep_grpc.add_ExternalProcessorServicer_to_server(Processor(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    capacity = services.capacity
+    services.metrics.watch_capacity(capacity)
+    lag_watch = asyncio.create_task(capacity.watch_lag())
     runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -167,6 +181,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)
+    lag_watch.cancel()
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")

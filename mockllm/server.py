@@ -24,7 +24,8 @@ for OpenAI and Anthropic behind Envoy.  Contract:
   ``x-mock-fail-status`` and ``x-mock-latency-ms`` take precedence over the instance
   knobs.  Injected failures carry ``x-mock-failed: 1``; with ``x-mock-echo-credential: 1``
   their message quotes the credential the request carried, as some providers do.  Latency applies before any
-  answer, errors included.
+  answer, errors included.  ``x-mock-fault`` asks for an answer that breaks after it has
+  begun (``mockllm.faults``).
 
 * ``require_key``: OpenAI paths need ``Authorization: Bearer <key>``; ``/v1/messages``
   takes ``x-api-key: <key>`` or (as current anthropic SDKs send it) the bearer form.
@@ -54,7 +55,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from mockllm import wire
+from mockllm import faults, wire
 from mockllm.wire import Flavor
 
 log = logging.getLogger("crdgol.mockllm")
@@ -269,6 +270,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if problem:
         return _error("openai", 400, problem, name)
 
+    fault = faults.requested(request)
+    if fault:
+        return await faults.openai_answer(request, fault, body, name)
     model: str = body["model"]
     reply, usage = wire.openai_reply(name, model, body["messages"])
     if body.get("stream") is not True:
