@@ -115,7 +115,7 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def binding_stamp(b: BindingSpec) -> str:
+def binding_stamp(b: BindingSpec, direct: BackendSpec | None = None) -> str:
     """A short hash of what extproc must agree with Envoy about for this binding.
 
     Route and cluster names carry it, so a name never changes meaning between config versions:
@@ -123,9 +123,12 @@ def binding_stamp(b: BindingSpec) -> str:
     downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
     change what a name means, so they keep the names (and Envoy's connection pools).
     """
-    direct = direct_backend(b)
-    parts = (b.key, direct.name if direct else "", tuple((be.name, be.endpoint, be.priority) for be in b.backends))
-    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+    direct = direct or direct_backend(b)
+    parts = [b.key, direct.name if direct else ""]
+    for be in b.backends:
+        ep = be.endpoint
+        parts.append(f"{be.name} {be.priority} {ep.scheme}://{ep.host}:{ep.port}{ep.path_prefix}")
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=4).hexdigest()
 
 
 def route_id(b: BindingSpec, stamp: str) -> str:

@@ -178,6 +178,8 @@ class SecretData:
     data: dict[str, str] = field(repr=False)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    # Namespaces (or "*") its owner shares it with (SHARE_ANNOTATION), parsed once.
+    share_with: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -189,10 +191,7 @@ class SecretData:
 
     def shared_with(self, namespace: str) -> bool:
         """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
-        if namespace == self.namespace:
-            return True
-        allowed = {n.strip() for n in self.annotations.get(SHARE_ANNOTATION, "").split(",")}
-        return namespace in allowed or "*" in allowed
+        return namespace == self.namespace or namespace in self.share_with or "*" in self.share_with
 
 
 def kind_problem(doc: dict[str, Any]) -> str:
@@ -500,10 +499,12 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
             raise SpecError("InvalidSecret", f"data.{k} is not valid base64 of UTF-8 text") from exc
     for k, v in _dict(obj.get("stringData"), "stringData").items():
         data[str(k)] = str(v)
+    annotations = {str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()}
     return SecretData(
         namespace=str(meta.get("namespace") or "default"),
         name=str(meta.get("name") or ""),
         data=data,
         labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},
-        annotations={str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()},
+        annotations=annotations,
+        share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
     )

@@ -11,8 +11,9 @@ secret the gateway holds, so they are never served to a connection that has not 
   shared issuer is not enough. Files are re-read when they change, so a rotated Secret (e.g. from
   cert-manager) takes effect for every new connection without a restart.
 
-Plain TCP is not offered by the command line at all; ``require_secure`` refuses it (a library
-caller may still use it on loopback, as the kopf tests do).
+Plain TCP is not offered by the command line at all: ``require_secure_server`` and
+``require_secure_client`` refuse it (a library caller may still use it on loopback, as the kopf
+tests do; ``Controller.start`` refuses it anywhere else).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class TlsFiles:
     def read(self) -> tuple[bytes, bytes, bytes]:
         return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
 
-    def stamp(self) -> tuple[float, ...]:
-        return tuple(p.stat().st_mtime for p in (self.cert, self.key, self.ca))
+    def stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """Changes when any file is rewritten or replaced (a Secret volume swaps in new files)."""
+        return tuple((st.st_mtime_ns, st.st_ino, st.st_size) for st in (p.stat() for p in (self.cert, self.key, self.ca)))
 
 
 @dataclass(frozen=True, slots=True)

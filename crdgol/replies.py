@@ -52,11 +52,6 @@ def anthropic_error(message: str, type_: str, code: str, status: int) -> dict[st
     return {"type": "error", "error": {"type": anthropic_type(type_, status), "message": message, "code": code}}
 
 
-def is_anthropic_path(path: str) -> bool:
-    p = path.split("?", 1)[0].rstrip("/")
-    return p == ANTHROPIC_PATH
-
-
 # Request headers the gateway accepts: total bytes (names and values, pseudo-headers included)
 # and count. extproc enforces these with a JSON 431; Envoy's codecs are set to a multiple of them
 # (``controller.envoy_config.RenderSettings``), because over its codec limit Envoy can answer an

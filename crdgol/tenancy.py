@@ -17,6 +17,7 @@ The rules, shared by the controller (which renders them) and extproc (which enfo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -42,6 +43,7 @@ def namespace_of(tenant: str) -> str:
     return tenant.partition(SEPARATOR)[0]
 
 
+@functools.lru_cache(maxsize=65536)  # bindings share a few tenant names; 5,000 parse on a restart
 def parse_pattern(raw: str, namespace: str) -> str:
     """A binding's tenant pattern, qualified against the binding's ``namespace``.
 

@@ -36,12 +36,14 @@ from crdgol.usage_log import (
     INPUT_TOKENS,
     LAST_EVENT,
     OUTPUT_TOKENS,
+    RESPONSE_MODEL,
     SETTLE_NAMESPACE,
     STREAM_COMPLETE,
     USAGE_NAMESPACE,
 )
 from extproc.admission import Admission, Outcome, decode_reservation
 from extproc.metrics import RequestLabels
+from extproc.readers import metric_model
 from extproc.services import Services
 from extproc.usage import Usage
 
@@ -107,13 +109,15 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         admission = Admission(services)
         admission.reservation = reservation
         admission.finish(Outcome.ANSWERED if complete else Outcome.CUT_SHORT, usage, backend)
+    reported = found.fields.get(RESPONSE_MODEL) if found is not None else None
     labels = RequestLabels(
         tenant=text("tenant"),
         binding=text("binding"),
         backend=backend,
         operation=text("operation"),
         request_model=text("request_model"),
-        response_model=text("request_model"),
+        # The model the provider said answered (the native filters read it), else the backend's.
+        response_model=metric_model(reported.string_value if reported is not None else "", text("response_model")),
     )
     m = services.metrics
     if usage is not None:

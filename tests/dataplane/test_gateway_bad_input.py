@@ -164,3 +164,16 @@ def test_a_client_too_slow_to_send_its_headers_gets_a_408(gw: Gateway) -> None:
     status, headers, body = raw_exchange(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
     assert status == 408 and openai_error(headers, body)["code"] == "request_timeout"
     assert 9 <= time.monotonic() - started < 20  # request_headers_timeout is 10 s
+
+
+def test_a_fallback_backends_error_is_translated_mapped_and_redacted_too(gw: Gateway) -> None:
+    # fallback-dead: the first backend refuses connections, the Anthropic-speaking rescue answers
+    # through the upstream filter (translated to OpenAI) and quotes the credential it was sent.
+    body = {**CHAT, "model": "fallback-dead"}
+    r = call(gw, "/v1/chat/completions", body, **{"x-mock-fail-status": "422", "x-mock-echo-credential": "1"})
+    assert r.status_code == 400, r.text
+    assert "injected failure 422" in r.json()["error"]["message"]
+    assert_no_credential(r)
+    r = call(gw, "/v1/chat/completions", body, **{"x-mock-fail-status": "401", "x-mock-echo-credential": "1"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"
+    assert_no_credential(r)

@@ -22,6 +22,7 @@ from crdgol.replies import (
 )
 from extproc.errors import BadRequest, GatewayError, HeadersTooLarge, RateLimited, Unavailable
 from extproc.header_limits import check_request_headers
+from extproc.phases import Continue, to_pb
 from extproc.translate_errors import (
     MAX_MESSAGE_CHARS,
     client_status,
@@ -140,6 +141,16 @@ class TestLocalReplies:
         downstream = hcm["http_filters"][0]["typed_config"]
         # Responses go to extproc only when it asks: Envoy's replies to requests it never saw do not wait.
         assert downstream["processing_mode"]["response_header_mode"] == "SKIP"
+
+    def test_extprocs_mode_override_is_the_configured_mode_with_response_headers_on(self) -> None:
+        hcm = listener(RenderSettings(), [])["filter_chains"][0]["filters"][0]["typed_config"]
+        configured = hcm["http_filters"][0]["typed_config"]["processing_mode"]
+        override = to_pb("request_headers", Continue(process_response=True)).mode_override
+        # An override replaces the whole mode: everything but the response headers must stay as configured.
+        for name, value in configured.items():
+            want = "SEND" if name == "response_header_mode" else value
+            field = override.DESCRIPTOR.fields_by_name[name]
+            assert field.enum_type.values_by_number[getattr(override, name)].name == want, name
 
 
 class TestHeaderLimits:
