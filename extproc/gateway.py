@@ -345,6 +345,11 @@ class ModelCall(Handler):
         """Whether anything but usage needs this (200) response's body."""
         return False
 
+    def answer_in_backend_api(self) -> bool:
+        """Whether the answer passing by is in the answering backend's own API (not translated)."""
+        entry = self.services.current.backends.get(self.backend)
+        return entry is not None and entry[1].api is self.api
+
     def defer(self, reply: Continue) -> Continue:
         """Settle from the access-log entry instead of the body: mark the request for it."""
         self.deferred = True
@@ -388,6 +393,9 @@ def settle_record(call: ModelCall) -> dict[str, str | float]:
         "operation": labels.operation,
         "request_model": labels.request_model,
         "response_model": labels.response_model,
+        # The model an answer names is the provider's only when no fallback attempt's filter
+        # translated it (that filter writes the alias the client called).
+        "provider_names_model": "1" if call.answer_in_backend_api() else "",
     }
 
 

@@ -109,7 +109,7 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         admission = Admission(services)
         admission.reservation = reservation
         admission.finish(Outcome.ANSWERED if complete else Outcome.CUT_SHORT, usage, backend)
-    reported = found.fields.get(RESPONSE_MODEL) if found is not None else None
+    reported = found.fields.get(RESPONSE_MODEL) if found is not None and text("provider_names_model") else None
     labels = RequestLabels(
         tenant=text("tenant"),
         binding=text("binding"),

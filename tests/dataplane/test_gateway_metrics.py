@@ -54,7 +54,10 @@ def test_the_response_model_is_the_backends_not_the_alias_the_client_called(gw: 
     assert gw.chat("claude").status_code == 200
     assert gw.chat("claude", stream=True).status_code == 200
     assert gw.chat("fallback-dead").status_code == 200
-    text = gw.metrics()
+    # Usage settled from Envoy's access log arrives within its flush interval.
+    deadline = time.monotonic() + 2
+    while not all(response_models(text := gw.metrics(), m) for m in ("chat", "claude", "fallback-dead")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert response_models(text, "chat") == {"mock-gpt"}
     assert response_models(text, "claude") == {"mock-claude"}
     assert response_models(text, "fallback-dead") == {"rescue-claude"}

@@ -5,6 +5,7 @@ spend its quota or take its model name — with a JWT issuer of the same name or
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,5 +187,10 @@ def test_a_binding_owner_may_grant_another_namespaces_tenant_explicitly(stack: S
 
 def test_metrics_name_the_qualified_tenant(stack: Stack) -> None:
     chat(stack, EVIL_KEY, "evil-chat")
-    text = httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).text
+    # Usage is counted from Envoy's access log, within its flush interval of the response.
+    deadline = time.monotonic() + 2
+    while 'binding="attacker/evil-chat",tenant="attacker/quickstart"' not in (
+        text := httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).text
+    ) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert 'binding="attacker/evil-chat",tenant="attacker/quickstart"' in text
