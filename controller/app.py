@@ -27,6 +27,8 @@ from controller.filemode import FolderReader
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
+from controller.workflow.host import WorkflowHost, WorkflowSettings
+from controller.workflow.runner import WorkflowMetrics
 from controller.xds import Encoder, XdsServer
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 
@@ -43,6 +45,7 @@ class ControllerSettings:
     manifests: Path | None = None
     status_file: Path | None = None
     interval: float = 0.2
+    workflows: WorkflowSettings | None = None  # file mode: run WorkflowSpecs from the folder
 
 
 class ControllerMetrics:
@@ -68,6 +71,7 @@ class Controller:
         self._lock = asyncio.Lock()
         self._nacks_seen = 0
         self._encoder = Encoder()
+        self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
 
     async def publish(self) -> RenderResult:
         """Render the current state and hand any new version to Envoy and extproc."""
@@ -107,6 +111,7 @@ class Controller:
             "bindings": {k: s.to_k8s(now) for k, s in self.state.statuses().items()},
             "files": dict(self.problems),
             "envoy": {n: {"acked": dict(s.acked), "lastNack": s.last_nack} for n, s in self.xds.nodes.items()},
+            **({"workflows": self.workflows.status_doc()} if self.workflows is not None else {}),
         }
 
     def write_status(self) -> None:
@@ -129,6 +134,8 @@ class Controller:
         self._server = server
         if s.metrics_port:
             self._runner = await self._http()
+        if self.workflows is not None:
+            await self.workflows.serve_api()
         log.info("controller serving xDS on %s:%d and policy on %s:%d", s.host, s.xds_port, s.host, s.policy_port)
 
     async def _http(self) -> web.AppRunner:
@@ -149,6 +156,8 @@ class Controller:
         return runner
 
     async def stop(self) -> None:
+        if self.workflows is not None:
+            await self.workflows.close()
         if self._server is not None:
             await self._server.stop(2)
         if self._runner is not None:
@@ -158,11 +167,17 @@ class Controller:
         reader = FolderReader(folder)
         while not stop.is_set():
             if reader.changed():
-                bindings, secrets, _others = reader.read()
+                bindings, secrets, others = reader.read()
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
-                await self.publish()
+                result = await self.publish()
+                if self.workflows is not None:
+                    # Workflows name bindings: accept them against what is served, then add
+                    # their Envoy resources (egress listener, run API route).
+                    self.workflows.sync(others, secrets, {b.key: b.model for b in result.snapshot.bindings})
+                    self.state.extras = self.workflows.extras()
+                    await self.publish()
                 for key, st in self.state.statuses().items():
                     if before.get(key) != st.conditions:
                         for c in st.conditions:

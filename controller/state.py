@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
-from controller.render import RenderCache, RenderResult, RenderSettings, render
+from controller.render import EnvoyExtras, RenderCache, RenderResult, RenderSettings, render
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class ControllerState:
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
     _cache: RenderCache = field(default_factory=RenderCache)
+    # Envoy resources the workflow engine adds (egress listener, run API route).
+    extras: EnvoyExtras = field(default_factory=EnvoyExtras)
 
     def __post_init__(self) -> None:
         # Versions must keep rising across controller restarts and leader changes, or extproc (which
@@ -172,7 +174,7 @@ class ControllerState:
         specs = [e.good for e in self._bindings.values() if e.good is not None]
         candidate = self.version + 1
         result = render(
-            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache
+            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache, self.extras
         )
         if self.result is not None and _same(result, self.result):
             return self.result

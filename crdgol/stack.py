@@ -124,6 +124,7 @@ class Stack:
         self.xds_port = free_port()
         self.policy_port = free_port()
         self.controller_port = free_port()
+        self.egress_port = free_port()
         self.metrics_port = settings.metrics_port or free_port()
         self.metrics_ports = (self.metrics_port, *(free_port() for _ in self.extproc_ports[1:]))
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
@@ -203,7 +204,10 @@ class Stack:
         py = [sys.executable, "-m", "crdgol.cli"]
         try:
             if self.mock_port is not None:
-                mock = self._spawn("mock-llm", [*py, "mock-llm", "--port", str(self.mock_port), *self.settings.mock_args])
+                mock = self._spawn(
+                    "mock-llm",
+                    [*py, "mock-llm", "--port", str(self.mock_port), "--rules-from", str(self.settings.manifests), *self.settings.mock_args],
+                )
                 wait_http(f"{self.mock_url}/healthz", (200,), timeout, mock)
             rs = self.render_settings
             ctl = self._spawn(
@@ -220,6 +224,9 @@ class Stack:
                     "--extproc-port", ",".join(str(p) for p in self.extproc_ports),
                     "--extproc-socket", ",".join(self.extproc_sockets),
                     "--admin-port", str(rs.admin_port),
+                    "--workflow-state", str(self.state / "workflows"),
+                    "--workflow-socket", str(self.state / "workflows.sock"),
+                    "--egress-port", str(self.egress_port),
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)

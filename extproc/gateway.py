@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from extproc import context as mcp
+from extproc import workflows
 from extproc.admission import Admission
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
@@ -98,6 +99,8 @@ _ENDPOINTS = {
 
 def choose(services: Services, method: str, raw_path: str) -> Handler:
     path = raw_path.split("?", 1)[0].rstrip("/") or "/"
+    if workflows.handles(path):
+        return workflows.choose(services, method, path)
     allowed = _ENDPOINTS.get(path)
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))

@@ -25,6 +25,8 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 MAX_STEPS = 100
+# scheme://host[:port] with no template in it, then the path (which may hold templates).
+_ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?(?=/|$)")
 
 
 def _json(name: str | None) -> dict[str, Any]:
@@ -65,10 +67,25 @@ class AiInference:
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    url: str  # a template
+    url: str  # a template; its scheme, host and port are fixed text (the egress listener names them)
     method: str = "GET"
     headers: tuple[tuple[str, str], ...] = ()  # values are templates
     body: str | None = None  # a template
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """(scheme, host, port) of the target, from the URL's fixed prefix."""
+        m = _ORIGIN.match(self.url)
+        assert m is not None, "checked by the parser"
+        scheme, host = m.group(1).lower(), m.group(2).lower()
+        port = int(m.group(3)) if m.group(3) else (443 if scheme == "https" else 80)
+        return scheme, host, port
+
+    @property
+    def path(self) -> str:
+        m = _ORIGIN.match(self.url)
+        assert m is not None
+        return self.url[m.end() :] or "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,8 +270,15 @@ def _http(raw: object, what: str) -> HttpRequest:
             raise SpecError("InvalidSpec", f"{what}.headers: {k!r} must be a header name with a string value")
         headers.append((str(k).lower(), v))
     body = h.get("body")
+    url = _str(h.get("url"), f"{what}.url", required=True)
+    if not _ORIGIN.match(url):
+        raise SpecError(
+            "InvalidURL",
+            f"{what}.url: must start with http:// or https:// and a fixed host (templates only after it): "
+            "the egress listener reaches only the hosts the specs name",
+        )
     return HttpRequest(
-        url=_str(h.get("url"), f"{what}.url", required=True),
+        url=url,
         method=_one_of(h.get("method"), f"{what}.method", HTTP_METHODS, "GET"),
         headers=tuple(headers),
         body=None if body is None else _str(body, f"{what}.body"),
