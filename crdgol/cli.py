@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.set_defaults(func=cmd_controller)
 
+    from crdgol import workflow_cli
+
+    workflow_cli.add_parser(sub)
+
     mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm --help`)", add_help=False)
     mock.add_argument("mock_args", nargs=argparse.REMAINDER)
     mock.set_defaults(func=cmd_mock)

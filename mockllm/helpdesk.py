@@ -5,7 +5,8 @@
 * ``GET /_mock/helpdesk`` lists what was recorded, oldest first; ``DELETE`` clears it.
 * ``POST /_mock/helpdesk/config`` ``{"fail_next": n, "status": s, "delay_ms": d}``: the next ``n``
   helpdesk requests answer ``s`` (default 503) without being recorded; every request waits ``d``
-  ms first (so tests can cancel or time out a call in flight).
+  ms first (so tests can cancel or time out a call in flight); a request whose client went away
+  meanwhile is not recorded, its Idempotency-Key is listed in ``abandoned`` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Helpdesk:
     fail_status: int = 503
     delay_ms: float = 0.0
     attempts: int = 0  # every helpdesk request, failed or not
+    # Idempotency keys (or "-") of requests whose client went away during the delay: not recorded.
+    abandoned: list[str] = field(default_factory=list)
 
 
 _DESK: Final = web.AppKey("crdgol_mock_helpdesk", Helpdesk)
@@ -41,6 +44,9 @@ async def post(request: web.Request) -> web.Response:
     raw = await request.read()
     if desk.delay_ms:
         await asyncio.sleep(desk.delay_ms / 1000)
+        if request.transport is None or request.transport.is_closing():
+            desk.abandoned.append(request.headers.get("idempotency-key", "-"))
+            return web.Response(status=499)
     if desk.fail_next > 0:
         desk.fail_next -= 1
         return _json({"error": {"message": f"helpdesk unavailable ({desk.fail_status})"}}, status=desk.fail_status)
@@ -61,6 +67,7 @@ async def listing(request: web.Request) -> web.Response:
 async def clear(request: web.Request) -> web.Response:
     desk = request.app[_DESK]
     desk.records.clear()
+    desk.abandoned.clear()
     desk.attempts = 0
     return _json({"cleared": True})
 
@@ -74,7 +81,7 @@ async def configure(request: web.Request) -> web.Response:
         desk.delay_ms = float(cfg.get("delay_ms", desk.delay_ms))
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return _json({"error": {"message": "expected {fail_next, status, delay_ms}"}}, status=400)
-    return _json({"fail_next": desk.fail_next, "status": desk.fail_status, "delay_ms": desk.delay_ms, "attempts": desk.attempts})
+    return _json({"fail_next": desk.fail_next, "status": desk.fail_status, "delay_ms": desk.delay_ms, "attempts": desk.attempts, "abandoned": desk.abandoned})
 
 
 def install(app: web.Application) -> None:

@@ -119,6 +119,8 @@ class WorkflowHost:
                 self.runner.start(wf, run.name, run.inputs, tenant=tenant_of(secret), api_key_ref=f"{ref.namespace}/{ref.name}/{ref.key}")
                 problems.pop(f"WorkflowRun {key}", None)
             except SpecError as exc:
+                if f"WorkflowRun {key}" not in self.problems:
+                    log.error("WorkflowRun %s refused: %s: %s", key, exc.reason, exc.message)
                 problems[f"WorkflowRun {key}"] = exc
         self.problems = problems
 
