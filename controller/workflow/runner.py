@@ -2,7 +2,7 @@
 
 ``Runner`` owns the runs of one controller. Each run is an asyncio task that takes events (step
 outcomes, wake-ups, cancellation) one at a time, asks the pure core for the next state and
-actions, writes the state (``RunStore``: one JSON file per run, replaced atomically) and only
+actions, appends the state to the run's journal (``RunStore``: one file per run) and only
 then acts: starts calls, aborts them, schedules a wake-up. A controller killed at any point
 finds on restart every finished step recorded and re-runs only what was in flight (each call
 carries an Idempotency-Key of run, step and attempt): at-least-once, never a finished step again.
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import secrets
 import time
@@ -66,7 +65,13 @@ class WorkflowMetrics:
 
 
 class RunStore:
-    """One JSON file per run; written whole to a temporary file, then renamed over the old one."""
+    """One journal file per run: each transition appends the whole new state as one JSON line.
+
+    Appending costs a fraction of writing a temporary file and renaming it (the rename dominated
+    the engine's CPU per step). A write() that returned is in the kernel's page cache, so a killed
+    controller loses nothing it recorded; a torn last line (a power cut mid-write) is skipped on
+    load, falling back to the state before it.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -74,21 +79,27 @@ class RunStore:
 
     def _path(self, key: str) -> Path:
         namespace, name = key.split("/", 1)
-        return self.folder / f"{namespace}.{name}.json"
+        return self.folder / f"{namespace}.{name}.jsonl"
 
     def save(self, state: RunState) -> None:
-        path = self._path(state.key)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_json(), separators=(",", ":")))
-        os.replace(tmp, path)
+        line = json.dumps(state.to_json(), separators=(",", ":")) + "\n"
+        with open(self._path(state.key), "a", encoding="utf-8") as f:
+            f.write(line)
 
     def load_all(self) -> list[RunState]:
         out = []
-        for p in sorted(self.folder.glob("*.json")):
+        for p in sorted(self.folder.glob("*.jsonl")):
+            state = None
             try:
-                out.append(RunState.from_json(json.loads(p.read_text())))
-            except (ValueError, KeyError, OSError) as exc:
-                log.error("workflow run state %s is unreadable (%s): skipping it", p, exc)
+                for line in p.read_text(encoding="utf-8").splitlines():
+                    try:
+                        state = RunState.from_json(json.loads(line))
+                    except (ValueError, KeyError):
+                        log.error("workflow run journal %s: skipping an unreadable line", p)
+            except OSError as exc:
+                log.error("workflow run journal %s is unreadable (%s): skipping it", p, exc)
+            if state is not None:
+                out.append(state)
         return out
 
 
