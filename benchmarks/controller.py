@@ -116,7 +116,8 @@ def secrets() -> list[dict[str, Any]]:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "providers", "namespace": "crdgol-system"},
+            # One provider account for every team, shared by its owner (crdgol.io/share-with).
+            "metadata": {"name": "providers", "namespace": "crdgol-system", "annotations": {"crdgol.io/share-with": "*"}},
             "stringData": {"openai": "sk-bench-openai", "anthropic": "sk-bench-anthropic"},
         },
         *(
@@ -125,7 +126,8 @@ def secrets() -> list[dict[str, Any]]:
                 "kind": "Secret",
                 "metadata": {
                     "name": f"key-{t:02d}",
-                    "namespace": "crdgol-system",
+                    # A tenant's key lives in its team's namespace: tenants are owned by namespaces.
+                    "namespace": f"team-{t:02d}",
                     "labels": {"crdgol.io/api-key": "true"},
                     "annotations": {"crdgol.io/tenant": f"tenant-{t:02d}"},
                 },

@@ -18,18 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
+from controller.health import backend_health
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
 from controller.workflow.host import WorkflowHost, WorkflowSettings
 from controller.workflow.runner import WorkflowMetrics
 from controller.xds import Encoder, XdsServer
+from crdgol.control_plane import (
+    InsecureControlPlane,
+    ServerAuth,
+    authorizer,
+    is_loopback,
+    private_socket,
+    server_credentials,
+)
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -41,11 +52,23 @@ class ControllerSettings:
     host: str = "127.0.0.1"
     xds_port: int = 18000
     policy_port: int = 18001
+    # Unix sockets for ADS and the policy stream instead of the TCP ports (standalone: 0600 files
+    # in a 0700 folder); TCP ports are served only with mutual TLS, or in plaintext on loopback.
+    xds_socket: str = ""
+    policy_socket: str = ""
+    auth: ServerAuth = field(default_factory=ServerAuth)
     metrics_port: int = 9103  # 0 = off
     manifests: Path | None = None
     status_file: Path | None = None
     interval: float = 0.2
     workflows: WorkflowSettings | None = None  # file mode: run WorkflowSpecs from the folder
+    # Rollout ordering (see Controller._roll_out): how long to wait for Envoy's ACK before the
+    # policy goes out anyway, and how long the previous version's routes stay in Envoy.
+    ack_timeout: float = 5.0
+    ack_settle: float = 0.1
+    retire_after: float = 10.0
+    # How often file mode reads backend health from Envoy's admin API (0 = never).
+    health_interval: float = 1.0
 
 
 class ControllerMetrics:
@@ -62,8 +85,8 @@ class Controller:
     def __init__(self, settings: ControllerSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.state = ControllerState(settings.render, clock=clock)
-        self.xds = XdsServer()
-        self.policy = PolicyServer()
+        self.xds = XdsServer(authorizer(settings.auth))
+        self.policy = PolicyServer(authorizer(settings.auth))
         self.metrics = ControllerMetrics()
         self.problems: dict[str, str] = {}  # file-level problems (file mode)
         self._server: grpc.aio.Server | None = None
@@ -72,6 +95,8 @@ class Controller:
         self._nacks_seen = 0
         self._encoder = Encoder()
         self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
+        self._live: RenderResult | None = None  # the render whose policy extproc was given
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def publish(self) -> RenderResult:
         """Render the current state and hand any new version to Envoy and extproc."""
@@ -80,18 +105,77 @@ class Controller:
             result = self.state.rebuild()
             self.metrics.render_seconds.observe(time.perf_counter() - started)
             version = result.snapshot.version
-            if self.xds.snapshot is None or self.xds.snapshot.version < version:
-                try:
-                    # Encoding a large config takes a while: keep the event loop serving meanwhile.
-                    snap = await asyncio.to_thread(self._encoder.snapshot, version, result.listeners, result.clusters)
-                except Exception:  # a render Envoy's protos reject must not take the controller down
-                    log.exception("config version %d does not serialise; keeping version %s", version, self.xds.snapshot and self.xds.snapshot.version)
-                else:
-                    await self.xds.set(snap)
-                    await self.policy.set(result.snapshot)
+            if self.policy.snapshot is None or self.policy.snapshot.version < version:
+                await self._roll_out(result)
             self._observe()
             self.write_status()
             return result
+
+    async def _roll_out(self, result: RenderResult) -> None:
+        """Envoy first, then extproc, so no request is routed to something extproc does not know.
+
+        Route and cluster names carry a stamp of what they mean (``envoy_config.binding_stamp``),
+        so the old and the new version's routes can live side by side. Envoy gets both and ACKs;
+        only then does extproc get the new policy (whose routes Envoy now has), while requests
+        extproc routed under the old policy still find their routes and clusters. The old ones are
+        dropped ``retire_after`` seconds later, and extproc keeps the previous policy's backends
+        for attempts still running (``PolicyHolder.backend``).
+        """
+        version = result.snapshot.version
+        old = self._live
+        routes = {str(r["name"]): r for r in (old.routes if old else ())} | {str(r["name"]): r for r in result.routes}
+        clusters = {str(c["name"]): c for c in (old.clusters if old else ())} | {str(c["name"]): c for c in result.clusters}
+        if not await self._send_envoy(version, list(routes.values()), list(clusters.values())):
+            return
+        if not await self.xds.wait_all_acked(version, self.settings.ack_timeout):
+            log.warning("Envoy has not ACKed config version %d in %.0fs; publishing the policy anyway", version, self.settings.ack_timeout)
+        elif self.xds.nodes:
+            # Envoy ACKs on its main thread and then hands the new routes to its workers; give
+            # them a moment before extproc starts naming the new routes.
+            await asyncio.sleep(self.settings.ack_settle)
+        await self.policy.set(result.snapshot)
+        self._live = result
+        if old is not None and (len(routes) != len(result.routes) or len(clusters) != len(result.clusters)):
+            task = asyncio.create_task(self._retire(result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _retire(self, live: RenderResult) -> None:
+        """Drop the previous version's routes and clusters once nothing can be using them."""
+        await asyncio.sleep(self.settings.retire_after)
+        async with self._lock:
+            if self._live is live:
+                await self._send_envoy(self.state.reserve_version(), list(live.routes), list(live.clusters))
+                self._observe()
+                self.write_status()
+
+    async def _send_envoy(self, version: int, routes: list[Json], clusters: list[Json]) -> bool:
+        """Clusters, the listener (routes by RDS) and the route table, as one xDS version."""
+        rs = self.settings.render
+        # Plus any listener of its own the workflow engine adds (the egress listener).
+        listeners = [listener(rs, [], rds=True), *self.state.extras.listeners]
+        tables = [route_configuration(rs, routes)]
+        try:
+            # Encoding a large config takes a while: keep the event loop serving meanwhile.
+            snap = await asyncio.to_thread(self._encoder.snapshot, version, listeners, clusters, tables)
+        except Exception:  # a render Envoy's protos reject must not take the controller down
+            log.exception("config version %d does not serialise; keeping version %s", version, self.xds.snapshot and self.xds.snapshot.version)
+            return False
+        await self.xds.set(snap)
+        return True
+
+    async def refresh_health(self) -> None:
+        """Read each backend's health from Envoy's admin API into the bindings' status."""
+        url = f"http://127.0.0.1:{self.settings.render.admin_port}/clusters?format=json"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session, session.get(url) as rsp:
+                doc = await rsp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return  # no Envoy (yet): the status simply says nothing about health
+        health = backend_health(doc)
+        if health != self.state.backend_health:
+            self.state.backend_health = health
+            self.write_status()
 
     def _observe(self) -> None:
         m = self.metrics
@@ -110,6 +194,9 @@ class Controller:
             "version": self.state.version,
             "bindings": {k: s.to_k8s(now) for k, s in self.state.statuses().items()},
             "files": dict(self.problems),
+            # Sources that contribute nothing (an API-key Secret naming no valid tenant), and
+            # resources crdgol cannot serve (an unknown crdgol.io kind), with what is wrong.
+            "sources": dict(self.state.result.source_problems) if self.state.result else {},
             "envoy": {n: {"acked": dict(s.acked), "lastNack": s.last_nack} for n, s in self.xds.nodes.items()},
             **({"workflows": self.workflows.status_doc()} if self.workflows is not None else {}),
         }
@@ -127,16 +214,30 @@ class Controller:
         server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, server)
         pb_grpc.add_PolicyServiceServicer_to_server(self.policy, server)  # type: ignore[no-untyped-call]
-        for port in (s.xds_port, s.policy_port):
-            if not server.add_insecure_port(f"{s.host}:{port}"):
-                raise OSError(f"cannot listen on {s.host}:{port}")
+        where = []
+        for port, sock in ((s.xds_port, s.xds_socket), (s.policy_port, s.policy_socket)):
+            if sock:
+                Path(sock).unlink(missing_ok=True)  # a socket left by a killed controller
+                bound, where_ = server.add_insecure_port(f"unix:{sock}"), f"unix:{sock}"
+            elif s.auth.tls is not None:
+                bound, where_ = server.add_secure_port(f"{s.host}:{port}", server_credentials(s.auth.tls)), f"{s.host}:{port} (mutual TLS)"
+            elif is_loopback(s.host):
+                bound, where_ = server.add_insecure_port(f"{s.host}:{port}"), f"{s.host}:{port} (plaintext, loopback)"
+            else:
+                raise InsecureControlPlane(f"refusing to serve the control plane in plaintext on {s.host}:{port}: configure mutual TLS")
+            if not bound:
+                raise OSError(f"cannot listen on {where_}")
+            where.append(where_)
         await server.start()
+        for sock in (s.xds_socket, s.policy_socket):
+            if sock:
+                private_socket(sock)
         self._server = server
         if s.metrics_port:
             self._runner = await self._http()
         if self.workflows is not None:
             await self.workflows.serve_api()
-        log.info("controller serving xDS on %s:%d and policy on %s:%d", s.host, s.xds_port, s.host, s.policy_port)
+        log.info("controller serving xDS on %s and policy on %s", *where)
 
     async def _http(self) -> web.AppRunner:
         async def metrics(_r: web.Request) -> web.Response:
@@ -158,6 +259,8 @@ class Controller:
     async def stop(self) -> None:
         if self.workflows is not None:
             await self.workflows.close()
+        for task in list(self._tasks):
+            task.cancel()
         if self._server is not None:
             await self._server.stop(2)
         if self._runner is not None:
@@ -165,17 +268,27 @@ class Controller:
 
     async def run_file_mode(self, folder: Path, stop: asyncio.Event) -> None:
         reader = FolderReader(folder)
+        health_at = 0.0
         while not stop.is_set():
+            if self.settings.health_interval and time.monotonic() - health_at >= self.settings.health_interval:
+                health_at = time.monotonic()
+                await self.refresh_health()
             if reader.changed():
                 bindings, secrets, others = reader.read()
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
-                result = await self.publish()
-                if self.workflows is not None:
+                sources_before = dict(self.state.result.source_problems) if self.state.result else {}
+                await self.publish()
+                if self.state.result is not None:
+                    for where, what in self.state.result.source_problems.items():
+                        if sources_before.get(where) != what:
+                            log.error("%s: %s", where, what)
+                if self.workflows is not None and self.state.result is not None:
                     # Workflows name bindings: accept them against what is served, then add
                     # their Envoy resources (egress listener, run API route).
-                    self.workflows.sync(others, secrets, {b.key: b.model for b in result.snapshot.bindings})
+                    served = {b.key: b.model for b in self.state.result.snapshot.bindings}
+                    self.workflows.sync(others, secrets, served)
                     self.state.extras = self.workflows.extras()
                     await self.publish()
                 for key, st in self.state.statuses().items():

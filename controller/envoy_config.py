@@ -8,11 +8,15 @@ Nothing here holds a secret: credentials travel only in the policy snapshot.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controller.health import cluster_health
+from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
 
 ROUTE_HEADER = "x-crdgol-route"
 
@@ -56,6 +60,16 @@ class RenderSettings:
     extproc_timeout_ms: int = 2000
     # Downstream connections Envoy accepts at once.
     max_connections: int = 50_000
+    # Envoy's codec limits on request headers: a multiple of the gateway's own limits, which
+    # extproc enforces with a JSON 431 (over the codec limit an HTTP/2 stream is only reset).
+    max_request_headers_kb: int = MAX_REQUEST_HEADER_BYTES // 1024 * CODEC_HEADER_HEADROOM
+    max_request_headers: int = MAX_REQUEST_HEADERS * CODEC_HEADER_HEADROOM
+    # Slow clients (slowloris): the headers must arrive within this many seconds of their first
+    # byte, and the whole request within the second figure (both 408); a connection with no
+    # request in flight is closed after the third.
+    request_headers_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+    connection_idle_timeout_s: float = 300.0
     version: int = 1
     generated_at: int = 0
     ca_bundle: str = CA_BUNDLE
@@ -84,12 +98,33 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def route_id(b: BindingSpec) -> str:
-    return f"{b.namespace}.{b.name}"
+def binding_stamp(b: BindingSpec, direct: BackendSpec | None = None) -> str:
+    """A short hash of what extproc must agree with Envoy about for this binding.
+
+    Route and cluster names carry it, so a name never changes meaning between config versions:
+    which backends the route reaches, at which priorities, and which one is rewritten by the
+    downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
+    change what a name means, so they keep the names (and Envoy's connection pools).
+    """
+    direct = direct or direct_backend(b)
+    parts = [b.key, direct.name if direct else ""]
+    for be in b.backends:
+        ep = be.endpoint
+        parts.append(f"{be.name} {be.priority} {ep.scheme}://{ep.host}:{ep.port}{ep.path_prefix}")
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=4).hexdigest()
+
+
+def route_id(b: BindingSpec, stamp: str) -> str:
+    return f"{b.namespace}.{b.name}.{stamp}"
 
 
 def backend_id(b: BindingSpec, be: BackendSpec) -> str:
+    """The backend's stable id (metrics, logs); its Envoy cluster is ``cluster_name``."""
     return f"crdgol-be.{b.namespace}.{b.name}.{be.name}"
+
+
+def cluster_name(b: BindingSpec, be: BackendSpec, stamp: str) -> str:
+    return f"{backend_id(b, be)}.{stamp}"
 
 
 def socket_address(host: str, port: int) -> Json:
@@ -127,7 +162,11 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
+                # Downstream, extproc asks for the response (a mode override in its answer to the
+                # request headers) only for a request it lets through. Envoy's own replies to a
+                # request extproc never saw (protocol errors, headers too large) must not wait on
+                # extproc: Envoy closes such a connection right after, and the reply would be lost.
+                "response_header_mode": "SEND" if backend is not None else "SKIP",
                 # extproc asks for the body only when it needs it (mode override per response).
                 "response_body_mode": "NONE",
                 "response_trailer_mode": "SKIP",
@@ -171,8 +210,8 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
     return [strip, codec]
 
 
-def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, direct: bool = False) -> Json:
-    name = backend_id(b, be)
+def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
+    name = cluster_name(b, be, stamp)
     ep = be.endpoint
     cluster: Json = {
         "name": name,
@@ -191,6 +230,7 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
                 http_filters=upstream_filters(name, direct, settings),
             )
         },
+        **cluster_health(b.health, ep.host),
     }
     if ep.tls:
         cluster["transport_socket"] = {
@@ -209,13 +249,13 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, d
     return cluster
 
 
-def binding_route(b: BindingSpec) -> Json:
+def binding_route(b: BindingSpec, stamp: str) -> Json:
     levels = sorted({be.priority for be in b.backends})
     groups = [
         {
             "name": f"p{level}",
             "clusters": [
-                {"cluster_name": backend_id(b, be), "weight": be.weight} for be in b.backends if be.priority == level
+                {"cluster_name": cluster_name(b, be, stamp), "weight": be.weight} for be in b.backends if be.priority == level
             ],
         }
         for level in levels
@@ -246,77 +286,70 @@ def binding_route(b: BindingSpec) -> Json:
         if "429" in b.retry.on:
             policy["retriable_status_codes"] = [429]
         route["retry_policy"] = policy
+    rid = route_id(b, stamp)
     return {
-        "name": b.key,
-        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route_id(b)}}]},
+        "name": rid,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": rid}}]},
         "route": route,
     }
 
 
-def error_format(type_: str, code: str, message: str = "%LOCAL_REPLY_BODY%") -> Json:
-    return {
-        "json_format": {"error": {"message": message, "type": type_, "code": code}},
-        "content_type": "application/json",
-    }
+ROUTE_CONFIG = "crdgol"
 
 
-def local_replies() -> Json:
-    """Envoy's own error replies become OpenAI-shaped JSON, so SDKs raise the right exception.
-
-    Matched by status, so extproc's immediate responses with these statuses are rewritten too:
-    extproc sends them with the bare message (``extproc.errors.ENVOY_WRAPPED_STATUSES``).
-    """
-
-    def by_status(code: int, type_: str, err_code: str, message: str = "%LOCAL_REPLY_BODY%") -> Json:
-        return {
-            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"crdgol.local_reply.{code}"}}}},
-            "body_format_override": error_format(type_, err_code, message),
-        }
-
-    return {
-        "mappers": [
-            by_status(413, "invalid_request_error", "request_too_large", "request body is larger than the gateway accepts"),
-            by_status(502, "server_error", "bad_gateway"),
-            by_status(503, "server_error", "upstream_unavailable"),
-            by_status(504, "server_error", "upstream_timeout"),
-            by_status(500, "server_error", "internal_error"),
-        ]
-    }
-
-
-def listener(settings: RenderSettings, routes: list[Json]) -> Json:
+def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
+    """The gateway's route table: one route per binding, then a JSON 404 for everything else."""
     not_found = {
         "name": "not-found",
         "match": {"prefix": "/"},
-        "direct_response": {
-            "status": 404,
-            "body": {
-                "inline_string": '{"error":{"message":"no route for this request","type":"not_found_error","code":"not_found"}}'
-            },
-        },
-        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "direct_response": {"status": 404, "body": {"inline_string": "no route for this request"}},
     }
+    return {
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "request_body_buffer_limit": settings.max_request_bytes,
+                "routes": [*routes, not_found],
+            }
+        ],
+    }
+
+
+def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False) -> Json:
+    """The gateway listener. With ``rds`` its routes come over xDS (RDS) instead of inline: a
+    route change then reaches every open connection at once, where a changed listener would
+    leave open connections on the old routes while they drain."""
+    routing: Json = (
+        {"rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": ROUTE_CONFIG}}
+        if rds
+        else {"route_config": route_configuration(settings, routes)}
+    )
     hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="crdgol",
         codec_type="AUTO",
         generate_request_id=True,
-        route_config={
-            "name": "crdgol",
-            "virtual_hosts": [
-                {
-                    "name": "gateway",
-                    "domains": ["*"],
-                    "request_body_buffer_limit": settings.max_request_bytes,
-                    "routes": [*routes, not_found],
-                }
-            ],
-        },
+        **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],
-        local_reply_config=local_replies(),
+        local_reply_config=local_replies(
+            max_request_bytes=settings.max_request_bytes,
+            request_headers_timeout_s=settings.request_headers_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        ),
+        max_request_headers_kb=settings.max_request_headers_kb,
+        common_http_protocol_options={
+            "max_headers_count": settings.max_request_headers,
+            "idle_timeout": duration(settings.connection_idle_timeout_s),
+        },
+        request_headers_timeout=duration(settings.request_headers_timeout_s),
+        request_timeout=duration(settings.request_timeout_s),
+        # An invalid HTTP/2 stream gets its own error reply; the connection's other streams go on.
+        http2_protocol_options={"override_stream_error_on_invalid_http_message": True},
     )
     return {
         "name": "crdgol-gateway",
@@ -361,9 +394,23 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 XDS_CLUSTER = "crdgol-xds"
 
 
-def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_id: str = "crdgol-gateway") -> Json:
-    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server."""
+def ads_bootstrap(
+    settings: RenderSettings,
+    xds_host: str,
+    xds_port: int,
+    node_id: str = "crdgol-gateway",
+    *,
+    xds_socket: str = "",
+    xds_tls: Json | None = None,
+) -> Json:
+    """An Envoy bootstrap that takes listeners and clusters from the controller's ADS server
+    (at ``xds_host:xds_port``, or on the Unix socket ``xds_socket`` when it is given; over mutual
+    TLS when ``xds_tls`` is a transport socket from ``xds_client_tls``)."""
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_address = {"pipe": {"path": xds_socket}} if xds_socket else socket_address(xds_host, xds_port)
+    xds = grpc_cluster(XDS_CLUSTER, [xds_address], dns=not xds_socket and not is_ip(xds_host))
+    if xds_tls is not None:
+        xds["transport_socket"] = xds_tls
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -382,7 +429,70 @@ def ads_bootstrap(settings: RenderSettings, xds_host: str, xds_port: int, node_i
             "clusters": [
                 # extproc sits beside Envoy (a sidecar, or the same host): static, never sent over CDS.
                 extproc_cluster(settings),
-                grpc_cluster(XDS_CLUSTER, [socket_address(xds_host, xds_port)], dns=not is_ip(xds_host)),
+                xds,
             ]
         },
     }
+
+
+XDS_CERTIFICATE = "crdgol-gateway-certificate"
+XDS_CA = "crdgol-control-plane-ca"
+_TLS_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def xds_client_tls(tls_dir: str, sds_dir: str, server_name: str) -> tuple[Json, dict[str, Json]]:
+    """Envoy's side of the control plane's mutual TLS, following certificate rotation.
+
+    Envoy presents ``tls_dir``/tls.crt and tls.key and accepts only a controller whose certificate
+    chains to ``tls_dir``/ca.crt and names ``server_name``. The files come through file-based SDS
+    watching ``tls_dir`` (a Kubernetes Secret volume swaps its ``..data`` link on rotation), so a
+    renewed certificate is used from the next connection on, without a restart. Returns the
+    transport socket and the SDS files (name -> content) to write into ``sds_dir``.
+    """
+
+    def sds(name: str) -> Json:
+        return {"resource_api_version": "V3", "path_config_source": {"path": f"{sds_dir}/{name}"}}
+
+    watched = {"path": tls_dir}
+    files = {
+        "sds-certificate.yaml": {
+            "resources": [
+                {
+                    "@type": _TLS_SECRET,
+                    "name": XDS_CERTIFICATE,
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": f"{tls_dir}/tls.crt"},
+                        "private_key": {"filename": f"{tls_dir}/tls.key"},
+                        "watched_directory": watched,
+                    },
+                }
+            ]
+        },
+        "sds-ca.yaml": {
+            "resources": [
+                {
+                    "@type": _TLS_SECRET,
+                    "name": XDS_CA,
+                    "validation_context": {"trusted_ca": {"filename": f"{tls_dir}/ca.crt"}, "watched_directory": watched},
+                }
+            ]
+        },
+    }
+    socket = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=server_name,
+            common_tls_context={
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [{"name": XDS_CERTIFICATE, "sds_config": sds("sds-certificate.yaml")}],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                    },
+                    "validation_context_sds_secret_config": {"name": XDS_CA, "sds_config": sds("sds-ca.yaml")},
+                },
+            },
+        ),
+    }
+    return socket, files

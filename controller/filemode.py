@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from controller.manifests import manifest_files, yaml_problem
-from controller.models import API_VERSION
+from controller.models import API_VERSION, kind_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,13 @@ class FolderReader:
                 problems[str(path)] = f"{yaml_problem(exc)}{kept}"
         for gone in set(self._cache) - set(files):
             del self._cache[gone]
+        for path, docs in self._cache.items():
+            for doc in docs:
+                unknown = kind_problem(doc)
+                if unknown:
+                    meta = doc.get("metadata")
+                    name = meta.get("name") if isinstance(meta, dict) else None
+                    problems[f"{path}: {doc.get('kind')} {name}"] = f"{unknown} (ignored)"
         for where, what in problems.items():
             if self.problems.get(where) != what:
                 log.error("%s: %s", where, what)
@@ -71,6 +78,6 @@ class FolderReader:
                     secrets.append(doc)
                 elif kind == "AIModelBinding" and api == API_VERSION:
                     bindings.append(doc)
-                elif api == API_VERSION:
+                elif api == API_VERSION and not kind_problem(doc):
                     others.append(doc)
         return bindings, secrets, others

@@ -1,8 +1,9 @@
 """Read a folder of Kubernetes manifests (the standalone, cluster-less mode) into typed models.
 
-Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents. Resources crdgol does not
-know are ignored; a file that does not parse is reported, never fatal, so one broken file does
-not take the rest of the folder down.
+Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents. Resources of other API
+groups are ignored; a crdgol.io document of an unknown kind or version, a misspelled field and a
+file that does not parse are reported (``problems``), never fatal, so one broken file does not
+take the rest of the folder down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from controller.models import (
     BindingSpec,
     SecretData,
     SpecError,
+    kind_problem,
     parse_binding,
     parse_secret,
 )
@@ -68,6 +70,10 @@ def load_folder(folder: Path) -> Manifests:
             kind, api = doc.get("kind"), doc.get("apiVersion")
             meta = doc.get("metadata") or {}
             ident = f"{meta.get('namespace') or 'default'}/{meta.get('name')}" if isinstance(meta, dict) else str(path)
+            unknown = kind_problem(doc)
+            if unknown:
+                problems[f"{path}: {kind} {ident}"] = SpecError("UnknownKind", unknown)
+                continue
             try:
                 if kind == "Secret" and api == "v1":
                     secrets.append(parse_secret(doc))

@@ -62,6 +62,7 @@ from controller.envoy_config import (
     RenderSettings,
     backend_cluster,
     binding_route,
+    binding_stamp,
     grpc_cluster,
     socket_address,
     typed,
@@ -180,8 +181,9 @@ def _envoy_filter(bindings: list[BindingSpec], hosts: list[str], settings: MeshS
             {"applyTo": "CLUSTER", "match": {"context": outbound}, "patch": {"operation": "ADD", "value": _extproc_cluster(settings)}}
         )
     for b in bindings:
+        stamp = binding_stamp(b)
         for be in b.backends:
-            cluster = _retarget(backend_cluster(b, be, rs), settings.cluster)
+            cluster = _retarget(backend_cluster(b, be, rs, stamp), settings.cluster)
             patches.append({"applyTo": "CLUSTER", "match": {"context": outbound}, "patch": {"operation": "ADD", "value": cluster}})
     patches.append(
         {
@@ -205,7 +207,7 @@ def _envoy_filter(bindings: list[BindingSpec], hosts: list[str], settings: MeshS
         # INSERT_FIRST puts each route before Istio's default one; header matches are exclusive,
         # so their relative order does not matter.
         for b in bindings:
-            patches.append({"applyTo": "HTTP_ROUTE", "match": match, "patch": {"operation": "INSERT_FIRST", "value": binding_route(b)}})
+            patches.append({"applyTo": "HTTP_ROUTE", "match": match, "patch": {"operation": "INSERT_FIRST", "value": binding_route(b, binding_stamp(b))}})
     spec: Json = {"configPatches": patches}
     if settings.workload_labels:
         spec = {"workloadSelector": {"labels": dict(settings.workload_labels)}, **spec}

@@ -9,33 +9,37 @@ printed.
 from __future__ import annotations
 
 import base64
+import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.fields import binding_problems
+from controller.health import HealthSpec, parse_health
+from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
+from controller.spec_parsing import as_dict as _dict
+from controller.spec_parsing import as_list as _list
+from controller.spec_parsing import int_in as _int
+from controller.spec_parsing import parse_duration as parse_duration
+from crdgol import tenancy
+
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the crdgol.io group
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"
+# On a Secret: the namespaces (comma-separated, or "*") whose bindings may reference it. Without it a
+# Secret serves its own namespace's bindings only (the owner of a provider account says who spends it).
+SHARE_ANNOTATION = "crdgol.io/share-with"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class SpecError(ValueError):
-    """A resource that cannot be served. ``reason`` is a CamelCase condition reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class QuotaSpec:
 @dataclass(frozen=True, slots=True)
 class QuotasSpec:
     default: QuotaSpec | None = None
-    tenants: tuple[tuple[str, QuotaSpec], ...] = ()
+    tenants: tuple[tuple[str, QuotaSpec], ...] = ()  # by qualified tenant
     rate_limits_fail_open: bool = True
     budgets_fail_open: bool = False
 
@@ -152,6 +156,7 @@ class BindingSpec:
     generation: int
     model: str
     backends: tuple[BackendSpec, ...]
+    # Qualified tenant patterns ("ns/name", "ns/*"): who may call the model (crdgol.tenancy).
     tenants: tuple[str, ...]
     context: ContextSpec
     jwt: tuple[JwtSpec, ...]
@@ -159,6 +164,7 @@ class BindingSpec:
     per_try_timeout: float
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
 
     @property
     def key(self) -> str:
@@ -172,6 +178,8 @@ class SecretData:
     data: dict[str, str] = field(repr=False)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    # Namespaces (or "*") its owner shares it with (SHARE_ANNOTATION), parsed once.
+    share_with: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -181,15 +189,23 @@ class SecretData:
     def is_api_key(self) -> bool:
         return self.labels.get(API_KEY_LABEL, "").lower() == "true"
 
+    def shared_with(self, namespace: str) -> bool:
+        """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
+        return namespace == self.namespace or namespace in self.share_with or "*" in self.share_with
 
-def parse_duration(raw: object, what: str) -> float:
-    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-        return float(raw)
-    m = _DURATION.fullmatch(str(raw).strip())
-    if not m or float(m.group(1)) <= 0:
-        raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+def kind_problem(doc: dict[str, Any]) -> str:
+    """What is wrong with a document's crdgol.io kind or version ("" when it is one of ours)."""
+    api, kind = str(doc.get("apiVersion") or ""), doc.get("kind")
+    if not api.startswith(f"{GROUP}/"):
+        return ""
+    if api != API_VERSION:
+        return f"apiVersion {api!r} is not served: use {API_VERSION}"
+    if kind not in KINDS:
+        guess = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {guess[0]}?" if guess else f"; crdgol.io kinds are {', '.join(KINDS)}"
+        return f"kind {kind!r} is not a crdgol.io kind{hint}"
+    return ""
 
 
 def parse_endpoint(raw: object, what: str) -> Endpoint:
@@ -212,29 +228,9 @@ def _secret_ref(raw: object, namespace: str, what: str) -> SecretRef | None:
         return None
     if not isinstance(raw, dict) or not raw.get("name") or not raw.get("key"):
         raise SpecError("InvalidSecretRef", f"{what}: needs 'name' and 'key'")
+    # Another namespace's Secret is only usable when its owner shares it (SHARE_ANNOTATION,
+    # checked at render): naming it here grants nothing by itself.
     return SecretRef(str(raw["name"]), str(raw["key"]), str(raw.get("namespace") or namespace))
-
-
-def _int(raw: object, what: str, lo: int, hi: int) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
-        raise SpecError("InvalidSpec", f"{what}: must be an integer from {lo} to {hi}, got {raw!r}")
-    return raw
-
-
-def _dict(raw: object, what: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise SpecError("InvalidSpec", f"{what}: must be an object")
-    return raw
-
-
-def _list(raw: object, what: str) -> list[Any]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise SpecError("InvalidSpec", f"{what}: must be a list")
-    return raw
 
 
 def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
@@ -315,15 +311,28 @@ def _fail(raw: object, what: str, default: str) -> bool:
     return value == "open"
 
 
-def _quotas(raw: object) -> QuotasSpec:
+def _tenant(parse: Callable[[str, str], str], raw: object, namespace: str, what: str) -> str:
+    try:
+        return parse(str(raw), namespace)
+    except ValueError as exc:
+        raise SpecError("InvalidTenant", f"{what}: {exc}") from None
+
+
+def _quotas(raw: object, namespace: str) -> QuotasSpec:
     q = _dict(raw, "spec.quotas")
     if not q:
         return QuotasSpec()
-    tenants = _dict(q.get("tenants"), "spec.quotas.tenants")
+    tenants: dict[str, QuotaSpec] = {}
+    for t, v in _dict(q.get("tenants"), "spec.quotas.tenants").items():
+        what = f"spec.quotas.tenants.{t}"
+        key = _tenant(tenancy.parse_key, t, namespace, what)
+        if key in tenants:
+            raise SpecError("InvalidTenant", f"{what}: the tenant {key} has two entries")
+        tenants[key] = _quota(v, what)
     fail = _dict(q.get("failPolicy"), "spec.quotas.failPolicy")
     return QuotasSpec(
         default=_quota(q["default"], "spec.quotas.default") if q.get("default") is not None else None,
-        tenants=tuple((str(t), _quota(v, f"spec.quotas.tenants.{t}")) for t, v in sorted(tenants.items())),
+        tenants=tuple(sorted(tenants.items())),
         rate_limits_fail_open=_fail(fail.get("rateLimits"), "spec.quotas.failPolicy.rateLimits", "open"),
         budgets_fail_open=_fail(fail.get("budgets"), "spec.quotas.failPolicy.budgets", "closed"),
     )
@@ -404,7 +413,20 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
     )
 
 
+def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
+    jwts = tuple(_jwt(j, i, namespace) for i, j in enumerate(_list(raw, "spec.auth.jwt")))
+    issuers = [j.issuer for j in jwts]
+    for i, issuer in enumerate(issuers):
+        if issuer in issuers[:i]:
+            raise SpecError("JwtIssuerConflict", f"spec.auth.jwt[{i}].issuer: {issuer!r} is declared twice")
+    return jwts
+
+
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    unknown = binding_problems(obj)
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise SpecError("UnknownField", "; ".join(unknown[:3]) + more)
     meta = _dict(obj.get("metadata"), "metadata")
     name = str(meta.get("name") or "")
     namespace = str(meta.get("namespace") or "default")
@@ -437,14 +459,25 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
         generation=int(meta.get("generation") or 1),
         model=model,
         backends=backends,
-        tenants=tuple(str(t) for t in _list(spec.get("tenants"), "spec.tenants")),
+        tenants=_tenants(spec.get("tenants"), namespace),
         context=_context(spec.get("context")),
-        jwt=tuple(_jwt(j, i, namespace) for i, j in enumerate(_list(auth.get("jwt"), "spec.auth.jwt"))),
+        jwt=_jwts(auth.get("jwt"), namespace),
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
-        quotas=_check_budget(_quotas(spec.get("quotas")), backends),
+        quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
+        health=parse_health(spec.get("health")),
     )
+
+
+
+
+def _tenants(raw: object, namespace: str) -> tuple[str, ...]:
+    """Qualified tenant patterns (see ``crdgol.tenancy``); none given means the own namespace."""
+    patterns = {
+        _tenant(tenancy.parse_pattern, t, namespace, f"spec.tenants[{i}]") for i, t in enumerate(_list(raw, "spec.tenants"))
+    }
+    return tuple(sorted(patterns)) if patterns else (tenancy.qualified(namespace, tenancy.WILDCARD),)
 
 
 def _check_budget(quotas: QuotasSpec, backends: tuple[BackendSpec, ...]) -> QuotasSpec:
@@ -466,10 +499,12 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
             raise SpecError("InvalidSecret", f"data.{k} is not valid base64 of UTF-8 text") from exc
     for k, v in _dict(obj.get("stringData"), "stringData").items():
         data[str(k)] = str(v)
+    annotations = {str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()}
     return SecretData(
         namespace=str(meta.get("namespace") or "default"),
         name=str(meta.get("name") or ""),
         data=data,
         labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},
-        annotations={str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()},
+        annotations=annotations,
+        share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
     )

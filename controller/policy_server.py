@@ -1,18 +1,20 @@
 """The policy stream: every extproc replica subscribes and receives each new snapshot.
 
 A subscriber says which version it holds; it gets the current snapshot at once if that is newer,
-then every later one. Snapshots carry secrets, so this service listens on loopback or inside the
-pod network only (see deploy/).
+then every later one. Snapshots carry secrets (provider keys, HS256 secrets), so a subscriber that
+has not proved who it is (``crdgol.control_plane``: a Unix socket's file permissions, or a client
+certificate) is refused with PERMISSION_DENIED before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from crdgol.control_plane import ServerAuth, authorizer
 from crdgol.pb import policy_pb2 as pb
 from crdgol.pb import policy_pb2_grpc as pb_grpc
 
@@ -20,9 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class PolicyServer(pb_grpc.PolicyServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None) -> None:
         self.snapshot: pb.PolicySnapshot | None = None
         self.subscribers = 0
+        self.refused = 0
+        self._authorize = authorize or authorizer(ServerAuth())
         self._changed = asyncio.Condition()
 
     async def set(self, snapshot: pb.PolicySnapshot) -> None:
@@ -41,6 +45,11 @@ class PolicyServer(pb_grpc.PolicyServiceServicer):
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PolicySnapshot]:
+        denied = self._authorize(context)
+        if denied is not None:
+            self.refused += 1
+            log.warning("policy subscriber %s refused: %s", context.peer(), denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an authorized control-plane client")
         have = request.have_version
         self.subscribers += 1
         log.info("extproc %s subscribed (has version %d)", request.subscriber or "?", have)

@@ -39,6 +39,8 @@ from controller.envoy_config import (
     backend_cluster,
     backend_id,
     binding_route,
+    binding_stamp,
+    cluster_name,
     direct_backend,
     extproc_cluster,
     listener,
@@ -46,7 +48,18 @@ from controller.envoy_config import (
     route_id,
     socket_address,
 )
-from controller.models import BindingSpec, QuotaSpec, SecretData, SecretRef, SpecError
+from controller.models import (
+    SHARE_ANNOTATION,
+    TENANT_ANNOTATION,
+    BackendSpec,
+    BindingSpec,
+    QuotaSpec,
+    SecretData,
+    SecretRef,
+    SpecError,
+)
+from controller.ownership import Claims
+from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
 _PROVIDER = {"openai": pb.OPENAI, "anthropic": pb.ANTHROPIC, "openai-compatible": pb.OPENAI_COMPATIBLE}
@@ -70,26 +83,38 @@ class RenderResult:
     # bootstrap instead, see ``ads_bootstrap``).
     listeners: tuple[Json, ...] = ()
     clusters: tuple[Json, ...] = ()
+    # The bindings' routes (also inside ``listeners``), so the controller can build a listener that
+    # keeps the previous version's routes while extproc catches up (``controller.app``).
+    routes: tuple[Json, ...] = ()
     # Bindings that could not be served, by "namespace/name", with the reason.
     problems: dict[str, SpecError] = field(default_factory=dict)
     accepted: tuple[str, ...] = ()
+    # Other sources that contribute nothing, by "Kind namespace/name" (an API-key Secret whose
+    # tenant annotation is not a tenant name), with what is wrong.
+    source_problems: dict[str, str] = field(default_factory=dict)
 
 
-def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str) -> str:
+def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str) -> str:
+    """The value a binding of ``namespace`` reads from a Secret it names."""
     secret = secrets.get(f"{ref.namespace}/{ref.name}")
     if secret is None:
         raise SpecError("SecretNotFound", f"{what}: Secret {ref.namespace}/{ref.name} does not exist")
+    if not secret.shared_with(namespace):
+        raise SpecError(
+            "CrossNamespaceReference",
+            f"{what}: Secret {ref.namespace}/{ref.name} is not shared with namespace {namespace}; its owner "
+            f"may annotate it {SHARE_ANNOTATION}: {namespace}",
+        )
     value = secret.data.get(ref.key)
     if not value:
         raise SpecError("SecretKeyNotFound", f"{what}: Secret {ref.namespace}/{ref.name} has no key {ref.key!r}")
     return value
 
 
-def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding:
+def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, direct: BackendSpec | None) -> pb.Binding:
     backends = []
-    direct = direct_backend(b)
     for i, be in enumerate(b.backends):
-        key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef") if be.credentials else ""
+        key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef", b.namespace) if be.credentials else ""
         host = be.endpoint.host
         default_port = 443 if be.endpoint.tls else 80
         if be.endpoint.port != default_port:
@@ -97,6 +122,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding
         backends.append(
             pb.Backend(
                 id=backend_id(b, be),
+                cluster=cluster_name(b, be, stamp),
                 provider=_PROVIDER[be.provider],
                 model=be.model,
                 host=host,
@@ -139,7 +165,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> pb.Binding
         backends=backends,
         tenants=sorted(b.tenants),
         context=context,
-        route=route_id(b),
+        route=route_id(b, stamp),
         quotas=quotas,
     )
 
@@ -157,7 +183,7 @@ def _quota_pb(q: QuotaSpec) -> pb.Quota:
 def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtProvider]:
     out = []
     for i, j in enumerate(b.jwt):
-        secret = _resolve(j.hs256_secret, secrets, f"spec.auth.jwt[{i}].hs256SecretRef") if j.hs256_secret else ""
+        secret = _resolve(j.hs256_secret, secrets, f"spec.auth.jwt[{i}].hs256SecretRef", b.namespace) if j.hs256_secret else ""
         out.append(
             pb.JwtProvider(
                 name=j.name,
@@ -166,17 +192,28 @@ def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtPro
                 tenant_claim=j.tenant_claim,
                 hs256_secret=secret.encode(),
                 jwks_json=j.jwks,
+                namespace=b.namespace,
             )
         )
     return out
 
 
-def _api_keys(secrets: Iterable[SecretData]) -> list[pb.ApiKey]:
+def _api_keys(secrets: Iterable[SecretData], problems: dict[str, str]) -> list[pb.ApiKey]:
+    """API keys, each acting as a tenant of its Secret's own namespace (``crdgol.tenancy``)."""
     keys = []
     for s in secrets:
         if not s.is_api_key:
             continue
-        tenant = s.annotations.get("crdgol.io/tenant") or s.labels.get("crdgol.io/tenant") or s.name
+        name = s.annotations.get(TENANT_ANNOTATION) or s.labels.get(TENANT_ANNOTATION) or s.name
+        if not tenancy.valid_name(name):
+            # A tenant name cannot carry a namespace: "other/quickstart" would be another
+            # namespace's tenant, which only that namespace's Secrets may name.
+            problems[f"Secret {s.key}"] = (
+                f"{TENANT_ANNOTATION} {name!r} is not a tenant name (letters, digits and ._@:+=-, no '/'): "
+                "its keys are not loaded; a key acts as a tenant of its Secret's own namespace"
+            )
+            continue
+        tenant = tenancy.qualified(s.namespace, name)
         for value in s.data.values():
             if value:
                 keys.append(pb.ApiKey(sha256=hashlib.sha256(value.encode()).digest(), tenant=tenant, source=s.key))
@@ -215,6 +252,7 @@ class _Pieces:
     jwts: tuple[pb.JwtProvider, ...]
     route: Json
     clusters: tuple[Json, ...]
+    foreign: frozenset[str]  # other namespaces it grants tenants of (controller.ownership)
 
 
 class RenderCache:
@@ -244,23 +282,29 @@ class RenderCache:
         self._entries, self._used = self._used, {}
 
 
-def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[str | None, ...]:
+def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool], ...]:
+    """What a binding's cached render depends on: each named Secret value, and whether it may use it."""
     refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
-    out: list[str | None] = []
+    out: list[tuple[str | None, bool]] = []
     for ref in refs:
         secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None
-        out.append(secret.data.get(ref.key) if secret is not None and ref is not None else None)
+        if secret is None or ref is None:
+            out.append((None, False))
+        else:
+            out.append((secret.data.get(ref.key), secret.shared_with(b.namespace)))
     return tuple(out)
 
 
 def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderSettings) -> _Pieces:
     direct = direct_backend(b)
+    stamp = binding_stamp(b, direct)
     return _Pieces(
         spec=b,
-        binding=_binding_pb(b, secrets),
+        binding=_binding_pb(b, secrets, stamp, direct),
         jwts=tuple(_jwt_pb(b, secrets)),
-        route=binding_route(b),
-        clusters=tuple(backend_cluster(b, be, settings, direct=be is direct) for be in b.backends),
+        route=binding_route(b, stamp),
+        clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
+        foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),
     )
 
 
@@ -274,15 +318,10 @@ def _render(
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
     served: list[tuple[BindingSpec, _Pieces]] = []
-    owners: dict[str, str] = {}
+    claims = Claims()
     # Per-binding pieces do not depend on the version or the timestamp.
     stable = replace(settings, version=0, generated_at=0)
     for b in sorted(bindings, key=lambda b: b.key):
-        if b.model in owners:
-            problems[b.key] = SpecError(
-                "ModelConflict", f"model {b.model!r} is already served by AIModelBinding {owners[b.model]}"
-            )
-            continue
         key = (id(b), _secret_values(b, secret_map), stable)
         pieces = cache.get(key, b) if cache is not None else None
         if pieces is None:
@@ -293,26 +332,22 @@ def _render(
                 continue
             if cache is not None:
                 cache.put(key, pieces)
+        conflict = claims.check(b, pieces.jwts, pieces.foreign)
+        if conflict is not None:
+            problems[b.key] = conflict
+            continue
+        claims.admit(b, pieces.jwts, pieces.foreign)
         served.append((b, pieces))
-        owners[b.model] = b.key
     if cache is not None:
         cache.finish()
 
-    providers: dict[str, pb.JwtProvider] = {}
-    for b, pieces in served:
-        for j in pieces.jwts:
-            if j.issuer in providers and providers[j.issuer] != j:
-                problems.setdefault(
-                    b.key, SpecError("JwtIssuerConflict", f"issuer {j.issuer!r} is configured differently elsewhere")
-                )
-            providers.setdefault(j.issuer, j)
-
+    source_problems: dict[str, str] = {}
     snapshot = pb.PolicySnapshot(
         version=settings.version,
         generated_at=settings.generated_at,
         bindings=[p.binding for _, p in served],
-        api_keys=_api_keys(secret_map[k] for k in sorted(secret_map)),
-        jwt_providers=[providers[i] for i in sorted(providers)],
+        api_keys=_api_keys((secret_map[k] for k in sorted(secret_map)), source_problems),
+        jwt_providers=claims.providers(),
     )
     clusters: list[Json] = list(extras.clusters)
     routes = list(extras.routes)
@@ -331,8 +366,11 @@ def _render(
         snapshot=snapshot,
         listeners=tuple(listeners),
         clusters=tuple(clusters),
+        routes=tuple(routes),
         problems=problems,
         accepted=tuple(b.key for b, _ in served),
+        source_problems=source_problems,
     )
+
 
 __all__ = ["CA_BUNDLE", "EXTPROC_CLUSTER", "ROUTE_HEADER", "EnvoyExtras", "RenderCache", "RenderResult", "RenderSettings", "ads_bootstrap", "render"]

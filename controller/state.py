@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from controller.health import BackendHealth
 from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
 from controller.render import EnvoyExtras, RenderCache, RenderResult, RenderSettings, render
 
@@ -52,18 +53,23 @@ class BindingStatus:
     conditions: tuple[Condition, ...]
     model: str = ""
     backends: int = 0
+    # Backend name -> "healthy" | "ejected" | "failed_check" | ..., as Envoy last reported it.
+    health: tuple[tuple[str, str], ...] = ()
 
     @property
     def ready(self) -> bool:
         return any(c.type == "Ready" and c.status == "True" for c in self.conditions)
 
     def to_k8s(self, now: str) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "observedGeneration": self.observed_generation,
             "model": self.model,
             "backends": self.backends,
             "conditions": [c.to_k8s(self.observed_generation, now) for c in self.conditions],
         }
+        if self.health:
+            doc["backendHealth"] = dict(self.health)
+        return doc
 
 
 @dataclass
@@ -87,6 +93,10 @@ class ControllerState:
     _cache: RenderCache = field(default_factory=RenderCache)
     # Envoy resources the workflow engine adds (egress listener, run API route).
     extras: EnvoyExtras = field(default_factory=EnvoyExtras)
+    # Envoy's verdict per backend cluster (admin /clusters), when the controller can read it.
+    backend_health: dict[str, BackendHealth] = field(default_factory=dict)
+    # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
+    _clusters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Versions must keep rising across controller restarts and leader changes, or extproc (which
@@ -180,6 +190,9 @@ class ControllerState:
             return self.result
         self.version = candidate
         self.result = result
+        self._clusters = {
+            b.key: tuple((be.id.rsplit(".", 1)[-1], be.cluster) for be in b.backends) for b in result.snapshot.bindings
+        }
         log.info(
             "config version %d: %d bindings served, %d refused",
             self.version,
@@ -188,6 +201,11 @@ class ControllerState:
         )
         self.publish(self.result)
         return self.result
+
+    def reserve_version(self) -> int:
+        """A new version for an Envoy-only update (no policy change), above every one so far."""
+        self.version += 1
+        return self.version
 
     def status(self, key: str) -> BindingStatus | None:
         entry = self._bindings.get(key)
@@ -212,13 +230,32 @@ class ControllerState:
             )
         else:
             conditions.append(Condition("Ready", "Unknown", "Pending", "not rendered yet"))
+        health = self._health(key)
+        if health:
+            bad = [f"{name} ({verdict})" for name, verdict in health if verdict != "healthy"]
+            conditions.append(
+                Condition("BackendsHealthy", "False", "BackendUnhealthy", f"unhealthy: {', '.join(bad)}")
+                if bad
+                else Condition("BackendsHealthy", "True", "AllHealthy", "every backend is healthy in Envoy")
+            )
         return BindingStatus(
             key=key,
             observed_generation=entry.generation,
             conditions=tuple(conditions),
             model=spec.model if spec else "",
             backends=len(spec.backends) if spec else 0,
+            health=health,
         )
+
+    def _health(self, key: str) -> tuple[tuple[str, str], ...]:
+        """Each served backend's health as Envoy reports it; () when Envoy has not said."""
+        out = []
+        for name, cluster in self._clusters.get(key, ()):
+            verdict = self.backend_health.get(cluster)
+            if verdict is None:
+                return ()
+            out.append((name, "healthy" if verdict.healthy else verdict.reason))
+        return tuple(out)
 
     def statuses(self) -> dict[str, BindingStatus]:
         out = {}

@@ -4,7 +4,8 @@ It serves two resource types, clusters (CDS) and listeners (LDS, with the route 
 On every change it sends clusters first, then listeners, so a route never names a cluster Envoy
 does not have yet. Each response has a version and a nonce; a request echoing the nonce is an
 ACK, or a NACK when it carries ``error_detail``. A NACKed version is reported (log, metric, and
-``last_nack``) and not resent; Envoy keeps serving the last version it accepted.
+``last_nack``) and not resent; Envoy keeps serving the last version it accepted. A stream from a
+peer that has not proved who it is (``crdgol.control_plane``) is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 (registers the Any type)
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 (registers the Any type)
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
@@ -30,13 +32,15 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 
+from crdgol.control_plane import ServerAuth, authorizer
 from crdgol.pb import envoy_priority_group_pb2  # noqa: F401 (priority_group, missing from xds-protos)
 
 log = logging.getLogger(__name__)
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ORDER = (CDS, LDS)
+RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ORDER = (CDS, LDS, RDS)
 
 
 # RetryPolicy.refresh_cluster_on_retry (Envoy 1.39+) is newer than the pinned xds-protos, so it is
@@ -118,7 +122,23 @@ class Encoder:
         packed.Pack(msg)
         return packed
 
-    def snapshot(self, version: int, listeners: Sequence[dict[str, Any]], clusters: Sequence[dict[str, Any]]) -> XdsSnapshot:
+    def route_config(self, rc: dict[str, Any], routes_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]]) -> any_pb2.Any:
+        vhs = rc.get("virtual_hosts", [])
+        bare = {**rc, "virtual_hosts": [{k: v for k, v in vh.items() if k != "routes"} for vh in vhs]}
+        msg = json_format.ParseDict(bare, route_pb2.RouteConfiguration())
+        for vi, vh in enumerate(vhs):
+            msg.virtual_hosts[vi].routes.extend(self.route(r, routes_cache) for r in vh.get("routes", []))
+        packed = any_pb2.Any()
+        packed.Pack(msg)
+        return packed
+
+    def snapshot(
+        self,
+        version: int,
+        listeners: Sequence[dict[str, Any]],
+        clusters: Sequence[dict[str, Any]],
+        route_configs: Sequence[dict[str, Any]] = (),
+    ) -> XdsSnapshot:
         cluster_cache: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
         route_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
         snap = XdsSnapshot(
@@ -126,6 +146,7 @@ class Encoder:
             resources={
                 CDS: tuple(self.cluster(c, cluster_cache) for c in clusters),
                 LDS: tuple(self.listener(listener, route_cache) for listener in listeners),
+                RDS: tuple(self.route_config(rc, route_cache) for rc in route_configs),
             },
         )
         # Keep only what this snapshot uses, so the caches never outgrow the config.
@@ -151,10 +172,12 @@ class NodeState:
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None) -> None:
         self.snapshot: XdsSnapshot | None = None
         self.nodes: dict[str, NodeState] = {}
         self.nacks = 0
+        self.refused = 0
+        self._authorize = authorize or authorizer(ServerAuth())
         self._changed = asyncio.Condition()
         self._nonces = itertools.count(1)
         self._acked = asyncio.Condition()
@@ -170,7 +193,29 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
 
         def done() -> bool:
-            return any(all(n.acked.get(t, 0) >= version for t in ORDER) for n in self.nodes.values())
+            # Clusters and listeners always; routes when the node subscribed to them (RDS).
+            return any(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
+
+        async with self._acked:
+            try:
+                await asyncio.wait_for(self._acked.wait_for(done), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def wait_all_acked(self, version: int, timeout: float) -> bool:
+        """Wait until every connected Envoy has ACKed ``version`` (or newer) of every type it
+        asked for. True at once when no Envoy is connected (nothing can route yet); False on
+        timeout, e.g. when an Envoy NACKed it."""
+
+        def done() -> bool:
+            return all(
+                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
+                for n in self.nodes.values()
+            )
 
         async with self._acked:
             try:
@@ -196,6 +241,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        denied = self._authorize(context)
+        if denied is not None:
+            self.refused += 1
+            log.warning("xDS client %s refused: %s", context.peer(), denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an authorized control-plane client")
         out: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
         sent: dict[str, tuple[int, str]] = {}  # type -> (version, nonce) last sent
         wanted: set[str] = set()

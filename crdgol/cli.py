@@ -1,4 +1,4 @@
-"""The one CLI, ``crdgol``: up, render, extproc, mock-llm.
+"""The one CLI, ``crdgol``: up, render, extproc, controller, certs, mock-llm.
 
 Settings are built here, at the entry point, from flags (and the environment variables each flag
 names); nothing below reads the environment.
@@ -13,8 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crdgol import __version__
+
+if TYPE_CHECKING:
+    from crdgol.control_plane import TlsFiles
 
 
 def _env(name: str, default: str) -> str:
@@ -49,6 +53,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     )
     for where, problem in {**manifests.problems, **result.problems}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
+    for where, message in result.source_problems.items():
+        print(f"crdgol render: {where}: {message}", file=sys.stderr)
     fmt = args.output
     if fmt == "yaml":
         import yaml
@@ -56,7 +62,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(result.envoy, sort_keys=True))
     else:
         sys.stdout.write(json.dumps(result.envoy, indent=2, sort_keys=True) + "\n")
-    return 1 if args.strict and (manifests.problems or result.problems) else 0
+    return 1 if args.strict and (manifests.problems or result.problems or result.source_problems) else 0
 
 
 def build_services(redis_url: str, redis_timeout: float) -> object:
@@ -65,30 +71,45 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
 
     if not redis_url:
         return Services()
-    import redis.asyncio as aioredis
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.retry import Retry
-
     from extproc.quota_store import RedisQuotaStore
+    from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
 
-    client = aioredis.from_url(
-        redis_url,
-        socket_timeout=redis_timeout,
-        socket_connect_timeout=redis_timeout,
-        # One immediate retry on a dropped connection, so a restarted Redis costs no request.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-        health_check_interval=10,
-    )
+    # One pipelined connection, replaced on the next call if it drops (a restarted Redis costs
+    # the calls in flight, not the ones after).
+    client = RedisClient.from_url(redis_url, connect_timeout=redis_timeout)
     return Services(quotas=RedisQuotaStore(client, timeout=redis_timeout), history=RedisHistoryStore(client, timeout=redis_timeout))
 
 
+def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:
+    """TlsFiles from three flags given together, or None when none is given."""
+    from crdgol.control_plane import TlsFiles
+
+    given = [bool(cert), bool(key), bool(ca)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise SystemExit(f"crdgol: {what} needs all three of its certificate, key and CA files")
+    return TlsFiles(cert=Path(cert), key=Path(key), ca=Path(ca))
+
+
 def cmd_extproc(args: argparse.Namespace) -> int:
+    from crdgol.control_plane import ClientAuth, InsecureControlPlane, require_secure_client
+    from extproc.capacity import Capacity, CapacitySettings
     from extproc.server import ServerSettings, serve
     from extproc.services import Services
 
+    tls = _tls_files("--policy-tls-*", args.policy_tls_cert, args.policy_tls_key, args.policy_tls_ca)
+    policy_auth = ClientAuth(tls=tls, server_name=args.policy_tls_server_name)
+    if args.policy_server:
+        try:
+            require_secure_client(args.policy_server, policy_auth)
+        except InsecureControlPlane as exc:
+            print(f"crdgol extproc: {exc}", file=sys.stderr)
+            return 2
+    if args.port == 0 and not args.socket:
+        print("crdgol extproc: --port 0 (no TCP listener) needs --socket", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -96,11 +117,15 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         grace=args.grace,
         policy_file=Path(args.policy) if args.policy else None,
         policy_server=args.policy_server,
+        policy_auth=policy_auth,
         socket=args.socket,
     )
+    capacity = CapacitySettings(max_streams=args.max_streams, max_body_bytes=args.max_body_mib * 1024 * 1024, shed_lag=args.shed_lag_ms / 1000)
+
     async def main() -> None:
         services = build_services(args.redis_url, args.redis_timeout)
         assert isinstance(services, Services)
+        services.capacity = Capacity(capacity)
         await serve(settings, services)
 
     _run_async(main())
@@ -110,6 +135,16 @@ def cmd_extproc(args: argparse.Namespace) -> int:
 def cmd_controller(args: argparse.Namespace) -> int:
     from controller.app import ControllerSettings, serve_file_mode
     from controller.render import RenderSettings
+    from crdgol.control_plane import InsecureControlPlane, ServerAuth, require_secure_server
+
+    tls = _tls_files("--tls-*", args.tls_cert, args.tls_key, args.tls_client_ca)
+    auth = ServerAuth(tls=tls, client_names=tuple(args.tls_client_name))
+    tcp = [f"{args.host}:{port}" for port, sock in ((args.xds_port, args.xds_socket), (args.policy_port, args.policy_socket)) if not sock]
+    try:
+        require_secure_server(auth, tcp)
+    except InsecureControlPlane as exc:
+        print(f"crdgol controller: {exc}", file=sys.stderr)
+        return 2
 
     render = RenderSettings(
         listen_host=args.gateway_host,
@@ -136,6 +171,9 @@ def cmd_controller(args: argparse.Namespace) -> int:
         host=args.host,
         xds_port=args.xds_port,
         policy_port=args.policy_port,
+        xds_socket=args.xds_socket,
+        policy_socket=args.policy_socket,
+        auth=auth,
         metrics_port=args.metrics_port,
         manifests=Path(args.manifests) if args.manifests else None,
         status_file=Path(args.status_file) if args.status_file else None,
@@ -161,6 +199,20 @@ def cmd_mock(args: argparse.Namespace) -> int:
     from mockllm.server import main as mock_main
 
     return mock_main(args.mock_args)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from crdgol import devcerts
+
+    issued = devcerts.issue(days=args.days)
+    if not args.out:
+        sys.stdout.write(devcerts.secrets_yaml(issued, args.namespace))
+        return 0
+    out = Path(args.out)
+    devcerts.write(out / "controller", issued.server, issued.ca)
+    devcerts.write(out / "gateway", issued.client, issued.ca)
+    print(f"crdgol certs: wrote {out}/controller and {out}/gateway (tls.crt, tls.key, ca.crt)", file=sys.stderr)
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -220,11 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--port", type=int, default=int(_env("CRDGOL_EXTPROC_PORT", "9002")), help="gRPC port (default 9002, env CRDGOL_EXTPROC_PORT)")
     ext.add_argument("--metrics-port", type=int, default=int(_env("CRDGOL_METRICS_PORT", "9102")), help="Prometheus port (default 9102; 0 = off)")
     ext.add_argument("--policy", default=_env("CRDGOL_POLICY_FILE", ""), help="policy snapshot file (binary PolicySnapshot); SIGHUP reloads it")
-    ext.add_argument("--socket", default=_env("CRDGOL_EXTPROC_SOCKET", ""), help="also listen on this Unix domain socket, for an Envoy on the same host (env CRDGOL_EXTPROC_SOCKET)")
-    ext.add_argument("--policy-server", default=_env("CRDGOL_POLICY_SERVER", ""), help="controller's policy stream host:port (env CRDGOL_POLICY_SERVER)")
+    ext.add_argument("--socket", default=_env("CRDGOL_EXTPROC_SOCKET", ""), help="also listen on this Unix domain socket (0600), for an Envoy on the same host; with --port 0, only there (env CRDGOL_EXTPROC_SOCKET)")
+    ext.add_argument("--policy-server", default=_env("CRDGOL_POLICY_SERVER", ""), help="controller's policy stream: host:port (needs the --policy-tls-* files) or unix:PATH (env CRDGOL_POLICY_SERVER)")
+    ext.add_argument("--policy-tls-cert", default="", help="client certificate (PEM) extproc presents to the policy stream")
+    ext.add_argument("--policy-tls-key", default="", help="its private key (PEM)")
+    ext.add_argument("--policy-tls-ca", default="", help="CA (PEM) the controller's certificate must chain to")
+    ext.add_argument("--policy-tls-server-name", default="", help="name the controller's certificate must carry (default: the --policy-server host)")
     ext.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and session history through Redis, e.g. redis://127.0.0.1:6379/0 (env CRDGOL_REDIS_URL; default: in memory)")
     ext.add_argument("--redis-timeout", type=float, default=0.25, help="seconds one Redis call may take before the fail policy applies (default 0.25)")
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
+    ext.add_argument("--max-streams", type=int, default=4096, help="gateway requests processed at once; more get 503 gateway_overloaded (default 4096)")
+    ext.add_argument("--max-body-mib", type=int, default=64, help="MiB of request and response bodies held at once; a request body beyond gets 503 (default 64)")
+    ext.add_argument("--shed-lag-ms", type=float, default=500.0, help="refuse new requests with 503 while the event loop runs this late (default 500 ms)")
     ext.set_defaults(func=cmd_extproc)
 
     ctl = sub.add_parser("controller", help="run the controller: kopf against a cluster, or --manifests DIR without one")
@@ -232,8 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable; default: all)")
     ctl.add_argument("--peering", default="crdgol", help="kopf peering name: one active controller at a time (default crdgol)")
     ctl.add_argument("--host", default=_env("CRDGOL_CONTROLLER_HOST", "127.0.0.1"), help="listen address for xDS, policy and metrics (env CRDGOL_CONTROLLER_HOST)")
-    ctl.add_argument("--xds-port", type=int, default=18000, help="ADS gRPC port Envoy connects to (default 18000)")
-    ctl.add_argument("--policy-port", type=int, default=18001, help="policy stream port extproc subscribes to (default 18001)")
+    ctl.add_argument("--xds-port", type=int, default=18000, help="ADS gRPC port Envoy connects to (default 18000; needs the --tls-* files)")
+    ctl.add_argument("--policy-port", type=int, default=18001, help="policy stream port extproc subscribes to (default 18001; needs the --tls-* files)")
+    ctl.add_argument("--xds-socket", default="", help="serve ADS on this Unix socket (0600) instead of --xds-port")
+    ctl.add_argument("--policy-socket", default="", help="serve the policy stream on this Unix socket (0600) instead of --policy-port")
+    ctl.add_argument("--tls-cert", default="", help="controller's certificate (PEM) for mutual TLS on the xDS and policy ports; re-read when it changes")
+    ctl.add_argument("--tls-key", default="", help="its private key (PEM)")
+    ctl.add_argument("--tls-client-ca", default="", help="CA (PEM) that signs the certificates of Envoy and extproc")
+    ctl.add_argument("--tls-client-name", action="append", default=[], help="a name (SAN or CN) a client certificate must carry (repeatable; default: any the CA signed)")
     ctl.add_argument("--metrics-port", type=int, default=9103, help="/metrics and /status port (default 9103; 0 = off)")
     ctl.add_argument("--status-file", default="", help="file mode: write resource status here as JSON")
     ctl.add_argument("--gateway-host", default="0.0.0.0", help="address the rendered Envoy listener binds (default 0.0.0.0)")
@@ -246,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
     ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.set_defaults(func=cmd_controller)
+
+    certs = sub.add_parser("certs", help="issue development certificates for the control plane's mutual TLS (a CA, the controller, the gateway)")
+    certs.add_argument("--out", default="", help="write ca.crt and controller/ and gateway/ (tls.crt, tls.key, ca.crt) here instead of printing Secrets")
+    certs.add_argument("--namespace", default="crdgol-system", help="namespace of the printed Secrets (default crdgol-system)")
+    certs.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
+    certs.set_defaults(func=cmd_certs)
 
     from crdgol import workflow_cli
 

@@ -5,6 +5,12 @@ and extproc over the policy stream, and picks up every change to the folder), ex
 to it, and Envoy with a bootstrap that points at the controller; then it waits until the gateway
 answers with a policy in force. ``crdgol up`` and the data-plane tests both use it, so what the
 tests drive is what a user runs.
+
+The control plane and extproc listen on Unix sockets only, in ``<state>/sockets`` (0700, sockets
+0600): no other local user can read the policy (it carries provider keys) or feed Envoy a config.
+TCP ports are the gateway listener, the mock upstream, Envoy's admin and the /metrics endpoints,
+all on loopback except the gateway's own. ``respawn`` starts a dead child again with the same
+command line (``crdgol.supervisor`` decides when).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from controller.manifests import load_folder
 from controller.models import SpecError
 from controller.render import RenderResult, RenderSettings, ads_bootstrap, render
+from crdgol.control_plane import private_dir
 
 # Ports are picked below the kernel's ephemeral range (32768-60999 by default): a port taken from
 # that range can be grabbed by any outgoing connection between the pick and the server's bind.
@@ -109,8 +116,6 @@ class StackSettings:
     env: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     extproc_replicas: int = 1
-    # Envoy reaches extproc over Unix domain sockets in the state folder instead of TCP.
-    unix_sockets: bool = True
 
 
 class Stack:
@@ -118,20 +123,21 @@ class Stack:
         self.settings = settings
         self.port = settings.port or free_port()
         self.mock_port = None if settings.mock_port is None else (settings.mock_port or free_port())
-        self.extproc_ports = tuple(free_port() for _ in range(max(1, settings.extproc_replicas)))
-        self.extproc_port = self.extproc_ports[0]
+        replicas = max(1, settings.extproc_replicas)
         self.admin_port = free_port()
-        self.xds_port = free_port()
-        self.policy_port = free_port()
         self.controller_port = free_port()
         self.egress_port = free_port()
         self.metrics_port = settings.metrics_port or free_port()
-        self.metrics_ports = (self.metrics_port, *(free_port() for _ in self.extproc_ports[1:]))
+        self.metrics_ports = (self.metrics_port, *(free_port() for _ in range(replicas - 1)))
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
-        self.extproc_sockets = (
-            tuple(str(self.state / f"extproc-{i}.sock") for i in range(len(self.extproc_ports))) if settings.unix_sockets else ()
-        )
+        # Unix socket paths are limited to 107 bytes: a deep --state-dir gets its sockets in /tmp.
+        sockets = self.state / "sockets"
+        self.sockets = sockets if len(str(sockets)) < 80 else Path(tempfile.mkdtemp(prefix="crdgol-sock-"))
+        self.xds_socket = str(self.sockets / "xds.sock")
+        self.policy_socket = str(self.sockets / "policy.sock")
+        self.extproc_sockets = tuple(str(self.sockets / f"extproc-{i}.sock") for i in range(replicas))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.argv: dict[str, list[str]] = {}
         self.result: RenderResult | None = None
         self.problems: dict[str, SpecError] = {}
 
@@ -149,8 +155,6 @@ class Stack:
             listen_host=self.settings.host,
             listen_port=self.port,
             admin_port=self.admin_port,
-            extproc_port=self.extproc_port,
-            extproc_ports=self.extproc_ports,
             extproc_sockets=self.extproc_sockets,
         )
 
@@ -186,20 +190,32 @@ class Stack:
             return dict(json.loads(r.read()))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.state / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
-        out = None if not self.settings.quiet else log
-        proc = subprocess.Popen(
-            argv,
-            stdout=out if out is not None else None,
-            stderr=subprocess.STDOUT if out is not None else None,
-            env={**os.environ, **self.settings.env},
-            start_new_session=True,
-        )
+        self.argv[name] = argv
+        # Quiet: the child writes to <state>/<name>.log (appended across restarts); otherwise to ours.
+        with open(self.state / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log if self.settings.quiet else None,
+                stderr=subprocess.STDOUT if self.settings.quiet else None,
+                env={**os.environ, **self.settings.env},
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
+    def respawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start child ``name`` again with the command line it first had (the old one must be gone)."""
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {old.pid})")
+        return self._spawn(name, self.argv[name])
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
     def start(self, timeout: float = 30.0) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
+        private_dir(self.sockets)
         self.render()
         py = [sys.executable, "-m", "crdgol.cli"]
         try:
@@ -215,13 +231,12 @@ class Stack:
                 [
                     *py, "controller",
                     "--manifests", str(self.settings.manifests),
-                    "--xds-port", str(self.xds_port),
-                    "--policy-port", str(self.policy_port),
+                    "--xds-socket", self.xds_socket,
+                    "--policy-socket", self.policy_socket,
                     "--metrics-port", str(self.controller_port),
                     "--status-file", str(self.state / "status.json"),
                     "--gateway-host", rs.listen_host,
                     "--gateway-port", str(rs.listen_port),
-                    "--extproc-port", ",".join(str(p) for p in self.extproc_ports),
                     "--extproc-socket", ",".join(self.extproc_sockets),
                     "--admin-port", str(rs.admin_port),
                     "--workflow-state", str(self.state / "workflows"),
@@ -231,23 +246,22 @@ class Stack:
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
             redis = ["--redis-url", self.settings.redis_url] if self.settings.redis_url else []
-            for i, (port, mport) in enumerate(zip(self.extproc_ports, self.metrics_ports, strict=True)):
-                sock = ["--socket", self.extproc_sockets[i]] if self.extproc_sockets else []
+            for i, (sock, mport) in enumerate(zip(self.extproc_sockets, self.metrics_ports, strict=True)):
                 ext = self._spawn(
                     "extproc" if i == 0 else f"extproc-{i}",
                     [
                         *py, "extproc",
-                        "--port", str(port),
+                        "--port", "0",  # no TCP: Envoy calls it on its socket
+                        "--socket", sock,
                         "--metrics-port", str(mport),
-                        "--policy-server", f"127.0.0.1:{self.policy_port}",
-                        *sock,
+                        "--policy-server", f"unix:{self.policy_socket}",
                         *redis,
                     ],
                 )
                 wait_http(f"http://127.0.0.1:{mport}/healthz", (200,), timeout, ext)
             self.wait_policy(1, timeout)
             (self.state / "envoy.json").write_text(
-                json.dumps(ads_bootstrap(rs, "127.0.0.1", self.xds_port), indent=1, sort_keys=True)
+                json.dumps(ads_bootstrap(rs, "", 0, xds_socket=self.xds_socket), indent=1, sort_keys=True)
             )
             argv = [
                 envoy_binary(),
@@ -295,6 +309,8 @@ class Stack:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 stop_process(proc, grace)
+        if self.sockets.name.startswith("crdgol-sock-"):
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     def __enter__(self) -> Stack:
         self.start()

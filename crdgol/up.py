@@ -1,4 +1,8 @@
-"""``crdgol up``: the standalone gateway a newcomer runs, until Ctrl-C or SIGTERM."""
+"""``crdgol up``: the standalone gateway a newcomer runs, until Ctrl-C or SIGTERM.
+
+A child that dies (Envoy, extproc, the controller, the mock) is restarted with backoff by
+``crdgol.supervisor``, and stderr says so; Ctrl-C (or SIGTERM) drains and stops everything.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from crdgol.stack import Stack, StackSettings
+from crdgol.supervisor import Supervisor
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +32,13 @@ class UpSettings:
 
 
 def _free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now.
+
+    With SO_REUSEADDR, as every server here binds: connections of a stack just stopped, still in
+    TIME_WAIT on the port, do not count as the port being taken; a listener does.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -92,12 +103,10 @@ def up(settings: UpSettings) -> int:
         f"    -d '{{\"model\": \"{models[0] if models else 'quickstart-chat'}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n\n"
         f"Press Ctrl-C to stop.\n"
     )
+    supervisor = Supervisor(stack, _say)
     try:
-        while not stop.wait(0.5):
-            for name, proc in list(stack.procs.items()):
-                if proc.poll() is not None:
-                    _say(f"crdgol up: {name} exited with {proc.returncode}; stopping")
-                    stop.set()
+        while not stop.wait(0.1):
+            supervisor.tick()
     finally:
         _say("crdgol up: stopping ...")
         stack.stop()

@@ -1,7 +1,7 @@
 """What extproc and the controller agree on for the workflow run API (defined once, here).
 
 extproc authenticates a request to ``/v1/workflows/...``, then names the workflow route in the
-route header and the caller's tenant in ``TENANT_HEADER`` (overwriting whatever the client sent,
+route header and the caller's tenants (qualified, comma-separated) in ``TENANT_HEADER`` (overwriting whatever the client sent,
 so it cannot be forged through the gateway); Envoy routes it to the controller's run API, which is
 reachable only through Envoy (a Unix socket in the standalone stack) and trusts that header.
 """

@@ -1,16 +1,30 @@
-"""Quota admission for one request: reserve before it goes upstream, settle when it ends.
+"""Quota admission for one request: reserve before it goes upstream, charge when it ends.
 
 ``Admission.admit`` reserves the estimated demand (prompt tokens estimated from the body, output =
 ``max_tokens`` or the binding's default, money at the dearest backend's price) against the
-tenant's limits, or raises ``QuotaExceeded`` (429 with ``Retry-After``). ``settle`` charges the
-real usage at the price of the backend that answered; ``release`` undoes the reservation when the
-request fails or is cancelled. Both run at most once. ``headers`` are the ``x-ratelimit-*``
-response headers for requests and tokens.
+tenant's limits, or raises ``QuotaExceeded`` (429 with ``Retry-After``). ``headers`` are the
+``x-ratelimit-*`` response headers for requests and tokens.
+
+The charge rule (README, "Quotas"): a request that a provider started answering is charged,
+whatever happens next; only one that never reached a provider is released. ``finish`` applies it,
+at most once per request, from what the request path saw:
+
+* ``Outcome.NOT_ANSWERED`` (refused, Envoy's own reply, the client gone before any response
+  byte): the reservation is **released** entirely.
+* ``Outcome.ANSWERED`` with the provider's usage block: the **real usage** is charged at the price
+  of the backend that answered.
+* ``Outcome.PROVIDER_ERROR`` (a non-2xx answer from a provider): the **request** is charged, no
+  tokens (providers bill none for an error).
+* ``Outcome.CUT_SHORT`` (a 2xx answer without a usage block: client disconnect or upstream reset
+  mid-answer, a stream or body that ended without usage, invalid JSON, a timeout): per metric the
+  **larger of what was seen and the reservation**, so such a request never costs less than its
+  estimate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
@@ -18,7 +32,7 @@ from typing import Any
 
 from extproc.errors import RateLimited
 from extproc.policy import Binding, QuotaRule
-from extproc.quota import Decision, Demand, Limit, estimate_demand, quota_scope
+from extproc.quota import Decision, Demand, Limit, Price, estimate_demand, quota_scope
 from extproc.quota_store import Reservation, check, finish
 from extproc.services import Services
 from extproc.usage import Usage
@@ -26,6 +40,29 @@ from extproc.usage import Usage
 log = logging.getLogger(__name__)
 
 _TOKEN_METRICS = ("total_tokens", "input_tokens", "output_tokens")
+
+
+class Outcome(enum.Enum):
+    """How a request ended, as far as charging it is concerned (see the module docstring)."""
+
+    NOT_ANSWERED = "not_answered"
+    ANSWERED = "answered"
+    PROVIDER_ERROR = "provider_error"
+    CUT_SHORT = "cut_short"
+
+
+def at_least(seen: Usage | None, reserved: Demand, price: Price | None) -> Demand:
+    """What a cut-short answer costs: per token count the larger of ``seen`` and ``reserved``,
+    priced at the answering backend's ``price``, and never less money than was reserved."""
+    if seen is None:
+        return reserved
+    tokens_in = max(seen.input_tokens, reserved.input_tokens)
+    tokens_out = max(seen.output_tokens, reserved.output_tokens)
+    priced = Demand.used(tokens_in, tokens_out, price)
+    return Demand(reserved.requests, tokens_in, tokens_out, max(priced.cost_micros, reserved.cost_micros))
+
+
+PROVIDER_ERROR_CHARGE = Demand(requests=1)
 
 
 class QuotaExceeded(RateLimited):
@@ -113,25 +150,40 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return ratelimit_headers(self.decision) if self.decision is not None else {}
 
-    def settle(self, usage: Usage | None, backend_id: str) -> None:
-        """Charge the real usage (or release when there is none). Runs once, in the background."""
+    def finish(self, outcome: Outcome, usage: Usage | None, backend_id: str) -> Demand | None:
+        """Charge or release the reservation by the charge rule; runs once (later calls do nothing).
+
+        ``usage`` is the provider's usage block (``ANSWERED``) or the partial usage seen so far
+        (``CUT_SHORT``). Returns what was charged (None: released, or nothing was reserved). The
+        store is updated in the background: the stream that ends here may already be gone.
+        """
         if self.done or self.reservation is None:
             self.done = True
-            return
+            return None
         self.done = True
-        actual: Demand | None = None
-        if usage is not None:
-            entry = self.services.current.backends.get(backend_id)
-            price = entry[1].price if entry is not None else None
-            actual = Demand.used(usage.input_tokens, usage.output_tokens, price)
+        reserved = self.reservation.demand
+        actual: Demand | None
+        match outcome:
+            case Outcome.NOT_ANSWERED:
+                actual = None
+            case Outcome.PROVIDER_ERROR:
+                actual = PROVIDER_ERROR_CHARGE
+            case Outcome.ANSWERED | Outcome.CUT_SHORT:
+                entry = self.services.current.backends.get(backend_id)
+                price = entry[1].price if entry is not None else None
+                if outcome is Outcome.CUT_SHORT:
+                    actual = at_least(usage, reserved, price)
+                    self.services.metrics.charged_estimates.inc()
+                elif usage is not None:
+                    actual = Demand.used(usage.input_tokens, usage.output_tokens, price)
+                else:
+                    actual = reserved
         self._spawn(actual)
+        return actual
 
     def release(self) -> None:
-        if self.done or self.reservation is None:
-            self.done = True
-            return
-        self.done = True
-        self._spawn(None)
+        """Release the reservation: only for a request that never reached a provider."""
+        self.finish(Outcome.NOT_ANSWERED, None, "")
 
     def _spawn(self, actual: Demand | None) -> None:
         assert self.reservation is not None

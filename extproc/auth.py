@@ -18,6 +18,13 @@ the algorithm list passed to pyjwt is fixed by the provider, never by the token)
 required; ``exp``/``nbf``/``iat`` are checked against the injected clock with ``leeway``; the
 audience is checked when the provider lists audiences; the tenant comes from the provider's
 ``tenant_claim`` and a token without it is refused.
+
+Tenancy (``crdgol.tenancy``): every identity source belongs to a namespace and acts only as
+tenants of that namespace. An API key acts as the qualified tenant its Secret names; a JWT issuer
+is declared per namespace (several namespaces may declare the same issuer, each with its own keys),
+and a token acts as ``namespace/<claim>`` for every declaration whose keys verify it. A claim that
+is not a tenant name (``other/quickstart``, ``*``) is refused. Which of an identity's tenants a
+request acts as is decided by the binding it calls (``Identity.acting_as``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
 
+from crdgol import tenancy
 from extproc.errors import Unauthenticated
 from extproc.policy import JwtProvider, Policy
 
@@ -66,16 +74,25 @@ _MISSING = "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <
 class Identity:
     """An authenticated caller.
 
+    ``tenants`` are the qualified tenants (``namespace/name``) the credential may act as, sorted;
+    ``tenant`` is the one it acts as once the binding it calls is known (``acting_as``), "" before.
     ``subject`` is the JWT ``sub``, or ``apikey:<first 8 hex of sha256(key)>`` for API keys: enough
     to tell keys apart in logs and metrics, useless for recovering the key.
     """
 
-    tenant: str
+    tenants: tuple[str, ...]
     subject: str
     method: str  # "api_key" | "jwt"
     # Read-only view of the verified claims ({} for API keys). Excluded from the hash: mappings
-    # are not hashable, and tenant+subject+method already identify the caller.
+    # are not hashable, and tenants+subject+method already identify the caller.
     claims: Mapping[str, object] = field(default_factory=lambda: _EMPTY_CLAIMS, hash=False)
+    tenant: str = ""
+
+    def acting_as(self, tenant: str) -> Identity:
+        """This caller acting as ``tenant``, which must be one of its ``tenants``."""
+        if tenant not in self.tenants:
+            raise ValueError("an identity can only act as one of its own tenants")
+        return Identity(self.tenants, self.subject, self.method, self.claims, tenant)
 
 
 def credential_from_headers(authorization: str | None, x_api_key: str | None) -> str:
@@ -114,6 +131,7 @@ class _Verifier:
     rsa_keys: Mapping[str, RSAPublicKey]  # by kid ("" for a key published without a kid)
     audiences: tuple[str, ...]
     tenant_claim: str
+    namespace: str  # its tokens act as tenants of this namespace only
 
 
 class Authenticator:
@@ -136,15 +154,16 @@ class Authenticator:
         self._cache_size = max(0, cache_size)
         # digest -> (digest, tenant): keeping the stored digest lets authenticate() confirm the
         # match with hmac.compare_digest against the table's own bytes.
-        self._api_keys: dict[bytes, tuple[bytes, str]] = {
-            bytes(d): (bytes(d), t) for d, t in policy.api_keys.items()
+        self._api_keys: dict[bytes, tuple[bytes, tuple[str, ...]]] = {
+            bytes(d): (bytes(d), tuple(sorted(t))) for d, t in policy.api_keys.items()
         }
-        self._verifiers: dict[str, _Verifier] = {}
+        # By issuer: one verifier per namespace that declares it.
+        self._verifiers: dict[str, tuple[_Verifier, ...]] = {}
         # Configuration problems found while compiling the providers (bad JWKS, no keys). The
         # affected issuer refuses every token; callers may surface these or refuse the policy.
         self.problems: list[str] = []
-        for issuer, provider in policy.jwt_providers.items():
-            self._verifiers[issuer] = self._compile_provider(provider)
+        for issuer, providers in policy.jwt_providers.items():
+            self._verifiers[issuer] = tuple(self._compile_provider(p) for p in providers)
         # sha256(token) -> (expires_at, identity). Bounded LRU; see _cache_put.
         self._jwt_cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
 
@@ -180,6 +199,7 @@ class Authenticator:
             rsa_keys=MappingProxyType(rsa_keys),
             audiences=tuple(p.audiences),
             tenant_claim=p.tenant_claim or "tenant",
+            namespace=p.namespace,
         )
 
     def _problem(self, message: str) -> None:
@@ -206,7 +226,7 @@ class Authenticator:
         entry = self._api_keys.get(digest)
         if entry is not None and hmac.compare_digest(entry[0], digest):
             return Identity(
-                tenant=entry[1],
+                tenants=entry[1],
                 subject="apikey:" + digest[:4].hex(),
                 method="api_key",
                 claims=_EMPTY_CLAIMS,
@@ -232,13 +252,43 @@ class Authenticator:
         issuer = unverified.get("iss")
         if not isinstance(issuer, str) or not issuer:
             raise Unauthenticated("invalid token: it has no 'iss' (issuer) claim")
-        verifier = self._verifiers.get(issuer)
-        if verifier is None:
+        verifiers = self._verifiers.get(issuer)
+        if not verifiers:
             log.info("JWT refused: unknown issuer %r", issuer[:200])
             raise Unauthenticated(
                 "invalid token: its issuer is not trusted by this gateway; use a token from a "
                 "configured identity provider"
             )
+        # Each namespace that declares the issuer verifies with its own keys; the token acts as a
+        # tenant of every namespace whose declaration accepts it, and of no other.
+        accepted: list[tuple[_Verifier, dict[str, Any], str, float]] = []
+        first_error: Unauthenticated | None = None
+        for verifier in verifiers:
+            try:
+                accepted.append((verifier, *self._verify(verifier, token, header, now)))
+            except Unauthenticated as exc:
+                first_error = first_error or exc
+        if not accepted:
+            assert first_error is not None
+            raise first_error
+        claims, exp = accepted[0][1], min(a[3] for a in accepted)
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated("invalid token: it has no 'sub' (subject) claim")
+
+        identity = Identity(
+            tenants=tuple(sorted({tenancy.qualified(v.namespace, name) for v, _, name, _ in accepted})),
+            subject=subject,
+            method="jwt",
+            claims=MappingProxyType(claims),
+        )
+        self._cache_put(digest, exp + self._leeway, identity)
+        return identity
+
+    def _verify(
+        self, verifier: _Verifier, token: str, header: Mapping[str, Any], now: float
+    ) -> tuple[dict[str, Any], str, float]:
+        """One declaration's verdict on a token: (claims, tenant name, exp) or ``Unauthenticated``."""
         if not verifier.algorithm:
             raise Unauthenticated(
                 "invalid token: the identity provider for this issuer has no usable signing keys; "
@@ -311,18 +361,13 @@ class Authenticator:
                 f"invalid token: it has no '{verifier.tenant_claim}' claim naming your tenant; "
                 "ask your identity provider administrator to add it"
             )
-        subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
-            raise Unauthenticated("invalid token: it has no 'sub' (subject) claim")
-
-        identity = Identity(
-            tenant=tenant,
-            subject=subject,
-            method="jwt",
-            claims=MappingProxyType(claims),
-        )
-        self._cache_put(digest, exp + self._leeway, identity)
-        return identity
+        if not tenancy.valid_name(tenant):
+            # "other-namespace/name" would name a tenant this issuer's namespace does not own.
+            raise Unauthenticated(
+                f"invalid token: its '{verifier.tenant_claim}' claim is not a tenant name (letters, "
+                "digits and ._@:+=-, no '/')"
+            )
+        return claims, tenant, exp
 
     def _cache_put(self, digest: bytes, expires_at: float, identity: Identity) -> None:
         if self._cache_size == 0:

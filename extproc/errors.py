@@ -1,12 +1,16 @@
-"""The gateway's error hierarchy, mapped to an HTTP status and an OpenAI-shaped body in one place.
+"""The gateway's error hierarchy, mapped to an HTTP status and a JSON body in one place.
 
 Every refusal extproc makes is one of these. ``to_body`` renders the body that the official SDKs
-understand: ``{"error": {"message", "type", "code"}}``.
+understand: OpenAI's ``{"error": {"message", "type", "code"}}``, or with ``anthropic=True``
+Anthropic's ``{"type": "error", "error": {"type", "message", "code"}}`` (``crdgol.replies``
+holds the shared vocabulary, which Envoy's own local replies use too). The message is never empty.
 """
 
 from __future__ import annotations
 
 import orjson
+
+from crdgol import replies
 
 
 class GatewayError(Exception):
@@ -17,23 +21,20 @@ class GatewayError(Exception):
     code: str = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
+        message = message or f"the gateway refused this request ({self.code if code is None else code})"
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
 
-    def to_body(self) -> bytes:
+    def to_body(self, *, anthropic: bool = False) -> bytes:
+        if anthropic:
+            return orjson.dumps(replies.anthropic_error(self.message, self.type, self.code, self.status))
         return error_body(self.message, self.type, self.code)
 
     def headers(self) -> dict[str, str]:
         """Extra response headers (for example Retry-After)."""
         return {}
-
-
-# Statuses whose local replies Envoy rewrites into the OpenAI error shape (controller/envoy_config.py,
-# local_reply_config). Envoy applies that rewrite to extproc's immediate responses too, so for these
-# extproc sends the bare message and lets Envoy wrap it once.
-ENVOY_WRAPPED_STATUSES = frozenset({413, 500, 502, 503, 504})
 
 
 class BadRequest(GatewayError):
@@ -64,6 +65,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
 
 
 class MethodNotAllowed(GatewayError):
@@ -98,4 +105,4 @@ class Unavailable(GatewayError):
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return orjson.dumps(replies.openai_error(message, type_, code))

@@ -19,13 +19,13 @@ from typing import Any
 
 import orjson
 
+from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
-from extproc import workflows
-from extproc.admission import Admission
-from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
+from extproc import translate_errors, workflows
+from extproc.admission import Admission, Outcome
+from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
-    ENVOY_WRAPPED_STATUSES,
     BadRequest,
     Forbidden,
     GatewayError,
@@ -33,11 +33,13 @@ from extproc.errors import (
     NotFound,
     UnsupportedMediaType,
 )
+from extproc.header_limits import check_request_headers
 from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
-from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
+from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
 from extproc.quota_store import StoreUnavailable
+from extproc.readers import ResponseReader, metric_model
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -46,16 +48,11 @@ from extproc.services import (
     ROUTE_HEADER,
     Services,
 )
-from extproc.usage import StreamTap, Usage, text_from_json, usage_from_json
+from extproc.usage import Usage
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_TIMING = "x-envoy-upstream-service-time"
-
-
-def anthropic_error(exc: GatewayError) -> bytes:
-    """Anthropic's error shape, which also carries the OpenAI fields (error.message/type/code)."""
-    return orjson.dumps({"type": "error", "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
 
 
 class Downstream(Handler):
@@ -67,6 +64,7 @@ class Downstream(Handler):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
+        check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
@@ -105,7 +103,7 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))
     if method != allowed:
-        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed)
+        return Refuse(MethodNotAllowed(f"{path} accepts {allowed}, not {method}"), allow=allowed, anthropic=path == ANTHROPIC_PATH)
     match path:
         case "/v1/chat/completions":
             return Completion(services, Api.OPENAI)
@@ -118,8 +116,11 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
 
 
 class Refuse(Handler):
-    def __init__(self, exc: GatewayError, *, allow: str = "") -> None:
-        self.exc, self.allow = exc, allow
+    def __init__(self, exc: GatewayError, *, allow: str = "", anthropic: bool = False) -> None:
+        self.exc, self.allow, self.anthropic = exc, allow, anthropic
+
+    def error_reply(self, exc: GatewayError) -> Respond:
+        return Respond(exc.status, exc.to_body(anthropic=self.anthropic), {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         r = self.error_reply(self.exc)
@@ -143,9 +144,8 @@ class Models(Handler):
         ident = authenticate(self.services, headers)
         policy = self.services.current
         data = [
-            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.key.split("/", 1)[0]}
-            for b in sorted(policy.bindings.values(), key=lambda b: b.model)
-            if b.allows(ident.tenant)
+            {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.namespace}
+            for b in policy.visible(ident.tenants)
         ]
         return Respond(200, orjson.dumps({"object": "list", "data": data}))
 
@@ -167,16 +167,19 @@ class ModelCall(Handler):
         self.status = 0
         self.finished = False
         self.admission = Admission(services)
-        # Set when this filter rewrote the request for the binding's first backend: the response
-        # of that backend (untagged) is translated here; a fallback's arrives already translated.
-        self.translation: ResponseTranslation | None = None
-        self.translating = False
+        # Reads the response (and translates it when it comes from the first backend, which this
+        # filter rewrote the request for; a fallback's arrives already translated): the client's
+        # bytes, usage, the provider's model and the reply text, in one parse.
+        self.reader: ResponseReader | None = None
+        self.client_wants_usage = True  # an OpenAI stream's usage chunk (chat completions only)
+        self.answered = False
+        # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
+        self.upstream_error = 0
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
-        if self.api is Api.ANTHROPIC and exc.status not in ENVOY_WRAPPED_STATUSES:
-            return Respond(exc.status, anthropic_error(exc), {"content-type": "application/json", **exc.headers()})
-        return super().error_reply(exc)
+        body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
+        return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         ctype = headers.get("content-type", "")
@@ -186,7 +189,7 @@ class ModelCall(Handler):
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
-        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers])
+        return Continue(remove_headers=[h for h in INTERNAL_HEADERS if h in headers], process_response=True)
 
     def parse(self, body: bytes) -> dict[str, Any]:
         try:
@@ -202,12 +205,15 @@ class ModelCall(Handler):
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required: name one of the models GET /v1/models lists", code="missing_model")
         self.request_model = model
-        binding = self.services.current.bindings.get(model)
+        assert self.identity is not None
+        # Which binding, and which of the caller's tenants it acts as, is decided here: quotas,
+        # history and metrics below all key on that one qualified tenant (crdgol.tenancy).
+        binding, tenant = self.services.current.resolve(model, self.identity.tenants)
         if binding is None:
             raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
-        assert self.identity is not None
-        if not binding.allows(self.identity.tenant):
-            raise Forbidden(f"tenant {self.identity.tenant!r} may not call the model {model!r}")
+        if not tenant:
+            raise Forbidden(f"tenant {' or '.join(self.identity.tenants)} may not call the model {model!r}")
+        self.identity = self.identity.acting_as(tenant)
         self.binding = binding
         return binding
 
@@ -217,17 +223,18 @@ class ModelCall(Handler):
         primary = binding.primary
         set_headers = {ROUTE_HEADER: binding.route, CLIENT_API_HEADER: self.api.value}
         remove: list[str] = []
-        if primary is None:
-            body = orjson.dumps(doc)
-        else:
+        try:
+            body = orjson.dumps(doc) if primary is None else rewrite_body(primary, doc, self.api)
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels of nesting but writes only 254: a legal but absurd body.
+            raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+        if primary is not None:
             # The first attempt's backend is fixed: do its rewrite here, so its cluster needs no
             # upstream ext_proc. A fallback attempt's filter starts from this body (x-crdgol-body-api).
-            body = rewrite_body(primary, doc, self.api)
             targets = target_headers(primary, self.operation == "embeddings", "anthropic-version" in self.headers)
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
-            self.translation = ResponseTranslation(primary.api, self.api, binding.model)
         await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
@@ -239,66 +246,112 @@ class ModelCall(Handler):
             backend=self.backend,
             operation=self.operation,
             request_model=self.request_model,
-            response_model=self.request_model,
+            response_model=self.response_model(),
         )
 
-    def account(self, usage: Usage | None) -> None:
-        """Record what the request cost, once."""
+    def response_model(self) -> str:
+        """``gen_ai_response_model``: the model the provider said answered, else the backend's
+        ("" when no backend answered: a refusal or a local reply)."""
+        entry = self.services.current.backends.get(self.backend)
+        if entry is None:
+            return ""
+        configured = entry[1].model
+        reported = self.reader.model if self.reader is not None else ""
+        if self.reader is not None and not self.reader.needed and entry[1].api is not self.api:
+            reported = ""  # a fallback attempt's filter translated it, writing the client's name
+        return metric_model(reported, configured)
+
+    def account(self, usage: Usage | None, *, complete: bool) -> None:
+        """Record what the request cost, once, by the charge rule (``extproc.admission``).
+
+        ``complete``: the response ended normally and ``usage`` is the provider's usage block (or
+        None when it had none); otherwise ``usage`` is whatever partial usage was seen.
+        """
         if self.finished:
             return
         self.finished = True
         m = self.services.metrics
         labels = self.labels()
-        if usage is not None and self.status == 200:
-            self.admission.settle(usage, self.backend)
+        if not self.answered:
+            outcome = Outcome.NOT_ANSWERED
+        elif not 200 <= self.status < 300:
+            outcome = Outcome.PROVIDER_ERROR
+        elif complete and usage is not None and usage.input_tokens > 0:
+            # Every real request has a prompt: a usage block that counts no prompt token was
+            # made up (a translator closing a stream or body that carried no usage), not reported.
+            outcome = Outcome.ANSWERED
         else:
-            self.admission.release()
+            outcome = Outcome.CUT_SHORT
+        self.admission.finish(outcome, usage, self.backend)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
         m.requests.labels(self.operation, str(self.status)).inc()
 
+    def seen_usage(self) -> Usage | None:
+        """Usage seen so far in a response that has not ended (a stream's partial usage)."""
+        return self.reader.usage if self.reader is not None else None
+
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
         tagged = headers.get(BACKEND_HEADER)
+        # A provider answered (its response came through the router, or a fallback attempt's
+        # filter tagged it); Envoy's own local replies carry neither mark. From here on the
+        # request is charged, whatever happens to the rest of the response.
+        self.answered = tagged is not None or UPSTREAM_TIMING in headers
         strip = [BACKEND_HEADER] if tagged is not None else []
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
+        # A provider's error never reaches the client as it was sent (see translate_errors).
+        provider_error = self.status >= 400 and self.answered
+        if provider_error:
+            self.upstream_error = self.status
+            reply.set_headers[":status"] = str(translate_errors.client_status(self.status))
+            if not end_of_stream:
+                reply.response_body_mode = BUFFERED
+                reply.remove_headers.append("content-length")
+        backend_api = self.api  # a fallback attempt's answer arrives in the client's API
         if tagged is not None:
             self.backend = tagged
         elif self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
             # An untagged answer from upstream came from the first backend, whose cluster has no
             # upstream filter. (Envoy's own local replies carry no upstream timing header.)
             self.backend = self.binding.primary.id
-            if self.translation is not None and not end_of_stream:
-                mode = self.translation.start(self.status, headers.get("content-type", ""))
-                if mode is not None:
-                    self.translating = True
-                    reply.response_body_mode = mode
+            backend_api = self.binding.primary.api
+        if self.binding is not None and not end_of_stream and not provider_error:
+            self.reader = ResponseReader(
+                backend_api, self.api, self.binding.model, include_usage=self.client_wants_usage, observe=True
+            )
+            mode = self.reader.start(self.status, headers.get("content-type", ""))
+            if mode is not None:
+                reply.response_body_mode = mode
+                if self.reader.rewrites:
                     reply.remove_headers.append("content-length")
         if end_of_stream or self.status != 200 or self.binding is None:
-            self.account(None)
-            return reply
-        if reply.response_body_mode is None:
-            reply.response_body_mode = BUFFERED
+            self.account(None, complete=True)
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
         """The response body in the client's API (translated here for a direct first backend)."""
-        if self.translating and self.translation is not None:
-            return self.translation.body(body, end_of_stream)
-        return body
+        if self.upstream_error and self.binding is not None:
+            secrets = [c for be in self.binding.backends for c in translate_errors.credentials(be.auth_headers)]
+            _, out = translate_errors.provider_error(
+                self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
+            )
+            return out
+        return self.reader.body(body, end_of_stream) if self.reader is not None else body
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
-            self.account(usage_from_json(self.api, out))
+            self.account(self.reader.usage if self.reader is not None else None, complete=True)
         return PASS if out is body else Continue(body=out)
 
     def close(self) -> None:
         if not self.finished and self.binding is not None:
-            # The client went away or Envoy reset the stream before the response ended.
+            # The client went away, the upstream reset, or a timeout cut the stream before the
+            # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
-            self.account(None)
+            self.account(self.seen_usage(), complete=False)
 
 
 class Embeddings(ModelCall):
@@ -326,7 +379,6 @@ class Completion(ModelCall):
         self.client_wants_usage = False
         self.session = ""
         self.user_text = ""
-        self.tap: StreamTap | None = None
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         reply = await super().request_headers(headers, end_of_stream)
@@ -388,30 +440,12 @@ class Completion(ModelCall):
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
         return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
 
-    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
-        reply = await super().response_headers(headers, end_of_stream)
-        if self.finished or not isinstance(reply, Continue):
-            return reply
-        if "text/event-stream" in headers.get("content-type", ""):
-            strip = self.api is Api.OPENAI and not self.client_wants_usage
-            self.tap = StreamTap(self.api, strip_usage=strip)
-            reply.response_body_mode = STREAMED
-            if strip:
-                reply.remove_headers.append("content-length")
-        return reply
-
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        chunk = self.client_bytes(body, end_of_stream)
-        if self.tap is None:
-            if end_of_stream and not self.finished:
-                self.account(usage_from_json(self.api, chunk))
-                await self._remember(text_from_json(self.api, chunk))
-            return PASS if chunk is body else Continue(body=chunk)
-        out = self.tap.feed(chunk)
-        if end_of_stream:
-            out += self.tap.finish()
-            self.account(self.tap.usage)
-            await self._remember(self.tap.text)
+        out = self.client_bytes(body, end_of_stream)
+        if end_of_stream and not self.finished:
+            reader = self.reader
+            self.account(reader.usage if reader is not None else None, complete=reader is None or reader.complete)
+            await self._remember(reader.text if reader is not None else "")
         return PASS if out is body or out == body else Continue(body=out)
 
     async def _remember(self, reply_text: str) -> None:

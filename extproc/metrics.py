@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from extproc.capacity import Capacity
+
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
@@ -79,8 +81,30 @@ class Metrics:
         self.history_store_errors = Counter(
             "crdgol_history_store_errors", "Session-history reads or writes that failed (requests went on without).", registry=r
         )
+        self.charged_estimates = Counter(
+            "crdgol_charged_estimates",
+            "Answered requests charged at least their reservation: cut short or without a usage block.",
+            registry=r,
+        )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
+        self._capacity_watched = False
+
+    def watch_capacity(self, capacity: Capacity) -> None:
+        """Expose what extproc holds now (read at scrape time); once per registry."""
+        if self._capacity_watched:
+            return
+        self._capacity_watched = True
+        r = self.registry
+        Gauge("crdgol_extproc_body_bytes_in_flight", "Request and response body bytes being processed.", registry=r).set_function(
+            lambda: capacity.body_bytes
+        )
+        Gauge("crdgol_extproc_event_loop_lag_seconds", "How late extproc's event loop runs its timers.", registry=r).set_function(
+            lambda: capacity.lag
+        )
+        Gauge("crdgol_extproc_shed_requests", "Requests refused for capacity (503 gateway_overloaded) since start.", registry=r).set_function(
+            lambda: capacity.shed
+        )
 
     def _usage_children(self, labels: RequestLabels) -> tuple[Any, Any, Any, Any]:
         # Label look-ups cost more than the observation; the label sets are bounded by the

@@ -21,7 +21,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
-from extproc.errors import ENVOY_WRAPPED_STATUSES, GatewayError
+from crdgol.replies import EXTPROC_REPLY_DETAILS
+from extproc.capacity import Capacity, Overloaded
+from extproc.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class Continue:
     clear_route_cache: bool = False
     # Ask Envoy for the response body in this mode (only honoured on the response-headers reply).
     response_body_mode: int | None = None
+    # Ask the downstream filter for this request's response headers (only honoured on the
+    # request-headers reply; the downstream filter skips responses unless asked, see
+    # ``controller.envoy_config.ext_proc_filter``).
+    process_response: bool = False
 
 
 @dataclass(slots=True)
@@ -88,8 +94,6 @@ class Handler:
 
     def error_reply(self, exc: GatewayError) -> Respond:
         """How a refusal is shaped for this endpoint's client (OpenAI shape by default)."""
-        if exc.status in ENVOY_WRAPPED_STATUSES:
-            return Respond(exc.status, exc.message.encode(), {"content-type": "text/plain", **exc.headers()})
         return Respond(exc.status, exc.to_body(), {"content-type": "application/json", **exc.headers()})
 
     def close(self) -> None:
@@ -127,9 +131,22 @@ def _immediate(r: Respond) -> ep.ProcessingResponse:
             status=http_status_pb2.HttpStatus(code=r.status),
             headers=_header_mutation(Continue(set_headers=r.headers)),
             body=r.body,
-            details="crdgol",
+            # Envoy's local-reply mappers pass answers with these details through unchanged.
+            details=EXTPROC_REPLY_DETAILS,
         )
     )
+
+
+# The whole processing mode for a request extproc lets through (an override replaces every field):
+# the request body buffered as configured, then the response headers, and bodies only on request.
+_PROCESS_RESPONSE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    request_body_mode=BUFFERED,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_header_mode=ProcessingMode.SEND,
+    response_body_mode=NONE,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
 
 
 # Unchanged pass-through answers are the same every time: built once, sent many times.
@@ -151,7 +168,10 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
     common = _common(reply)
     match phase:
         case "request_headers":
-            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+            resp = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+            if reply.process_response:
+                resp.mode_override.CopyFrom(_PROCESS_RESPONSE)
+            return resp
         case "request_body":
             return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
         case "response_headers":
@@ -181,29 +201,74 @@ async def _dispatch(handler: Handler, phase: str, req: ep.ProcessingRequest) -> 
             return PASS
 
 
+def _body_size(phase: str, req: ep.ProcessingRequest) -> int:
+    if phase == "request_body":
+        return len(req.request_body.body)
+    if phase == "response_body":
+        return len(req.response_body.body)
+    return 0
+
+
+def _hold(capacity: Capacity, phase: str, req: ep.ProcessingRequest, count: int) -> int:
+    """Count this message against the caps; returns the body bytes now held (raises Overloaded)."""
+    if count > capacity.settings.max_messages:
+        raise Overloaded(f"this request exceeded {capacity.settings.max_messages} messages; it was cut")
+    size = _body_size(phase, req)
+    if phase == "request_body":
+        capacity.take_request_body(size)
+    elif size:
+        capacity.take_response_body(size)
+    return size
+
+
 async def run(
     requests: AsyncIterable[ep.ProcessingRequest],
     handler: Handler,
     on_error: Callable[[BaseException], None] | None = None,
+    capacity: Capacity | None = None,
+    *,
+    count_stream: bool = False,
 ) -> AsyncIterator[ep.ProcessingResponse]:
-    """Drive one ext_proc stream through ``handler``; always calls ``handler.close()``."""
+    """Drive one ext_proc stream through ``handler``; always calls ``handler.close()``.
+
+    With ``capacity``, every message is held against its caps while it is processed (body bytes,
+    messages per stream) and, with ``count_stream``, the stream itself is counted from its first
+    message; a request over a cap is refused with 503 ``gateway_overloaded``.
+    """
+    count = 0
+    opened = False
     try:
         async for req in requests:
             phase = req.WhichOneof("request")
             if phase is None:
                 continue
+            count += 1
+            held = 0
             try:
-                reply = await _dispatch(handler, phase, req)
-            except GatewayError as exc:
-                reply = handler.error_reply(exc)
-            except Exception as exc:  # a bug must not hang the request: answer 500 and log it
-                log.exception("extproc handler failed in %s", phase)
-                if on_error is not None:
-                    on_error(exc)
-                reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
-            yield to_pb(phase, reply)
-            if isinstance(reply, Respond):
+                try:
+                    if capacity is not None:
+                        if count_stream and not opened:
+                            capacity.open_stream()
+                            opened = True
+                        held = _hold(capacity, phase, req, count)
+                    reply = await _dispatch(handler, phase, req)
+                except GatewayError as exc:
+                    reply = handler.error_reply(exc)
+                except Exception as exc:  # a bug must not hang the request: answer 500 and log it
+                    log.exception("extproc handler failed in %s", phase)
+                    if on_error is not None:
+                        on_error(exc)
+                    reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
+                out = to_pb(phase, reply)
+                del req, reply  # the body is not kept past the answer (to_pb copied what it needs)
+                yield out  # held until gRPC has taken the answer
+            finally:
+                if held and capacity is not None:
+                    capacity.give(held)
+            if out.HasField("immediate_response"):
                 return
             handler = handler.resolved()
     finally:
+        if opened and capacity is not None:
+            capacity.close_stream()
         handler.close()

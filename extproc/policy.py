@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 from extproc.quota import Limit, Price, Window, normalize_limits
 from extproc.quota_store import FailPolicy
@@ -63,7 +64,7 @@ class ContextPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    id: str
+    id: str  # stable, for metrics and logs
     api: Api
     model: str
     host: str
@@ -73,6 +74,8 @@ class Backend:
     weight: int
     priority: int
     price: Price | None = None
+    # The Envoy cluster that reaches it (the id plus the binding's stamp; see policy.proto).
+    cluster: str = ""
 
     def __repr__(self) -> str:  # never print the credential
         return f"Backend(id={self.id!r}, api={self.api.value}, model={self.model!r}, host={self.host!r})"
@@ -96,9 +99,10 @@ class QuotaPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    key: str
+    key: str  # "namespace/name"
     model: str
     backends: tuple[Backend, ...]
+    # Qualified tenant patterns ("ns/name", "ns/*"), see crdgol.tenancy.
     tenants: frozenset[str]
     context: ContextPolicy
     route: str
@@ -108,8 +112,13 @@ class Binding:
     # The dearest backend's price: what a reservation assumes before Envoy picks the backend.
     max_price: Price | None = None
 
+    @property
+    def namespace(self) -> str:
+        return tenancy.namespace_of(self.key)
+
     def allows(self, tenant: str) -> bool:
-        return not self.tenants or tenant in self.tenants
+        """Whether the qualified ``tenant`` may call this binding."""
+        return tenancy.granted(self.tenants, tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,23 +129,59 @@ class JwtProvider:
     tenant_claim: str
     hs256_secret: bytes
     jwks_json: str
+    # The declaring binding's namespace: its tokens act as tenants of this namespace only.
+    namespace: str = ""
 
     def __repr__(self) -> str:
-        return f"JwtProvider(name={self.name!r}, issuer={self.issuer!r})"
+        return f"JwtProvider(name={self.name!r}, issuer={self.issuer!r}, namespace={self.namespace!r})"
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     version: int
-    bindings: dict[str, Binding]  # by model name
-    backends: dict[str, tuple[Binding, Backend]]  # by backend id
-    api_keys: dict[bytes, str]  # sha256(key) -> tenant
-    jwt_providers: dict[str, JwtProvider]  # by issuer
+    # model name -> the bindings serving it (one per namespace at most), by key.
+    models: dict[str, tuple[Binding, ...]]
+    backends: dict[str, tuple[Binding, Backend]]  # by backend id and by Envoy cluster name
+    api_keys: dict[bytes, tuple[str, ...]]  # sha256(key) -> the qualified tenants it acts as
+    jwt_providers: dict[str, tuple[JwtProvider, ...]]  # by issuer: one declaration per namespace
     generated_at: float = 0.0
 
     @staticmethod
     def empty() -> Policy:
-        return Policy(version=0, bindings={}, backends={}, api_keys={}, jwt_providers={})
+        return Policy(version=0, models={}, backends={}, api_keys={}, jwt_providers={})
+
+    def resolve(self, model: str, tenants: tuple[str, ...]) -> tuple[Binding | None, str]:
+        """The binding a caller acting as one of ``tenants`` reaches for ``model``, and as whom.
+
+        A binding of the tenant's own namespace comes first (so no other namespace can take a
+        model name from its owner), then one of another namespace that grants the tenant. Returns
+        ``(binding, tenant)``; ``(binding, "")`` when the caller's own namespace serves the model
+        but not to this tenant (403); ``(None, "")`` when nothing the caller may see serves it (404:
+        another namespace's models are not revealed).
+        """
+        candidates = self.models.get(model, ())
+        denied: Binding | None = None
+        for tenant in tenants:
+            own = tenancy.namespace_of(tenant)
+            for b in candidates:
+                if b.namespace == own:
+                    if b.allows(tenant):
+                        return b, tenant
+                    denied = denied or b
+        for tenant in tenants:
+            for b in candidates:
+                if b.allows(tenant):
+                    return b, tenant
+        return denied, ""
+
+    def visible(self, tenants: tuple[str, ...]) -> list[Binding]:
+        """The bindings a caller acting as ``tenants`` reaches, one per model, by model name."""
+        out = []
+        for model in sorted(self.models):
+            binding, tenant = self.resolve(model, tenants)
+            if binding is not None and tenant:
+                out.append(binding)
+        return out
 
 
 _PROVIDER_API = {
@@ -183,10 +228,13 @@ def _price(be: pb.Backend) -> Price | None:
 def compile_policy(snap: pb.PolicySnapshot) -> Policy:
     """Compile a snapshot into lookup tables. Raises ValueError on an inconsistent snapshot."""
     bindings: dict[str, Binding] = {}
+    models: dict[str, list[Binding]] = {}
     backends: dict[str, tuple[Binding, Backend]] = {}
     for b in snap.bindings:
-        if b.model in bindings:
-            raise ValueError(f"model {b.model!r} is claimed by {bindings[b.model].key} and {b.key}")
+        if b.key in bindings:
+            raise ValueError(f"binding {b.key} appears twice")
+        if any(tenancy.namespace_of(o.key) == tenancy.namespace_of(b.key) for o in models.get(b.model, ())):
+            raise ValueError(f"model {b.model!r} is served twice in the namespace of {b.key}")
         if not b.backends:
             raise ValueError(f"binding {b.key} has no backends")
         ctx = b.context
@@ -221,6 +269,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
                     weight=be.weight or 1,
                     priority=be.priority,
                     price=_price(be),
+                    cluster=be.cluster or be.id,
                 )
             )
         prices = [be_c.price for be_c in compiled_backends if be_c.price is not None]
@@ -243,24 +292,32 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             if prices
             else None,
         )
-        bindings[b.model] = binding
+        bindings[b.key] = binding
+        models.setdefault(b.model, []).append(binding)
         for be_c in compiled_backends:
-            backends[be_c.id] = (binding, be_c)
-    api_keys = {k.sha256: k.tenant for k in snap.api_keys}
-    providers = {
-        p.issuer: JwtProvider(
+            backends[be_c.id] = backends[be_c.cluster] = (binding, be_c)
+    api_keys: dict[bytes, tuple[str, ...]] = {}
+    for k in snap.api_keys:
+        if tenancy.SEPARATOR not in k.tenant:
+            raise ValueError(f"API key from {k.source} names no namespace for its tenant")
+        api_keys[k.sha256] = (*api_keys.get(k.sha256, ()), k.tenant)
+    providers: dict[str, tuple[JwtProvider, ...]] = {}
+    for p in snap.jwt_providers:
+        if not p.namespace:
+            raise ValueError(f"JWT issuer {p.issuer!r} names no namespace for its tenants")
+        provider = JwtProvider(
             name=p.name,
             issuer=p.issuer,
             audiences=tuple(p.audiences),
             tenant_claim=p.tenant_claim or "tenant",
             hs256_secret=p.hs256_secret,
             jwks_json=p.jwks_json,
+            namespace=p.namespace,
         )
-        for p in snap.jwt_providers
-    }
+        providers[p.issuer] = (*providers.get(p.issuer, ()), provider)
     return Policy(
         version=snap.version,
-        bindings=bindings,
+        models={m: tuple(sorted(bs, key=lambda b: b.key)) for m, bs in models.items()},
         backends=backends,
         api_keys=api_keys,
         jwt_providers=providers,
@@ -273,6 +330,13 @@ class PolicyHolder:
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.current = policy or Policy.empty()
+        # The policy before the current one: attempts Envoy routed under it may still be running
+        # (the controller keeps its routes in Envoy until every extproc has the new policy).
+        self.previous = self.current
+
+    def backend(self, name: str) -> tuple[Binding, Backend] | None:
+        """A backend by id or Envoy cluster name, in the current policy or the one before."""
+        return self.current.backends.get(name) or self.previous.backends.get(name)
 
     def offer(self, snap: pb.PolicySnapshot) -> bool:
         """Install ``snap`` if it is newer and compiles; keep the last good policy otherwise."""
@@ -284,6 +348,6 @@ class PolicyHolder:
         except ValueError as exc:
             log.error("refusing policy version %d: %s (keeping %d)", snap.version, exc, self.current.version)
             return False
-        self.current = compiled
-        log.info("policy version %d in force: %d bindings", compiled.version, len(compiled.bindings))
+        self.previous, self.current = self.current, compiled
+        log.info("policy version %d in force: %d models", compiled.version, len(compiled.models))
         return True

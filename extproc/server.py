@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from crdgol.control_plane import ClientAuth, private_socket
 from crdgol.pb import policy_pb2 as pb
 from extproc import phases
 from extproc.errors import GatewayError
@@ -41,8 +42,9 @@ class ServerSettings:
     metrics_port: int = 9102  # 0 disables the /metrics endpoint
     grace: float = 10.0
     policy_file: Path | None = None
-    policy_server: str = ""  # host:port of the controller's policy stream
-    socket: str = ""  # also listen on this Unix domain socket (Envoy on the same host)
+    policy_server: str = ""  # host:port (mutual TLS) or unix:PATH of the controller's policy stream
+    policy_auth: ClientAuth = field(default_factory=ClientAuth)
+    socket: str = ""  # also listen on this Unix domain socket (Envoy on the same host); with port 0, only there
 
 
 class _Failing(Handler):
@@ -59,6 +61,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, services: Services) -> None:
         self.services = services
         self._streams = services.metrics.streams
+
+    def _on_error(self, _exc: BaseException) -> None:
+        self.services.metrics.handler_errors.inc()
 
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
         backend = ""
@@ -79,7 +84,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         gauge = self._streams.labels(role)
         gauge.inc()
         try:
-            async for resp in phases.run(request_iterator, handler, lambda _e: self.services.metrics.handler_errors.inc()):
+            async for resp in phases.run(
+                request_iterator,
+                handler,
+                self._on_error,
+                self.services.capacity,
+                count_stream=role == "downstream",
+            ):
                 yield resp
         finally:
             gauge.dec()
@@ -112,6 +123,8 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
     if settings.policy_file is not None:
         load_policy_file(services, settings.policy_file)
+    # Before gRPC starts its threads: their malloc arenas are created with these settings.
+    services.capacity.tune_malloc()
     server = grpc.aio.server(
         options=[
             ("grpc.max_concurrent_streams", 100_000),
@@ -122,41 +135,53 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     ep_grpc.add_ExternalProcessorServicer_to_server(Processor(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if not bound:
-        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-    if settings.socket:
-        Path(settings.socket).unlink(missing_ok=True)
-        server.add_insecure_port(f"unix:{settings.socket}")
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    capacity = services.capacity
+    services.metrics.watch_capacity(capacity)
+    lag_watch = asyncio.create_task(capacity.watch_lag())
     runner = await _metrics_app(services, settings.metrics_port, settings.host) if settings.metrics_port else None
-    log.info(
-        "extproc listening on %s:%d (policy version %d)%s",
-        settings.host,
-        bound,
-        services.current.version,
-        f", metrics on :{settings.metrics_port}/metrics" if runner else "",
-    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    if settings.policy_file is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
     follower = None
     if settings.policy_server:
         from extproc.policy_client import follow
 
-        follower = asyncio.create_task(follow(services, settings.policy_server))
+        follower = asyncio.create_task(follow(services, settings.policy_server, settings.policy_auth))
+        # Bind nothing before a policy is in force: meanwhile Envoy cannot connect and fails closed
+        # with a 503, where an empty policy would tell a good key it is unknown (401).
+        while services.current.version == 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+    bound = 0
+    if settings.port or not settings.socket:
+        bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if not bound:
+            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    if settings.socket:
+        Path(settings.socket).unlink(missing_ok=True)
+        server.add_insecure_port(f"unix:{settings.socket}")
+    await server.start()
+    if settings.socket:
+        private_socket(settings.socket)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "extproc listening on %s (policy version %d)%s",
+        " and ".join(([f"{settings.host}:{bound}"] if bound else []) + ([f"unix:{settings.socket}"] if settings.socket else [])),
+        services.current.version,
+        f", metrics on :{settings.metrics_port}/metrics" if runner else "",
+    )
+    if settings.policy_file is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
     await stop.wait()
     if follower is not None:
         follower.cancel()
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)
+    lag_watch.cancel()
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")

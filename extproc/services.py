@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from extproc.auth import Authenticator
+from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
@@ -37,6 +38,7 @@ class Services:
     history: HistoryStore = field(default_factory=MemoryHistoryStore)
     metrics: Metrics = field(default_factory=Metrics)
     quotas: QuotaStore = field(default_factory=MemoryQuotaStore)
+    capacity: Capacity = field(default_factory=Capacity)
     clock: Callable[[], float] = time.monotonic
     # Wall-clock time for quota windows (aligned to the epoch, the same on every replica).
     wall: Callable[[], float] = time.time

@@ -25,7 +25,7 @@ from extproc.services import BACKEND_HEADER, BODY_API_HEADER, CLIENT_API_HEADER,
 
 class Attempt(Handler):
     def __init__(self, services: Services, backend_id: str) -> None:
-        entry = services.current.backends.get(backend_id)
+        entry = services.policy.backend(backend_id)
         if entry is None:
             # The policy and the Envoy config disagree (an update in flight): fail this attempt.
             raise Unavailable(f"backend {backend_id} is not in the policy in force")

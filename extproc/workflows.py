@@ -53,4 +53,6 @@ class WorkflowRuns(Handler):
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
         identity = self.services.authenticator().authenticate(credential)
-        return Continue(set_headers={ROUTE_HEADER: ROUTE, TENANT_HEADER: identity.tenant}, clear_route_cache=True)
+        # Every tenant the credential may act as (qualified names hold no ','); the controller
+        # picks the one of the workflow's namespace.
+        return Continue(set_headers={ROUTE_HEADER: ROUTE, TENANT_HEADER: ",".join(identity.tenants)}, clear_route_cache=True)

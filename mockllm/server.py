@@ -22,8 +22,10 @@ for OpenAI and Anthropic behind Envoy.  Contract:
   (seeded RNG; with a fail_status set, fail_rate 0 -- the default -- or 1 means every
   request fails, and fail_status 0 turns failures off).  Per-request headers
   ``x-mock-fail-status`` and ``x-mock-latency-ms`` take precedence over the instance
-  knobs.  Injected failures carry ``x-mock-failed: 1``.  Latency applies before any
-  answer, errors included.
+  knobs.  Injected failures carry ``x-mock-failed: 1``; with ``x-mock-echo-credential: 1``
+  their message quotes the credential the request carried, as some providers do.  Latency applies before any
+  answer, errors included.  ``x-mock-fault`` asks for an answer that breaks after it has
+  begun (``mockllm.faults``).
 
 * ``require_key``: OpenAI paths need ``Authorization: Bearer <key>``; ``/v1/messages``
   takes ``x-api-key: <key>`` or (as current anthropic SDKs send it) the bearer form.
@@ -54,7 +56,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from mockllm import helpdesk, rules, wire
+from mockllm import faults, helpdesk, rules, wire
 from mockllm.wire import Flavor
 
 log = logging.getLogger("crdgol.mockllm")
@@ -200,11 +202,16 @@ async def _prologue(request: web.Request, flavor: Flavor) -> tuple[web.Response 
     ):
         status = s.fail_status
     if status:
+        message = f"mock {s.name}: injected failure {status}"
+        if request.headers.get("x-mock-echo-credential"):
+            # Like providers that quote the key they were sent back in their error message.
+            sent = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+            message += f"; credential presented: {sent}"
         return (
             _error(
                 flavor,
                 status,
-                f"mock {s.name}: injected failure {status}",
+                message,
                 s.name,
                 {"x-mock-failed": "1"},
             ),
@@ -265,6 +272,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if problem:
         return _error("openai", 400, problem, name)
 
+    fault = faults.requested(request)
+    if fault:
+        return await faults.openai_answer(request, fault, body, name)
     model: str = body["model"]
     reply, usage = wire.openai_reply(name, model, body["messages"])
     ruled = rules.answer(request.app[_RULES], body["messages"])

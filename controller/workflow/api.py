@@ -1,8 +1,8 @@
 """The run API the gateway forwards ``/v1/workflows/...`` to (after extproc authenticated the caller).
 
-Reachable only through Envoy: on a Unix socket (mode 0600) in the standalone stack. The tenant
-comes from ``TENANT_HEADER``, which extproc sets; a request without it is refused. A caller sees
-only its own tenant's runs (another tenant's run is a 404, as if it did not exist). Errors are the
+Reachable only through Envoy: on a Unix socket (mode 0600) in the standalone stack. The caller's
+tenants (comma-separated, qualified) come from ``TENANT_HEADER``, which extproc sets; a request
+without it is refused. A caller sees only its own tenants' runs (another tenant's run is a 404, as if it did not exist). Errors are the
 gateway's JSON shape ``{"error": {"message", "type", "code"}}``.
 """
 
@@ -18,6 +18,7 @@ from aiohttp import web
 from controller.models import SpecError
 from controller.workflow.engine import RunState
 from controller.workflow.status import run_status
+from crdgol import tenancy
 from crdgol.workflow_contract import TENANT_HEADER
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -53,12 +54,12 @@ class RunApi:
         return app
 
     @staticmethod
-    def _tenant(request: web.Request) -> str | None:
-        return request.headers.get(TENANT_HEADER) or None
+    def _tenants(request: web.Request) -> frozenset[str]:
+        return frozenset(t for t in request.headers.get(TENANT_HEADER, "").split(",") if t)
 
     async def create(self, request: web.Request) -> web.Response:
-        tenant = self._tenant(request)
-        if tenant is None:
+        tenants = self._tenants(request)
+        if not tenants:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
         try:
             body = orjson.loads(await request.read() or b"{}")
@@ -66,8 +67,10 @@ class RunApi:
             return error(400, "invalid_request_error", "invalid_json", "the body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("inputs", {}), dict) or set(body) - {"inputs"}:
             return error(400, "invalid_request_error", "invalid_request", 'the body must be {"inputs": {...}}')
+        # A key may act as several tenants: the run acts as the one of the workflow's namespace.
+        own = sorted(t for t in tenants if tenancy.namespace_of(t) == _NAMESPACE) or sorted(tenants)
         try:
-            state = self._start(_NAMESPACE, request.match_info["name"], body.get("inputs", {}), tenant)
+            state = self._start(_NAMESPACE, request.match_info["name"], body.get("inputs", {}), own[0])
         except LookupError as exc:
             return error(404, "not_found_error", "workflow_not_found", str(exc.args[0]))
         except SpecError as exc:
@@ -75,12 +78,12 @@ class RunApi:
         return ok(201, run_status(state))
 
     def _own(self, request: web.Request) -> RunState | web.Response:
-        tenant = self._tenant(request)
-        if tenant is None:
+        tenants = self._tenants(request)
+        if not tenants:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
         name = request.match_info["run"]
         state = self._get(f"{_NAMESPACE}/{name}") if _NAME.fullmatch(name) else None
-        if state is None or state.tenant != tenant:
+        if state is None or state.tenant not in tenants:
             return error(404, "not_found_error", "run_not_found", f"no workflow run {name!r}")
         return state
 
@@ -89,10 +92,10 @@ class RunApi:
         return state if isinstance(state, web.Response) else ok(200, run_status(state))
 
     async def list(self, request: web.Request) -> web.Response:
-        tenant = self._tenant(request)
-        if tenant is None:
+        tenants = self._tenants(request)
+        if not tenants:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
-        runs = sorted((r for r in self._runs() if r.tenant == tenant), key=lambda r: r.created_at)
+        runs = sorted((r for r in self._runs() if r.tenant in tenants), key=lambda r: r.created_at)
         return ok(200, {"runs": [run_status(r) for r in runs]})
 
     async def delete(self, request: web.Request) -> web.Response:

@@ -31,6 +31,7 @@ from controller.workflow.egress import (
 from controller.workflow.engine import RunState
 from controller.workflow.runner import Runner, RunStore, WorkflowMetrics
 from controller.workflow.spec import parse_run, parse_workflow
+from crdgol import tenancy
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ class WorkflowSettings:
 
 
 def tenant_of(secret: SecretData) -> str:
-    return secret.annotations.get(TENANT_ANNOTATION) or secret.labels.get(TENANT_ANNOTATION) or secret.name
+    """The tenant an API-key Secret's keys act as: qualified by the Secret's namespace, as the
+    gateway qualifies it (``crdgol.tenancy``)."""
+    name = secret.annotations.get(TENANT_ANNOTATION) or secret.labels.get(TENANT_ANNOTATION) or secret.name
+    return tenancy.qualified(secret.namespace, name)
 
 
 class WorkflowHost:

@@ -40,7 +40,8 @@ def test_a_jwt_caller_gets_its_profile_and_the_weights_hold(multi: Stack) -> Non
         SECRET,
         algorithm="HS256",
     )
-    assert "You help Ada of tenant quickstart." in ask(multi, token)
+    # A verified claim speaks in the system message as a quoted JSON string.
+    assert 'You help "Ada" of tenant default/quickstart.' in ask(multi, token)
     models = Counter(ask(multi, "sk-crdgol-quickstart").split("model=", 1)[1].split()[0] for _ in range(60))
     assert set(models) == {"mock-gpt-large", "mock-gpt-small"}
     assert models["mock-gpt-large"] > models["mock-gpt-small"]  # 3:1

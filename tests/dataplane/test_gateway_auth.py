@@ -50,14 +50,14 @@ def test_an_hs256_jwt_names_the_tenant_from_its_claim(gw: Gateway) -> None:
     r = gw.chat("chat", key=token)
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["message"]["content"]
-    assert "Tenant globex calls chat" in content
-    assert "Name: Ada" in content  # the user profile comes from the JWT claim
+    assert "Tenant team-a/globex calls chat" in content
+    assert 'Name: "Ada"' in content  # the user profile comes from the JWT claim, quoted
 
 
 def test_an_rs256_jwt_is_verified_against_the_jwks_from_the_manifests(gw: Gateway) -> None:
     r = gw.chat("chat", key=gw.rs256_token())
     assert r.status_code == 200, r.text
-    assert "Tenant globex" in r.json()["choices"][0]["message"]["content"]
+    assert "Tenant team-a/globex" in r.json()["choices"][0]["message"]["content"]
 
 
 def test_an_expired_or_forged_jwt_is_refused(gw: Gateway) -> None:

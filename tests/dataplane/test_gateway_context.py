@@ -20,9 +20,12 @@ def ask(gw: Gateway, model: str, text: str, key: str = ACME_KEY, session: str | 
 
 
 def test_the_system_template_profile_and_knowledge_are_injected_before_the_clients_system(gw: Gateway) -> None:
+    gw.clear_upstream()
     text = ask(gw, "chat", "hi", **{"x-user-team": "payments"})
     system = text.split("system=", 1)[1].split(" last=", 1)[0]
-    assert system.startswith("Tenant acme calls chat. Team: payments.")
+    # A header is caller text: the system message only points at it (see test_gateway_context_trust).
+    assert system.startswith("Tenant team-a/acme calls chat. Team: (see caller_profile.team).")
+    assert "payments" not in system
     assert "Refunds take 5 days." in system
     assert system.index("Refunds") < system.index("CLIENT-SYSTEM")
 

@@ -21,7 +21,12 @@ def test_the_quickstart_answers_then_fails_closed_when_extproc_dies(quickstart: 
     proc.wait(10)
     r = httpx.post(f"{quickstart.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert r.status_code == 503
-    assert r.json()["error"]["type"] == "server_error"
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == "policy_unavailable"
+    assert "not forwarded" in err["message"]
+    # The same in Anthropic's shape on /v1/messages.
+    a = httpx.post(f"{quickstart.url}/v1/messages", json={**body, "max_tokens": 8}, headers=headers, timeout=30)
+    assert a.status_code == 503 and a.json()["type"] == "error" and a.json()["error"]["code"] == "policy_unavailable"
     # Nothing reached the provider without being authenticated.
     assert httpx.get(f"{quickstart.mock_url}/_mock/requests").json() == []
 

@@ -31,7 +31,7 @@ def joined(frames: list[str]) -> str:
     return "".join(out)
 
 
-OUTPUT_SERIES = 'crdgol_tokens_total{backend="crdgol-be.team-a.chat.primary",binding="team-a/chat",tenant="acme",type="output"}'
+OUTPUT_SERIES = 'crdgol_tokens_total{backend="crdgol-be.team-a.chat.primary",binding="team-a/chat",tenant="team-a/acme",type="output"}'
 
 
 def counter(text: str, series: str) -> float:

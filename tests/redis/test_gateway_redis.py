@@ -150,7 +150,7 @@ def test_streaming_usage_is_charged_exactly_once(shared: Stack) -> None:
     assert first - second == probe_used + 2 * usage["total_tokens"]
 
 
-def test_a_cancelled_stream_releases_its_reservation(shared: Stack) -> None:
+def test_a_cancelled_stream_frees_its_concurrent_slot_at_once(shared: Stack) -> None:
     httpx.post(f"{shared.mock_url}/_mock/config", json={"chunk_delay_ms": 300})
     body = {"model": "one-at-a-time", "stream": True, "messages": [{"role": "user", "content": "a long story please"}]}
     try:
@@ -160,7 +160,8 @@ def test_a_cancelled_stream_releases_its_reservation(shared: Stack) -> None:
             next(lines)
             # While it streams, the only slot is taken.
             assert chat(shared.url, "one-at-a-time").status_code == 429
-        # The client hung up mid-stream: the slot comes back without waiting for any timeout.
+        # The client hung up mid-stream: the answer is charged (README, the charge rule) and the
+        # slot comes back without waiting for any timeout.
         deadline = time.monotonic() + 3
         while (code := chat(shared.url, "one-at-a-time").status_code) != 200 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -23,6 +23,9 @@ HS_ISSUER = "https://hs.example"
 RS_ISSUER = "https://rs.example"
 HS_SECRET = b"an-hs256-secret-that-is-32-bytes!!"
 API_KEY = "sk-test-0123456789abcdef"
+NS = "team-a"  # the namespace of every identity source in these policies
+ACME = ("team-a/acme",)
+GLOBEX = ("team-a/globex",)
 
 
 def sha(s: str) -> bytes:
@@ -64,6 +67,7 @@ def make_policy(
             tenant_claim="tenant",
             hs256_secret=HS_SECRET,
             jwks_json="",
+            namespace=NS,
         ),
         RS_ISSUER: JwtProvider(
             name="rs",
@@ -72,14 +76,16 @@ def make_policy(
             tenant_claim="org.tenant",
             hs256_secret=b"",
             jwks_json=jwks_for(("k1", rsa_key)),
+            namespace=NS,
         ),
     }
+    keys = {sha(API_KEY): "acme"} if api_keys is None else api_keys
     return Policy(
         version=version,
-        bindings={},
+        models={},
         backends={},
-        api_keys={sha(API_KEY): "acme"} if api_keys is None else api_keys,
-        jwt_providers=providers,
+        api_keys={k: (f"{NS}/{t}",) for k, t in keys.items()},
+        jwt_providers={i: (p,) for i, p in providers.items()},
     )
 
 
@@ -158,7 +164,7 @@ class TestCredentialFromHeaders:
 class TestApiKeys:
     def test_a_known_api_key_is_accepted(self, auth: Authenticator) -> None:
         ident = auth.authenticate(API_KEY)
-        assert ident == Identity("acme", "apikey:" + sha(API_KEY).hex()[:8], "api_key", {})
+        assert ident == Identity(ACME, "apikey:" + sha(API_KEY).hex()[:8], "api_key", {})
         assert ident.claims == {}
 
     def test_the_subject_never_contains_the_key(self, auth: Authenticator) -> None:
@@ -181,8 +187,8 @@ class TestApiKeys:
     def test_a_rotated_policy_drops_the_old_key(self, rsa_key: rsa.RSAPrivateKey) -> None:
         old = Authenticator(make_policy(rsa_key))
         new = Authenticator(make_policy(rsa_key, api_keys={sha("sk-new"): "acme"}, version=2))
-        assert old.authenticate(API_KEY).tenant == "acme"
-        assert new.authenticate("sk-new").tenant == "acme"
+        assert old.authenticate(API_KEY).tenants == ACME
+        assert new.authenticate("sk-new").tenants == ACME
         with pytest.raises(Unauthenticated, match="invalid API key"):
             new.authenticate(API_KEY)
 
@@ -190,7 +196,7 @@ class TestApiKeys:
 class TestJwtHs256:
     def test_a_valid_token_is_accepted(self, auth: Authenticator) -> None:
         ident = auth.authenticate(hs_token())
-        assert (ident.tenant, ident.subject, ident.method) == ("acme", "alice", "jwt")
+        assert (ident.tenants, ident.subject, ident.method) == (ACME, "alice", "jwt")
         assert ident.claims["iss"] == HS_ISSUER
 
     def test_an_expired_token_is_rejected(self, auth: Authenticator) -> None:
@@ -198,7 +204,7 @@ class TestJwtHs256:
             auth.authenticate(hs_token(exp=int(NOW) - 31))
 
     def test_expiry_allows_the_leeway(self, auth: Authenticator) -> None:
-        assert auth.authenticate(hs_token(exp=int(NOW) - 10)).tenant == "acme"
+        assert auth.authenticate(hs_token(exp=int(NOW) - 10)).tenants == ACME
 
     def test_a_token_used_before_nbf_is_rejected(self, auth: Authenticator) -> None:
         with pytest.raises(Unauthenticated, match="not yet valid"):
@@ -227,7 +233,7 @@ class TestJwtHs256:
 
     def test_a_wrong_audience_is_rejected(self, rsa_key: rsa.RSAPrivateKey, clock: Clock) -> None:
         auth = Authenticator(make_policy(rsa_key, audiences=("gateway",)), clock=clock)
-        assert auth.authenticate(hs_token(aud="gateway")).tenant == "acme"
+        assert auth.authenticate(hs_token(aud="gateway")).tenants == ACME
         with pytest.raises(Unauthenticated, match="audience"):
             auth.authenticate(hs_token(aud="somebody-else"))
         with pytest.raises(Unauthenticated, match="'aud'"):
@@ -236,7 +242,7 @@ class TestJwtHs256:
     def test_any_audience_is_accepted_when_the_provider_lists_none(
         self, auth: Authenticator
     ) -> None:
-        assert auth.authenticate(hs_token(aud="whatever")).tenant == "acme"
+        assert auth.authenticate(hs_token(aud="whatever")).tenants == ACME
 
     def test_the_token_never_appears_in_the_error(self, auth: Authenticator) -> None:
         token = hs_token(exp=int(NOW) - 3600)
@@ -251,12 +257,12 @@ class TestJwtRs256:
         self, auth: Authenticator, rsa_key: rsa.RSAPrivateKey
     ) -> None:
         ident = auth.authenticate(rs_token(rsa_key))
-        assert (ident.tenant, ident.subject, ident.method) == ("globex", "bob", "jwt")
+        assert (ident.tenants, ident.subject, ident.method) == (GLOBEX, "bob", "jwt")
 
     def test_the_only_key_is_used_when_the_token_has_no_kid(
         self, auth: Authenticator, rsa_key: rsa.RSAPrivateKey
     ) -> None:
-        assert auth.authenticate(rs_token(rsa_key, kid=None)).tenant == "globex"
+        assert auth.authenticate(rs_token(rsa_key, kid=None)).tenants == GLOBEX
 
     def test_an_unknown_kid_is_rejected(
         self, auth: Authenticator, rsa_key: rsa.RSAPrivateKey
@@ -268,17 +274,20 @@ class TestJwtRs256:
         self, rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey, clock: Clock
     ) -> None:
         policy = make_policy(rsa_key)
-        provider = policy.jwt_providers[RS_ISSUER]
-        policy.jwt_providers[RS_ISSUER] = JwtProvider(
-            name=provider.name,
-            issuer=RS_ISSUER,
-            audiences=(),
-            tenant_claim="org.tenant",
-            hs256_secret=b"",
-            jwks_json=jwks_for(("k1", rsa_key), ("k2", other_rsa_key)),
+        (provider,) = policy.jwt_providers[RS_ISSUER]
+        policy.jwt_providers[RS_ISSUER] = (
+            JwtProvider(
+                name=provider.name,
+                issuer=RS_ISSUER,
+                audiences=(),
+                tenant_claim="org.tenant",
+                hs256_secret=b"",
+                jwks_json=jwks_for(("k1", rsa_key), ("k2", other_rsa_key)),
+                namespace=NS,
+            ),
         )
         auth = Authenticator(policy, clock=clock)
-        assert auth.authenticate(rs_token(other_rsa_key, kid="k2")).tenant == "globex"
+        assert auth.authenticate(rs_token(other_rsa_key, kid="k2")).tenants == GLOBEX
         with pytest.raises(Unauthenticated, match="signature"):
             auth.authenticate(rs_token(other_rsa_key, kid="k1"))
         with pytest.raises(Unauthenticated, match="no 'kid'"):
@@ -373,18 +382,21 @@ class TestProviderConfiguration:
         self, rsa_key: rsa.RSAPrivateKey, clock: Clock
     ) -> None:
         policy = make_policy(rsa_key)
-        policy.jwt_providers[RS_ISSUER] = JwtProvider(
-            name="rs",
-            issuer=RS_ISSUER,
-            audiences=(),
-            tenant_claim="tenant",
-            hs256_secret=b"",
-            jwks_json="{not json",
+        policy.jwt_providers[RS_ISSUER] = (
+            JwtProvider(
+                name="rs",
+                issuer=RS_ISSUER,
+                audiences=(),
+                tenant_claim="tenant",
+                hs256_secret=b"",
+                jwks_json="{not json",
+                namespace=NS,
+            ),
         )
         auth = Authenticator(policy, clock=clock)
         assert auth.problems and "rs" in auth.problems[0]
         with pytest.raises(Unauthenticated, match="no usable signing keys"):
             auth.authenticate(rs_token(rsa_key))
         # The rest of the policy keeps working.
-        assert auth.authenticate(API_KEY).tenant == "acme"
-        assert auth.authenticate(hs_token()).tenant == "acme"
+        assert auth.authenticate(API_KEY).tenants == ACME
+        assert auth.authenticate(hs_token()).tenants == ACME

@@ -423,9 +423,13 @@ def _keys_read(function: ast.FunctionDef) -> set[str]:
 
 
 def test_every_field_the_controller_reads_is_in_the_schema() -> None:
-    tree = ast.parse((ROOT / "controller" / "models.py").read_text())
-    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    read = set().union(*(_keys_read(functions[f]) for f in ("parse_binding", "_backend", "_context", "_jwt", "_secret_ref")))
+    functions = {
+        n.name: n
+        for module in ("models.py", "health.py")
+        for n in ast.parse((ROOT / "controller" / module).read_text()).body
+        if isinstance(n, ast.FunctionDef)
+    }
+    read = set().union(*(_keys_read(functions[f]) for f in ("parse_binding", "_backend", "_context", "_jwt", "_secret_ref", "parse_health")))
     read -= {"metadata", "spec", "name", "namespace", "generation"}  # object metadata, not spec
     in_schema = {name for node in walk(binding_spec_schema()) for name in node.get("properties", {})}
     assert read, "the AST scan found nothing: models.py changed shape"

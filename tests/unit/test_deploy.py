@@ -16,6 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controller.envoy_config import xds_client_tls
+from crdgol import cli, devcerts
+from crdgol.control_plane import InsecureControlPlane, ServerAuth, TlsFiles, require_secure_server
 from crdgol.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +63,7 @@ def flag(args: list[str], name: str) -> str:
 
 def test_there_are_manifests() -> None:
     kinds = {o["kind"] for _, o in OBJECTS}
-    assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service"} <= kinds
+    assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service", "NetworkPolicy"} <= kinds
 
 
 @pytest.mark.parametrize("obj", [o for _, o in OBJECTS], ids=[i for i, _ in OBJECTS])
@@ -98,8 +101,15 @@ def test_namespaced_objects_live_in_crdgol_system() -> None:
 
 
 def test_the_envoy_bootstrap_is_accepted_by_envoy(tmp_path: Path) -> None:
+    # Envoy loads the TLS files while validating: give it the ConfigMap's files and the gateway's
+    # certificate as the Secret would mount them (issued by `crdgol certs`).
+    issued = devcerts.issue()
+    devcerts.write(tmp_path / "tls", issued.client, issued.ca)
+    data = find("ConfigMap", "crdgol-envoy-bootstrap")["data"]
+    for name, text in data.items():
+        assert TLS_MOUNT in text or ENVOY_MOUNT in text, name
+        (tmp_path / name).write_text(text.replace(TLS_MOUNT, f"{tmp_path}/tls").replace(ENVOY_MOUNT + "/", f"{tmp_path}/"))
     path = tmp_path / "envoy.yaml"
-    path.write_text(find("ConfigMap", "crdgol-envoy-bootstrap")["data"]["envoy.yaml"])
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
@@ -151,7 +161,7 @@ def test_envoy_and_extproc_meet_on_loopback() -> None:
     assert _socket(extproc) == (flag(args, "--host"), int(flag(args, "--port"))) == ("127.0.0.1", 9002)
     assert _socket(clusters["crdgol-extproc-metrics"]) == ("127.0.0.1", int(flag(args, "--metrics-port")))
     host, port = flag(args, "--policy-server").rsplit(":", 1)
-    assert host == "crdgol-controller" and int(port) == _service_port("crdgol-controller", "grpc-policy") == 18001
+    assert host == f"crdgol-controller.{NAMESPACE}.svc" and int(port) == _service_port("crdgol-controller", "grpc-policy") == 18001
 
 
 def test_the_controller_serves_the_ports_its_service_names() -> None:
@@ -250,3 +260,99 @@ def test_the_controller_may_do_what_it_needs_and_no_more() -> None:
     gateway = find("Deployment", "crdgol-gateway")["spec"]["template"]["spec"]
     assert find("ServiceAccount", gateway["serviceAccountName"])
     assert gateway["automountServiceAccountToken"] is False
+
+
+TLS_MOUNT = "/etc/crdgol/tls"
+ENVOY_MOUNT = "/etc/envoy"
+
+
+def _tls_secret(deployment: str, container: str) -> str:
+    """The Secret mounted at TLS_MOUNT in this container."""
+    pod = find("Deployment", deployment)["spec"]["template"]["spec"]
+    (mount,) = [m for m in containers(deployment)[container]["volumeMounts"] if m["mountPath"] == TLS_MOUNT]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    # Keys readable by the pod's group only (both gateway containers share the fsGroup).
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
+    return str(volume["secret"]["secretName"])
+
+
+def test_the_controller_serves_xds_and_policy_over_mutual_tls_only() -> None:
+    (controller,) = containers("crdgol-controller").values()
+    args = ["controller", *controller["args"][1:]]
+    parsed = cli.build_parser().parse_args(args)
+    assert parsed.host == "0.0.0.0"
+    assert (parsed.tls_cert, parsed.tls_key, parsed.tls_client_ca) == (f"{TLS_MOUNT}/tls.crt", f"{TLS_MOUNT}/tls.key", f"{TLS_MOUNT}/ca.crt")
+    assert parsed.tls_client_name == [devcerts.GATEWAY_NAME]
+    assert _tls_secret("crdgol-controller", "controller") == "crdgol-controller-tls"
+    # The command line would start: TCP only with mutual TLS (it refuses the same flags without).
+    tls = TlsFiles(Path(parsed.tls_cert), Path(parsed.tls_key), Path(parsed.tls_client_ca))
+    require_secure_server(ServerAuth(tls=tls), ["0.0.0.0:18000"])
+    with pytest.raises(InsecureControlPlane):
+        require_secure_server(ServerAuth(), ["0.0.0.0:18000"])
+
+
+def test_envoy_and_extproc_prove_themselves_with_the_gateway_certificate_and_check_the_controllers() -> None:
+    service_name = f"crdgol-controller.{NAMESPACE}.svc"
+    clusters = {c["name"]: c for c in bootstrap()["static_resources"]["clusters"]}
+    xds = clusters["crdgol-xds"]
+    assert _socket(xds)[0] == service_name
+    # Exactly what xds_client_tls builds (the function the mutual-TLS test runs real Envoy with).
+    socket, sds_files = xds_client_tls(TLS_MOUNT, ENVOY_MOUNT, service_name)
+    assert xds["transport_socket"] == socket
+    data = find("ConfigMap", "crdgol-envoy-bootstrap")["data"]
+    assert {name: yaml.safe_load(data[name]) for name in sds_files} == sds_files
+    (mount,) = [m for m in containers("crdgol-gateway")["envoy"]["volumeMounts"] if m["name"] == "bootstrap"]
+    assert mount["mountPath"] == ENVOY_MOUNT
+    args = containers("crdgol-gateway")["extproc"]["args"]
+    assert flag(args, "--policy-server").rsplit(":", 1)[0] == service_name
+    assert (flag(args, "--policy-tls-cert"), flag(args, "--policy-tls-key"), flag(args, "--policy-tls-ca")) == (
+        f"{TLS_MOUNT}/tls.crt", f"{TLS_MOUNT}/tls.key", f"{TLS_MOUNT}/ca.crt",
+    )
+    assert _tls_secret("crdgol-gateway", "envoy") == _tls_secret("crdgol-gateway", "extproc") == "crdgol-gateway-tls"
+    # The certificates `crdgol certs` issues carry exactly the names the two sides check.
+    assert service_name in devcerts.CONTROLLER_NAMES
+
+
+def test_crdgol_certs_prints_the_two_secrets_the_deployments_mount() -> None:
+    docs = list(yaml.safe_load_all(devcerts.secrets_yaml(devcerts.issue(days=1))))
+    assert {d["metadata"]["name"] for d in docs} == {"crdgol-controller-tls", "crdgol-gateway-tls"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+        assert doc["type"] == "kubernetes.io/tls" and doc["metadata"]["namespace"] == NAMESPACE
+        assert set(doc["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+
+
+def _ingress_to(component: str) -> list[Json]:
+    (policy,) = [
+        o for _, o in OBJECTS
+        if o["kind"] == "NetworkPolicy" and o["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == component
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    labels = find("Deployment", f"crdgol-{component}")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    rules: list[Json] = policy["spec"]["ingress"]
+    return rules
+
+
+def test_only_gateway_pods_reach_the_controllers_control_plane_ports_and_metrics_stay_scrapeable() -> None:
+    deny = find("NetworkPolicy", "crdgol-default-deny-ingress")["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    gateway_labels = find("Deployment", "crdgol-gateway")["spec"]["template"]["metadata"]["labels"]
+    controller_ports = {p["name"] for p in containers("crdgol-controller")["controller"]["ports"]}
+    open_to: dict[str, list[Json]] = {}
+    for rule in _ingress_to("controller"):
+        for port in rule["ports"]:
+            assert port["port"] in controller_ports
+            open_to.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
+    assert set(open_to) == {"grpc-xds", "grpc-policy", "metrics"}
+    for name in ("grpc-xds", "grpc-policy"):
+        (peer,) = open_to[name]
+        assert set(peer) == {"podSelector"}  # these pods, in this namespace; nothing else
+        assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert open_to["metrics"] == [{"anyone": True}]
+    # The gateway takes client traffic and probes/scrapes on its named ports, nothing else.
+    gateway_ports = {p["name"] for c in containers("crdgol-gateway").values() for p in c.get("ports", [])}
+    (rule,) = _ingress_to("gateway")
+    assert "from" not in rule and {p["port"] for p in rule["ports"]} == {"http", "ready"} <= gateway_ports

@@ -89,8 +89,8 @@ def test_a_policy_file_is_loaded_and_an_older_one_is_refused(tmp_path: Path) -> 
     services = Services()
     path.write_bytes(render(m.bindings, m.secrets, RenderSettings(version=7)).snapshot.SerializeToString())
     load_policy_file(services, path)
-    assert services.current.version == 7 and "quickstart-chat" in services.current.bindings
+    assert services.current.version == 7 and "quickstart-chat" in services.current.models
     # A stale file (version not newer) leaves the policy in force alone.
     path.write_bytes(render([], m.secrets, RenderSettings(version=3)).snapshot.SerializeToString())
     load_policy_file(services, path)
-    assert services.current.version == 7 and "quickstart-chat" in services.current.bindings
+    assert services.current.version == 7 and "quickstart-chat" in services.current.models

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
+
+from crdgol.replies import EXTPROC_REPLY_DETAILS
 from extproc.errors import BadRequest, Unavailable
-from extproc.phases import BUFFERED, PASS, Continue, Handler, Respond, to_pb
+from extproc.phases import BUFFERED, PASS, Continue, Handler, ProcessingMode, to_pb
 
 
 def test_a_pass_through_reply_is_an_empty_response_of_the_same_phase() -> None:
@@ -24,13 +27,20 @@ def test_a_body_mode_is_asked_for_only_on_the_response_headers_reply() -> None:
     assert pb.HasField("mode_override") and pb.mode_override.response_body_mode == BUFFERED
 
 
-def test_a_4xx_refusal_is_openai_json_and_a_5xx_is_left_for_envoy_to_wrap() -> None:
+def test_every_refusal_is_openai_json_marked_for_envoy_to_pass_through() -> None:
     h = Handler()
-    bad = h.error_reply(BadRequest("nope"))
-    assert bad.status == 400 and bad.body.startswith(b'{"error"') and bad.headers["content-type"] == "application/json"
-    down = h.error_reply(Unavailable("extproc has no policy yet"))
-    # Envoy's local_reply_config rewrites 5xx local replies into the OpenAI shape: send the bare
-    # message so the client sees it wrapped once, not a JSON string inside JSON.
-    assert down.status == 503 and down.body == b"extproc has no policy yet"
-    pb = to_pb("request_headers", Respond(down.status, down.body, down.headers))
-    assert pb.immediate_response.status.code == 503
+    for exc in (BadRequest("nope"), Unavailable("extproc has no policy yet")):
+        r = h.error_reply(exc)
+        assert r.status == exc.status and r.headers["content-type"] == "application/json"
+        assert orjson.loads(r.body)["error"]["message"] == exc.message
+        pb = to_pb("request_headers", r)
+        assert pb.immediate_response.status.code == exc.status
+        # Envoy's local-reply mappers leave answers with these details alone (already shaped).
+        assert pb.immediate_response.details == EXTPROC_REPLY_DETAILS
+
+
+def test_a_request_extproc_lets_through_asks_for_its_response_and_keeps_its_body_buffered() -> None:
+    pb = to_pb("request_headers", Continue(process_response=True))
+    mode = pb.mode_override
+    assert mode.response_header_mode == ProcessingMode.SEND and mode.request_body_mode == BUFFERED
+    assert not to_pb("request_headers", Continue()).HasField("mode_override")

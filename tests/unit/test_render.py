@@ -117,14 +117,6 @@ def test_invalid_specs_are_refused_with_an_actionable_reason(spec: dict[str, obj
     assert err.value.reason == reason
 
 
-def test_envoy_wraps_exactly_the_statuses_extproc_sends_bare() -> None:
-    from controller.envoy_config import local_replies
-    from extproc.errors import ENVOY_WRAPPED_STATUSES
-
-    statuses = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] for m in local_replies()["mappers"]}
-    assert statuses == ENVOY_WRAPPED_STATUSES
-
-
 def test_a_broken_secret_file_is_reported_without_quoting_it(tmp_path: Path) -> None:
     (tmp_path / "secret.yaml").write_text("apiVersion: v1\nkind: Secret\nstringData:\n  key: sk-very-secret: [\n")
     m = load_folder(tmp_path)

@@ -237,7 +237,7 @@ def test_the_runs_calls_are_metered_under_the_callers_tenant(stack: Stack) -> No
         text = httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics").text
         return sum(
             s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "crdgol_tokens_total" and s.labels.get("tenant") == "quickstart" and s.labels.get("binding") == "default/triage-model"
+            if s.name == "crdgol_tokens_total" and s.labels.get("tenant") == "default/quickstart" and s.labels.get("binding") == "default/triage-model"
         )
 
     before = tokens()
@@ -285,5 +285,5 @@ def test_a_run_declared_as_a_resource_runs_with_the_secret_it_names(stack: Stack
         status = wait_for(stack, "from-a-manifest")
     finally:
         (stack.settings.manifests / "run.yaml").unlink()
-    assert status["phase"] == "Succeeded" and status["tenant"] == "quickstart"
+    assert status["phase"] == "Succeeded" and status["tenant"] == "default/quickstart"
     assert [p["kind"] for p in helpdesk(stack)] == ["pages"]

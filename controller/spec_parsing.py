@@ -1,0 +1,54 @@
+"""What every resource parser shares: the refusal type and the checks of plain values.
+
+``SpecError`` carries a CamelCase ``reason`` (the status condition's) and a message that says what
+to fix, with the field's path. Nothing here knows a particular resource.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SpecError(ValueError):
+    """A resource that cannot be served. ``reason`` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def parse_duration(raw: object, what: str) -> float:
+    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
+        return float(raw)
+    m = _DURATION.fullmatch(str(raw).strip())
+    if not m or float(m.group(1)) <= 0:
+        raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def int_in(raw: object, what: str, lo: int, hi: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not lo <= raw <= hi:
+        raise SpecError("InvalidSpec", f"{what}: must be an integer from {lo} to {hi}, got {raw!r}")
+    return raw
+
+
+def as_dict(raw: object, what: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError("InvalidSpec", f"{what}: must be an object")
+    return raw
+
+
+def as_list(raw: object, what: str) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError("InvalidSpec", f"{what}: must be a list")
+    return raw

@@ -1,0 +1,223 @@
+"""Tenancy has an owner: who a credential can act as, which binding a caller reaches, and which
+declarations are refused — the pure rules, from the manifests through the render to extproc."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jwt
+import pytest
+
+from controller.models import SpecError, parse_binding, parse_secret
+from controller.render import RenderSettings, render
+from crdgol import tenancy
+from extproc.auth import Authenticator
+from extproc.errors import Unauthenticated
+from extproc.policy import Policy, compile_policy
+
+ISSUER = "https://login.example"
+NOW = 1_800_000_000.0
+
+
+def binding(namespace: str, name: str, model: str | None = None, **spec: Any) -> dict[str, Any]:
+    backend = {"name": "a", "provider": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m"}
+    return {
+        "apiVersion": "crdgol.io/v1alpha1",
+        "kind": "AIModelBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"model": model or name, "backends": [backend], **spec},
+    }
+
+
+def key_secret(namespace: str, name: str, tenant: str, value: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": namespace, "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": tenant}},
+        "stringData": {"key": value},
+    }
+
+
+def hs_secret(namespace: str, value: str) -> dict[str, Any]:
+    return {"metadata": {"name": "issuer", "namespace": namespace}, "stringData": {"hs": value}}
+
+
+JWT = {"jwt": [{"issuer": ISSUER, "hs256SecretRef": {"name": "issuer", "key": "hs"}}]}
+
+
+def policy(bindings: list[dict[str, Any]], secrets: list[dict[str, Any]] | None = None) -> tuple[Policy, Any]:
+    result = render([parse_binding(b) for b in bindings], [parse_secret(s) for s in secrets or []], RenderSettings(version=1))
+    return compile_policy(result.snapshot), result
+
+
+def token(secret: str, tenant: str = "acme") -> str:
+    return jwt.encode({"iss": ISSUER, "sub": "u", "tenant": tenant, "exp": int(NOW) + 600}, secret, algorithm="HS256")
+
+
+# --- names and patterns ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "qualified"),
+    [("acme", "team/acme"), ("*", "team/*"), ("other/acme", "other/acme"), ("other/*", "other/*"), (" acme ", "team/acme")],
+)
+def test_a_tenant_pattern_is_qualified_by_the_bindings_namespace(raw: str, qualified: str) -> None:
+    assert tenancy.parse_pattern(raw, "team") == qualified
+
+
+@pytest.mark.parametrize("raw", ["", "a/b/c", "Team/acme", "acme*", "a b", "-acme", "x" * 129])
+def test_a_malformed_tenant_pattern_is_refused(raw: str) -> None:
+    with pytest.raises(ValueError):
+        tenancy.parse_pattern(raw, "team")
+
+
+def test_a_binding_without_tenants_serves_its_own_namespace_only() -> None:
+    assert parse_binding(binding("team", "chat")).tenants == ("team/*",)
+    assert parse_binding(binding("team", "chat", tenants=["acme", "other/bob"])).tenants == ("other/bob", "team/acme")
+
+
+def test_quota_entries_name_qualified_tenants() -> None:
+    spec = parse_binding(binding("team", "chat", quotas={"tenants": {"acme": {"concurrent": 1}, "other/bob": {"concurrent": 2}}}))
+    assert [t for t, _ in spec.quotas.tenants] == ["other/bob", "team/acme"]
+    with pytest.raises(SpecError, match="name one tenant"):
+        parse_binding(binding("team", "chat", quotas={"tenants": {"*": {"concurrent": 1}}}))
+
+
+def test_a_binding_can_use_another_namespaces_secret_only_when_its_owner_shares_it() -> None:
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+    b = binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}])
+    unshared = {"metadata": {"name": "p", "namespace": "platform"}, "stringData": {"k": "sk-platform"}}
+    _, result = policy([b], [unshared])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    assert "crdgol.io/share-with: team" in result.problems["team/chat"].message
+    for share in ("team", "other, team", "*"):
+        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": share}}}
+        _, result = policy([b], [shared])
+        assert result.accepted == ("team/chat",), share
+    _, result = policy([b], [{**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": "other"}}}])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+
+
+def test_unsharing_a_secret_takes_effect_even_when_the_render_is_cached() -> None:
+    from controller.render import RenderCache
+
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+    spec = parse_binding(binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}]))
+    meta = {"name": "p", "namespace": "platform"}
+    cache = RenderCache()
+    shared = parse_secret({"metadata": {**meta, "annotations": {"crdgol.io/share-with": "team"}}, "stringData": {"k": "v"}})
+    assert render([spec], [shared], RenderSettings(), cache).accepted == ("team/chat",)
+    unshared = parse_secret({"metadata": meta, "stringData": {"k": "v"}})
+    assert render([spec], [unshared], RenderSettings(), cache).accepted == ()
+
+
+# --- identity sources -----------------------------------------------------------------------------
+
+
+def test_an_api_key_acts_as_a_tenant_of_its_secrets_namespace() -> None:
+    pol, _ = policy([], [key_secret("team", "k", "acme", "sk-1"), key_secret("evil", "k", "acme", "sk-2")])
+    auth = Authenticator(pol)
+    assert auth.authenticate("sk-1").tenants == ("team/acme",)
+    assert auth.authenticate("sk-2").tenants == ("evil/acme",)
+
+
+def test_an_api_key_secret_naming_another_namespaces_tenant_loads_no_key_and_says_why() -> None:
+    pol, result = policy([], [key_secret("evil", "k", "team/acme", "sk-forged")])
+    assert pol.api_keys == {}
+    assert "not a tenant name" in result.source_problems["Secret evil/k"]
+    with pytest.raises(Unauthenticated):
+        Authenticator(pol).authenticate("sk-forged")
+
+
+def test_one_issuer_declared_by_two_namespaces_acts_only_where_its_keys_verify() -> None:
+    pol, result = policy(
+        [binding("team", "chat", auth=JWT), binding("evil", "bait", auth=JWT)],
+        [hs_secret("team", "team-secret-0123456789-0123456789"), hs_secret("evil", "evil-secret-0123456789-0123456789")],
+    )
+    assert result.accepted == ("evil/bait", "team/chat")  # two namespaces' declarations: no conflict
+    auth = Authenticator(pol, clock=lambda: NOW)
+    assert auth.authenticate(token("team-secret-0123456789-0123456789")).tenants == ("team/acme",)
+    assert auth.authenticate(token("evil-secret-0123456789-0123456789")).tenants == ("evil/acme",)
+    with pytest.raises(Unauthenticated, match="signature"):
+        auth.authenticate(token("guessed-secret-0123456789-012345678"))
+
+
+def test_a_token_both_namespaces_verify_acts_as_each_namespaces_tenant() -> None:
+    shared = "shared-idp-secret-0123456789-01234567"
+    pol, _ = policy([binding("a", "chat", auth=JWT), binding("b", "chat", auth=JWT)], [hs_secret("a", shared), hs_secret("b", shared)])
+    ident = Authenticator(pol, clock=lambda: NOW).authenticate(token(shared))
+    assert ident.tenants == ("a/acme", "b/acme")
+    # Calling "chat", it reaches its first tenant's own namespace's binding, as that tenant.
+    reached, tenant = pol.resolve("chat", ident.tenants)
+    assert reached is not None and (reached.key, tenant) == ("a/chat", "a/acme")
+
+
+def test_a_tenant_claim_naming_a_namespace_is_refused() -> None:
+    pol, _ = policy([binding("evil", "bait", auth=JWT)], [hs_secret("evil", "evil-secret-0123456789-0123456789")])
+    with pytest.raises(Unauthenticated, match="not a tenant name"):
+        Authenticator(pol, clock=lambda: NOW).authenticate(token("evil-secret-0123456789-0123456789", tenant="team/acme"))
+
+
+def test_an_identity_can_only_act_as_its_own_tenants() -> None:
+    pol, _ = policy([], [key_secret("team", "k", "acme", "sk-1")])
+    ident = Authenticator(pol).authenticate("sk-1")
+    assert ident.acting_as("team/acme").tenant == "team/acme"
+    with pytest.raises(ValueError):
+        ident.acting_as("other/acme")
+
+
+# --- which binding a caller reaches ---------------------------------------------------------------
+
+
+def test_the_callers_own_namespace_serves_a_model_name_before_any_other() -> None:
+    pol, result = policy([binding("aaa", "squat", model="chat", tenants=["team/*"]), binding("team", "chat")])
+    assert set(result.accepted) == {"aaa/squat", "team/chat"}
+    assert pol.resolve("chat", ("team/acme",))[0].key == "team/chat"  # type: ignore[union-attr]
+    # Only where the caller's namespace serves nothing does another's explicit grant apply.
+    pol2, _ = policy([binding("aaa", "squat", model="chat", tenants=["team/*"])])
+    assert pol2.resolve("chat", ("team/acme",)) == (pol2.models["chat"][0], "team/acme")
+
+
+def test_a_model_of_another_namespace_that_grants_nothing_is_invisible() -> None:
+    pol, _ = policy([binding("team", "chat", tenants=["acme"])])
+    assert pol.resolve("chat", ("evil/acme",)) == (None, "")  # 404, not 403
+    assert pol.resolve("chat", ("team/bob",))[1] == ""  # own namespace, not allowed: 403
+    assert pol.resolve("chat", ("team/bob",))[0] is not None
+    assert [b.key for b in pol.visible(("team/acme",))] == ["team/chat"]
+    assert pol.visible(("evil/acme",)) == []
+
+
+def test_conflicting_claims_are_refused_and_the_refused_binding_is_not_served() -> None:
+    pol, result = policy(
+        [
+            binding("team", "chat"),
+            binding("team", "chat-2", model="chat"),  # same model, same namespace
+            binding("x", "one", model="shared", tenants=["team/*"]),
+            binding("y", "two", model="shared", tenants=["team/acme"]),  # both grant team's tenants
+        ]
+    )
+    assert result.problems["team/chat-2"].reason == "ModelConflict"
+    assert "namespace team" in result.problems["y/two"].message
+    assert set(result.accepted) == {"team/chat", "x/one"}
+    assert {b.key for bs in pol.models.values() for b in bs} == {"team/chat", "x/one"}
+
+
+def test_an_issuer_declared_differently_twice_in_one_namespace_refuses_the_second_binding() -> None:
+    other = {"jwt": [{"issuer": ISSUER, "tenantClaim": "org", "hs256SecretRef": {"name": "issuer", "key": "hs"}}]}
+    pol, result = policy([binding("team", "a", auth=JWT), binding("team", "b", auth=other)], [hs_secret("team", "s" * 40)])
+    assert result.problems["team/b"].reason == "JwtIssuerConflict"
+    assert result.accepted == ("team/a",)
+    assert "b" not in pol.models  # never "served but not Ready"
+
+
+def test_quotas_and_history_key_on_the_qualified_tenant() -> None:
+    from extproc.history import history_key
+    from extproc.quota import quota_scope
+
+    assert quota_scope("team/acme", "team/chat") != quota_scope("evil/acme", "team/chat")
+    assert history_key("team/acme", "team/chat", "s1") != history_key("evil/acme", "team/chat", "s1")
+
+
+def test_api_key_hashes_in_the_snapshot_name_their_qualified_tenant() -> None:
+    _, result = policy([], [key_secret("team", "k", "acme", "sk-1")])
+    (key,) = result.snapshot.api_keys
+    assert (key.sha256, key.tenant, key.source) == (hashlib.sha256(b"sk-1").digest(), "team/acme", "team/k")
