@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
 
 from controller.models import SpecError
 from controller.workflow.expr import Expr, ExprError, Template, compile_expr, compile_template
@@ -30,6 +33,7 @@ class CompiledStep:
     headers: tuple[tuple[str, Template], ...] = ()
     expression: Expr | None = None
     model: str = ""  # the model an ai-inference step calls
+    output_validator: Any = None  # a jsonschema validator of outputSchema, built once
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,12 @@ class CompiledWorkflow:
 
     def all_steps(self) -> tuple[CompiledStep, ...]:
         return (*self.steps, *self.exit_steps)
+
+    def step(self, name: str) -> CompiledStep:
+        for c in self.all_steps():
+            if c.spec.name == name:
+                return c
+        raise KeyError(name)
 
 
 def _order(steps: tuple[StepSpec, ...], group: str) -> tuple[StepSpec, ...]:
@@ -98,7 +108,15 @@ def _compile_step(s: StepSpec, visible: set[str], models: Mapping[str, str], ser
                 model = a.model
                 if model not in served:
                     raise SpecError("ModelNotServed", f"{what}: no AIModelBinding serves the model {model!r}")
-            out = CompiledStep(spec=s, when=when, inputs=inputs, messages=msgs, model=model)
+            validator = None
+            if a.output_schema is not None:
+                cls = jsonschema.validators.validator_for(a.output_schema)
+                try:
+                    cls.check_schema(a.output_schema)
+                except jsonschema.SchemaError as exc:
+                    raise SpecError("InvalidOutputSchema", f"{what}: aiInference.outputSchema is not a valid JSON Schema: {exc.message}") from None
+                validator = cls(a.output_schema)
+            out = CompiledStep(spec=s, when=when, inputs=inputs, messages=msgs, model=model, output_validator=validator)
         elif s.http_request is not None:
             h = s.http_request
             out = CompiledStep(

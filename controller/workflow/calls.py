@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import jsonschema
 
+from controller.workflow.accept import CompiledStep
 from controller.workflow.engine import Call, StepFailed, StepSucceeded
-from controller.workflow.spec import StepSpec
 from crdgol.workflow_contract import IDEMPOTENCY_HEADER, STEP_HEADER
 
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -65,7 +65,8 @@ def _failure(call: Call, status: int, text: str, headers: Any, who: str) -> Step
     return StepFailed(call.step, call.attempt, f"{who} {_error_message(status, text)}", time.time(), final=final, retry_after=_retry_after(headers) if status == 429 else None)
 
 
-async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallContext, spec: StepSpec, call: Call) -> StepSucceeded | StepFailed:
+async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallContext, step: CompiledStep, call: Call) -> StepSucceeded | StepFailed:
+    spec = step.spec
     assert spec.ai_inference is not None
     headers = {
         "authorization": f"Bearer {ctx.api_key}",
@@ -83,14 +84,14 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
     usage = body.get("usage") or {}
     tokens = {"input": int(usage.get("prompt_tokens", 0)), "output": int(usage.get("completion_tokens", 0)), "total": int(usage.get("total_tokens", 0))}
     parsed: Any = None
-    schema = spec.ai_inference.output_schema
-    if schema is not None:
+    if step.output_validator is not None:
         try:
             parsed = json.loads(_strip_fence(reply))
-            jsonschema.validate(parsed, schema)
-        except (ValueError, jsonschema.ValidationError) as exc:
-            why = exc.message if isinstance(exc, jsonschema.ValidationError) else "the reply is not JSON"
-            return StepFailed(call.step, call.attempt, f"the reply does not match outputSchema: {why}", time.time())
+        except ValueError:
+            return StepFailed(call.step, call.attempt, "the reply does not match outputSchema: the reply is not JSON", time.time())
+        error = jsonschema.exceptions.best_match(step.output_validator.iter_errors(parsed))
+        if error is not None:
+            return StepFailed(call.step, call.attempt, f"the reply does not match outputSchema: {error.message}", time.time())
     else:
         try:
             parsed = json.loads(reply)
@@ -107,8 +108,8 @@ def _strip_fence(text: str) -> str:
     return t
 
 
-async def call_http(http: aiohttp.ClientSession, target: CallTarget, ctx: CallContext, spec: StepSpec, call: Call) -> StepSucceeded | StepFailed:
-    h = spec.http_request
+async def call_http(http: aiohttp.ClientSession, target: CallTarget, ctx: CallContext, step: CompiledStep, call: Call) -> StepSucceeded | StepFailed:
+    h = step.spec.http_request
     assert h is not None
     req = call.request
     scheme, host, port = h.origin

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 from controller.workflow.accept import CompiledStep, CompiledWorkflow
 from controller.workflow.expr import ExprError
 
@@ -466,7 +468,10 @@ def backoff(initial: float, factor: float, cap: float, attempt: int, rng: Rng) -
 
 def cap_outputs(outputs: Any) -> tuple[Any, bool]:
     """Outputs as recorded: anything over ``MAX_OUTPUT_BYTES`` of JSON is cut and marked."""
-    text = json.dumps(outputs, separators=(",", ":"))
-    if len(text) <= MAX_OUTPUT_BYTES:
+    try:
+        raw = orjson.dumps(outputs)
+    except TypeError:  # not JSON orjson takes (an integer beyond 64 bits): the slower encoder
+        raw = json.dumps(outputs, separators=(",", ":")).encode()
+    if len(raw) <= MAX_OUTPUT_BYTES:
         return outputs, False
-    return {"truncated": True, "preview": text[: MAX_OUTPUT_BYTES // 2]}, True
+    return {"truncated": True, "preview": raw[: MAX_OUTPUT_BYTES // 2].decode("utf-8", "ignore")}, True

@@ -166,11 +166,11 @@ class WorkflowHost:
             path.unlink(missing_ok=True)
             old = os.umask(0o177)  # the socket is created 0600: only this user (and Envoy as it) reach it
             try:
-                await web.UnixSite(self._runner_site, str(path)).start()
+                await web.UnixSite(self._runner_site, str(path), backlog=4096).start()
             finally:
                 os.umask(old)
         elif e.api_port:
-            await web.TCPSite(self._runner_site, e.api_host, e.api_port).start()
+            await web.TCPSite(self._runner_site, e.api_host, e.api_port, backlog=4096).start()
 
     async def close(self) -> None:
         await self.runner.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.workflow.accept import CompiledWorkflow
@@ -82,8 +83,12 @@ class RunStore:
         return self.folder / f"{namespace}.{name}.jsonl"
 
     def save(self, state: RunState) -> None:
-        line = json.dumps(state.to_json(), separators=(",", ":")) + "\n"
-        with open(self._path(state.key), "a", encoding="utf-8") as f:
+        doc = state.to_json()
+        try:
+            line = orjson.dumps(doc) + b"\n"
+        except TypeError:  # an integer beyond 64 bits in some output: the slower encoder
+            line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        with open(self._path(state.key), "ab") as f:
             f.write(line)
 
     def load_all(self) -> list[RunState]:
@@ -234,7 +239,7 @@ class Runner:
 
     async def _attempt(self, live: _Live, call: Call) -> None:
         started = time.perf_counter()
-        spec = live.workflow.spec.step(call.step)
+        step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
         try:
@@ -246,7 +251,7 @@ class Runner:
                 ctx = CallContext(run_key=live.state.key, workflow_key=live.workflow.key, api_key=key or "", session=f"wf.{live.state.namespace}.{live.state.name}")
                 fn = call_ai if call.type == "ai-inference" else call_http
                 async with asyncio.timeout(call.timeout):
-                    event = await fn(http, self.target, ctx, spec, call)
+                    event = await fn(http, self.target, ctx, step, call)
         except TimeoutError:
             event = StepFailed(call.step, call.attempt, f"timed out after {call.timeout:g}s", self.clock())
         except aiohttp.ClientError as exc:
