@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from controller.manifests import load_folder
 from controller.models import SpecError
@@ -165,6 +166,10 @@ class Stack:
         self.problems = {**manifests.problems, **result.problems}
         self.result = result
         return result
+
+    def manifests_others(self) -> tuple[dict[str, Any], ...]:
+        """The folder's other crdgol.io documents (WorkflowSpecs, WorkflowRuns), as parsed YAML."""
+        return load_folder(self.settings.manifests).others
 
     def policy_version(self, replica: int = 0) -> int:
         """The policy version an extproc replica has in force (from its /healthz)."""

@@ -154,7 +154,7 @@ class WorkflowHost:
             raise LookupError(f"no WorkflowSpec {workflow!r}")
         if self._api_key(RunState("", namespace, workflow, {}, tenant=tenant)) is None:
             raise SpecError("NoApiKey", f"tenant {tenant!r} has no API key Secret the run could call the gateway with")
-        return self.runner.start(wf, self.runner.new_name(workflow), inputs, tenant=tenant)
+        return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
 
     async def serve_api(self) -> None:
         api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel)

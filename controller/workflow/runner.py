@@ -148,8 +148,12 @@ class Runner:
     def all(self) -> list[RunState]:
         return [*(r.state for r in self.runs.values()), *self.finished.values()]
 
-    def new_name(self, workflow: str) -> str:
-        return f"{workflow}-{secrets.token_hex(3)}"
+    def new_name(self, namespace: str, workflow: str) -> str:
+        """A run name no run of this controller has (recorded or live)."""
+        while True:
+            name = f"{workflow}-{secrets.token_hex(4)}"
+            if self.get(f"{namespace}/{name}") is None:
+                return name
 
     def start(self, wf: CompiledWorkflow, name: str, inputs: dict[str, Any], *, tenant: str, api_key_ref: str = "") -> RunState:
         state = new_run(wf, name, wf.spec.namespace, inputs, self.clock(), tenant=tenant, api_key_ref=api_key_ref)

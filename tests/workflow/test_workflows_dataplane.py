@@ -64,6 +64,14 @@ spec:
       type: http-request
       timeout: 800ms
       httpRequest: {method: POST, url: "http://127.0.0.1:8081/helpdesk/slow", body: "{{ inputs.n }}"}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: WorkflowSpec
+metadata: {name: circular, namespace: default}
+spec:
+  steps:
+    - {name: a, type: transform, dependsOn: [b], transform: {expression: "1"}}
+    - {name: b, type: transform, dependsOn: [a], transform: {expression: "2"}}
 """
 
 
@@ -221,6 +229,13 @@ def test_the_run_api_refuses_strangers_and_hides_other_tenants_runs(stack: Stack
     assert r.status_code == 404 and r.json()["error"]["code"] == "run_not_found"
     r = httpx.put(f"{stack.url}/v1/workflows/runs/x", headers=H)
     assert r.status_code == 405
+
+
+def test_a_spec_with_a_cycle_is_refused_naming_the_steps_and_runs_of_it_are_409(stack: Stack) -> None:
+    refused = stack.status()["workflows"]["refused"]["WorkflowSpec default/circular"]  # type: ignore[index]
+    assert refused["reason"] == "DependencyCycle" and "cycle among a, b" in refused["message"]
+    r = httpx.post(f"{stack.url}/v1/workflows/circular/runs", json={"inputs": {}}, headers=H)
+    assert r.status_code == 409 and "cycle among a, b" in r.json()["error"]["message"]
 
 
 def test_the_egress_listener_refuses_a_host_no_spec_names(stack: Stack) -> None:
