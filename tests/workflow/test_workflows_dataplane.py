@@ -67,6 +67,16 @@ spec:
 ---
 apiVersion: crdgol.io/v1alpha1
 kind: WorkflowSpec
+metadata: {name: held-call, namespace: default}
+spec:
+  steps:
+    - name: call
+      type: http-request
+      timeout: 60s
+      httpRequest: {method: POST, url: "http://127.0.0.1:8081/helpdesk/slow", body: "{{ inputs.n }}"}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: WorkflowSpec
 metadata: {name: circular, namespace: default}
 spec:
   steps:
@@ -202,7 +212,7 @@ def test_a_step_timeout_fails_the_step(stack: Stack) -> None:
 
 def test_cancelling_a_run_aborts_its_call_in_flight(stack: Stack) -> None:
     httpx.post(f"{stack.mock_url}/_mock/helpdesk/config", json={"delay_ms": 5000})
-    run = start(stack, "slow-call", n=2)
+    run = start(stack, "held-call", n=2)
     wait_for(stack, run["name"], lambda s: step(s, "call")["phase"] == "Running")
     time.sleep(0.2)
     started = time.monotonic()
