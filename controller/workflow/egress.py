@@ -58,7 +58,8 @@ def step_key(wf: CompiledWorkflow, step: str) -> str:
 
 
 def egress_resources(workflows: Iterable[CompiledWorkflow], settings: WorkflowEnvoySettings) -> tuple[list[Json], list[Json]]:
-    """(listeners, clusters) of the egress listener; none when it is switched off."""
+    """(listeners, clusters) of the egress listener; none when it is switched off or no accepted
+    spec has an http-request step."""
     if not settings.egress_port:
         return [], []
     routes: dict[tuple[str, str, int], list[Json]] = {}
@@ -84,6 +85,8 @@ def egress_resources(workflows: Iterable[CompiledWorkflow], settings: WorkflowEn
                     "request_headers_to_remove": [STEP_HEADER],
                 }
             )
+    if not routes:
+        return [], []  # no spec names a host: no listener, no port open
     vhosts: list[Json] = []
     clusters: list[Json] = []
     for (scheme, host, port), rs in sorted(routes.items()):
