@@ -49,6 +49,11 @@ def _json_403(message: str) -> Json:
 _JSON_TYPE = [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
 
 
+# Envoy's default circuit breakers allow 1,024 requests in flight per cluster; a thousand runs
+# calling one helpdesk at once would trip them, so the engine's own clusters allow more.
+_BREAKERS = {"thresholds": [{"max_connections": 100_000, "max_pending_requests": 100_000, "max_requests": 100_000}]}
+
+
 def target_cluster(scheme: str, host: str, port: int) -> str:
     return f"crdgol-egress.{scheme}.{host}.{port}"
 
@@ -130,6 +135,7 @@ def _cluster(scheme: str, host: str, port: int, settings: WorkflowEnvoySettings)
         "type": "STATIC" if is_ip(bare) else "STRICT_DNS",
         "connect_timeout": "5s",
         "dns_lookup_family": "V4_PREFERRED",
+        "circuit_breakers": _BREAKERS,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(bare, port)}}]}]},
     }
     if scheme == "https":
@@ -163,6 +169,7 @@ def api_route_and_cluster(settings: WorkflowEnvoySettings) -> tuple[list[Json], 
         "name": API_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "circuit_breakers": _BREAKERS,
         "load_assignment": {"cluster_name": API_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     }
     return [route], [cluster]
