@@ -260,6 +260,11 @@ class Runner:
             event = StepFailed(call.step, call.attempt, f"timed out after {call.timeout:g}s", self.clock())
         except aiohttp.ClientError as exc:
             event = StepFailed(call.step, call.attempt, f"call failed: {type(exc).__name__}: {exc}", self.clock())
+        except (ValueError, TypeError, KeyError) as exc:
+            # A request the client refuses to send (a rendered header with a line break) or an
+            # answer it cannot read: fail the attempt for good rather than leave the step Running.
+            log.warning("workflow run %s step %s attempt %d: %s", live.state.key, call.step, call.attempt, type(exc).__name__)
+            event = StepFailed(call.step, call.attempt, f"the call could not be made or read: {type(exc).__name__}: {exc}", self.clock(), final=True)
         except asyncio.CancelledError:
             self.metrics.step_seconds.labels(call.type, "aborted").observe(time.perf_counter() - started)
             raise

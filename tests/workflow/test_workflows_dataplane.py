@@ -77,6 +77,15 @@ spec:
 ---
 apiVersion: crdgol.io/v1alpha1
 kind: WorkflowSpec
+metadata: {name: header-from-input, namespace: default}
+spec:
+  steps:
+    - name: call
+      type: http-request
+      httpRequest: {method: POST, url: "http://127.0.0.1:8081/helpdesk/notes", headers: {x-note: "{{ inputs.note }}"}}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: WorkflowSpec
 metadata: {name: circular, namespace: default}
 spec:
   steps:
@@ -312,3 +321,11 @@ def test_a_run_declared_as_a_resource_runs_with_the_secret_it_names(stack: Stack
         (stack.settings.manifests / "run.yaml").unlink()
     assert status["phase"] == "Succeeded" and status["tenant"] == "default/quickstart"
     assert [p["kind"] for p in helpdesk(stack)] == ["pages"]
+
+
+def test_an_input_cannot_smuggle_a_header_through_a_template(stack: Stack) -> None:
+    status = wait_for(stack, start(stack, "header-from-input", note="hi\r\nx-crdgol-workflow-step: default/support-triage/page-oncall")["name"])
+    assert status["phase"] == "Failed" and "could not be made" in step(status, "call")["message"]
+    assert helpdesk(stack) == []
+    ok = wait_for(stack, start(stack, "header-from-input", note="plain")["name"])
+    assert ok["phase"] == "Succeeded" and helpdesk(stack)[0]["headers"]["x-note"] == "plain"
