@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick bench-peers clean
+.PHONY: help setup proto run test test-unit test-dataplane test-workflows lint bench bench-quick bench-peers bench-workflows clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-unit: setup ## pure functions only
 test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
 	$(BIN)/python -m pytest -q tests/dataplane
 
+test-workflows: setup ## the workflow engine: pure core, and runs through real Envoy, extproc and the mock
+	$(BIN)/python -m pytest -q tests/unit/test_workflow_engine.py tests/unit/test_workflow_spec.py tests/workflow
+
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check crdgol extproc controller mockllm tests benchmarks
 	$(BIN)/mypy crdgol extproc controller mockllm
@@ -48,6 +51,9 @@ bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/result
 bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (needs wrk)
 	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.peers
+
+bench-workflows: setup ## 1,000 concurrent support-triage runs through the gateway -> benchmarks/results/workflows.json
+	$(BIN)/python -m benchmarks.workflows --runs 1000
 
 clean: ## remove the venv and generated code
 	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info

@@ -30,6 +30,8 @@ from controller.health import backend_health
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
+from controller.workflow.host import WorkflowHost, WorkflowSettings
+from controller.workflow.runner import WorkflowMetrics
 from controller.xds import Encoder, XdsServer
 from crdgol.control_plane import (
     InsecureControlPlane,
@@ -59,6 +61,7 @@ class ControllerSettings:
     manifests: Path | None = None
     status_file: Path | None = None
     interval: float = 0.2
+    workflows: WorkflowSettings | None = None  # file mode: run WorkflowSpecs from the folder
     # Rollout ordering (see Controller._roll_out): how long to wait for Envoy's ACK before the
     # policy goes out anyway, and how long the previous version's routes stay in Envoy.
     ack_timeout: float = 5.0
@@ -91,6 +94,7 @@ class Controller:
         self._lock = asyncio.Lock()
         self._nacks_seen = 0
         self._encoder = Encoder()
+        self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
         self._live: RenderResult | None = None  # the render whose policy extproc was given
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -148,7 +152,8 @@ class Controller:
     async def _send_envoy(self, version: int, routes: list[Json], clusters: list[Json]) -> bool:
         """Clusters, the listener (routes by RDS) and the route table, as one xDS version."""
         rs = self.settings.render
-        listeners = [listener(rs, [], rds=True)]
+        # Plus any listener of its own the workflow engine adds (the egress listener).
+        listeners = [listener(rs, [], rds=True), *self.state.extras.listeners]
         tables = [route_configuration(rs, routes)]
         try:
             # Encoding a large config takes a while: keep the event loop serving meanwhile.
@@ -193,6 +198,7 @@ class Controller:
             # resources crdgol cannot serve (an unknown crdgol.io kind), with what is wrong.
             "sources": dict(self.state.result.source_problems) if self.state.result else {},
             "envoy": {n: {"acked": dict(s.acked), "lastNack": s.last_nack} for n, s in self.xds.nodes.items()},
+            **({"workflows": self.workflows.status_doc()} if self.workflows is not None else {}),
         }
 
     def write_status(self) -> None:
@@ -229,6 +235,8 @@ class Controller:
         self._server = server
         if s.metrics_port:
             self._runner = await self._http()
+        if self.workflows is not None:
+            await self.workflows.serve_api()
         log.info("controller serving xDS on %s and policy on %s", *where)
 
     async def _http(self) -> web.AppRunner:
@@ -249,6 +257,8 @@ class Controller:
         return runner
 
     async def stop(self) -> None:
+        if self.workflows is not None:
+            await self.workflows.close()
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
@@ -264,7 +274,7 @@ class Controller:
                 health_at = time.monotonic()
                 await self.refresh_health()
             if reader.changed():
-                bindings, secrets, _others = reader.read()
+                bindings, secrets, others = reader.read()
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
@@ -274,6 +284,13 @@ class Controller:
                     for where, what in self.state.result.source_problems.items():
                         if sources_before.get(where) != what:
                             log.error("%s: %s", where, what)
+                if self.workflows is not None and self.state.result is not None:
+                    # Workflows name bindings: accept them against what is served, then add
+                    # their Envoy resources (egress listener, run API route).
+                    served = {b.key: b.model for b in self.state.result.snapshot.bindings}
+                    self.workflows.sync(others, secrets, served)
+                    self.state.extras = self.workflows.extras()
+                    await self.publish()
                 for key, st in self.state.statuses().items():
                     if before.get(key) != st.conditions:
                         for c in st.conditions:

@@ -66,6 +66,16 @@ _PROVIDER = {"openai": pb.OPENAI, "anthropic": pb.ANTHROPIC, "openai-compatible"
 
 
 @dataclass(frozen=True, slots=True)
+class EnvoyExtras:
+    """Resources other parts of the controller add (the workflow engine's egress listener and its
+    run API route): routes go on the gateway listener ahead of the bindings'."""
+
+    routes: tuple[Json, ...] = ()
+    listeners: tuple[Json, ...] = ()
+    clusters: tuple[Json, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RenderResult:
     envoy: Json  # a complete static bootstrap (what `crdgol render` prints)
     snapshot: pb.PolicySnapshot
@@ -219,6 +229,7 @@ def render(
     secrets: Iterable[SecretData],
     settings: RenderSettings,
     cache: RenderCache | None = None,
+    extras: EnvoyExtras | None = None,
 ) -> RenderResult:
     """Render every binding that can be served; the rest are reported in ``problems``."""
     # The render allocates hundreds of thousands of small objects and frees none of them: the
@@ -226,7 +237,7 @@ def render(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _render(bindings, secrets, settings, cache)
+        return _render(bindings, secrets, settings, cache, extras or EnvoyExtras())
     finally:
         if enabled:
             gc.enable()
@@ -298,7 +309,11 @@ def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderS
 
 
 def _render(
-    bindings: Iterable[BindingSpec], secrets: Iterable[SecretData], settings: RenderSettings, cache: RenderCache | None = None
+    bindings: Iterable[BindingSpec],
+    secrets: Iterable[SecretData],
+    settings: RenderSettings,
+    cache: RenderCache | None = None,
+    extras: EnvoyExtras = EnvoyExtras(),
 ) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
@@ -334,12 +349,12 @@ def _render(
         api_keys=_api_keys((secret_map[k] for k in sorted(secret_map)), source_problems),
         jwt_providers=claims.providers(),
     )
-    clusters: list[Json] = []
-    routes = []
+    clusters: list[Json] = list(extras.clusters)
+    routes = list(extras.routes)
     for _, pieces in served:
         routes.append(pieces.route)
         clusters.extend(pieces.clusters)
-    listeners = [listener(settings, routes)]
+    listeners = [listener(settings, routes), *extras.listeners]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -358,4 +373,4 @@ def _render(
     )
 
 
-__all__ = ["CA_BUNDLE", "EXTPROC_CLUSTER", "ROUTE_HEADER", "RenderCache", "RenderResult", "RenderSettings", "ads_bootstrap", "render"]
+__all__ = ["CA_BUNDLE", "EXTPROC_CLUSTER", "ROUTE_HEADER", "EnvoyExtras", "RenderCache", "RenderResult", "RenderSettings", "ads_bootstrap", "render"]

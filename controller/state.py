@@ -23,7 +23,7 @@ from typing import Any
 
 from controller.health import BackendHealth
 from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
-from controller.render import RenderCache, RenderResult, RenderSettings, render
+from controller.render import EnvoyExtras, RenderCache, RenderResult, RenderSettings, render
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class ControllerState:
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
     _cache: RenderCache = field(default_factory=RenderCache)
+    # Envoy resources the workflow engine adds (egress listener, run API route).
+    extras: EnvoyExtras = field(default_factory=EnvoyExtras)
     # Envoy's verdict per backend cluster (admin /clusters), when the controller can read it.
     backend_health: dict[str, BackendHealth] = field(default_factory=dict)
     # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
@@ -182,7 +184,7 @@ class ControllerState:
         specs = [e.good for e in self._bindings.values() if e.good is not None]
         candidate = self.version + 1
         result = render(
-            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache
+            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache, self.extras
         )
         if self.result is not None and _same(result, self.result):
             return self.result

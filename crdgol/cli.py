@@ -154,7 +154,19 @@ def cmd_controller(args: argparse.Namespace) -> int:
         extproc_sockets=tuple(p for p in str(args.extproc_socket).split(",") if p),
         admin_port=args.admin_port,
     )
+    workflows = None
+    if args.manifests:
+        from controller.workflow.egress import WorkflowEnvoySettings
+        from controller.workflow.host import WorkflowSettings
+
+        gateway_host = "127.0.0.1" if args.gateway_host in ("0.0.0.0", "::") else args.gateway_host
+        workflows = WorkflowSettings(
+            state_dir=Path(args.workflow_state),
+            gateway_url=f"http://{gateway_host}:{args.gateway_port}",
+            envoy=WorkflowEnvoySettings(egress_port=args.egress_port, api_socket=args.workflow_socket),
+        )
     settings = ControllerSettings(
+        workflows=workflows,
         render=render,
         host=args.host,
         xds_port=args.xds_port,
@@ -295,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--extproc-port", default="9002", help="extproc's gRPC port, or several comma-separated for several replicas (default 9002)")
     ctl.add_argument("--extproc-socket", default="", help="Envoy reaches extproc on these Unix sockets instead (comma-separated), when they share a host")
     ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
+    ctl.add_argument("--workflow-state", default=".crdgol/workflows", help="file mode: where each workflow run's state file is kept (default .crdgol/workflows)")
+    ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
+    ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.set_defaults(func=cmd_controller)
 
     certs = sub.add_parser("certs", help="issue development certificates for the control plane's mutual TLS (a CA, the controller, the gateway)")
@@ -302,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--namespace", default="crdgol-system", help="namespace of the printed Secrets (default crdgol-system)")
     certs.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
     certs.set_defaults(func=cmd_certs)
+
+    from crdgol import workflow_cli
+
+    workflow_cli.add_parser(sub)
 
     mock = sub.add_parser("mock-llm", help="run the bundled OpenAI/Anthropic-compatible mock upstream (see `crdgol mock-llm --help`)", add_help=False)
     mock.add_argument("mock_args", nargs=argparse.REMAINDER)

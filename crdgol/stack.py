@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from controller.manifests import load_folder
 from controller.models import SpecError
@@ -126,6 +127,7 @@ class Stack:
         replicas = max(1, settings.extproc_replicas)
         self.admin_port = free_port()
         self.controller_port = free_port()
+        self.egress_port = free_port()
         self.metrics_port = settings.metrics_port or free_port()
         self.metrics_ports = (self.metrics_port, *(free_port() for _ in range(replicas - 1)))
         self.state = settings.state_dir or Path(tempfile.mkdtemp(prefix="crdgol-"))
@@ -164,6 +166,10 @@ class Stack:
         self.problems = {**manifests.problems, **result.problems}
         self.result = result
         return result
+
+    def manifests_others(self) -> tuple[dict[str, Any], ...]:
+        """The folder's other crdgol.io documents (WorkflowSpecs, WorkflowRuns), as parsed YAML."""
+        return load_folder(self.settings.manifests).others
 
     def policy_version(self, replica: int = 0) -> int:
         """The policy version an extproc replica has in force (from its /healthz)."""
@@ -219,7 +225,10 @@ class Stack:
         py = [sys.executable, "-m", "crdgol.cli"]
         try:
             if self.mock_port is not None:
-                mock = self._spawn("mock-llm", [*py, "mock-llm", "--port", str(self.mock_port), *self.settings.mock_args])
+                mock = self._spawn(
+                    "mock-llm",
+                    [*py, "mock-llm", "--port", str(self.mock_port), "--rules-from", str(self.settings.manifests), *self.settings.mock_args],
+                )
                 wait_http(f"{self.mock_url}/healthz", (200,), timeout, mock)
             rs = self.render_settings
             ctl = self._spawn(
@@ -235,6 +244,9 @@ class Stack:
                     "--gateway-port", str(rs.listen_port),
                     "--extproc-socket", ",".join(self.extproc_sockets),
                     "--admin-port", str(rs.admin_port),
+                    "--workflow-state", str(self.state / "workflows"),
+                    "--workflow-socket", str(self.state / "workflows.sock"),
+                    "--egress-port", str(self.egress_port),
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)

@@ -50,6 +50,19 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _workflow_hint(stack: Stack) -> str:
+    """The folder's workflows and how to run one (nothing when it has none)."""
+    names = sorted(
+        str(meta.get("name"))
+        for d in stack.manifests_others()
+        if d.get("kind") == "WorkflowSpec" and isinstance(meta := d.get("metadata"), dict)
+    )
+    if not names:
+        return ""
+    gateway = "" if stack.url == "http://127.0.0.1:8080" else f" --gateway {stack.url}"
+    return f"Workflows: {', '.join(names)}\n  crdgol workflow{gateway} run {names[0]} --input key=value --wait\n\n"
+
+
 def up(settings: UpSettings) -> int:
     if not settings.manifests.is_dir():
         _say(f"crdgol up: {settings.manifests} is not a folder of manifests")
@@ -101,7 +114,8 @@ def up(settings: UpSettings) -> int:
         f"  curl {stack.url}/v1/chat/completions -H 'Authorization: Bearer sk-crdgol-quickstart' \\\n"
         f"    -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"{models[0] if models else 'quickstart-chat'}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n\n"
-        f"Press Ctrl-C to stop.\n"
+        + _workflow_hint(stack)
+        + "Press Ctrl-C to stop.\n"
     )
     supervisor = Supervisor(stack, _say)
     try:

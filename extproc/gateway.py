@@ -22,7 +22,7 @@ import orjson
 from crdgol.replies import ANTHROPIC_PATH
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as mcp
-from extproc import translate_errors
+from extproc import translate_errors, workflows
 from extproc.admission import Admission, Outcome, encode_reservation
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
@@ -101,6 +101,8 @@ _ENDPOINTS = {
 
 def choose(services: Services, method: str, raw_path: str) -> Handler:
     path = raw_path.split("?", 1)[0].rstrip("/") or "/"
+    if workflows.handles(path):
+        return workflows.choose(services, method, path)
     allowed = _ENDPOINTS.get(path)
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))

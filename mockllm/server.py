@@ -50,12 +50,13 @@ import random
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from mockllm import faults, wire
+from mockllm import faults, helpdesk, rules, wire
 from mockllm.wire import Flavor
 
 log = logging.getLogger("crdgol.mockllm")
@@ -97,6 +98,7 @@ class _State:
 
 
 _STATE: Final = web.AppKey("crdgol_mock_state", _State)
+_RULES: Final = web.AppKey("crdgol_mock_rules", tuple)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -275,6 +277,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await faults.openai_answer(request, fault, body, name)
     model: str = body["model"]
     reply, usage = wire.openai_reply(name, model, body["messages"])
+    ruled = rules.answer(request.app[_RULES], body["messages"])
+    if ruled is not None:
+        reply = ruled
+        usage = {**usage, "completion_tokens": len(reply.split()), "total_tokens": usage["prompt_tokens"] + len(reply.split())}
     if body.get("stream") is not True:
         return _json(wire.openai_completion(model, reply, usage), headers={"x-mock-name": name})
     opts = body.get("stream_options")
@@ -327,6 +333,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     reply, input_tokens, output_tokens = wire.anthropic_reply(
         name, model, body["messages"], body.get("system")
     )
+    ruled = rules.answer(request.app[_RULES], body["messages"])
+    if ruled is not None:
+        reply, output_tokens = ruled, len(ruled.split())
     if body.get("stream") is not True:
         return _json(
             wire.anthropic_message(model, reply, input_tokens, output_tokens),
@@ -397,10 +406,12 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- public API
 
 
-def build_app(settings: MockSettings) -> web.Application:
+def build_app(settings: MockSettings, answer_rules: tuple[rules.Rule, ...] = ()) -> web.Application:
     """Build the aiohttp application for one mock instance."""
     app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
     app[_STATE] = _State(settings)
+    app[_RULES] = answer_rules
+    helpdesk.install(app)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
@@ -413,9 +424,9 @@ def build_app(settings: MockSettings) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, settings: MockSettings) -> None:
+async def serve(host: str, port: int, settings: MockSettings, answer_rules: tuple[rules.Rule, ...] = ()) -> None:
     """Serve until cancelled.  With ``port=0`` the logged URL shows the bound port."""
-    runner = web.AppRunner(build_app(settings), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(settings, answer_rules), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -466,11 +477,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="mock")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", type=int, default=50, help="requests kept for /_mock/requests")
+    p.add_argument("--rules-from", default="", help="answer from the MockRules documents in this folder (see mockllm.rules)")
     return p
 
 
-async def _run_until_signal(host: str, port: int, settings: MockSettings) -> None:
-    task = asyncio.create_task(serve(host, port, settings))
+async def _run_until_signal(host: str, port: int, settings: MockSettings, answer_rules: tuple[rules.Rule, ...] = ()) -> None:
+    task = asyncio.create_task(serve(host, port, settings, answer_rules))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
@@ -498,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        answer_rules = rules.load_rules(Path(args.rules_from)) if args.rules_from else ()
+    except ValueError as exc:
+        log.error("mock-llm: bad rules in %s: %s", args.rules_from, exc)
+        return 2
+    try:
         import uvloop  # optional speed-up, imported only when serving
 
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -505,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            runner.run(_run_until_signal(args.host, args.port, settings))
+            runner.run(_run_until_signal(args.host, args.port, settings, answer_rules))
     except OSError as exc:  # e.g. port already in use
         log.error("mock-llm failed to start: %s", exc)
         return 1

@@ -1,0 +1,163 @@
+"""Workflow engine benchmark: ``python -m benchmarks.workflows [--runs 1000] [--out benchmarks/results]``.
+
+The real stack (``crdgol.stack.Stack``: mock upstream at zero latency, controller in file mode,
+extproc, Envoy) serves a copy of ``examples/support-triage``; ``--runs`` runs are started at once
+over the gateway's run API (half calm tickets, half urgent, so both branches run) and the
+benchmark waits until every one has ended. Figures (targets from issue 8):
+
+* **steps/s**: steps that ran (Succeeded or Failed, not Skipped) / seconds from the first start
+  request to the last run's end (target >= 200).
+* **controller CPU per step**: the controller process's user+system CPU over the same span /
+  steps. It is the engine's own work (scheduling, CEL, state files, metrics) plus its HTTP client
+  and run API; Envoy, extproc and the mock are other processes, so gateway time is excluded
+  (target <= 1 ms; this figure is an upper bound on the engine's share).
+* **p99 ready -> start**: from the controller's ``crdgol_workflow_step_start_delay_seconds``
+  histogram, the upper bound of the bucket holding the 99th percentile (target <= 50 ms).
+* **controller RSS**: peak resident set (VmHWM) of the controller process (target < 300 MB).
+
+Results: ``<out>/workflows.json`` and ``<out>/workflows.md``. Loopback only; every process
+started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.harness import cpu_model
+from crdgol.stack import Stack, StackSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
+TICKETS = ("I was charged twice on my last invoice, please refund one.", "Your service is down and we cannot log in!")
+TARGETS = {"steps_per_s": 200.0, "cpu_ms_per_step": 1.0, "p99_start_delay_ms": 50.0, "controller_rss_mb": 300.0}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def p99_start_delay_ms(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    buckets: list[tuple[float, float]] = []
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "crdgol_workflow_step_start_delay_seconds":
+            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket"))
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= 0.99 * total:
+            return le * 1000
+    return float("inf")
+
+
+def ended_runs(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "crdgol_workflow_runs"
+        for s in fam.samples
+        if s.labels.get("phase") in ("Succeeded", "Failed", "Cancelled")
+    )
+
+
+async def drive(url: str, metrics_url: str, runs: int) -> float:
+    """Start ``runs`` runs at once; seconds until the controller counts them all ended. Waiting
+    reads the controller's metrics (cheap), not the run API, so it adds little to its CPU."""
+    before = ended_runs(metrics_url)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200), headers=HEADERS) as http:
+
+        async def start(i: int) -> None:
+            body = {"inputs": {"ticket": TICKETS[i % 2]}}
+            async with http.post(f"{url}/v1/workflows/support-triage/runs", json=body) as r:
+                assert r.status == 201, await r.text()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(start(i) for i in range(runs)))
+        while await asyncio.to_thread(ended_runs, metrics_url) - before < runs:
+            await asyncio.sleep(0.1)
+        return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=1000)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="crdgol-wfbench-"))
+    folder = tmp / "support-triage"
+    shutil.copytree(ROOT / "examples" / "support-triage", folder)
+    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=tmp / "state", mock_args=("--record", "0")))
+    for f in folder.glob("*.yaml"):
+        f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
+    stack.start()
+    try:
+        pid = stack.procs["controller"].pid
+        cpu0 = cpu_seconds(pid)
+        metrics_url = f"http://127.0.0.1:{stack.controller_port}/metrics"
+        elapsed = asyncio.run(drive(stack.url, metrics_url, args.runs))
+        cpu = cpu_seconds(pid) - cpu0
+        finals = httpx.get(f"{stack.url}/v1/workflows/runs", headers=HEADERS, timeout=60).json()["runs"]
+        steps = sum(1 for st in finals for s in st["steps"] if s["phase"] in ("Succeeded", "Failed"))
+        result = {
+            "runs": args.runs,
+            "succeeded": sum(1 for st in finals if st["phase"] == "Succeeded"),
+            "steps": steps,
+            "seconds": round(elapsed, 3),
+            "steps_per_s": round(steps / elapsed, 1),
+            "cpu_ms_per_step": round(cpu * 1000 / max(1, steps), 3),
+            "p99_start_delay_ms": p99_start_delay_ms(metrics_url),
+            "controller_rss_mb": round(peak_rss_mb(pid), 1),
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "targets": TARGETS,
+        }
+    finally:
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "workflows" if args.runs >= 1000 else "workflows-small"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        f"# Workflow engine: {result['runs']} concurrent runs of support-triage",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---:|",
+        f"| steps/s | {result['steps_per_s']} | >= {TARGETS['steps_per_s']:g} |",
+        f"| controller CPU per step (ms) | {result['cpu_ms_per_step']} | <= {TARGETS['cpu_ms_per_step']:g} |",
+        f"| p99 ready -> start (ms, bucket bound) | {result['p99_start_delay_ms']} | <= {TARGETS['p99_start_delay_ms']:g} |",
+        f"| controller peak RSS (MB) | {result['controller_rss_mb']} | < {TARGETS['controller_rss_mb']:g} |",
+        "",
+        f"{result['succeeded']} of {result['runs']} runs succeeded; {result['steps']} steps in {result['seconds']} s; {result['cpu']}, {result['cores']} cores.",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

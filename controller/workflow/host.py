@@ -1,0 +1,192 @@
+"""The workflow engine inside the file-mode controller (what ``crdgol up`` runs).
+
+``WorkflowHost.sync`` takes the folder's WorkflowSpecs, WorkflowRuns and Secrets with the bindings
+the gateway serves: accepts the specs (refusing, with the step named, what cannot run), starts
+the runs the folder declares that have no recorded state yet, and on its first call resumes the
+runs recorded before a restart. ``extras`` are the Envoy resources it needs (egress listener, run
+API route); ``serve_api`` opens the run API on its Unix socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from controller.models import API_KEY_LABEL, TENANT_ANNOTATION, SecretData, SpecError, parse_secret
+from controller.render import EnvoyExtras
+from controller.workflow.accept import CompiledWorkflow, accept
+from controller.workflow.api import RunApi
+from controller.workflow.calls import CallTarget
+from controller.workflow.egress import (
+    WorkflowEnvoySettings,
+    api_route_and_cluster,
+    egress_resources,
+)
+from controller.workflow.engine import RunState
+from controller.workflow.runner import Runner, RunStore, WorkflowMetrics
+from controller.workflow.spec import parse_run, parse_workflow
+from crdgol import tenancy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSettings:
+    state_dir: Path
+    gateway_url: str  # the gateway listener, as the engine's AI steps call it
+    envoy: WorkflowEnvoySettings
+
+
+def tenant_of(secret: SecretData) -> str:
+    """The tenant an API-key Secret's keys act as: qualified by the Secret's namespace, as the
+    gateway qualifies it (``crdgol.tenancy``)."""
+    name = secret.annotations.get(TENANT_ANNOTATION) or secret.labels.get(TENANT_ANNOTATION) or secret.name
+    return tenancy.qualified(secret.namespace, name)
+
+
+class WorkflowHost:
+    def __init__(self, settings: WorkflowSettings, metrics: WorkflowMetrics) -> None:
+        self.settings = settings
+        e = settings.envoy
+        self.runner = Runner(
+            RunStore(settings.state_dir / "runs"),
+            CallTarget(gateway=settings.gateway_url, egress=f"http://{e.egress_host}:{e.egress_port}"),
+            metrics,
+            self._api_key,
+        )
+        self.workflows: dict[str, CompiledWorkflow] = {}
+        self.problems: dict[str, SpecError] = {}
+        self._secrets: dict[str, SecretData] = {}
+        self._resumed = False
+        self._runner_site: web.AppRunner | None = None
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def sync(self, others: Iterable[dict[str, Any]], secrets: Iterable[dict[str, Any]], served: Mapping[str, str]) -> None:
+        """``served``: "namespace/name" of each served binding -> its model."""
+        self._secrets = {}
+        for obj in secrets:
+            try:
+                s = parse_secret(obj)
+            except SpecError:
+                continue
+            self._secrets[s.key] = s
+        docs = list(others)
+        workflows: dict[str, CompiledWorkflow] = {}
+        problems: dict[str, SpecError] = {}
+        for obj in (d for d in docs if d.get("kind") == "WorkflowSpec"):
+            meta = obj.get("metadata") or {}
+            key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+            try:
+                spec = parse_workflow(obj)
+                models = {k.split("/", 1)[1]: m for k, m in served.items() if k.split("/", 1)[0] == spec.namespace}
+                workflows[key] = accept(spec, models, file_mode=True)
+            except SpecError as exc:
+                problems[f"WorkflowSpec {key}"] = exc
+                if self.problems.get(f"WorkflowSpec {key}") is None or self.problems[f"WorkflowSpec {key}"].message != exc.message:
+                    log.error("WorkflowSpec %s refused: %s: %s", key, exc.reason, exc.message)
+        self.workflows = workflows
+        if not self._resumed:
+            self._resumed = True
+            for state in self.runner.store.load_all():
+                wf = workflows.get(f"{state.namespace}/{state.workflow}")
+                if wf is None and state.phase not in ("Succeeded", "Failed", "Cancelled"):
+                    log.error("workflow run %s: its WorkflowSpec is not accepted; leaving it as recorded", state.key)
+                    self.runner.finished[state.key] = state
+                    continue
+                if wf is not None:
+                    self.runner.resume(state, wf)
+                else:
+                    self.runner.finished[state.key] = state
+        for obj in (d for d in docs if d.get("kind") == "WorkflowRun"):
+            meta = obj.get("metadata") or {}
+            key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+            if self.runner.get(key) is not None:
+                continue
+            try:
+                run = parse_run(obj)
+                wf = workflows.get(f"{run.namespace}/{run.workflow_ref.name}")
+                if wf is None:
+                    raise SpecError("WorkflowNotFound", f"WorkflowSpec {run.namespace}/{run.workflow_ref.name} does not exist or is refused")
+                ref = run.api_key_secret_ref
+                if ref is None:
+                    raise SpecError("ApiKeyRequired", "spec.apiKeySecretRef must name the Secret key holding the API key the run calls with")
+                secret = self._secrets.get(f"{ref.namespace}/{ref.name}")
+                if secret is None or not secret.data.get(ref.key):
+                    raise SpecError("SecretNotFound", f"Secret {ref.namespace}/{ref.name} has no key {ref.key!r}")
+                self.runner.start(wf, run.name, run.inputs, tenant=tenant_of(secret), api_key_ref=f"{ref.namespace}/{ref.name}/{ref.key}")
+                problems.pop(f"WorkflowRun {key}", None)
+            except SpecError as exc:
+                if f"WorkflowRun {key}" not in self.problems:
+                    log.error("WorkflowRun %s refused: %s: %s", key, exc.reason, exc.message)
+                problems[f"WorkflowRun {key}"] = exc
+        self.problems = problems
+
+    def _api_key(self, state: RunState) -> str | None:
+        if state.api_key_ref:
+            namespace, name, key = state.api_key_ref.split("/", 2)
+            secret = self._secrets.get(f"{namespace}/{name}")
+            return secret.data.get(key) if secret is not None else None
+        # An API-started run calls with a key of the caller's tenant (the controller reads them
+        # all; the run records only the tenant, never a key).
+        for k in sorted(self._secrets):
+            s = self._secrets[k]
+            if s.labels.get(API_KEY_LABEL, "").lower() == "true" and tenant_of(s) == state.tenant:
+                for v in s.data.values():
+                    if v:
+                        return v
+        return None
+
+    # --- the run API ----------------------------------------------------------------------------
+
+    def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> RunState:
+        wf = self.workflows.get(f"{namespace}/{workflow}")
+        if wf is None:
+            problem = self.problems.get(f"WorkflowSpec {namespace}/{workflow}")
+            if problem is not None:
+                raise SpecError(problem.reason, f"WorkflowSpec {workflow!r} is refused: {problem.message}")
+            raise LookupError(f"no WorkflowSpec {workflow!r}")
+        if self._api_key(RunState("", namespace, workflow, {}, tenant=tenant)) is None:
+            raise SpecError("NoApiKey", f"tenant {tenant!r} has no API key Secret the run could call the gateway with")
+        return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
+
+    async def serve_api(self) -> None:
+        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel)
+        self._runner_site = web.AppRunner(api.app(), access_log=None)
+        await self._runner_site.setup()
+        e = self.settings.envoy
+        if e.api_socket:
+            path = Path(e.api_socket)
+            path.unlink(missing_ok=True)
+            old = os.umask(0o177)  # the socket is created 0600: only this user (and Envoy as it) reach it
+            try:
+                await web.UnixSite(self._runner_site, str(path), backlog=4096).start()
+            finally:
+                os.umask(old)
+        elif e.api_port:
+            await web.TCPSite(self._runner_site, e.api_host, e.api_port, backlog=4096).start()
+
+    async def close(self) -> None:
+        await self.runner.close()
+        if self._runner_site is not None:
+            await self._runner_site.cleanup()
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def extras(self) -> EnvoyExtras:
+        listeners, clusters = egress_resources(self.workflows.values(), self.settings.envoy)
+        routes, api_clusters = api_route_and_cluster(self.settings.envoy)
+        return EnvoyExtras(routes=tuple(routes), listeners=tuple(listeners), clusters=tuple(clusters + api_clusters))
+
+    def status_doc(self) -> dict[str, Any]:
+        return {
+            "workflows": {k: {"accepted": True, "steps": len(w.steps) + len(w.exit_steps)} for k, w in self.workflows.items()},
+            "refused": {k: {"reason": p.reason, "message": p.message} for k, p in self.problems.items()},
+            "runs": {r.key: r.phase for r in self.runner.all()},
+        }
