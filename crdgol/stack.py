@@ -116,6 +116,8 @@ class StackSettings:
     env: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     extproc_replicas: int = 1
+    # Envoy's JSON access log: "-" = its stdout, a file path, or "off".
+    access_log: str = "-"
 
 
 class Stack:
@@ -235,6 +237,7 @@ class Stack:
                     "--gateway-port", str(rs.listen_port),
                     "--extproc-socket", ",".join(self.extproc_sockets),
                     "--admin-port", str(rs.admin_port),
+                    "--access-log", self.settings.access_log,
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
@@ -261,6 +264,8 @@ class Stack:
                 "-c", str(self.state / "envoy.json"),
                 "--log-level", self.settings.envoy_log_level,
                 "--disable-hot-restart",
+                # The access log reaches its file (or stdout) within a second, not Envoy's 10 s.
+                "--file-flush-interval-msec", "1000",
             ]
             if self.settings.envoy_concurrency:
                 argv += ["--concurrency", str(self.settings.envoy_concurrency)]

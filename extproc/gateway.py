@@ -22,6 +22,7 @@ import orjson
 from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
 from extproc import translate_errors
+from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome
 from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
@@ -171,9 +172,11 @@ class ModelCall(Handler):
         self.answered = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
+        self.access = AccessRecord()  # what the access log learns from extproc
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
+        self.access.error = exc.code
         body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
         return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
@@ -268,10 +271,14 @@ class ModelCall(Handler):
         else:
             outcome = Outcome.CUT_SHORT
         self.admission.finish(outcome, usage, self.backend)
+        self.access.finish(self, usage)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
         m.requests.labels(self.operation, str(self.status)).inc()
+
+    def take_metadata(self, phase: str, reply: Reply) -> dict[str, Any] | None:
+        return self.access.take(self, phase, reply)
 
     def seen_usage(self) -> Usage | None:
         """Usage seen so far in a response that has not ended (a stream's partial usage)."""
