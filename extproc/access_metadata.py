@@ -83,12 +83,17 @@ class AccessRecord:
         tenant = call.identity.tenant if call.identity is not None else ""
         if cost > 0:
             m.spend.labels(tenant, binding, call.backend).inc(cost)
-        if self.first_token_at is None or call.status != 200:
+        streamed = getattr(call, "tap", None) is not None
+        if not streamed or call.status != 200:
             return
+        now = call.services.clock()
+        # A stream whose every chunk came in one message ends in that message's dispatch, before
+        # ``take`` saw it: its first token came now, and there is no time between tokens to tell.
+        first = self.first_token_at if self.first_token_at is not None else now
         base = (call.operation, call.request_model, binding, call.backend)
-        m.time_to_first_token.labels(*base).observe(self.first_token_at - call.started)
-        if usage.output_tokens > 1:
-            after_first = call.services.clock() - self.first_token_at
+        m.time_to_first_token.labels(*base).observe(first - call.started)
+        if usage.output_tokens > 1 and self.first_token_at is not None:
+            after_first = now - self.first_token_at
             m.time_per_output_token.labels(*base).observe(after_first / (usage.output_tokens - 1))
 
 
