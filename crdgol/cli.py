@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crdgol import __version__
+from crdgol import __version__, logs
 
 if TYPE_CHECKING:
     from crdgol.control_plane import TlsFiles
@@ -240,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"crdgol {__version__}")
     p.add_argument("--log-level", default=_env("CRDGOL_LOG_LEVEL", "info"), help="debug|info|warning (env CRDGOL_LOG_LEVEL)")
+    p.add_argument("--log-format", default=_env("CRDGOL_LOG_FORMAT", "text"), help="text|json: json writes one object per line (env CRDGOL_LOG_FORMAT; `up` passes it to its children)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the standalone gateway (Envoy + extproc + mock upstream) from a folder of manifests")
@@ -327,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         # The mock has its own parser and flags: hand it everything after the command name.
         from mockllm.server import main as mock_main
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure("info", os.environ.get("CRDGOL_LOG_FORMAT", "text"))
         return mock_main([a for a in argv[1:] if a != "--"])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(str(args.log_level), str(args.log_format))
+    if args.func is cmd_up:
+        # The stack's children (controller, extproc, mock) are crdgol commands too: same format.
+        os.environ["CRDGOL_LOG_FORMAT"] = str(args.log_format)
     return int(args.func(args))
 
 

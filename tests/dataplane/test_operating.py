@@ -112,7 +112,8 @@ def obs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     flaky = MockProcess("--name", "flaky", "--fail-status", "503")
     state = tmp_path_factory.mktemp("state")
     access_log = state / "access.log"
-    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=state, access_log=str(access_log), mock_args=("--require-key", PROVIDER_KEY, "--chunk-delay-ms", "10")))
+    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=state, access_log=str(access_log), mock_args=("--require-key", PROVIDER_KEY, "--chunk-delay-ms", "10"),
+        env={"CRDGOL_LOG_FORMAT": "json"}))
     _manifests(folder, flaky.url, stack.mock_url)
     try:
         stack.start()
@@ -194,6 +195,16 @@ def test_no_key_or_prompt_text_appears_in_any_log_or_metric(obs: Observed) -> No
     for canary in (CLIENT_KEY, PROVIDER_KEY, WRONG_KEY, PROMPT, "heron"):
         leaks = [name for name, text in texts.items() if canary in text]
         assert not leaks, f"{canary!r} found in {leaks}"
+
+
+def test_with_the_json_log_format_every_crdgol_process_writes_json_lines(obs: Observed) -> None:
+    for name in ("controller", "extproc", "mock-llm"):
+        lines = [ln for ln in (obs.stack.state / f"{name}.log").read_text().splitlines() if ln.strip()]
+        assert lines, name
+        for ln in lines:
+            doc = json.loads(ln)
+            assert {"time", "level", "logger", "message"} <= set(doc), ln
+        assert any("listening" in json.loads(ln)["message"] or "serving" in json.loads(ln)["message"] for ln in lines), name
 
 
 # --- the dashboard and alerts against a real Prometheus ---------------------------------------
