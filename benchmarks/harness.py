@@ -81,6 +81,7 @@ class Running(abc.ABC):
     mock_url: str
     pids: dict[str, int]
     metrics_url: str | None = None
+    admin_url: str | None = None  # Envoy's admin endpoint (its ext_proc stats)
 
     @abc.abstractmethod
     def stop(self) -> None: ...
@@ -116,6 +117,7 @@ class BareEnvoy(Running):
             envoy = _spawn(argv, self.state / "envoy.log")
             self.procs["envoy"] = envoy
             self.url = f"http://127.0.0.1:{port}"
+            self.admin_url = f"http://127.0.0.1:{admin}"
             wait_http(f"http://127.0.0.1:{admin}/ready", (200,), 30, envoy)
         except BaseException:
             self.stop()
@@ -198,7 +200,10 @@ class Gateway(Running):
             )
         self.url, self.mock_url = stack.url, stack.mock_url
         self.metrics_url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+        self.admin_url = f"http://127.0.0.1:{stack.admin_port}"
         self.pids = {name: p.pid for name, p in stack.procs.items()}
+        if self.redis_proc is not None:
+            self.pids["redis"] = self.redis_proc.pid  # its CPU is part of what the store costs
         return self
 
     def stop(self) -> None:
@@ -244,6 +249,33 @@ def set_mock(mock_url: str, **knobs: float) -> None:
     )
     with urllib.request.urlopen(req, timeout=5) as r:
         r.read()
+
+
+@dataclass(frozen=True)
+class ExtProcCounts:
+    """Envoy's ext_proc counters, summed over every ext_proc filter (downstream and upstream)."""
+
+    messages: int  # ProcessingRequests Envoy sent to extproc (stream_msgs_sent)
+    streams: int  # gRPC streams it opened (streams_started)
+
+
+def extproc_counts(admin_url: str | None) -> ExtProcCounts | None:
+    """From Envoy's admin ``/stats`` (None without an admin endpoint or if it does not answer)."""
+    if not admin_url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{admin_url}/stats?filter=ext_proc", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    messages = streams = 0
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.endswith(".stream_msgs_sent"):
+            messages += int(value)
+        elif name.endswith(".streams_started"):
+            streams += int(value)
+    return ExtProcCounts(messages, streams)
 
 
 def metric_total(metrics_url: str | None, name: str) -> float | None:

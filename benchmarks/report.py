@@ -77,6 +77,9 @@ def markdown(doc: dict[str, Any]) -> str:
             )
         lines.append("")
 
+    lines += where_the_time_goes(doc)
+    lines += scale_out(doc)
+
     d = doc["derived"]
     lines += [
         "## Against bare Envoy",
@@ -121,12 +124,93 @@ def markdown(doc: dict[str, Any]) -> str:
     for t in d["targets"]:
         res = {True: "pass", False: "**FAIL**", None: "n/a (invalid)"}[t["pass"]]
         lines.append(f"| {t['name']} | {_f(t['value'], 3)} | {t['target']} | {res} |")
-    if doc.get("ratio_full_policy_vs_bare_c16") is not None:
+    lines.append("")
+    for key in ("ratio_full_policy_vs_bare_c16", "ratio_passthrough_vs_bare_c16", "added_p50_ms_c1", "ratio_redis_vs_memory_c16"):
+        if doc.get(key) is not None:
+            lines.append(f"- `{key}` = **{doc[key]}**")
+    return "\n".join(lines) + "\n"
+
+
+def _us(r: dict[str, Any], proc: str) -> str:
+    v = (r.get("cpu_us_per_request") or {}).get(proc)
+    return "-" if v is None else f"{v:,}"
+
+
+def where_the_time_goes(doc: dict[str, Any]) -> list[str]:
+    rows = [r for r in doc["scenarios"] if r.get("cpu_us_per_request")]
+    if not rows:
+        return []
+    lines = [
+        "## Where the time goes (per request)",
+        "",
+        "| scenario | ext_proc messages | ext_proc streams | extproc CPU µs | Envoy CPU µs | mock CPU µs | Redis CPU µs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {_f(r.get('extproc_messages_per_request'))} | {_f(r.get('extproc_streams_per_request'))} | "
+            f"{_us(r, 'extproc')} | {_us(r, 'envoy')} | {_us(r, 'mock-llm')} | {_us(r, 'redis')} |"
+        )
+    return [*lines, "", "Messages: ProcessingRequests Envoy sent to extproc (admin `/stats`, `ext_proc.*.stream_msgs_sent`," " every ext_proc filter summed) divided by the requests wrk completed; streams likewise" " (`streams_started`). CPU: user + system time from `/proc/<pid>/stat` over the scenario," " divided by its requests (on a shared machine contention inflates these too, less than rps).", ""]
+
+
+def _cpu_at(doc: dict[str, Any], setup: str, proc: str) -> int | None:
+    for r in doc["scenarios"]:
+        if (r["setup"], r["kind"], r["size"], r["connections"]) == (setup, "load", "1k", 16) and r["valid"]:
+            v = (r.get("cpu_us_per_request") or {}).get(proc)
+            return int(v) if v else None
+    return None
+
+
+def scale_out(doc: dict[str, Any]) -> list[str]:
+    """Sizing extproc beyond one core, from this run's CPU per request (on paper: the run itself
+    has two cores for everything)."""
+    full, passthrough = _cpu_at(doc, "full", "extproc"), _cpu_at(doc, "passthrough", "extproc")
+    if full is None:
+        return []
+    redis_ext, redis_srv = _cpu_at(doc, "full-redis", "extproc"), _cpu_at(doc, "full-redis", "redis")
+    lines = [
+        "## Scale-out beyond one core (on paper)",
+        "",
+        "extproc is one Python process: one core, whatever the machine. It scales by running more of"
+        " them (`crdgol up --extproc-replicas N`, or more pods behind the extproc Service); Envoy spreads"
+        " ext_proc streams across them. A request's extproc work is CPU, so the replicas needed follow"
+        " from the CPU time per request measured above:",
+        "",
+        "| policy | extproc CPU per request | requests/s per extproc core | replicas for 1,000 rps (at 70 % busy) | for 10,000 rps |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def row(name: str, us: int | None) -> None:
+        if us:
+            per_core = 1e6 / us
+            lines.append(
+                f"| {name} | {us:,} µs | {per_core:,.0f} | {-(-1000 // int(0.7 * per_core))} | {-(-10000 // int(0.7 * per_core))} |"
+            )
+
+    row("pass-through", passthrough)
+    row("full policy, memory store", full)
+    row("full policy, Redis store", redis_ext)
+    lines += [
+        "",
+        "Replicas share nothing but the store: with the memory store each replica enforces its own"
+        " quotas and keeps its own session history (a tenant gets N times its quota across N replicas,"
+        " and a session's history is only on the replica that served it), so several replicas need"
+        " `--redis-url`. Then every quota check is one atomic Lua script (reserve), every settle one"
+        " more, and a session's history one LRANGE and one append script: four round trips per"
+        " full-policy request, pipelined on one connection per replica.",
+    ]
+    if redis_ext and redis_srv:
         lines += [
             "",
-            f"`ratio_full_policy_vs_bare_c16` = **{doc['ratio_full_policy_vs_bare_c16']}**",
+            f"What sharing costs, measured here: extproc spends {redis_ext - full:+,} µs per request with Redis"
+            f" instead of memory, and redis-server {redis_srv:,} µs, so one Redis core carries about"
+            f" {1e6 / redis_srv:,.0f} full-policy requests/s, the work of about {full / redis_srv:.0f}"
+            " extproc cores: Redis becomes the shared limit only past that many replicas, and then"
+            " scales by hash-tagging keys per tenant/binding scope (each script touches one scope's"
+            " keys, `{scope}` tags them for Redis Cluster).",
         ]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
 def _conn_keys(d: dict[str, Any]) -> list[str]:

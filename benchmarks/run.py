@@ -65,7 +65,9 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
                 for want in (
                     "benchmark assistant",
                     "tenant bench",
-                    "team is platform",
+                    # A header's value is data, not instructions: the system text points at
+                    # the caller-profile block the gateway adds in the user role.
+                    "team is (see caller_profile.team)",
                     "Knowledge",
                 ):
                     if want not in reply:
@@ -116,6 +118,22 @@ def _procs_delta(
     return out
 
 
+def _costs(
+    procs: dict[str, Any], before: hz.ExtProcCounts | None, after: hz.ExtProcCounts | None, requests: int
+) -> dict[str, Any]:
+    """Per request: ext_proc messages and streams (Envoy's counters) and CPU µs of each process."""
+    out: dict[str, Any] = {"extproc_messages_per_request": None, "extproc_streams_per_request": None}
+    if requests <= 0:
+        return {**out, "cpu_us_per_request": {}}
+    if before is not None and after is not None:
+        out["extproc_messages_per_request"] = round((after.messages - before.messages) / requests, 2)
+        out["extproc_streams_per_request"] = round((after.streams - before.streams) / requests, 2)
+    out["cpu_us_per_request"] = {
+        name: round(1e6 * p["cpu_s"] / requests) for name, p in procs.items() if p is not None
+    }
+    return out
+
+
 def run_load(
     running: hz.Running, setup: sc.Setup, s: sc.Scenario, body: Path, wrk_threads: int
 ) -> dict[str, Any]:
@@ -131,8 +149,10 @@ def run_load(
     )
     before = {name: hz.sample(pid) for name, pid in running.pids.items()}
     metered0 = hz.metric_total(running.metrics_url, "crdgol_requests_total")
+    counts0 = hz.extproc_counts(running.admin_url)
     w = hz.run_wrk(argv, timeout=s.duration + 60)
     procs = _procs_delta(running, before, w.seconds)
+    counts1 = hz.extproc_counts(running.admin_url)
     metered1 = hz.metric_total(running.metrics_url, "crdgol_requests_total")
     res: dict[str, Any] = {
         "name": s.name,
@@ -156,6 +176,7 @@ def run_load(
         if metered0 is None or metered1 is None
         else int(metered1 - metered0),
         "procs": procs,
+        **_costs(procs, counts0, counts1, w.requests),
     }
     ext = procs.get("extproc")
     res["extproc_cpu_s"] = ext["cpu_s"] if ext else None
@@ -177,6 +198,7 @@ def run_load(
 def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str, Any]:
     body = sc.chat_body(sc.PROMPT_SIZES[s.size], stream=True)
     before = {name: hz.sample(pid) for name, pid in running.pids.items()}
+    counts0 = hz.extproc_counts(running.admin_url)
     hz.set_mock(running.mock_url, chunk_delay_ms=s.chunk_delay_ms)
     t0 = time.monotonic()
     try:
@@ -194,6 +216,7 @@ def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str
     seconds = time.monotonic() - t0
     summary = r.summary(s.chunk_delay_ms)
     procs = _procs_delta(running, before, seconds)
+    counts1 = hz.extproc_counts(running.admin_url)
     ext = procs.get("extproc")
     res: dict[str, Any] = {
         "name": s.name,
@@ -208,6 +231,7 @@ def run_stream(running: hz.Running, setup: sc.Setup, s: sc.Scenario) -> dict[str
         "extproc_cpu_s": ext["cpu_s"] if ext else None,
         "extproc_rss_mb": ext["rss_mb"] if ext else None,
         "procs": procs,
+        **_costs(procs, counts0, counts1, r.requests),
     }
     res["valid"] = not r.errors and r.ok > 0
     if not res["valid"]:
@@ -341,11 +365,19 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
                 ">= 0.5x",
                 None if v is None else v >= 0.5,
             )
+    if "c16" in ratios.get("passthrough-1k", {}):
+        v = ratios["passthrough-1k"]["c16"]
+        target("pass-through 1 KB throughput vs bare Envoy, c16", v, ">= 0.7x", None if v is None else v >= 0.7)
     if "full-1k" in added:
+        # Issue 9's targets (the moonshot is 0.5 / 2 ms).
         v = added["full-1k"]["p50_ms"]
-        target("full policy 1 KB added p50 at c1", v, "<= 0.5 ms", None if v is None else v <= 0.5)
+        target("full policy 1 KB added p50 at c1", v, "<= 1.0 ms", None if v is None else v <= 1.0)
         v = added["full-1k"]["p99_ms"]
-        target("full policy 1 KB added p99 at c1", v, "<= 2 ms", None if v is None else v <= 2.0)
+        target("full policy 1 KB added p99 at c1", v, "<= 3.0 ms", None if v is None else v <= 3.0)
+    full16, redis16 = by.get(("full", "load", "1k", 16)), by.get(("full-redis", "load", "1k", 16))
+    if full16 is not None and redis16 is not None:
+        v = round(redis16["rps"] / full16["rps"], 3) if valid(full16, redis16) and full16["rps"] else None
+        target("Redis store vs memory store, full policy 1 KB c16", v, ">= 0.8x", None if v is None else v >= 0.8)
     if stream:
         v = stream["ttfb_added_p50_ms"]
         target("streaming first byte added p50", v, "<= 1 ms", None if v is None else v <= 1.0)
@@ -376,6 +408,21 @@ def derive(scenarios: list[dict[str, Any]], memory: dict[str, Any] | None) -> di
         "added_latency_vs_bare_c1": added,
         "streaming_vs_bare": stream,
         "targets": targets,
+    }
+
+
+def headline(scenarios: list[dict[str, Any]], derived: dict[str, Any]) -> dict[str, Any]:
+    """The figures issue 9 tracks, at the top of the results document (None: not measured)."""
+    ratios = derived["throughput_ratio_vs_bare"]
+    by = {(r["setup"], r["kind"], r["size"], r["connections"]): r for r in scenarios}
+    full, redis = by.get(("full", "load", "1k", 16)), by.get(("full-redis", "load", "1k", 16))
+    redis_ratio = None
+    if full is not None and redis is not None and full["valid"] and redis["valid"] and full["rps"]:
+        redis_ratio = round(redis["rps"] / full["rps"], 3)
+    return {
+        "added_p50_ms_c1": derived["added_latency_vs_bare_c1"].get("full-1k", {}).get("p50_ms"),
+        "ratio_passthrough_vs_bare_c16": ratios.get("passthrough-1k", {}).get("c16"),
+        "ratio_redis_vs_memory_c16": redis_ratio,
     }
 
 
@@ -544,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     full_c16 = derived["throughput_ratio_vs_bare"].get("full-1k", {}).get("c16")
     doc["ratio_full_policy_vs_bare_c16"] = full_c16
+    doc.update(headline(results, derived))
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md_path = out / f"{name}.md"
@@ -555,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in derived["targets"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         say(f"  {mark} {t['name']}: {t['value']} (target {t['target']})")
-    if full_c16 is not None:
-        say(f"  ratio_full_policy_vs_bare_c16 = {full_c16}")
+    for key in ("ratio_full_policy_vs_bare_c16", "ratio_passthrough_vs_bare_c16", "added_p50_ms_c1", "ratio_redis_vs_memory_c16"):
+        if doc.get(key) is not None:
+            say(f"  {key} = {doc[key]}")
     if invalid:
         say(
             f"INVALID scenarios (request errors; figures flagged, not used in ratios): {', '.join(invalid)}"

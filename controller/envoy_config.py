@@ -103,7 +103,7 @@ def duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def binding_stamp(b: BindingSpec) -> str:
+def binding_stamp(b: BindingSpec, direct: BackendSpec | None = None) -> str:
     """A short hash of what extproc must agree with Envoy about for this binding.
 
     Route and cluster names carry it, so a name never changes meaning between config versions:
@@ -111,7 +111,7 @@ def binding_stamp(b: BindingSpec) -> str:
     downstream filter (its cluster has no upstream ext_proc). Weights, timeouts and retries do not
     change what a name means, so they keep the names (and Envoy's connection pools).
     """
-    direct = direct_backend(b)
+    direct = direct or direct_backend(b)
     parts = [b.key, direct.name if direct else ""]
     for be in b.backends:
         ep = be.endpoint

@@ -22,7 +22,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from controller.models import BindingSpec, SpecError
-from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
 
@@ -39,9 +38,11 @@ class Claims:
     # (namespace, issuer) -> (the declaration, the binding that made it first)
     issuers: dict[tuple[str, str], tuple[pb.JwtProvider, str]] = field(default_factory=dict)
 
-    def check(self, b: BindingSpec, jwts: tuple[pb.JwtProvider, ...]) -> SpecError | None:
-        """Why ``b`` cannot be served next to what was admitted before it, or None."""
-        foreign = tenancy.foreign_namespaces(b.tenants, b.namespace)
+    def check(self, b: BindingSpec, jwts: tuple[pb.JwtProvider, ...], foreign: frozenset[str]) -> SpecError | None:
+        """Why ``b`` cannot be served next to what was admitted before it, or None.
+
+        ``foreign`` is ``tenancy.foreign_namespaces(b.tenants, b.namespace)`` (the render caches it).
+        """
         for other in self.models.get(b.model, ()):
             if other.namespace == b.namespace:
                 return SpecError(
@@ -65,8 +66,8 @@ class Claims:
                 )
         return None
 
-    def admit(self, b: BindingSpec, jwts: tuple[pb.JwtProvider, ...]) -> None:
-        self.models[b.model].append(_ModelClaim(b.key, b.namespace, tenancy.foreign_namespaces(b.tenants, b.namespace)))
+    def admit(self, b: BindingSpec, jwts: tuple[pb.JwtProvider, ...], foreign: frozenset[str]) -> None:
+        self.models[b.model].append(_ModelClaim(b.key, b.namespace, foreign))
         for j in jwts:
             self.issuers.setdefault((b.namespace, j.issuer), (j, b.key))
 

@@ -51,6 +51,7 @@ from controller.envoy_config import (
 from controller.models import (
     SHARE_ANNOTATION,
     TENANT_ANNOTATION,
+    BackendSpec,
     BindingSpec,
     QuotaSpec,
     SecretData,
@@ -100,9 +101,8 @@ def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, names
     return value
 
 
-def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str) -> pb.Binding:
+def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, direct: BackendSpec | None) -> pb.Binding:
     backends = []
-    direct = direct_backend(b)
     for i, be in enumerate(b.backends):
         key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef", b.namespace) if be.credentials else ""
         host = be.endpoint.host
@@ -241,6 +241,7 @@ class _Pieces:
     jwts: tuple[pb.JwtProvider, ...]
     route: Json
     clusters: tuple[Json, ...]
+    foreign: frozenset[str]  # other namespaces it grants tenants of (controller.ownership)
 
 
 class RenderCache:
@@ -285,13 +286,14 @@ def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[t
 
 def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderSettings) -> _Pieces:
     direct = direct_backend(b)
-    stamp = binding_stamp(b)
+    stamp = binding_stamp(b, direct)
     return _Pieces(
         spec=b,
-        binding=_binding_pb(b, secrets, stamp),
+        binding=_binding_pb(b, secrets, stamp, direct),
         jwts=tuple(_jwt_pb(b, secrets)),
         route=binding_route(b, stamp),
         clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
+        foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),
     )
 
 
@@ -315,11 +317,11 @@ def _render(
                 continue
             if cache is not None:
                 cache.put(key, pieces)
-        conflict = claims.check(b, pieces.jwts)
+        conflict = claims.check(b, pieces.jwts, pieces.foreign)
         if conflict is not None:
             problems[b.key] = conflict
             continue
-        claims.admit(b, pieces.jwts)
+        claims.admit(b, pieces.jwts, pieces.foreign)
         served.append((b, pieces))
     if cache is not None:
         cache.finish()

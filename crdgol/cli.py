@@ -70,23 +70,13 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
 
     if not redis_url:
         return Services()
-    import redis.asyncio as aioredis
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.retry import Retry
-
     from extproc.quota_store import RedisQuotaStore
+    from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
 
-    client = aioredis.from_url(
-        redis_url,
-        socket_timeout=redis_timeout,
-        socket_connect_timeout=redis_timeout,
-        # One immediate retry on a dropped connection, so a restarted Redis costs no request.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-        health_check_interval=10,
-    )
+    # One pipelined connection, replaced on the next call if it drops (a restarted Redis costs
+    # the calls in flight, not the ones after).
+    client = RedisClient.from_url(redis_url, connect_timeout=redis_timeout)
     return Services(quotas=RedisQuotaStore(client, timeout=redis_timeout), history=RedisHistoryStore(client, timeout=redis_timeout))
 
 

@@ -24,7 +24,7 @@ from extproc import context as mcp
 from extproc import translate_errors
 from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome
-from extproc.attempt import ResponseTranslation, rewrite_body, target_headers
+from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
     BadRequest,
@@ -37,9 +37,10 @@ from extproc.errors import (
 from extproc.header_limits import check_request_headers
 from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
-from extproc.phases import BUFFERED, PASS, STREAMED, Continue, Handler, Headers, Reply, Respond
+from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
 from extproc.quota_store import StoreUnavailable
+from extproc.readers import ResponseReader, metric_model
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -48,7 +49,7 @@ from extproc.services import (
     ROUTE_HEADER,
     Services,
 )
-from extproc.usage import StreamTap, Usage, text_from_json, usage_from_json
+from extproc.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,11 @@ class ModelCall(Handler):
         self.status = 0
         self.finished = False
         self.admission = Admission(services)
-        # Set when this filter rewrote the request for the binding's first backend: the response
-        # of that backend (untagged) is translated here; a fallback's arrives already translated.
-        self.translation: ResponseTranslation | None = None
-        self.translating = False
+        # Reads the response (and translates it when it comes from the first backend, which this
+        # filter rewrote the request for; a fallback's arrives already translated): the client's
+        # bytes, usage, the provider's model and the reply text, in one parse.
+        self.reader: ResponseReader | None = None
+        self.client_wants_usage = True  # an OpenAI stream's usage chunk (chat completions only)
         self.answered = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
@@ -234,7 +236,6 @@ class ModelCall(Handler):
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
-            self.translation = ResponseTranslation(primary.api, self.api, binding.model)
         await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
@@ -246,8 +247,20 @@ class ModelCall(Handler):
             backend=self.backend,
             operation=self.operation,
             request_model=self.request_model,
-            response_model=self.request_model,
+            response_model=self.response_model(),
         )
+
+    def response_model(self) -> str:
+        """``gen_ai_response_model``: the model the provider said answered, else the backend's
+        ("" when no backend answered: a refusal or a local reply)."""
+        entry = self.services.current.backends.get(self.backend)
+        if entry is None:
+            return ""
+        configured = entry[1].model
+        reported = self.reader.model if self.reader is not None else ""
+        if self.reader is not None and not self.reader.needed and entry[1].api is not self.api:
+            reported = ""  # a fallback attempt's filter translated it, writing the client's name
+        return metric_model(reported, configured)
 
     def account(self, usage: Usage | None, *, complete: bool) -> None:
         """Record what the request cost, once, by the charge rule (``extproc.admission``).
@@ -282,7 +295,7 @@ class ModelCall(Handler):
 
     def seen_usage(self) -> Usage | None:
         """Usage seen so far in a response that has not ended (a stream's partial usage)."""
-        return None
+        return self.reader.usage if self.reader is not None else None
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
@@ -301,23 +314,25 @@ class ModelCall(Handler):
             if not end_of_stream:
                 reply.response_body_mode = BUFFERED
                 reply.remove_headers.append("content-length")
+        backend_api = self.api  # a fallback attempt's answer arrives in the client's API
         if tagged is not None:
             self.backend = tagged
         elif self.binding is not None and self.binding.primary is not None and UPSTREAM_TIMING in headers:
             # An untagged answer from upstream came from the first backend, whose cluster has no
             # upstream filter. (Envoy's own local replies carry no upstream timing header.)
             self.backend = self.binding.primary.id
-            if self.translation is not None and not end_of_stream and not provider_error:
-                mode = self.translation.start(self.status, headers.get("content-type", ""))
-                if mode is not None:
-                    self.translating = True
-                    reply.response_body_mode = mode
+            backend_api = self.binding.primary.api
+        if self.binding is not None and not end_of_stream and not provider_error:
+            self.reader = ResponseReader(
+                backend_api, self.api, self.binding.model, include_usage=self.client_wants_usage, observe=True
+            )
+            mode = self.reader.start(self.status, headers.get("content-type", ""))
+            if mode is not None:
+                reply.response_body_mode = mode
+                if self.reader.rewrites:
                     reply.remove_headers.append("content-length")
         if end_of_stream or self.status != 200 or self.binding is None:
             self.account(None, complete=True)
-            return reply
-        if reply.response_body_mode is None:
-            reply.response_body_mode = BUFFERED
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -328,14 +343,12 @@ class ModelCall(Handler):
                 self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
             )
             return out
-        if self.translating and self.translation is not None:
-            return self.translation.body(body, end_of_stream)
-        return body
+        return self.reader.body(body, end_of_stream) if self.reader is not None else body
 
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
-            self.account(usage_from_json(self.api, out), complete=True)
+            self.account(self.reader.usage if self.reader is not None else None, complete=True)
         return PASS if out is body else Continue(body=out)
 
     def close(self) -> None:
@@ -371,7 +384,6 @@ class Completion(ModelCall):
         self.client_wants_usage = False
         self.session = ""
         self.user_text = ""
-        self.tap: StreamTap | None = None
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         reply = await super().request_headers(headers, end_of_stream)
@@ -433,36 +445,13 @@ class Completion(ModelCall):
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
         return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
 
-    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
-        reply = await super().response_headers(headers, end_of_stream)
-        if self.finished or not isinstance(reply, Continue):
-            return reply
-        if "text/event-stream" in headers.get("content-type", ""):
-            strip = self.api is Api.OPENAI and not self.client_wants_usage
-            self.tap = StreamTap(self.api, strip_usage=strip)
-            reply.response_body_mode = STREAMED
-            if strip:
-                reply.remove_headers.append("content-length")
-        return reply
-
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        chunk = self.client_bytes(body, end_of_stream)
-        if self.tap is None:
-            if end_of_stream and not self.finished:
-                self.account(usage_from_json(self.api, chunk), complete=True)
-                await self._remember(text_from_json(self.api, chunk))
-            return PASS if chunk is body else Continue(body=chunk)
-        out = self.tap.feed(chunk)
-        if end_of_stream:
-            out += self.tap.finish()
-            # An Anthropic stream's usage is final only at message_stop; OpenAI's usage chunk
-            # is the last one by construction.
-            self.account(self.tap.usage, complete=self.tap.done or self.api is Api.OPENAI)
-            await self._remember(self.tap.text)
+        out = self.client_bytes(body, end_of_stream)
+        if end_of_stream and not self.finished:
+            reader = self.reader
+            self.account(reader.usage if reader is not None else None, complete=reader is None or reader.complete)
+            await self._remember(reader.text if reader is not None else "")
         return PASS if out is body or out == body else Continue(body=out)
-
-    def seen_usage(self) -> Usage | None:
-        return self.tap.usage if self.tap is not None else None
 
     async def _remember(self, reply_text: str) -> None:
         """Record the user turn and the assistant's reply once the response has ended."""

@@ -37,6 +37,7 @@ Contract
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -101,6 +102,9 @@ class Limit:
     amount: int
     window: Window | None = None
     period_seconds: int = 0
+    # Derived once: every check reads them several times per limit.
+    seconds: int = field(init=False, repr=False, compare=False)
+    name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -112,30 +116,29 @@ class Limit:
                 raise ValueError("a concurrent limit has no window")
         elif (self.window is None) == (self.period_seconds <= 0):
             raise ValueError(f"a {self.metric} limit needs exactly one of window or period_seconds")
-
-    @property
-    def seconds(self) -> int:
-        """The window length; 0 for ``concurrent``."""
-        return self.window.value if self.window is not None else self.period_seconds
+        # seconds: the window length, 0 for ``concurrent``. name: a stable label, unique per
+        # (metric, window): ``"requests/minute"``, ``"concurrent"``.
+        seconds = self.window.value if self.window is not None else self.period_seconds
+        object.__setattr__(self, "seconds", seconds)
+        name = "concurrent" if self.metric == "concurrent" else f"{self.metric}/{_PERIOD_NAMES.get(seconds, f'{seconds}s')}"
+        object.__setattr__(self, "name", name)
 
     @property
     def is_budget(self) -> bool:
         return self.metric == "cost_micros"
-
-    @property
-    def name(self) -> str:
-        """A stable label, unique per (metric, window): ``"requests/minute"``, ``"concurrent"``."""
-        if self.metric == "concurrent":
-            return "concurrent"
-        return f"{self.metric}/{_PERIOD_NAMES.get(self.seconds, f'{self.seconds}s')}"
 
 
 def normalize_limits(limits: Iterable[Limit]) -> tuple[Limit, ...]:
     """One limit per (metric, window), the strictest wins; the order of first appearance is kept.
 
     Stores count each (metric, window) once, so two limits on the same counter must not add the
-    demand twice.
+    demand twice. Cached: a binding's limits are the same tuple on every request.
     """
+    return _normalized(tuple(limits))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
     best: dict[str, Limit] = {}
     for limit in limits:
         seen = best.get(limit.name)

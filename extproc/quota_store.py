@@ -32,11 +32,10 @@ import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
-
-from redis.exceptions import RedisError
+from typing import Protocol, TypeVar
 
 from extproc.quota import Decision, Demand, Limit, normalize_limits, reset_after, window_start
+from extproc.redis_client import RedisClient, RedisReplyError, Script
 
 __all__ = [
     "FailPolicy",
@@ -58,7 +57,7 @@ async def bounded(awaitable: Awaitable[T], timeout: float, what: str) -> T:
     try:
         async with asyncio.timeout(timeout):
             return await awaitable
-    except (TimeoutError, RedisError, OSError) as exc:
+    except (TimeoutError, RedisReplyError, OSError) as exc:
         raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -214,7 +213,7 @@ class MemoryQuotaStore:
 # KEYS: counters 1..n, concurrent zset, reservation marker.
 # ARGV: n, now_ms, concurrent limit (-1: none), deadline_ms, id, hold_ms, then per counter
 #       (amount, want, ttl_ms). Returns {failing index or 0, used-before per limit}.
-_RESERVE = """
+_RESERVE = Script("""
 local n = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local conc = tonumber(ARGV[3])
@@ -246,10 +245,10 @@ if conc >= 0 then
 end
 redis.call('SET', KEYS[n + 2], '1', 'PX', ARGV[6])
 return {0, used}
-"""
+""")
 
 # KEYS: marker, concurrent zset, counters. ARGV: id, delta per counter. Returns 1 if applied.
-_FINISH = """
+_FINISH = Script("""
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 for i = 3, #KEYS do
@@ -259,25 +258,23 @@ for i = 3, #KEYS do
   end
 end
 return 1
-"""
+""")
 
 
 class RedisQuotaStore:
-    """Quotas shared by every replica through one Redis; each operation is one atomic script.
+    """Quotas shared by every replica through one Redis; each operation is one atomic script,
+    so one round trip (EVALSHA; EVAL once after a Redis restart emptied its script cache).
 
     Keys share the ``{scope}`` hash tag so one script's keys live in one Redis Cluster slot.
     """
 
     def __init__(
-        self, client: Any, *, timeout: float = 0.25, prefix: str = "crdgol:q:", slack: float = 10.0
+        self, client: RedisClient, *, timeout: float = 0.25, prefix: str = "crdgol:q:", slack: float = 10.0
     ) -> None:
         self._client = client
         self._timeout = timeout
         self._prefix = prefix
         self._slack_ms = int(slack * 1000)
-        # register_script: EVALSHA, re-loading the script if Redis lost it (a restart).
-        self._reserve = client.register_script(_RESERVE)
-        self._finish_script = client.register_script(_FINISH)
 
     def _base(self, scope: str) -> str:
         return f"{self._prefix}{{{scope}}}:"
@@ -311,7 +308,7 @@ class RedisQuotaStore:
             argv += [lim.amount, want, ttl_ms]
             counters.append((lim.metric, lim.seconds, start))
         keys += [self._base(scope) + "conc", self._base(scope) + "r:" + rid]
-        fail, used_raw = await self._call(self._reserve(keys=keys, args=argv))
+        fail, used_raw = await self._call(self._client.run(_RESERVE, keys, argv))
         used = [int(u) for u in used_raw]
         index = int(fail) - 1 if int(fail) else None
         decision = _decision(ordered, used, wants, index, now)
@@ -324,7 +321,7 @@ class RedisQuotaStore:
         keys = [base + "r:" + reservation.id, base + "conc"]
         keys += [self._counter(reservation.scope, *c) for c in reservation.counters]
         args: list[int | str] = [reservation.id, *_deltas(reservation, actual)]
-        await self._call(self._finish_script(keys=keys, args=args))
+        await self._call(self._client.run(_FINISH, keys, args))
 
     async def settle(self, reservation: Reservation, actual: Demand, now: float) -> None:
         await self._apply(reservation, actual)
@@ -334,14 +331,14 @@ class RedisQuotaStore:
 
     async def usage(self, scope: str, limits: Sequence[Limit], now: float) -> dict[str, int]:
         lims = normalize_limits(limits)
-        pipe = self._client.pipeline(transaction=False)
-        for lim in lims:
+        calls = []
+        for lim in lims:  # concurrent calls share the connection: one pipelined round trip
             if lim.metric == "concurrent":
-                pipe.zcount(self._base(scope) + "conc", f"({int(now * 1000)}", "+inf")
+                calls.append(self._client.call("ZCOUNT", self._base(scope) + "conc", f"({int(now * 1000)}", "+inf"))
             else:
                 start = window_start(now, lim.seconds)
-                pipe.get(self._counter(scope, lim.metric, lim.seconds, start))
-        values = await self._call(pipe.execute())
+                calls.append(self._client.call("GET", self._counter(scope, lim.metric, lim.seconds, start)))
+        values = await self._call(asyncio.gather(*calls))
         return {lim.name: int(v or 0) for lim, v in zip(lims, values, strict=True)}
 
 

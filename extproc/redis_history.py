@@ -4,8 +4,9 @@ Contract: the ``HistoryStore`` protocol of ``extproc.history``, with the same bo
 ``MemoryHistoryStore``. Each session is a Redis list of orjson-encoded turns, oldest first, under
 the ``history_key`` string (already tenant-scoped, so keys never collide across tenants).
 
-* ``append`` is one MULTI/EXEC transaction: RPUSH the turns, LTRIM to the ``max_turns`` most recent,
-  EXPIRE ``ttl_seconds``. Appending nothing only refreshes the TTL of an existing session.
+* ``append`` is one atomic Lua script (one round trip): RPUSH the turns, LTRIM to the ``max_turns``
+  most recent, EXPIRE ``ttl_seconds``. Appending nothing only refreshes the TTL of an existing
+  session.
 * ``load`` is LRANGE of the ``max_turns`` most recent turns; a missing or expired session is empty.
 * ``max_turns <= 0`` means ``max_turns_cap`` and larger values are capped by it; ``ttl_seconds <= 0``
   means ``default_ttl_seconds``: every session is bounded in length and lifetime.
@@ -16,22 +17,34 @@ the ``history_key`` string (already tenant-scoped, so keys never collide across 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 
 from extproc.history import Turn
 from extproc.quota_store import bounded
+from extproc.redis_client import RedisClient, Script
 
 __all__ = ["RedisHistoryStore"]
 
 T = TypeVar("T")
 
+# KEYS: the session. ARGV: keep (the most recent turns kept), ttl seconds, the turns to append.
+# No reader sees a half-append: a script runs alone.
+_APPEND = Script("""
+if #ARGV > 2 then
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+""")
+
 
 class RedisHistoryStore:
     def __init__(
         self,
-        client: Any,
+        client: RedisClient,
         *,
         timeout: float = 0.5,
         max_turns_cap: int = 1_000,
@@ -51,7 +64,7 @@ class RedisHistoryStore:
         return await bounded(awaitable, self._timeout, "history store")
 
     async def load(self, key: str, max_turns: int) -> list[Turn]:
-        raw = await self._call(self._client.lrange(key, -self._limit(max_turns), -1))
+        raw = await self._call(self._client.call("LRANGE", key, -self._limit(max_turns), -1))
         turns = []
         for item in raw:
             try:
@@ -66,14 +79,8 @@ class RedisHistoryStore:
     ) -> None:
         # max_chars is not applied here: Redis memory is bounded by max_turns and the TTL, and the
         # budget still applies when the turns are injected.
+        # Like the memory store: nothing to add creates no session (EXPIRE on a missing key is a
+        # no-op), but refreshes a live one.
         ttl = ttl_seconds if ttl_seconds > 0 else self._default_ttl
-        if not turns:
-            # Like the memory store: nothing to add creates no session, but refreshes a live one.
-            await self._call(self._client.expire(key, ttl))
-            return
-        limit = self._limit(max_turns)
-        pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: no reader sees a half-append
-        pipe.rpush(key, *(orjson.dumps({"role": t.role, "content": t.content}) for t in turns))
-        pipe.ltrim(key, -limit, -1)
-        pipe.expire(key, ttl)
-        await self._call(pipe.execute())
+        encoded = [orjson.dumps({"role": t.role, "content": t.content}) for t in turns]
+        await self._call(self._client.run(_APPEND, [key], [self._limit(max_turns), ttl, *encoded]))

@@ -4,6 +4,11 @@ The stream classes take upstream SSE bytes split anywhere and return translated 
 each upstream frame is complete; ``finish()`` closes the stream properly even if the upstream
 stopped early. An upstream error event becomes the client API's error frame
 (``extproc.translate_errors``).
+
+Each upstream frame is parsed once, and that one parse also yields what the gateway meters (the
+``extproc.readers.StreamReader`` contract): ``usage`` (None until the provider reported some),
+``model`` (the model the *provider* named; the frames written carry the client's name),
+``text`` (the reply text, for session history) and ``done`` (the upstream ended cleanly).
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ class AnthropicToOpenAIStream:
         self._set_id("chatcmpl-" + uuid.uuid4().hex)
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._input = self._output = 0
+        self._reported = False  # whether the provider sent any usage
         self._finished = self._done = False
+        self._text: list[str] = []
+        self.model = ""
+        self.done = False
 
     @property
-    def usage(self) -> Usage:
-        return Usage(self._input, self._output)
+    def usage(self) -> Usage | None:
+        return Usage(self._input, self._output) if self._reported else None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
 
     def _set_id(self, chunk_id: str) -> None:
         # Every chunk shares id/created/model, so that prefix is serialised once per stream and
@@ -70,7 +83,7 @@ class AnthropicToOpenAIStream:
         out = b""
         if self._include_usage and self._finished:
             u = {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model,
-                 "choices": [], "usage": openai_usage(self.usage)}
+                 "choices": [], "usage": openai_usage(Usage(self._input, self._output))}
             out = b"data: " + orjson.dumps(u) + b"\n\n"
         return out + _DONE
 
@@ -79,12 +92,17 @@ class AnthropicToOpenAIStream:
             ev = orjson.loads(data)
         except orjson.JSONDecodeError:
             return b""
+        if not isinstance(ev, dict):
+            return b""
         kind = ev.get("type")
         if kind == "content_block_delta":
             delta = ev.get("delta") or {}
             dtype = delta.get("type")
             if dtype == "text_delta":
-                return self._chunk({"content": delta.get("text", "")})
+                text = delta.get("text", "")
+                if isinstance(text, str):
+                    self._text.append(text)
+                return self._chunk({"content": text})
             if dtype == "input_json_delta" and ev.get("index") in self._tools:
                 call = {"index": self._tools[ev["index"]], "function": {"arguments": delta.get("partial_json", "")}}
                 return self._chunk({"tool_calls": [call]})
@@ -93,7 +111,11 @@ class AnthropicToOpenAIStream:
             msg = ev.get("message") or {}
             if msg.get("id"):
                 self._set_id("chatcmpl-" + str(msg["id"]).removeprefix("msg_"))
-            self._input = anthropic_input_tokens(msg.get("usage") or {})
+            if isinstance(msg.get("model"), str):
+                self.model = msg["model"]
+            if isinstance(msg.get("usage"), dict):
+                self._input = anthropic_input_tokens(msg["usage"])
+                self._reported = True
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             block = ev.get("content_block") or {}
@@ -103,10 +125,13 @@ class AnthropicToOpenAIStream:
                         "function": {"name": block.get("name", ""), "arguments": ""}}
                 return self._chunk({"tool_calls": [call]})
             if block.get("type") == "text" and block.get("text"):
+                self._text.append(str(block["text"]))
                 return self._chunk({"content": block["text"]})
             return b""
         if kind == "message_delta":
             u = ev.get("usage") or {}
+            if u:
+                self._reported = True
             self._output = int(u.get("output_tokens") or self._output)
             self._input = anthropic_input_tokens(u) or self._input
             stop = (ev.get("delta") or {}).get("stop_reason")
@@ -115,6 +140,7 @@ class AnthropicToOpenAIStream:
             tail = b',"logprobs":null,"finish_reason":' + finish + b"}]" + self._usage_tail
             return b"data: " + self._head + b"{}" + tail + b"\n\n"
         if kind == "message_stop":
+            self.done = True
             return self._close()
         if kind == "error":
             return b"data: " + error_to_openai(500, data) + b"\n\n"
@@ -135,10 +161,17 @@ class OpenAIToAnthropicStream:
         self._next_block = 0
         self._stop: str | None = None
         self._usage: Usage | None = None
+        self._text: list[str] = []
+        self.model = ""
+        self.done = False
 
     @property
     def usage(self) -> Usage | None:
         return self._usage
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
 
     @staticmethod
     def _ev(kind: str, payload: Json) -> bytes:
@@ -191,6 +224,7 @@ class OpenAIToAnthropicStream:
 
     def _frame(self, data: bytes, out: list[bytes]) -> None:
         if data == b"[DONE]":
+            self.done = True
             self._end(out)
             return
         try:
@@ -199,6 +233,8 @@ class OpenAIToAnthropicStream:
             return
         if not isinstance(obj, dict) or self._ended:
             return
+        if not self.model and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
         if "error" in obj and "choices" not in obj:
             # An Anthropic stream ends at its error event: nothing may follow it.
             self._ended = True
@@ -210,7 +246,8 @@ class OpenAIToAnthropicStream:
                 continue
             delta = choice.get("delta") or {}
             text = delta.get("content")
-            if text:
+            if text and isinstance(text, str):
+                self._text.append(text)
                 if self._block_kind != "text":
                     self._open("text", {"type": "text", "text": ""}, out)
                 out.append(self._ev("content_block_delta", {"type": "content_block_delta", "index": self._block,
@@ -224,6 +261,7 @@ class OpenAIToAnthropicStream:
         if isinstance(u, dict):
             self._usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
             if self._stop is not None:
+                self.done = True
                 self._end(out)  # the usage chunk is the last one; don't wait for [DONE]
 
     def _tool_delta(self, call: Json, out: list[bytes]) -> None:

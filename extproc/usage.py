@@ -2,7 +2,8 @@
 
 Contract:
 
-* ``usage_from_json`` / ``text_from_json`` read a non-streaming response body; they never raise.
+* ``usage_of`` / ``text_of`` read an already parsed non-streaming response (``usage_from_json`` /
+  ``text_from_json`` parse the bytes first); they never raise.
   Anthropic's cached prompt tokens (``cache_creation_input_tokens``, ``cache_read_input_tokens``)
   are counted in ``input_tokens`` so both APIs mean "every prompt token", as OpenAI's
   ``prompt_tokens`` does.
@@ -10,7 +11,8 @@ Contract:
   each chunk as-is (zero copy, zero delay) and only observes. With ``strip_usage`` (OpenAI only:
   the gateway forced ``stream_options.include_usage`` to meter a client that did not ask for it)
   it drops the usage-only chunk and the ``"usage"`` keys of other chunks, re-serialising only
-  those frames; it then holds back at most the incomplete trailing frame.
+  those frames; it then holds back at most the incomplete trailing frame. Each frame is parsed
+  once, for usage, the reply text and the ``model`` the provider named (first frame that names one).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import orjson
 from extproc.policy import Api
 from extproc.sse import SSEParser
 
-__all__ = ["StreamTap", "Usage", "text_from_json", "usage_from_json"]
+__all__ = ["StreamTap", "Usage", "text_from_json", "text_of", "usage_from_json", "usage_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +66,21 @@ def _loads(body: bytes) -> Any:
         return None
 
 
+def usage_of(api: Api, doc: Any) -> Usage | None:
+    """The usage block of a parsed response body in ``api``; None when there is none."""
+    return _usage_of(api, doc.get("usage")) if isinstance(doc, dict) else None
+
+
 def usage_from_json(api: Api, body: bytes) -> Usage | None:
-    obj = _loads(body)
-    return _usage_of(api, obj.get("usage")) if isinstance(obj, dict) else None
+    return usage_of(api, _loads(body))
 
 
 def text_from_json(api: Api, body: bytes) -> str:
-    obj = _loads(body)
+    return text_of(api, _loads(body))
+
+
+def text_of(api: Api, obj: Any) -> str:
+    """The reply text of a parsed response body in ``api`` ("" when it has none)."""
     if not isinstance(obj, dict):
         return ""
     if api is Api.OPENAI:
@@ -99,7 +109,7 @@ def text_from_json(api: Api, body: bytes) -> str:
 class StreamTap:
     """Observes a client-format stream: usage, reply text, and whether it finished cleanly."""
 
-    __slots__ = ("_api", "_parser", "_strip", "_text", "done", "usage")
+    __slots__ = ("_api", "_parser", "_strip", "_text", "done", "model", "usage")
 
     def __init__(self, api: Api, strip_usage: bool) -> None:
         self._api = api
@@ -108,6 +118,7 @@ class StreamTap:
         self._parser = SSEParser()
         self._text: list[str] = []
         self.usage: Usage | None = None
+        self.model = ""
         self.done = False
 
     @property
@@ -144,6 +155,10 @@ class StreamTap:
         obj = _loads(data)
         if not isinstance(obj, dict):
             return None
+        if not self.model:
+            model = obj.get("model")
+            if isinstance(model, str):
+                self.model = model
         choices = obj.get("choices")
         if isinstance(choices, list) and choices:
             c0 = choices[0]
@@ -179,6 +194,8 @@ class StreamTap:
                     self._text.append(text)
         elif kind == "message_start":
             msg = obj.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("model"), str):
+                self.model = msg["model"]
             u = _usage_of(Api.ANTHROPIC, msg.get("usage") if isinstance(msg, dict) else None)
             if u is not None:
                 self.usage = u

@@ -28,3 +28,27 @@ def test_refusals_are_counted_by_reason(gw: Gateway) -> None:
     before = total(refused, gw.metrics())
     assert gw.chat("chat", key="sk-bad-key-xyz").status_code == 401
     assert total(refused, gw.metrics()) == before + 1
+
+
+def response_models(text: str, request_model: str) -> set[str]:
+    """The gen_ai_response_model values recorded for requests that asked for ``request_model``."""
+    pattern = re.compile(
+        r'^gen_ai_server_request_duration_seconds_count\{[^}]*gen_ai_request_model="'
+        + re.escape(request_model)
+        + r'"[^}]*gen_ai_response_model="([^"]*)"[^}]*http_response_status_code="200"',
+        re.M,
+    )
+    return set(pattern.findall(text))
+
+
+def test_the_response_model_is_the_backends_not_the_alias_the_client_called(gw: Gateway) -> None:
+    # Same API (the body passes untouched), translated here (Anthropic backend, OpenAI client,
+    # streamed and not), and translated by a fallback attempt's filter (which writes the alias).
+    assert gw.chat("chat").status_code == 200
+    assert gw.chat("claude").status_code == 200
+    assert gw.chat("claude", stream=True).status_code == 200
+    assert gw.chat("fallback-dead").status_code == 200
+    text = gw.metrics()
+    assert response_models(text, "chat") == {"mock-gpt"}
+    assert response_models(text, "claude") == {"mock-claude"}
+    assert response_models(text, "fallback-dead") == {"rescue-claude"}

@@ -223,3 +223,41 @@ async def test_a_binding_losing_a_conflict_is_served_when_the_owner_goes(cluster
     ready = await cluster.wait_condition("chat-b", "Ready", "True", "Served")
     assert ready["observedGeneration"] == 1
     assert served_models(cluster) == {"chat"}
+
+
+async def test_a_misspelled_field_is_refused_in_status_on_a_cluster_too(cluster: Cluster) -> None:
+    # A real API server prunes unknown fields (or kubectl refuses them); kmock does not, so this
+    # is the controller's own check: the same as file mode's.
+    await cluster.create(secret("provider", {"apiKey": "sk-upstream-1"}))
+    obj = binding("chat")
+    obj["spec"]["rateLimits"] = {"requestsPerMinute": 5}
+    await cluster.create(obj)
+    refused = await cluster.wait_condition("chat", "Accepted", "False", "UnknownField")
+    assert refused["message"] == "spec.rateLimits: unknown field; did you mean quotas?"
+    assert served_models(cluster) == set()
+
+
+async def test_another_namespaces_keys_and_secrets_grant_nothing_on_a_cluster(cluster: Cluster) -> None:
+    await cluster.create(secret("provider", {"apiKey": "sk-upstream-1"}))
+    await cluster.create(secret("api-keys", {"k": "sk-team-a"}, api_key=True))
+    evil_key = secret("api-keys", {"k": "sk-evil"}, api_key=True)
+    evil_key["metadata"]["namespace"] = "evil"
+    await cluster.create(evil_key)
+    steal = binding("steal", model="steal")
+    steal["metadata"]["namespace"] = "evil"
+    steal["spec"]["backends"][0]["credentialsRef"]["namespace"] = "default"
+    await cluster.create(steal)
+    await cluster.create(binding("chat"))
+    await cluster.wait_condition("chat", "Ready", "True", "Served")
+    refused = await cluster.wait_condition("steal", "Ready", "False", "CrossNamespaceReference", namespace="evil")
+    assert "not shared with namespace evil" in refused["message"]
+
+    def tenants() -> dict[str, str]:
+        snap = cluster.controller.policy.snapshot
+        return {k.source: k.tenant for k in snap.api_keys} if snap else {}
+
+    # The same tenant name in two namespaces is two tenants.
+    await cluster.eventually(lambda: tenants() == {"default/api-keys": "default/team-a", "evil/api-keys": "evil/team-a"}, what="both keys")
+    # Sharing is the Secret owner's word: once annotated, the binding is served.
+    await cluster.patch(SECRETS, "default", "provider", {"metadata": {"annotations": {"crdgol.io/share-with": "evil"}}})
+    await cluster.wait_condition("steal", "Ready", "True", "Served", namespace="evil")

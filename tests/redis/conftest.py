@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from crdgol.stack import free_port
+from extproc.redis_client import RedisClient
 
 
 class RedisServer:
@@ -87,6 +88,16 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
     """A fresh client (per test: clients bind to the test's event loop) on an empty database."""
     client = aioredis.Redis.from_url(redis_server.url)
     await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store_client(redis_client: aioredis.Redis, redis_server: RedisServer) -> AsyncIterator[RedisClient]:
+    """The stores' own client (the one extproc uses), on the database ``redis_client`` emptied."""
+    client = RedisClient.from_url(redis_server.url)
     try:
         yield client
     finally:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from extproc.history import Turn, history_key
 from extproc.quota import Demand, Limit, Window
 from extproc.quota_store import RedisQuotaStore, StoreUnavailable
+from extproc.redis_client import RedisClient
 from extproc.redis_history import RedisHistoryStore
 from tests.redis.conftest import RedisServer
 from tests.unit.test_quota_store import T0, AdmissionContract, tokens
@@ -23,13 +24,13 @@ from tests.unit.test_quota_store import T0, AdmissionContract, tokens
 
 class TestRedisQuotaStore(AdmissionContract):
     @pytest.fixture
-    def store(self, redis_client: aioredis.Redis) -> RedisQuotaStore:
-        return RedisQuotaStore(redis_client, timeout=5.0)
+    def store(self, store_client: RedisClient) -> RedisQuotaStore:
+        return RedisQuotaStore(store_client, timeout=5.0)
 
     async def test_three_replicas_share_one_limit(self, redis_server: RedisServer) -> None:
-        clients = [aioredis.Redis.from_url(redis_server.url) for _ in range(3)]
+        clients = [RedisClient.from_url(redis_server.url) for _ in range(3)]
         try:
-            await clients[0].flushdb()
+            await clients[0].call("FLUSHDB")
             replicas = [RedisQuotaStore(c, timeout=5.0) for c in clients]
             limit = [Limit("requests", 20, Window.MINUTE)]
             results = await asyncio.gather(
@@ -44,9 +45,9 @@ class TestRedisQuotaStore(AdmissionContract):
     async def test_three_replicas_share_a_concurrency_limit(
         self, redis_server: RedisServer
     ) -> None:
-        clients = [aioredis.Redis.from_url(redis_server.url) for _ in range(3)]
+        clients = [RedisClient.from_url(redis_server.url) for _ in range(3)]
         try:
-            await clients[0].flushdb()
+            await clients[0].call("FLUSHDB")
             replicas = [RedisQuotaStore(c, timeout=5.0) for c in clients]
             limit = [Limit("concurrent", 7)]
             results = await asyncio.gather(
@@ -87,9 +88,9 @@ class TestRedisQuotaStore(AdmissionContract):
             assert 0 < ttl <= (30 * 86_400 + 10) * 1000, (key, ttl)
 
     async def test_counters_expire_at_the_window_end_plus_slack(
-        self, redis_client: aioredis.Redis
+        self, store_client: RedisClient, redis_client: aioredis.Redis
     ) -> None:
-        store = RedisQuotaStore(redis_client, slack=2.0)
+        store = RedisQuotaStore(store_client, slack=2.0)
         now = time.time()
         await store.reserve("s", [Limit("requests", 5, Window.MINUTE)], Demand(), now, 30)
         [key] = [k async for k in redis_client.scan_iter(match="*requests*")]
@@ -111,8 +112,8 @@ def own_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def own_client(own_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(own_server.url)
+async def own_client(own_server: RedisServer) -> AsyncIterator[RedisClient]:
+    client = RedisClient.from_url(own_server.url)
     try:
         yield client
     finally:
@@ -130,7 +131,7 @@ class TestOutages:
         assert time.monotonic() - started < self.TIMEOUT + 0.5
 
     async def test_killed_redis_surfaces_quickly_and_heals_after_restart(
-        self, own_server: RedisServer, own_client: aioredis.Redis
+        self, own_server: RedisServer, own_client: RedisClient
     ) -> None:
         store = RedisQuotaStore(own_client, timeout=self.TIMEOUT)
         history = RedisHistoryStore(own_client, timeout=self.TIMEOUT)
@@ -154,7 +155,7 @@ class TestOutages:
         assert await history.load("k", 10) == []
 
     async def test_frozen_redis_times_out(
-        self, own_server: RedisServer, own_client: aioredis.Redis
+        self, own_server: RedisServer, own_client: RedisClient
     ) -> None:
         store = RedisQuotaStore(own_client, timeout=self.TIMEOUT)
         assert (await store.reserve("s", self.LIMITS, Demand(), T0, 30))[0].allowed
@@ -174,8 +175,8 @@ def pair(i: int) -> list[Turn]:
 
 class TestRedisHistoryStore:
     @pytest.fixture
-    def history(self, redis_client: aioredis.Redis) -> RedisHistoryStore:
-        return RedisHistoryStore(redis_client, max_turns_cap=5, default_ttl_seconds=777)
+    def history(self, store_client: RedisClient) -> RedisHistoryStore:
+        return RedisHistoryStore(store_client, max_turns_cap=5, default_ttl_seconds=777)
 
     async def test_round_trip(self, history: RedisHistoryStore) -> None:
         key = history_key("acme", "team-a/chat", "s1")
