@@ -44,7 +44,7 @@ class AccessRecord:
 
     def take(self, call: ModelCall, phase: str, reply: Reply) -> dict[str, Any] | None:
         """The metadata to send with ``reply`` (None: nothing new)."""
-        if self.first_token_at is None and phase == "response_body" and getattr(call, "tap", None) is not None:
+        if self.first_token_at is None and phase == "response_body" and streamed(call):
             # The first chunk of a streamed answer: its first token(s).
             self.first_token_at = call.services.clock()
         if self.pending is not None and not self.sent_final:
@@ -67,7 +67,7 @@ class AccessRecord:
         if backend is not None:
             fields["backend"] = backend.id
             fields["provider"] = backend.api.value
-            fields["model_served"] = backend.model
+            fields["model_served"] = call.response_model()
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens
@@ -83,8 +83,7 @@ class AccessRecord:
         tenant = call.identity.tenant if call.identity is not None else ""
         if cost > 0:
             m.spend.labels(tenant, binding, call.backend).inc(cost)
-        streamed = getattr(call, "tap", None) is not None
-        if not streamed or call.status != 200:
+        if not streamed(call) or call.status != 200:
             return
         now = call.services.clock()
         # A stream whose every chunk came in one message ends in that message's dispatch, before
@@ -95,6 +94,11 @@ class AccessRecord:
         if usage.output_tokens > 1 and self.first_token_at is not None:
             after_first = now - self.first_token_at
             m.time_per_output_token.labels(*base).observe(after_first / (usage.output_tokens - 1))
+
+
+def streamed(call: ModelCall) -> bool:
+    """Whether the answer is a stream (server-sent events) extproc reads as it passes."""
+    return call.reader is not None and call.reader.stream is not None
 
 
 def request_fields(call: ModelCall, error: str) -> dict[str, Any]:
