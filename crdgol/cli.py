@@ -216,6 +216,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         envoy_log_level=args.envoy_log_level,
         redis_url=args.redis_url,
         extproc_replicas=args.extproc_replicas,
+        access_log=args.access_log,
     )
     return up(settings)
 
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and history through this Redis (env CRDGOL_REDIS_URL; default: in memory)")
     up.add_argument("--extproc-replicas", type=int, default=1, help="extproc processes Envoy spreads requests across (default 1; more than 1 needs --redis-url)")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's log level (default warning)")
+    up.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     up.set_defaults(func=cmd_up)
 
     render = sub.add_parser("render", help="print the complete static Envoy config for a folder of manifests")
