@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick bench-peers clean
+.PHONY: help setup proto run test test-unit test-dataplane lint bench bench-quick bench-peers image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/result
 bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (needs wrk)
 	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.peers
+
+IMAGE ?= ghcr.io/crdgol/crdgol:0.1.0
+image: ## build the crdgol image that deploy/ names (needs docker or podman with a running daemon)
+	@runtime=$$(command -v podman || command -v docker) || { echo "no container runtime: install podman (apt-get install podman) or docker"; exit 1; }; \
+	$$runtime build -t $(IMAGE) .
 
 clean: ## remove the venv and generated code
 	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info
