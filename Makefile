@@ -24,7 +24,8 @@ proto: $(STAMP) ## compile proto/ into crdgol/pb with grpcio-tools
 run: setup ## serve examples/quickstart on http://127.0.0.1:$(PORT)
 	$(BIN)/crdgol up --manifests examples/quickstart --port $(PORT)
 
-test: setup lint ## lint, then run every test tier
+test: setup lint ## lint, then run every test tier (installs redis-server and prometheus as root with apt)
+	@.ci/need redis-server:redis-server prometheus:prometheus promtool:prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup ## pure functions only
