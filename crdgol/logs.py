@@ -2,19 +2,24 @@
 
 ``configure(level, fmt)`` is called once at the entry point (``crdgol.cli``). JSON lines carry
 ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``, ``message``, ``pid``, and
-``exception`` when there is one, so a log pipeline can parse them without regular expressions.
+``request_id`` (inside extproc's handling of a request) and ``exception`` when there is one, so a log pipeline can parse them without regular expressions.
 Secrets stay out of logs the same way in both formats: no code path logs a credential, a header
 value or a prompt (their types hide them from ``repr``); this module adds no fields of its own.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import time
 
 FORMATS = ("text", "json")
+
+# The x-request-id of the request being handled (extproc sets it per ext_proc stream, whose task
+# it is local to); JSON lines carry it as ``request_id`` so they join the access log's lines.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("crdgol_request_id", default="")
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -28,6 +33,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": os.getpid(),
         }
+        rid = request_id.get()
+        if rid:
+            doc["request_id"] = rid
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)

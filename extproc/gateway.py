@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from crdgol import logs
 from crdgol.replies import ANTHROPIC_PATH
 from extproc import context as mcp
 from extproc import translate_errors
@@ -64,6 +65,7 @@ class Downstream(Handler):
         self.inner: Handler = Handler()
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
         check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
