@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane test-workflows lint bench bench-quick bench-peers bench-workflows clean
+.PHONY: help setup proto run test test-unit test-dataplane test-workflows lint bench bench-quick bench-peers bench-workflows image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,7 +24,8 @@ proto: $(STAMP) ## compile proto/ into crdgol/pb with grpcio-tools
 run: setup ## serve examples/quickstart on http://127.0.0.1:$(PORT)
 	$(BIN)/crdgol up --manifests examples/quickstart --port $(PORT)
 
-test: setup lint ## lint, then run every test tier
+test: setup lint ## lint, then run every test tier (installs redis-server and prometheus as root with apt)
+	@.ci/need redis-server:redis-server prometheus:prometheus promtool:prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup ## pure functions only
@@ -54,6 +55,11 @@ bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same ups
 
 bench-workflows: setup ## 1,000 concurrent support-triage runs through the gateway -> benchmarks/results/workflows.json
 	$(BIN)/python -m benchmarks.workflows --runs 1000
+
+IMAGE ?= ghcr.io/crdgol/crdgol:0.1.0
+image: ## build the crdgol image that deploy/ names (needs docker or podman with a running daemon)
+	@runtime=$$(command -v podman || command -v docker) || { echo "no container runtime: install podman (apt-get install podman) or docker"; exit 1; }; \
+	$$runtime build -t $(IMAGE) .
 
 clean: ## remove the venv and generated code
 	rm -rf $(VENV) crdgol/pb/crdgol build *.egg-info

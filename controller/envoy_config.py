@@ -13,9 +13,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controller.access_logs import access_logs
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
 from crdgol.usage_log import (
     ACCESS_LOG_NAME,
@@ -84,6 +86,9 @@ class RenderSettings:
     connection_idle_timeout_s: float = 300.0
     version: int = 1
     generated_at: int = 0
+    # The JSON access log of the gateway listener: "-" = Envoy's stdout, a path = that file,
+    # "" = off (controller.access_logs).
+    access_log: str = ""
     ca_bundle: str = CA_BUNDLE
     # Usage read by native filters and sent to extproc over the gRPC access log, batched for up
     # to this long per Envoy worker (the settle delay: README, "Quotas"). Off: extproc reads usage
@@ -450,6 +455,10 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         # An invalid HTTP/2 stream gets its own error reply; the connection's other streams go on.
         http2_protocol_options={"override_stream_error_on_invalid_http_message": True},
     )
+    if settings.access_log:
+        hcm["access_log"] = access_logs(settings.access_log)
+        # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata.
+        hcm["http_filters"][0]["typed_config"]["metadata_options"] = {"receiving_namespaces": {"untyped": [ACCESS_NAMESPACE]}}
     return {
         "name": "crdgol-gateway",
         "address": socket_address(settings.listen_host, settings.listen_port),

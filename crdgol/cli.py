@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crdgol import __version__
+from crdgol import __version__, logs
 
 if TYPE_CHECKING:
     from crdgol.control_plane import TlsFiles
@@ -153,6 +152,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         extproc_ports=tuple(int(p) for p in str(args.extproc_port).split(",")),
         extproc_sockets=tuple(p for p in str(args.extproc_socket).split(",") if p),
         admin_port=args.admin_port,
+        access_log="" if args.access_log == "off" else args.access_log,
     )
     workflows = None
     if args.manifests:
@@ -228,6 +228,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         envoy_log_level=args.envoy_log_level,
         redis_url=args.redis_url,
         extproc_replicas=args.extproc_replicas,
+        access_log=args.access_log,
     )
     return up(settings)
 
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"crdgol {__version__}")
     p.add_argument("--log-level", default=_env("CRDGOL_LOG_LEVEL", "info"), help="debug|info|warning (env CRDGOL_LOG_LEVEL)")
+    p.add_argument("--log-format", default=_env("CRDGOL_LOG_FORMAT", "text"), help="text|json: json writes one object per line (env CRDGOL_LOG_FORMAT; `up` passes it to its children)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the standalone gateway (Envoy + extproc + mock upstream) from a folder of manifests")
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and history through this Redis (env CRDGOL_REDIS_URL; default: in memory)")
     up.add_argument("--extproc-replicas", type=int, default=1, help="extproc processes Envoy spreads requests across (default 1; more than 1 needs --redis-url)")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's log level (default warning)")
+    up.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     up.set_defaults(func=cmd_up)
 
     render = sub.add_parser("render", help="print the complete static Envoy config for a folder of manifests")
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-state", default=".crdgol/workflows", help="file mode: where each workflow run's state file is kept (default .crdgol/workflows)")
     ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
     ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
+    ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     ctl.set_defaults(func=cmd_controller)
 
     certs = sub.add_parser("certs", help="issue development certificates for the control plane's mutual TLS (a CA, the controller, the gateway)")
@@ -334,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         # The mock has its own parser and flags: hand it everything after the command name.
         from mockllm.server import main as mock_main
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure("info", os.environ.get("CRDGOL_LOG_FORMAT", "text"))
         return mock_main([a for a in argv[1:] if a != "--"])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(str(args.log_level), str(args.log_format))
+    if args.func is cmd_up:
+        # The stack's children (controller, extproc, mock) are crdgol commands too: same format.
+        os.environ["CRDGOL_LOG_FORMAT"] = str(args.log_format)
     return int(args.func(args))
 
 

@@ -117,6 +117,8 @@ class StackSettings:
     env: dict[str, str] = field(default_factory=dict)
     redis_url: str = ""
     extproc_replicas: int = 1
+    # Envoy's JSON access log: "-" = its stdout, a file path, or "off".
+    access_log: str = "-"
 
 
 class Stack:
@@ -247,6 +249,7 @@ class Stack:
                     "--workflow-state", str(self.state / "workflows"),
                     "--workflow-socket", str(self.state / "workflows.sock"),
                     "--egress-port", str(self.egress_port),
+                    "--access-log", self.settings.access_log,
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
@@ -273,6 +276,8 @@ class Stack:
                 "-c", str(self.state / "envoy.json"),
                 "--log-level", self.settings.envoy_log_level,
                 "--disable-hot-restart",
+                # The access log reaches its file (or stdout) within a second, not Envoy's 10 s.
+                "--file-flush-interval-msec", "1000",
             ]
             if self.settings.envoy_concurrency:
                 argv += ["--concurrency", str(self.settings.envoy_concurrency)]

@@ -29,6 +29,7 @@ class UpSettings:
     envoy_log_level: str = "warning"
     redis_url: str = ""
     extproc_replicas: int = 1
+    access_log: str = "-"  # Envoy's JSON access log: "-" = stdout, a file path, or "off"
 
 
 def _free(host: str, port: int) -> bool:
@@ -78,6 +79,7 @@ def up(settings: UpSettings) -> int:
             envoy_log_level=settings.envoy_log_level,
             redis_url=settings.redis_url,
             extproc_replicas=settings.extproc_replicas,
+            access_log=settings.access_log,
         )
     )
     if settings.extproc_replicas > 1 and not settings.redis_url:

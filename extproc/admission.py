@@ -163,6 +163,7 @@ class Admission:
         self.decision = decision
         for name, remaining in decision.remaining.items():
             m.quota_remaining.labels(tenant, binding.key, name).set(remaining)
+            m.quota_limit.labels(tenant, binding.key, name).set(decision.limits.get(name, 0))
         if not decision.allowed:
             self.done = True
             raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))

@@ -19,10 +19,12 @@ from typing import Any
 
 import orjson
 
+from crdgol import logs
 from crdgol.replies import ANTHROPIC_PATH
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as mcp
 from extproc import translate_errors, workflows
+from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome, encode_reservation
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
@@ -65,6 +67,7 @@ class Downstream(Handler):
         self.inner: Handler = Handler()
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
         if isinstance(self.inner, ModelCall):
             self.inner.usage_log = self.usage_log
@@ -183,9 +186,11 @@ class ModelCall(Handler):
         self.deferred = False
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
+        self.access = AccessRecord()  # what the access log learns from extproc
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
+        self.access.error = exc.code
         body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
         return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
@@ -291,10 +296,14 @@ class ModelCall(Handler):
         else:
             outcome = Outcome.CUT_SHORT
         self.admission.finish(outcome, usage, self.backend)
+        self.access.finish(self, usage)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
         m.requests.labels(self.operation, str(self.status)).inc()
+
+    def take_metadata(self, phase: str, reply: Reply) -> dict[str, Any] | None:
+        return self.access.take(self, phase, reply)
 
     def seen_usage(self) -> Usage | None:
         """Usage seen so far in a response that has not ended (a stream's partial usage)."""

@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from extproc.capacity import Capacity
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+# The GenAI semantic conventions' advised buckets, with a finer start for fast local upstreams.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
@@ -87,6 +90,36 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)
+        # Operating figures (extproc.access_metadata): money, and where a streamed answer's time went.
+        self.spend = Counter(
+            "crdgol_spend",
+            "Money spent, in the currency of the binding's pricing table, by tenant, binding and backend.",
+            ["tenant", "binding", "backend"],
+            registry=r,
+        )
+        latency_labels = ["gen_ai_operation_name", "gen_ai_request_model", "binding", "backend"]
+        self.time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "Seconds from the request's arrival to the first chunk of a streamed answer (successful streams).",
+            latency_labels,
+            buckets=TTFT_BUCKETS,
+            unit="seconds",
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token",
+            "Seconds per output token after the first, for successful streamed answers.",
+            latency_labels,
+            buckets=TPOT_BUCKETS,
+            unit="seconds",
+            registry=r,
+        )
+        self.quota_limit = Gauge(
+            "crdgol_quota_limit",
+            "Each quota limit's size (headroom = crdgol_quota_remaining / crdgol_quota_limit).",
+            ["tenant", "binding", "limit"],
+            registry=r,
+        )
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
         self._capacity_watched = False
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
+from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import EXTPROC_REPLY_DETAILS
 from extproc.capacity import Capacity, Overloaded
 from extproc.errors import GatewayError
@@ -100,6 +102,22 @@ class Handler:
 
     def close(self) -> None:
         """The stream ended, normally or not (client gone, Envoy reset): release what is held."""
+
+    def take_metadata(self, phase: str, reply: Reply) -> dict[str, Any] | None:
+        """Dynamic metadata for Envoy (the access log) to send with this reply; None: nothing.
+
+        Called once per message after the reply is decided; what it returns is written into
+        ``crdgol.access_log.NAMESPACE`` and merged with what earlier replies sent.
+        """
+        return None
+
+
+def with_metadata(resp: ep.ProcessingResponse, metadata: dict[str, Any]) -> ep.ProcessingResponse:
+    """``resp`` carrying ``metadata`` in the access-log namespace (a copy: answers may be shared)."""
+    out = ep.ProcessingResponse()
+    out.CopyFrom(resp)
+    out.dynamic_metadata.update({ACCESS_NAMESPACE: metadata})
+    return out
 
 
 def _header_mutation(c: Continue) -> ep.HeaderMutation | None:
@@ -264,6 +282,9 @@ async def run(
                         on_error(exc)
                     reply = handler.error_reply(GatewayError("the gateway failed to process this request"))
                 out = to_pb(phase, reply)
+                metadata = handler.resolved().take_metadata(phase, reply)
+                if metadata:
+                    out = with_metadata(out, metadata)
                 del req, reply  # the body is not kept past the answer (to_pb copied what it needs)
                 yield out  # held until gRPC has taken the answer
             finally:
