@@ -146,9 +146,10 @@ def test_a_token_both_namespaces_verify_acts_as_each_namespaces_tenant() -> None
     pol, _ = policy([binding("a", "chat", auth=JWT), binding("b", "chat", auth=JWT)], [hs_secret("a", shared), hs_secret("b", shared)])
     ident = Authenticator(pol, clock=lambda: NOW).authenticate(token(shared))
     assert ident.tenants == ("a/acme", "b/acme")
-    # Calling "chat", it reaches its first tenant's own namespace's binding, as that tenant.
+    # Both namespaces serve "chat": which one it means is not the gateway's to guess (403).
     reached, tenant = pol.resolve("chat", ident.tenants)
-    assert reached is not None and (reached.key, tenant) == ("a/chat", "a/acme")
+    assert reached is not None and tenant == ""
+    assert pol.visible(ident.tenants) == []
 
 
 def test_a_tenant_claim_naming_a_namespace_is_refused() -> None:
@@ -221,3 +222,48 @@ def test_api_key_hashes_in_the_snapshot_name_their_qualified_tenant() -> None:
     _, result = policy([], [key_secret("team", "k", "acme", "sk-1")])
     (key,) = result.snapshot.api_keys
     assert (key.sha256, key.tenant, key.source) == (hashlib.sha256(b"sk-1").digest(), "team/acme", "team/k")
+
+
+# --- a public key proves nothing about who owns an issuer ---------------------------------------
+
+
+def _rs256_issuer() -> tuple[Any, dict[str, Any]]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return key, {"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}
+
+
+def test_a_copied_public_jwks_cannot_capture_the_victims_callers() -> None:
+    # The victim's IdP publishes its JWKS (public by design). An attacker namespace that sorts
+    # first declares the same issuer with the same JWKS and a binding for the victim's model name.
+    # The victim's token now verifies in both namespaces; it must never be routed to the
+    # attacker's backend (which would receive the victim's prompts and session id).
+    key, jwks = _rs256_issuer()
+    auth_spec = {"jwt": [{"issuer": ISSUER, "jwks": jwks}]}
+    pol, result = policy([binding("team", "chat", auth=auth_spec), binding("aaa", "chat", auth=auth_spec)])
+    assert set(result.accepted) == {"aaa/chat", "team/chat"}
+    victim = jwt.encode({"iss": ISSUER, "sub": "u", "tenant": "acme", "exp": int(NOW) + 600}, key, algorithm="RS256", headers={"kid": "k1"})
+    ident = Authenticator(pol, clock=lambda: NOW).authenticate(victim)
+    assert ident.tenants == ("aaa/acme", "team/acme")
+    reached, tenant = pol.resolve("chat", ident.tenants)
+    assert reached is None or reached.namespace != "aaa" or not tenant, "the victim's request was routed to the attacker"
+    # The same through a grant: the platform grants "team/*" a model; the attacker serves the same
+    # name in its own namespace. The victim's call must not land in the attacker's namespace either.
+    pol2, _ = policy(
+        [binding("platform", "shared", model="gpt", tenants=["team/*"]), binding("aaa", "gpt", auth=auth_spec), binding("team", "x", auth=auth_spec)]
+    )
+    reached, tenant = pol2.resolve("gpt", ident.tenants)
+    assert reached is None or reached.namespace != "aaa" or not tenant, "the victim's request was routed to the attacker"
+    assert [b.key for b in pol2.visible(ident.tenants) if b.namespace == "aaa"] == []
+
+
+def test_a_caller_whose_own_namespaces_agree_is_still_served() -> None:
+    # The same IdP trusted by two namespaces is fine as long as only one of them serves the model.
+    key, jwks = _rs256_issuer()
+    auth_spec = {"jwt": [{"issuer": ISSUER, "jwks": jwks}]}
+    pol, _ = policy([binding("team", "chat", auth=auth_spec), binding("other", "embed", auth=auth_spec)])
+    reached, tenant = pol.resolve("chat", ("other/acme", "team/acme"))
+    assert reached is not None and (reached.key, tenant) == ("team/chat", "team/acme")
