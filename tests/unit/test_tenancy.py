@@ -262,7 +262,7 @@ def test_a_copied_public_jwks_cannot_capture_the_victims_callers() -> None:
 
 def test_a_caller_whose_own_namespaces_agree_is_still_served() -> None:
     # The same IdP trusted by two namespaces is fine as long as only one of them serves the model.
-    key, jwks = _rs256_issuer()
+    _key, jwks = _rs256_issuer()
     auth_spec = {"jwt": [{"issuer": ISSUER, "jwks": jwks}]}
     pol, _ = policy([binding("team", "chat", auth=auth_spec), binding("other", "embed", auth=auth_spec)])
     reached, tenant = pol.resolve("chat", ("other/acme", "team/acme"))
