@@ -423,6 +423,23 @@ def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
 
 
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    """The typed spec of an AIModelBinding object, or ``SpecError`` saying what to fix.
+
+    Never anything but ``SpecError``: a value of a type no check expected (a list where a word
+    belongs, say) refuses this binding instead of raising through the controller, which would stop
+    every namespace's bindings from being served.
+    """
+    try:
+        return _parse_binding(obj)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+        raise SpecError(
+            "InvalidSpec", f"a field has a value of the wrong type or out of range ({type(exc).__name__}); check it against the CRD"
+        ) from None
+
+
+def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
     unknown = binding_problems(obj)
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -432,6 +449,9 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
     namespace = str(meta.get("namespace") or "default")
     if not _NAME.fullmatch(name):
         raise SpecError("InvalidSpec", f"metadata.name: {name!r} must be a DNS label")
+    if not tenancy.valid_namespace(namespace):
+        # "a/b" would make its tenants read as tenants of namespace "a" (crdgol.tenancy).
+        raise SpecError("InvalidSpec", f"metadata.namespace: {namespace!r} must be a DNS label")
     spec = _dict(obj.get("spec"), "spec")
     model = str(spec.get("model") or "")
     if not _MODEL.fullmatch(model):
@@ -500,8 +520,12 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
     for k, v in _dict(obj.get("stringData"), "stringData").items():
         data[str(k)] = str(v)
     annotations = {str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()}
+    namespace = str(meta.get("namespace") or "default")
+    if not tenancy.valid_namespace(namespace):
+        # An API key in "a/b" would act as a tenant of namespace "a" (crdgol.tenancy).
+        raise SpecError("InvalidSecret", f"metadata.namespace: {namespace!r} must be a DNS label")
     return SecretData(
-        namespace=str(meta.get("namespace") or "default"),
+        namespace=namespace,
         name=str(meta.get("name") or ""),
         data=data,
         labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},

@@ -315,6 +315,14 @@ def _render(
             except SpecError as exc:
                 problems[b.key] = exc
                 continue
+            except (ValueError, TypeError, OverflowError) as exc:
+                # A value the parser let through but the snapshot or Envoy cannot hold: this
+                # binding is refused; the others (every other namespace's) are still served.
+                # The message names the error type only: protobuf's text may quote a value.
+                problems[b.key] = SpecError(
+                    "InvalidSpec", f"the spec could not be rendered ({type(exc).__name__}): a value is out of range"
+                )
+                continue
             if cache is not None:
                 cache.put(key, pieces)
         conflict = claims.check(b, pieces.jwts, pieces.foreign)
