@@ -84,8 +84,8 @@ def test_a_namespace_that_is_not_a_dns_label_is_refused_for_bindings_and_secrets
     # tenants of namespace "team".
     from controller.models import parse_secret
 
-    with pytest.raises(SpecError, match="metadata.namespace"):
+    with pytest.raises(SpecError, match=r"metadata\.namespace"):
         parse_binding(binding("team/x", "chat"))
     secret = {"metadata": {"name": "k", "namespace": "team/x", "labels": {"crdgol.io/api-key": "true"}}, "stringData": {"k": "sk-1"}}
-    with pytest.raises(SpecError, match="metadata.namespace"):
+    with pytest.raises(SpecError, match=r"metadata\.namespace"):
         parse_secret(secret)
