@@ -35,6 +35,10 @@ TENANT_ANNOTATION = "crdgol.io/tenant"
 # On a Secret: the namespaces (comma-separated, or "*") whose bindings may reference it. Without it a
 # Secret serves its own namespace's bindings only (the owner of a provider account says who spends it).
 SHARE_ANNOTATION = "crdgol.io/share-with"
+# On a shared Secret: the hosts (``host`` or ``host:port``, comma-separated) other namespaces'
+# backends may send its credential to. Sharing lets them spend the account; without this list a
+# borrower could point its endpoint at its own server and read the key from the request.
+SHARE_HOSTS_ANNOTATION = "crdgol.io/share-hosts"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
@@ -180,6 +184,8 @@ class SecretData:
     annotations: dict[str, str] = field(default_factory=dict)
     # Namespaces (or "*") its owner shares it with (SHARE_ANNOTATION), parsed once.
     share_with: frozenset[str] = frozenset()
+    # Hosts another namespace's backend may send its credential to (SHARE_HOSTS_ANNOTATION).
+    share_hosts: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -192,6 +198,12 @@ class SecretData:
     def shared_with(self, namespace: str) -> bool:
         """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
         return namespace == self.namespace or namespace in self.share_with or "*" in self.share_with
+
+    def may_reach(self, namespace: str, endpoint: Endpoint) -> bool:
+        """Whether a backend of ``namespace`` may send this Secret's credential to ``endpoint``."""
+        if namespace == self.namespace:
+            return True
+        return endpoint.host in self.share_hosts or f"{endpoint.host}:{endpoint.port}" in self.share_hosts
 
 
 def kind_problem(doc: dict[str, Any]) -> str:
@@ -531,4 +543,5 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
         labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},
         annotations=annotations,
         share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
+        share_hosts=frozenset(h.strip().lower() for h in annotations.get(SHARE_HOSTS_ANNOTATION, "").split(",") if h.strip()),
     )

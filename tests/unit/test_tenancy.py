@@ -90,7 +90,8 @@ def test_a_binding_can_use_another_namespaces_secret_only_when_its_owner_shares_
     assert result.problems["team/chat"].reason == "CrossNamespaceReference"
     assert "crdgol.io/share-with: team" in result.problems["team/chat"].message
     for share in ("team", "other, team", "*"):
-        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": share}}}
+        annotations = {"crdgol.io/share-with": share, "crdgol.io/share-hosts": "x"}
+        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": annotations}}
         _, result = policy([b], [shared])
         assert result.accepted == ("team/chat",), share
     _, result = policy([b], [{**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": "other"}}}])
@@ -104,7 +105,8 @@ def test_unsharing_a_secret_takes_effect_even_when_the_render_is_cached() -> Non
     spec = parse_binding(binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}]))
     meta = {"name": "p", "namespace": "platform"}
     cache = RenderCache()
-    shared = parse_secret({"metadata": {**meta, "annotations": {"crdgol.io/share-with": "team"}}, "stringData": {"k": "v"}})
+    annotations = {"crdgol.io/share-with": "team", "crdgol.io/share-hosts": "x"}
+    shared = parse_secret({"metadata": {**meta, "annotations": annotations}, "stringData": {"k": "v"}})
     assert render([spec], [shared], RenderSettings(), cache).accepted == ("team/chat",)
     unshared = parse_secret({"metadata": meta, "stringData": {"k": "v"}})
     assert render([spec], [unshared], RenderSettings(), cache).accepted == ()
@@ -267,3 +269,33 @@ def test_a_caller_whose_own_namespaces_agree_is_still_served() -> None:
     pol, _ = policy([binding("team", "chat", auth=auth_spec), binding("other", "embed", auth=auth_spec)])
     reached, tenant = pol.resolve("chat", ("other/acme", "team/acme"))
     assert reached is not None and (reached.key, tenant) == ("team/chat", "team/acme")
+
+
+def test_a_shared_provider_credential_goes_only_to_the_hosts_its_owner_names() -> None:
+    # Sharing lets another namespace spend the account, not read the key: that namespace chooses
+    # its binding's endpoint, so without a host list it could point it at its own server and
+    # receive the credential in the Authorization header.
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+
+    def team(endpoint: str) -> dict[str, Any]:
+        return binding("team", "chat", backends=[{"provider": "openai", "endpoint": endpoint, "model": "m", "credentialsRef": ref}])
+
+    def platform(**annotations: str) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "namespace": "platform", "annotations": annotations}, "stringData": {"k": "sk-platform"}}
+
+    share = {"crdgol.io/share-with": "team"}
+    hosts = {"crdgol.io/share-hosts": "api.openai.com, 127.0.0.1:8081"}
+    _, result = policy([team("https://attacker.example/v1")], [platform(**share, **hosts)])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    assert "crdgol.io/share-hosts" in result.problems["team/chat"].message
+    assert b"sk-platform" not in result.snapshot.SerializeToString()
+    _, result = policy([team("https://api.openai.com/v1")], [platform(**share)])  # no host list: shared with nobody's endpoint
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    for endpoint in ("https://api.openai.com/v1", "http://127.0.0.1:8081/v1"):
+        _, result = policy([team(endpoint)], [platform(**share, **hosts)])
+        assert result.accepted == ("team/chat",), endpoint
+    _, result = policy([team("http://127.0.0.1:9999/v1")], [platform(**share, **hosts)])  # another port: another server
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    # The owner's own bindings need no host list.
+    own = binding("platform", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}])
+    assert policy([own], [platform()])[1].accepted == ("platform/chat",)
