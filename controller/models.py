@@ -222,12 +222,20 @@ def kind_problem(doc: dict[str, Any]) -> str:
 
 def parse_endpoint(raw: object, what: str) -> Endpoint:
     text = str(raw or "")
-    parts = urlsplit(text)
+    # A status message may quote the URL, but never a credential written into it.
+    shown = re.sub(r"//[^/@]*@", "//***@", text)
+    try:
+        parts = urlsplit(text)
+        explicit_port = parts.port
+    except ValueError:  # a port out of range, a broken IPv6 literal
+        raise SpecError("InvalidEndpoint", f"{what}: {shown!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SpecError("InvalidEndpoint", f"{what}: {text!r} is not an http(s) URL")
+        raise SpecError("InvalidEndpoint", f"{what}: {shown!r} is not an http(s) URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise SpecError("InvalidEndpoint", f"{what}: put credentials in credentialsRef, not in the URL; no query or fragment")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in parts.path):
+        raise SpecError("InvalidEndpoint", f"{what}: the path may not hold spaces or control characters")
+    port = explicit_port or (443 if parts.scheme == "https" else 80)
     path = parts.path.rstrip("/")
     # "/v1" is where both APIs live; a prefix before it (Azure-style proxies) is kept.
     if path.endswith("/v1"):

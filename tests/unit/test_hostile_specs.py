@@ -89,3 +89,16 @@ def test_a_namespace_that_is_not_a_dns_label_is_refused_for_bindings_and_secrets
     secret = {"metadata": {"name": "k", "namespace": "team/x", "labels": {"crdgol.io/api-key": "true"}}, "stringData": {"k": "sk-1"}}
     with pytest.raises(SpecError, match=r"metadata\.namespace"):
         parse_secret(secret)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["ftp://user:hunter2@host/v1", "http://user:hunter2@", "https://:hunter2@/v1", "http://h:99999/v1", "http://[::1/v1", "http://h/v1 x/v1"],
+)
+def test_a_bad_endpoint_is_refused_without_quoting_a_credential_written_into_it(endpoint: str) -> None:
+    doc = binding("team", "chat")
+    doc["spec"]["backends"][0]["endpoint"] = endpoint
+    with pytest.raises(SpecError) as err:
+        parse_binding(doc)
+    assert err.value.reason == "InvalidEndpoint"
+    assert "hunter2" not in err.value.message
