@@ -358,6 +358,10 @@ def _quotas(raw: object, namespace: str) -> QuotasSpec:
     )
 
 
+# Request headers a profile may not copy into the prompt: the caller's own credentials.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "api-key"})
+
+
 def _context(raw: object) -> ContextSpec:
     c = _dict(raw, "spec.context")
     profile = []
@@ -366,6 +370,9 @@ def _context(raw: object) -> ContextSpec:
         name, claim, header = str(p.get("name") or ""), str(p.get("claim") or ""), str(p.get("header") or "")
         if not name or bool(claim) == bool(header):
             raise SpecError("InvalidContext", f"spec.context.profile[{i}]: needs a name and exactly one of claim or header")
+        if header.lower() in _CREDENTIAL_HEADERS or header.startswith(":"):
+            # The value would be copied into the prompt (and the session history) sent upstream.
+            raise SpecError("InvalidContext", f"spec.context.profile[{i}].header: {header!r} carries a credential or is not a header")
         profile.append(ProfileFieldSpec(name, claim, header.lower()))
     h = _dict(c.get("history"), "spec.context.history")
     history = HistorySpec(

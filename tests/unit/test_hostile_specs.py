@@ -102,3 +102,9 @@ def test_a_bad_endpoint_is_refused_without_quoting_a_credential_written_into_it(
         parse_binding(doc)
     assert err.value.reason == "InvalidEndpoint"
     assert "hunter2" not in err.value.message
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key", "cookie", ":authority"])
+def test_a_profile_cannot_copy_the_callers_credential_into_the_prompt(header: str) -> None:
+    with pytest.raises(SpecError, match="credential"):
+        parse_binding(binding("team", "chat", context={"profile": [{"name": "who", "header": header}]}))
