@@ -161,9 +161,14 @@ class Controller:
 
     async def refresh_health(self) -> None:
         """Read each backend's health from Envoy's admin API into the bindings' status."""
-        url = f"http://127.0.0.1:{self.settings.render.admin_port}/clusters?format=json"
+        sock = self.settings.render.admin_socket
+        url = f"http://{'localhost' if sock else f'127.0.0.1:{self.settings.render.admin_port}'}/clusters?format=json"
+        connector = aiohttp.UnixConnector(path=sock) if sock else None
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session, session.get(url) as rsp:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1), connector=connector) as session,
+                session.get(url) as rsp,
+            ):
                 doc = await rsp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return  # no Envoy (yet): the status simply says nothing about health

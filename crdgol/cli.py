@@ -153,6 +153,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         extproc_ports=tuple(int(p) for p in str(args.extproc_port).split(",")),
         extproc_sockets=tuple(p for p in str(args.extproc_socket).split(",") if p),
         admin_port=args.admin_port,
+        admin_socket=args.admin_socket,
     )
     settings = ControllerSettings(
         render=render,
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--extproc-port", default="9002", help="extproc's gRPC port, or several comma-separated for several replicas (default 9002)")
     ctl.add_argument("--extproc-socket", default="", help="Envoy reaches extproc on these Unix sockets instead (comma-separated), when they share a host")
     ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
+    ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
     ctl.set_defaults(func=cmd_controller)
 
     certs = sub.add_parser("certs", help="issue development certificates for the control plane's mutual TLS (a CA, the controller, the gateway)")

@@ -65,6 +65,7 @@ def up(settings: UpSettings) -> int:
             envoy_log_level=settings.envoy_log_level,
             redis_url=settings.redis_url,
             extproc_replicas=settings.extproc_replicas,
+            admin_socket=True,
         )
     )
     if settings.extproc_replicas > 1 and not settings.redis_url:
