@@ -246,8 +246,14 @@ class Controller:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
-        app.router.add_get("/status", status)
-        app.router.add_get("/healthz", lambda _r: _ok())
+        if self.settings.manifests is not None:
+            # File mode only: on a cluster this port is open to every pod (for Prometheus), and each
+            # binding's status is already on the binding, behind RBAC.
+            app.router.add_get("/status", status)
+        async def healthz(_r: web.Request) -> web.Response:
+            return await _ok()
+
+        app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.host, self.settings.metrics_port).start()
