@@ -166,9 +166,14 @@ class Controller:
 
     async def refresh_health(self) -> None:
         """Read each backend's health from Envoy's admin API into the bindings' status."""
-        url = f"http://127.0.0.1:{self.settings.render.admin_port}/clusters?format=json"
+        sock = self.settings.render.admin_socket
+        url = f"http://{'localhost' if sock else f'127.0.0.1:{self.settings.render.admin_port}'}/clusters?format=json"
+        connector = aiohttp.UnixConnector(path=sock) if sock else None
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session, session.get(url) as rsp:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1), connector=connector) as session,
+                session.get(url) as rsp,
+            ):
                 doc = await rsp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return  # no Envoy (yet): the status simply says nothing about health
@@ -249,8 +254,14 @@ class Controller:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
-        app.router.add_get("/status", status)
-        app.router.add_get("/healthz", lambda _r: _ok())
+        if self.settings.manifests is not None:
+            # File mode only: on a cluster this port is open to every pod (for Prometheus), and each
+            # binding's status is already on the binding, behind RBAC.
+            app.router.add_get("/status", status)
+        async def healthz(_r: web.Request) -> web.Response:
+            return await _ok()
+
+        app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.host, self.settings.metrics_port).start()

@@ -61,6 +61,10 @@ class RenderSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     admin_port: int = 9901
+    # Envoy's admin API on this Unix socket (mode 0600) instead of the TCP port: the admin API has
+    # no authentication, and a local user could stop Envoy or raise its log level until it logs
+    # request headers (credentials included).
+    admin_socket: str = ""
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 9002
     # Several extproc replicas (Envoy spreads streams across them); overrides extproc_port.
@@ -502,6 +506,13 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 XDS_CLUSTER = "crdgol-xds"
 
 
+def admin_address(settings: RenderSettings) -> Json:
+    """Where Envoy's admin API listens: its Unix socket (owner only) if set, else loopback TCP."""
+    if settings.admin_socket:
+        return {"pipe": {"path": settings.admin_socket, "mode": 0o600}}
+    return socket_address("127.0.0.1", settings.admin_port)
+
+
 def ads_bootstrap(
     settings: RenderSettings,
     xds_host: str,
@@ -521,7 +532,7 @@ def ads_bootstrap(
         xds["transport_socket"] = xds_tls
     return {
         "node": {"id": node_id, "cluster": "crdgol"},
-        "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
+        "admin": {"address": admin_address(settings)},
         "overload_manager": overload_manager(settings.max_connections),
         "dynamic_resources": {
             "ads_config": {

@@ -35,6 +35,10 @@ TENANT_ANNOTATION = "crdgol.io/tenant"
 # On a Secret: the namespaces (comma-separated, or "*") whose bindings may reference it. Without it a
 # Secret serves its own namespace's bindings only (the owner of a provider account says who spends it).
 SHARE_ANNOTATION = "crdgol.io/share-with"
+# On a shared Secret: the hosts (``host`` or ``host:port``, comma-separated) other namespaces'
+# backends may send its credential to. Sharing lets them spend the account; without this list a
+# borrower could point its endpoint at its own server and read the key from the request.
+SHARE_HOSTS_ANNOTATION = "crdgol.io/share-hosts"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
@@ -180,6 +184,8 @@ class SecretData:
     annotations: dict[str, str] = field(default_factory=dict)
     # Namespaces (or "*") its owner shares it with (SHARE_ANNOTATION), parsed once.
     share_with: frozenset[str] = frozenset()
+    # Hosts another namespace's backend may send its credential to (SHARE_HOSTS_ANNOTATION).
+    share_hosts: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -192,6 +198,12 @@ class SecretData:
     def shared_with(self, namespace: str) -> bool:
         """Whether a binding of ``namespace`` may use this Secret (its own, or shared by its owner)."""
         return namespace == self.namespace or namespace in self.share_with or "*" in self.share_with
+
+    def may_reach(self, namespace: str, endpoint: Endpoint) -> bool:
+        """Whether a backend of ``namespace`` may send this Secret's credential to ``endpoint``."""
+        if namespace == self.namespace:
+            return True
+        return endpoint.host in self.share_hosts or f"{endpoint.host}:{endpoint.port}" in self.share_hosts
 
 
 def kind_problem(doc: dict[str, Any]) -> str:
@@ -210,12 +222,20 @@ def kind_problem(doc: dict[str, Any]) -> str:
 
 def parse_endpoint(raw: object, what: str) -> Endpoint:
     text = str(raw or "")
-    parts = urlsplit(text)
+    # A status message may quote the URL, but never a credential written into it.
+    shown = re.sub(r"//[^/@]*@", "//***@", text)
+    try:
+        parts = urlsplit(text)
+        explicit_port = parts.port
+    except ValueError:  # a port out of range, a broken IPv6 literal
+        raise SpecError("InvalidEndpoint", f"{what}: {shown!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SpecError("InvalidEndpoint", f"{what}: {text!r} is not an http(s) URL")
+        raise SpecError("InvalidEndpoint", f"{what}: {shown!r} is not an http(s) URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise SpecError("InvalidEndpoint", f"{what}: put credentials in credentialsRef, not in the URL; no query or fragment")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in parts.path):
+        raise SpecError("InvalidEndpoint", f"{what}: the path may not hold spaces or control characters")
+    port = explicit_port or (443 if parts.scheme == "https" else 80)
     path = parts.path.rstrip("/")
     # "/v1" is where both APIs live; a prefix before it (Azure-style proxies) is kept.
     if path.endswith("/v1"):
@@ -338,6 +358,10 @@ def _quotas(raw: object, namespace: str) -> QuotasSpec:
     )
 
 
+# Request headers a profile may not copy into the prompt: the caller's own credentials.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "api-key"})
+
+
 def _context(raw: object) -> ContextSpec:
     c = _dict(raw, "spec.context")
     profile = []
@@ -346,6 +370,9 @@ def _context(raw: object) -> ContextSpec:
         name, claim, header = str(p.get("name") or ""), str(p.get("claim") or ""), str(p.get("header") or "")
         if not name or bool(claim) == bool(header):
             raise SpecError("InvalidContext", f"spec.context.profile[{i}]: needs a name and exactly one of claim or header")
+        if header.lower() in _CREDENTIAL_HEADERS or header.startswith(":"):
+            # The value would be copied into the prompt (and the session history) sent upstream.
+            raise SpecError("InvalidContext", f"spec.context.profile[{i}].header: {header!r} carries a credential or is not a header")
         profile.append(ProfileFieldSpec(name, claim, header.lower()))
     h = _dict(c.get("history"), "spec.context.history")
     history = HistorySpec(
@@ -423,6 +450,23 @@ def _jwts(raw: object, namespace: str) -> tuple[JwtSpec, ...]:
 
 
 def parse_binding(obj: dict[str, Any]) -> BindingSpec:
+    """The typed spec of an AIModelBinding object, or ``SpecError`` saying what to fix.
+
+    Never anything but ``SpecError``: a value of a type no check expected (a list where a word
+    belongs, say) refuses this binding instead of raising through the controller, which would stop
+    every namespace's bindings from being served.
+    """
+    try:
+        return _parse_binding(obj)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+        raise SpecError(
+            "InvalidSpec", f"a field has a value of the wrong type or out of range ({type(exc).__name__}); check it against the CRD"
+        ) from None
+
+
+def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
     unknown = binding_problems(obj)
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -432,6 +476,9 @@ def parse_binding(obj: dict[str, Any]) -> BindingSpec:
     namespace = str(meta.get("namespace") or "default")
     if not _NAME.fullmatch(name):
         raise SpecError("InvalidSpec", f"metadata.name: {name!r} must be a DNS label")
+    if not tenancy.valid_namespace(namespace):
+        # "a/b" would make its tenants read as tenants of namespace "a" (crdgol.tenancy).
+        raise SpecError("InvalidSpec", f"metadata.namespace: {namespace!r} must be a DNS label")
     spec = _dict(obj.get("spec"), "spec")
     model = str(spec.get("model") or "")
     if not _MODEL.fullmatch(model):
@@ -500,11 +547,16 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
     for k, v in _dict(obj.get("stringData"), "stringData").items():
         data[str(k)] = str(v)
     annotations = {str(k): str(v) for k, v in _dict(meta.get("annotations"), "metadata.annotations").items()}
+    namespace = str(meta.get("namespace") or "default")
+    if not tenancy.valid_namespace(namespace):
+        # An API key in "a/b" would act as a tenant of namespace "a" (crdgol.tenancy).
+        raise SpecError("InvalidSecret", f"metadata.namespace: {namespace!r} must be a DNS label")
     return SecretData(
-        namespace=str(meta.get("namespace") or "default"),
+        namespace=namespace,
         name=str(meta.get("name") or ""),
         data=data,
         labels={str(k): str(v) for k, v in _dict(meta.get("labels"), "metadata.labels").items()},
         annotations=annotations,
         share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
+        share_hosts=frozenset(h.strip().lower() for h in annotations.get(SHARE_HOSTS_ANNOTATION, "").split(",") if h.strip()),
     )

@@ -50,9 +50,11 @@ from controller.envoy_config import (
 )
 from controller.models import (
     SHARE_ANNOTATION,
+    SHARE_HOSTS_ANNOTATION,
     TENANT_ANNOTATION,
     BackendSpec,
     BindingSpec,
+    Endpoint,
     QuotaSpec,
     SecretData,
     SecretRef,
@@ -94,8 +96,9 @@ class RenderResult:
     source_problems: dict[str, str] = field(default_factory=dict)
 
 
-def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str) -> str:
-    """The value a binding of ``namespace`` reads from a Secret it names."""
+def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str, endpoint: Endpoint | None = None) -> str:
+    """The value a binding of ``namespace`` reads from a Secret it names (a provider credential
+    when ``endpoint`` is where it will be sent)."""
     secret = secrets.get(f"{ref.namespace}/{ref.name}")
     if secret is None:
         raise SpecError("SecretNotFound", f"{what}: Secret {ref.namespace}/{ref.name} does not exist")
@@ -104,6 +107,13 @@ def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, names
             "CrossNamespaceReference",
             f"{what}: Secret {ref.namespace}/{ref.name} is not shared with namespace {namespace}; its owner "
             f"may annotate it {SHARE_ANNOTATION}: {namespace}",
+        )
+    if endpoint is not None and not secret.may_reach(namespace, endpoint):
+        raise SpecError(
+            "CrossNamespaceReference",
+            f"{what}: Secret {ref.namespace}/{ref.name} is shared with namespace {namespace}, but not for host "
+            f"{endpoint.host}:{endpoint.port}; its owner may list the hosts its credential may be sent to in "
+            f"{SHARE_HOSTS_ANNOTATION}",
         )
     value = secret.data.get(ref.key)
     if not value:
@@ -114,7 +124,8 @@ def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, names
 def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, direct: BackendSpec | None) -> pb.Binding:
     backends = []
     for i, be in enumerate(b.backends):
-        key = _resolve(be.credentials, secrets, f"spec.backends[{i}].credentialsRef", b.namespace) if be.credentials else ""
+        what = f"spec.backends[{i}].credentialsRef"
+        key = _resolve(be.credentials, secrets, what, b.namespace, be.endpoint) if be.credentials else ""
         host = be.endpoint.host
         default_port = 443 if be.endpoint.tls else 80
         if be.endpoint.port != default_port:
@@ -282,16 +293,17 @@ class RenderCache:
         self._entries, self._used = self._used, {}
 
 
-def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool], ...]:
-    """What a binding's cached render depends on: each named Secret value, and whether it may use it."""
+def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool, frozenset[str]], ...]:
+    """What a binding's cached render depends on: each named Secret value, whether it may use it,
+    and the hosts its owner lets it reach."""
     refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
-    out: list[tuple[str | None, bool]] = []
+    out: list[tuple[str | None, bool, frozenset[str]]] = []
     for ref in refs:
         secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None
         if secret is None or ref is None:
-            out.append((None, False))
+            out.append((None, False, frozenset()))
         else:
-            out.append((secret.data.get(ref.key), secret.shared_with(b.namespace)))
+            out.append((secret.data.get(ref.key), secret.shared_with(b.namespace), secret.share_hosts))
     return tuple(out)
 
 
@@ -329,6 +341,14 @@ def _render(
                 pieces = _pieces(b, secret_map, settings)
             except SpecError as exc:
                 problems[b.key] = exc
+                continue
+            except (ValueError, TypeError, OverflowError) as exc:
+                # A value the parser let through but the snapshot or Envoy cannot hold: this
+                # binding is refused; the others (every other namespace's) are still served.
+                # The message names the error type only: protobuf's text may quote a value.
+                problems[b.key] = SpecError(
+                    "InvalidSpec", f"the spec could not be rendered ({type(exc).__name__}): a value is out of range"
+                )
                 continue
             if cache is not None:
                 cache.put(key, pieces)

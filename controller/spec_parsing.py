@@ -22,14 +22,27 @@ class SpecError(ValueError):
         self.message = message
 
 
+# The longest duration any field takes (a year). Beyond it a value is a mistake, and it would not
+# fit the policy snapshot's 32-bit seconds or Envoy's Duration: one binding must never be able to
+# stop the render for every namespace.
+MAX_DURATION_SECONDS = 366 * 24 * 3600.0
+
+
 def parse_duration(raw: object, what: str) -> float:
-    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-        return float(raw)
-    m = _DURATION.fullmatch(str(raw).strip())
-    if not m or float(m.group(1)) <= 0:
+    """'30s', '500ms', '2m', '1h' (or a number of seconds) -> seconds, above 0 and at most a year."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        seconds = float(raw)
+    else:
+        m = _DURATION.fullmatch(str(raw).strip())
+        if not m:
+            raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    # "not <=" also refuses NaN; the upper bound also refuses infinity.
+    if not seconds > 0:
         raise SpecError("InvalidDuration", f"{what}: {raw!r} is not a duration like '30s', '500ms' or '2m'")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise SpecError("InvalidDuration", f"{what}: {raw!r} is longer than a year (8784h)")
+    return seconds
 
 
 def int_in(raw: object, what: str, lo: int, hi: int) -> int:

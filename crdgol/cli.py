@@ -153,6 +153,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         extproc_sockets=tuple(p for p in str(args.extproc_socket).split(",") if p),
         admin_port=args.admin_port,
         access_log="" if args.access_log == "off" else args.access_log,
+        admin_socket=args.admin_socket,
     )
     workflows = None
     if args.manifests:
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
     ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
+    ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
     ctl.set_defaults(func=cmd_controller)
 
     certs = sub.add_parser("certs", help="issue development certificates for the control plane's mutual TLS (a CA, the controller, the gateway)")

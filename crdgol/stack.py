@@ -8,13 +8,15 @@ tests drive is what a user runs.
 
 The control plane and extproc listen on Unix sockets only, in ``<state>/sockets`` (0700, sockets
 0600): no other local user can read the policy (it carries provider keys) or feed Envoy a config.
-TCP ports are the gateway listener, the mock upstream, Envoy's admin and the /metrics endpoints,
-all on loopback except the gateway's own. ``respawn`` starts a dead child again with the same
+TCP ports are the gateway listener, the mock upstream, Envoy's admin (unless ``admin_socket``, as
+``crdgol up`` sets: then it is ``admin.sock`` there too) and the /metrics endpoints, all on
+loopback except the gateway's own. ``respawn`` starts a dead child again with the same
 command line (``crdgol.supervisor`` decides when).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -102,6 +104,20 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a Unix socket (Envoy's admin API in ``crdgol up``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=2)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
 @dataclass
 class StackSettings:
     manifests: Path
@@ -119,6 +135,8 @@ class StackSettings:
     extproc_replicas: int = 1
     # Envoy's JSON access log: "-" = its stdout, a file path, or "off".
     access_log: str = "-"
+    # Envoy's admin API on <sockets>/admin.sock (0600) instead of a loopback TCP port (crdgol up).
+    admin_socket: bool = False
 
 
 class Stack:
@@ -139,6 +157,7 @@ class Stack:
         self.xds_socket = str(self.sockets / "xds.sock")
         self.policy_socket = str(self.sockets / "policy.sock")
         self.extproc_sockets = tuple(str(self.sockets / f"extproc-{i}.sock") for i in range(replicas))
+        self.admin_socket = str(self.sockets / "admin.sock") if settings.admin_socket else ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.argv: dict[str, list[str]] = {}
         self.result: RenderResult | None = None
@@ -158,6 +177,7 @@ class Stack:
             listen_host=self.settings.host,
             listen_port=self.port,
             admin_port=self.admin_port,
+            admin_socket=self.admin_socket,
             extproc_sockets=self.extproc_sockets,
         )
 
@@ -250,6 +270,7 @@ class Stack:
                     "--workflow-socket", str(self.state / "workflows.sock"),
                     "--egress-port", str(self.egress_port),
                     "--access-log", self.settings.access_log,
+                    *(["--admin-socket", rs.admin_socket] if rs.admin_socket else []),
                 ],
             )
             wait_http(f"http://127.0.0.1:{self.controller_port}/healthz", (200,), timeout, ctl)
@@ -288,21 +309,36 @@ class Stack:
             self.stop()
             raise
 
+    def admin(self, path: str, method: str = "GET") -> str:
+        """One call to Envoy's admin API (on its socket or its port); raises OSError."""
+        conn: http.client.HTTPConnection = (
+            _UnixHTTPConnection(self.admin_socket) if self.admin_socket else http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=2)
+        )
+        try:
+            conn.request(method, path)
+            rsp = conn.getresponse()
+            body = rsp.read().decode()
+            if rsp.status >= 400:
+                raise OSError(f"Envoy admin {method} {path}: {rsp.status}")
+            return body
+        except http.client.HTTPException as exc:
+            raise OSError(str(exc)) from exc
+        finally:
+            conn.close()
+
     def drain(self, grace: float) -> None:
         """Stop accepting connections and wait (up to ``grace`` s) for in-flight requests to end."""
         envoy = self.procs.get("envoy")
         if envoy is None or envoy.poll() is not None or grace <= 0:
             return
-        admin = f"http://127.0.0.1:{self.admin_port}"
         try:
-            urllib.request.urlopen(urllib.request.Request(f"{admin}/drain_listeners?graceful", method="POST"), timeout=2).read()
+            self.admin("/drain_listeners?graceful", method="POST")
         except OSError:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{admin}/stats?filter=downstream_rq_active", timeout=2) as r:
-                    lines = r.read().decode().splitlines()
+                lines = self.admin("/stats?filter=downstream_rq_active").splitlines()
                 active = sum(int(ln.rsplit(":", 1)[1]) for ln in lines if ln.startswith("http.crdgol.downstream_rq_active:"))
             except (OSError, ValueError, IndexError):
                 return

@@ -34,6 +34,11 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def valid_namespace(namespace: str) -> bool:
+    """Whether ``namespace`` is a Kubernetes namespace name (a DNS label: no '/', no '*')."""
+    return _NAMESPACE.fullmatch(namespace) is not None
+
+
 def qualified(namespace: str, name: str) -> str:
     """The tenant ``name`` owned by ``namespace``. ``name`` must be valid (see ``valid_name``)."""
     return f"{namespace}{SEPARATOR}{name}"

@@ -80,6 +80,7 @@ def up(settings: UpSettings) -> int:
             redis_url=settings.redis_url,
             extproc_replicas=settings.extproc_replicas,
             access_log=settings.access_log,
+            admin_socket=True,
         )
     )
     if settings.extproc_replicas > 1 and not settings.redis_url:

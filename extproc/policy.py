@@ -153,25 +153,42 @@ class Policy:
     def resolve(self, model: str, tenants: tuple[str, ...]) -> tuple[Binding | None, str]:
         """The binding a caller acting as one of ``tenants`` reaches for ``model``, and as whom.
 
-        A binding of the tenant's own namespace comes first (so no other namespace can take a
-        model name from its owner), then one of another namespace that grants the tenant. Returns
-        ``(binding, tenant)``; ``(binding, "")`` when the caller's own namespace serves the model
-        but not to this tenant (403); ``(None, "")`` when nothing the caller may see serves it (404:
-        another namespace's models are not revealed).
+        For each of the caller's tenants, a binding of the tenant's own namespace comes first (so
+        no other namespace can take a model name from its owner), then one of another namespace
+        that grants the tenant. Returns ``(binding, tenant)``; ``(binding, "")`` when the caller's
+        own namespace serves the model but not to this tenant (403); ``(None, "")`` when nothing the
+        caller may see serves it (404: another namespace's models are not revealed).
+
+        A credential that acts in several namespaces (a JWT whose issuer several namespaces
+        declare with the same keys) is served only when those namespaces lead it to one binding.
+        When they lead to different ones the call is refused (403): a JWKS is public, so any
+        namespace can declare the victim's issuer with it, and picking either binding by a rule
+        (say, the first namespace by name) would let that namespace receive the victim's requests.
         """
         candidates = self.models.get(model, ())
+        if not candidates:
+            return None, ""
         denied: Binding | None = None
+        reached: dict[str, tuple[Binding, str]] = {}  # binding key -> (binding, as which tenant)
         for tenant in tenants:
             own = tenancy.namespace_of(tenant)
+            pick: Binding | None = None
             for b in candidates:
                 if b.namespace == own:
                     if b.allows(tenant):
-                        return b, tenant
-                    denied = denied or b
-        for tenant in tenants:
-            for b in candidates:
-                if b.allows(tenant):
-                    return b, tenant
+                        pick = b
+                    else:
+                        denied = denied or b
+                    break
+            if pick is None and not any(b.namespace == own for b in candidates):
+                pick = next((b for b in candidates if b.allows(tenant)), None)
+            if pick is not None and pick.key not in reached:
+                reached[pick.key] = (pick, tenant)
+        if len(reached) == 1:
+            return next(iter(reached.values()))
+        if reached:
+            # Ambiguous: refuse rather than choose (see above).
+            return next(iter(reached.values()))[0], ""
         return denied, ""
 
     def visible(self, tenants: tuple[str, ...]) -> list[Binding]:

@@ -161,3 +161,31 @@ def test_the_standalone_control_plane_is_on_private_unix_sockets_only(quickstart
         timeout=30,
     )
     assert r.status_code == 200, r.text
+
+
+def test_crdgol_up_puts_envoys_admin_api_on_a_private_socket(tmp_path: Path) -> None:
+    # The admin API has no authentication: on a TCP port any local user could stop Envoy (over
+    # and over, until the supervisor gives up) or raise its log level until it logs request
+    # headers, provider credentials included. `crdgol up` puts it beside the control plane's sockets.
+    from tests.conftest import running_example
+
+    with running_example(tmp_path, "quickstart", admin_socket=True) as stack:
+        admin = stack.sockets / "admin.sock"
+        assert stat.S_IMODE(admin.stat().st_mode) == 0o600
+        assert listening_tcp_ports(stack.pid("envoy")) == {stack.port}
+        assert "crdgol-gateway" in stack.admin("/listeners")
+        r = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "quickstart-chat", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": "Bearer sk-crdgol-quickstart"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        # The controller still reads backend health there (file mode's status).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            binding = stack.status()["bindings"]["default/quickstart-chat"]  # type: ignore[index]
+            if binding.get("backendHealth"):
+                break
+            time.sleep(0.2)
+        assert binding.get("backendHealth") == {"primary": "healthy", "fallback": "healthy"}

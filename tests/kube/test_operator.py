@@ -259,5 +259,13 @@ async def test_another_namespaces_keys_and_secrets_grant_nothing_on_a_cluster(cl
     # The same tenant name in two namespaces is two tenants.
     await cluster.eventually(lambda: tenants() == {"default/api-keys": "default/team-a", "evil/api-keys": "evil/team-a"}, what="both keys")
     # Sharing is the Secret owner's word: once annotated, the binding is served.
+    # Naming the namespace is not enough: the owner also names the hosts its key may be sent to.
     await cluster.patch(SECRETS, "default", "provider", {"metadata": {"annotations": {"crdgol.io/share-with": "evil"}}})
+
+    async def asks_for_hosts() -> bool:
+        cond = await cluster.condition("steal", "Ready", namespace="evil")
+        return cond.get("reason") == "CrossNamespaceReference" and "crdgol.io/share-hosts" in cond.get("message", "")
+
+    await cluster.eventually(asks_for_hosts, what="a refusal naming crdgol.io/share-hosts")
+    await cluster.patch(SECRETS, "default", "provider", {"metadata": {"annotations": {"crdgol.io/share-hosts": "127.0.0.1:8081"}}})
     await cluster.wait_condition("steal", "Ready", "True", "Served", namespace="evil")

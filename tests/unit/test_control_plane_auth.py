@@ -305,3 +305,29 @@ async def test_extproc_takes_no_request_before_it_holds_a_policy(tmp_path: Path)
         await asyncio.wait_for(server, 10)
         if controller is not None:
             await controller.stop()
+
+
+@pytest.mark.parametrize("file_mode", [False, True])
+async def test_the_status_of_every_namespace_is_served_over_http_in_file_mode_only(tmp_path: Path, file_mode: bool) -> None:
+    # On a cluster the metrics port is open to every pod (for Prometheus), and each binding's
+    # status is already on the binding, behind RBAC: /status there would tell any pod every
+    # namespace's models, Secret names and problems.
+    import aiohttp
+
+    folder = private_dir(tmp_path / "sockets")
+    port = free_port()
+    settings = ControllerSettings(
+        xds_socket=str(folder / "xds.sock"),
+        policy_socket=str(folder / "policy.sock"),
+        metrics_port=port,
+        manifests=tmp_path if file_mode else None,
+    )
+    controller = await serving(settings)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/status") as r:
+                assert r.status == (200 if file_mode else 404)
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+    finally:
+        await controller.stop()

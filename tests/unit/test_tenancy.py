@@ -90,7 +90,8 @@ def test_a_binding_can_use_another_namespaces_secret_only_when_its_owner_shares_
     assert result.problems["team/chat"].reason == "CrossNamespaceReference"
     assert "crdgol.io/share-with: team" in result.problems["team/chat"].message
     for share in ("team", "other, team", "*"):
-        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": share}}}
+        annotations = {"crdgol.io/share-with": share, "crdgol.io/share-hosts": "x"}
+        shared = {**unshared, "metadata": {**unshared["metadata"], "annotations": annotations}}
         _, result = policy([b], [shared])
         assert result.accepted == ("team/chat",), share
     _, result = policy([b], [{**unshared, "metadata": {**unshared["metadata"], "annotations": {"crdgol.io/share-with": "other"}}}])
@@ -104,7 +105,8 @@ def test_unsharing_a_secret_takes_effect_even_when_the_render_is_cached() -> Non
     spec = parse_binding(binding("team", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}]))
     meta = {"name": "p", "namespace": "platform"}
     cache = RenderCache()
-    shared = parse_secret({"metadata": {**meta, "annotations": {"crdgol.io/share-with": "team"}}, "stringData": {"k": "v"}})
+    annotations = {"crdgol.io/share-with": "team", "crdgol.io/share-hosts": "x"}
+    shared = parse_secret({"metadata": {**meta, "annotations": annotations}, "stringData": {"k": "v"}})
     assert render([spec], [shared], RenderSettings(), cache).accepted == ("team/chat",)
     unshared = parse_secret({"metadata": meta, "stringData": {"k": "v"}})
     assert render([spec], [unshared], RenderSettings(), cache).accepted == ()
@@ -146,9 +148,10 @@ def test_a_token_both_namespaces_verify_acts_as_each_namespaces_tenant() -> None
     pol, _ = policy([binding("a", "chat", auth=JWT), binding("b", "chat", auth=JWT)], [hs_secret("a", shared), hs_secret("b", shared)])
     ident = Authenticator(pol, clock=lambda: NOW).authenticate(token(shared))
     assert ident.tenants == ("a/acme", "b/acme")
-    # Calling "chat", it reaches its first tenant's own namespace's binding, as that tenant.
+    # Both namespaces serve "chat": which one it means is not the gateway's to guess (403).
     reached, tenant = pol.resolve("chat", ident.tenants)
-    assert reached is not None and (reached.key, tenant) == ("a/chat", "a/acme")
+    assert reached is not None and tenant == ""
+    assert pol.visible(ident.tenants) == []
 
 
 def test_a_tenant_claim_naming_a_namespace_is_refused() -> None:
@@ -221,3 +224,78 @@ def test_api_key_hashes_in_the_snapshot_name_their_qualified_tenant() -> None:
     _, result = policy([], [key_secret("team", "k", "acme", "sk-1")])
     (key,) = result.snapshot.api_keys
     assert (key.sha256, key.tenant, key.source) == (hashlib.sha256(b"sk-1").digest(), "team/acme", "team/k")
+
+
+# --- a public key proves nothing about who owns an issuer ---------------------------------------
+
+
+def _rs256_issuer() -> tuple[Any, dict[str, Any]]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return key, {"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}
+
+
+def test_a_copied_public_jwks_cannot_capture_the_victims_callers() -> None:
+    # The victim's IdP publishes its JWKS (public by design). An attacker namespace that sorts
+    # first declares the same issuer with the same JWKS and a binding for the victim's model name.
+    # The victim's token now verifies in both namespaces; it must never be routed to the
+    # attacker's backend (which would receive the victim's prompts and session id).
+    key, jwks = _rs256_issuer()
+    auth_spec = {"jwt": [{"issuer": ISSUER, "jwks": jwks}]}
+    pol, result = policy([binding("team", "chat", auth=auth_spec), binding("aaa", "chat", auth=auth_spec)])
+    assert set(result.accepted) == {"aaa/chat", "team/chat"}
+    victim = jwt.encode({"iss": ISSUER, "sub": "u", "tenant": "acme", "exp": int(NOW) + 600}, key, algorithm="RS256", headers={"kid": "k1"})
+    ident = Authenticator(pol, clock=lambda: NOW).authenticate(victim)
+    assert ident.tenants == ("aaa/acme", "team/acme")
+    reached, tenant = pol.resolve("chat", ident.tenants)
+    assert reached is None or reached.namespace != "aaa" or not tenant, "the victim's request was routed to the attacker"
+    # The same through a grant: the platform grants "team/*" a model; the attacker serves the same
+    # name in its own namespace. The victim's call must not land in the attacker's namespace either.
+    pol2, _ = policy(
+        [binding("platform", "shared", model="gpt", tenants=["team/*"]), binding("aaa", "gpt", auth=auth_spec), binding("team", "x", auth=auth_spec)]
+    )
+    reached, tenant = pol2.resolve("gpt", ident.tenants)
+    assert reached is None or reached.namespace != "aaa" or not tenant, "the victim's request was routed to the attacker"
+    assert [b.key for b in pol2.visible(ident.tenants) if b.namespace == "aaa"] == []
+
+
+def test_a_caller_whose_own_namespaces_agree_is_still_served() -> None:
+    # The same IdP trusted by two namespaces is fine as long as only one of them serves the model.
+    _key, jwks = _rs256_issuer()
+    auth_spec = {"jwt": [{"issuer": ISSUER, "jwks": jwks}]}
+    pol, _ = policy([binding("team", "chat", auth=auth_spec), binding("other", "embed", auth=auth_spec)])
+    reached, tenant = pol.resolve("chat", ("other/acme", "team/acme"))
+    assert reached is not None and (reached.key, tenant) == ("team/chat", "team/acme")
+
+
+def test_a_shared_provider_credential_goes_only_to_the_hosts_its_owner_names() -> None:
+    # Sharing lets another namespace spend the account, not read the key: that namespace chooses
+    # its binding's endpoint, so without a host list it could point it at its own server and
+    # receive the credential in the Authorization header.
+    ref = {"name": "p", "key": "k", "namespace": "platform"}
+
+    def team(endpoint: str) -> dict[str, Any]:
+        return binding("team", "chat", backends=[{"provider": "openai", "endpoint": endpoint, "model": "m", "credentialsRef": ref}])
+
+    def platform(**annotations: str) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "namespace": "platform", "annotations": annotations}, "stringData": {"k": "sk-platform"}}
+
+    share = {"crdgol.io/share-with": "team"}
+    hosts = {"crdgol.io/share-hosts": "api.openai.com, 127.0.0.1:8081"}
+    _, result = policy([team("https://attacker.example/v1")], [platform(**share, **hosts)])
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    assert "crdgol.io/share-hosts" in result.problems["team/chat"].message
+    assert b"sk-platform" not in result.snapshot.SerializeToString()
+    _, result = policy([team("https://api.openai.com/v1")], [platform(**share)])  # no host list: shared with nobody's endpoint
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    for endpoint in ("https://api.openai.com/v1", "http://127.0.0.1:8081/v1"):
+        _, result = policy([team(endpoint)], [platform(**share, **hosts)])
+        assert result.accepted == ("team/chat",), endpoint
+    _, result = policy([team("http://127.0.0.1:9999/v1")], [platform(**share, **hosts)])  # another port: another server
+    assert result.problems["team/chat"].reason == "CrossNamespaceReference"
+    # The owner's own bindings need no host list.
+    own = binding("platform", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}])
+    assert policy([own], [platform()])[1].accepted == ("platform/chat",)
