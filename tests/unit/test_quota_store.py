@@ -147,7 +147,7 @@ class AdmissionContract:
         d, r = await store.reserve("s", [budget], each, T0, 30)
         assert d.allowed and r is not None and d.remaining == {"cost_micros/day": 3000}
         d, _ = await store.reserve("s", [budget], each, T0, 30)
-        assert not d.allowed and d.limit is budget and d.retry_after == pytest.approx(86_400 - T0)
+        assert not d.allowed and d.limit == budget and d.retry_after == pytest.approx(86_400 - T0)
         await store.settle(r, Demand.used(1000, 10, price), T0)  # 2100 actually spent
         assert (await store.reserve("s", [budget], each, T0, 30))[0].allowed
 
@@ -239,7 +239,7 @@ class TestFailPolicy:
             DownStore(StoreUnavailable()), "s", limits, ONE, T0, FailPolicy(), errors.append
         )
         assert not d.allowed and r is None
-        assert d.limit is self.BUDGET and d.retry_after == 1.0
+        assert d.limit == self.BUDGET and d.retry_after == 1.0
         assert len(errors) == 1
 
     async def test_the_policy_is_configurable(self) -> None:
@@ -247,7 +247,7 @@ class TestFailPolicy:
         d, _ = await check(store, "s", [self.BUDGET], ONE, T0, FailPolicy(budgets_open=True), print)
         assert d.allowed
         d, _ = await check(store, "s", [RPM5], ONE, T0, FailPolicy(rate_limits_open=False), print)
-        assert not d.allowed and d.limit is RPM5
+        assert not d.allowed and d.limit == RPM5
 
     async def test_other_errors_propagate(self) -> None:
         with pytest.raises(ValueError):
