@@ -460,9 +460,13 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         http2_protocol_options={"override_stream_error_on_invalid_http_message": True},
     )
     if settings.access_log:
-        hcm["access_log"] = access_logs(settings.access_log)
-        # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata.
-        hcm["http_filters"][0]["typed_config"]["metadata_options"] = {"receiving_namespaces": {"untyped": [ACCESS_NAMESPACE]}}
+        # Beside the usage log (when rendered), never instead of it: quotas settle from that one.
+        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log)]
+        # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata,
+        # in addition to the namespaces extproc already writes (the settle marker).
+        ext = hcm["http_filters"][0]["typed_config"]
+        received = ext.setdefault("metadata_options", {}).setdefault("receiving_namespaces", {}).setdefault("untyped", [])
+        received.append(ACCESS_NAMESPACE)
     return {
         "name": "crdgol-gateway",
         "address": socket_address(settings.listen_host, settings.listen_port),

@@ -43,6 +43,7 @@ from crdgol.usage_log import (
 )
 from extproc.admission import Admission, Outcome, decode_reservation
 from extproc.metrics import RequestLabels
+from extproc.quota import cost_micros
 from extproc.readers import metric_model
 from extproc.services import Services
 from extproc.usage import Usage
@@ -122,6 +123,13 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
     m = services.metrics
     if usage is not None:
         m.record_usage(labels, usage.input_tokens, usage.output_tokens)
+        # Spend, priced at the backend that answered, as for an answer extproc read itself.
+        found_backend = services.current.backends.get(backend)
+        price = found_backend[1].price if found_backend is not None else None
+        if price is not None:
+            cost = cost_micros(price, usage.input_tokens, usage.output_tokens)
+            if cost > 0:
+                m.spend.labels(labels.tenant, labels.binding, backend).inc(cost / 1_000_000)
     status = entry.response.response_code.value
     took = entry.common_properties.time_to_last_downstream_tx_byte
     m.record_duration(labels, status, took.seconds + took.nanos / 1e9)
