@@ -7,20 +7,13 @@ namespace extproc fills are defined once in ``crdgol.access_log``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401 (registers the Any types the
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401  xDS server packs)
 
+from controller.envoy_json import Json, typed
 from crdgol.access_log import json_format
 
-Json = dict[str, Any]
-
 STDOUT = "-"
-
-
-def _typed(type_name: str, **fields: Any) -> Json:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
 def log_format() -> Json:
@@ -33,12 +26,12 @@ def access_logs(target: str) -> list[Json]:
     if target == STDOUT:
         logger = {
             "name": "envoy.access_loggers.stdout",
-            "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=log_format()),
+            "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=log_format()),
         }
     else:
         logger = {
             "name": "envoy.access_loggers.file",
-            "typed_config": _typed(
+            "typed_config": typed(
                 "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=target, log_format=log_format()
             ),
         }

@@ -11,25 +11,22 @@ import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
 
 from controller.access_logs import access_logs
+from controller.envoy_json import (
+    Json as Json,  # re-exported: the other builders import them from here
+)
+from controller.envoy_json import duration as duration
+from controller.envoy_json import typed as typed
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
 from crdgol.usage_log import (
-    ACCESS_LOG_NAME,
-    CACHE_CREATION_TOKENS,
-    CACHE_READ_TOKENS,
-    INPUT_TOKENS,
-    LAST_EVENT,
-    OUTPUT_TOKENS,
-    RESPONSE_MODEL,
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
-    USAGE_NAMESPACE,
 )
 
 ROUTE_HEADER = "x-crdgol-route"
@@ -52,8 +49,6 @@ _RETRY_ON = {
     "429": "retriable-status-codes",
 }
 
-
-Json = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +109,6 @@ def overload_manager(max_connections: int) -> Json:
             }
         ]
     }
-
-
-def typed(type_name: str, **fields: Any) -> Json:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"
 
 
 def binding_stamp(b: BindingSpec, direct: BackendSpec | None = None) -> str:
@@ -207,79 +194,6 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
             # The upstream filter rewrites :path and :authority for the chosen backend.
             mutation_rules={"allow_all_routing": True},
             **extra,
-        ),
-    }
-
-
-def _usage_rule(path: list[str], key: str, kind: str = "NUMBER") -> Json:
-    return {"selectors": [{"key": p} for p in path], "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": kind}}
-
-
-def _typed_struct(type_name: str, **value: Any) -> Json:
-    # xds-protos lacks sse_to_metadata's protos: Envoy converts a TypedStruct itself.
-    return {"@type": "type.googleapis.com/xds.type.v3.TypedStruct", "type_url": f"type.googleapis.com/{type_name}", "value": value}
-
-
-def usage_filters() -> list[Json]:
-    """Native filters that read token usage from responses (JSON and SSE, both APIs) into
-    dynamic metadata, so extproc needs no response body for usage (``crdgol.usage_log``)."""
-    json_rules = [
-        _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS),  # OpenAI
-        _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS),
-        _usage_rule(["usage", "input_tokens"], INPUT_TOKENS),  # Anthropic
-        _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS),
-        _usage_rule(["usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS),
-        _usage_rule(["usage", "cache_read_input_tokens"], CACHE_READ_TOKENS),
-        _usage_rule(["model"], RESPONSE_MODEL, "STRING"),
-    ]
-    sse_rules = [
-        {"rule": _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS)},  # OpenAI's final chunk
-        {"rule": _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS)},
-        {"rule": _usage_rule(["message", "usage", "input_tokens"], INPUT_TOKENS)},  # Anthropic message_start
-        {"rule": _usage_rule(["message", "usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS)},
-        {"rule": _usage_rule(["message", "usage", "cache_read_input_tokens"], CACHE_READ_TOKENS)},
-        {"rule": _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS)},  # Anthropic message_delta
-        # Anthropic events carry a type; the last one is message_stop only if the stream ended whole.
-        {"rule": _usage_rule(["type"], LAST_EVENT, "STRING")},
-        {"rule": _usage_rule(["model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
-        {"rule": _usage_rule(["message", "model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
-    ]
-    return [
-        {
-            "name": "envoy.filters.http.json_to_metadata",
-            "typed_config": typed(
-                "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-                response_rules={"rules": json_rules, "allow_content_types": ["application/json"]},
-            ),
-        },
-        {
-            "name": "envoy.filters.http.sse_to_metadata",
-            "typed_config": _typed_struct(
-                "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
-                response_rules={
-                    "content_parser": {
-                        "name": "envoy.content_parsers.json",
-                        "typed_config": _typed_struct("envoy.extensions.content_parsers.json.v3.JsonContentParser", rules=sse_rules),
-                    }
-                },
-            ),
-        },
-    ]
-
-
-def usage_access_log(settings: RenderSettings) -> Json:
-    """Every finished request's entry (aborted ones included) to extproc, batched per worker."""
-    return {
-        "name": "envoy.access_loggers.http_grpc",
-        "typed_config": typed(
-            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            common_config={
-                "log_name": ACCESS_LOG_NAME,
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-                "buffer_flush_interval": f"{settings.usage_log_flush_ms / 1000:.3f}s",
-                "buffer_size_bytes": 16384,
-            },
         ),
     }
 
@@ -443,7 +357,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
             *(usage_filters() if settings.usage_log else []),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],
-        access_log=[usage_access_log(settings)] if settings.usage_log else [],
+        access_log=[usage_access_log(EXTPROC_CLUSTER, settings.usage_log_flush_ms)] if settings.usage_log else [],
         local_reply_config=local_replies(
             max_request_bytes=settings.max_request_bytes,
             request_headers_timeout_s=settings.request_headers_timeout_s,

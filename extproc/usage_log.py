@@ -3,7 +3,7 @@
 Contract
 --------
 * Envoy's gRPC access-log service (``envoy.service.accesslog.v3``) streams every finished HTTP
-  request's entry to extproc, batched per worker (``controller.envoy_config.usage_access_log``).
+  request's entry to extproc, batched per worker (``controller.usage_filters.usage_access_log``).
 * Only entries that carry ``crdgol.settle`` metadata are acted on: extproc set it in its answer
   to the response headers of a request whose body it did not ask for
   (``extproc.gateway.ModelCall.defer``). It names the reservation and the metric labels.

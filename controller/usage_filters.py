@@ -1,0 +1,85 @@
+"""Usage off the request path: the native filters that read token usage from responses into
+dynamic metadata, and the gRPC access log that brings every finished request's entry to extproc
+(``crdgol.usage_log`` holds the names both sides share; ``extproc.usage_log`` settles them)."""
+
+from __future__ import annotations
+
+from controller.envoy_json import Json, duration, typed, typed_struct
+from crdgol.usage_log import (
+    ACCESS_LOG_NAME,
+    CACHE_CREATION_TOKENS,
+    CACHE_READ_TOKENS,
+    INPUT_TOKENS,
+    LAST_EVENT,
+    OUTPUT_TOKENS,
+    RESPONSE_MODEL,
+    USAGE_NAMESPACE,
+)
+
+
+def _usage_rule(path: list[str], key: str, kind: str = "NUMBER") -> Json:
+    return {"selectors": [{"key": p} for p in path], "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": kind}}
+
+
+def usage_filters() -> list[Json]:
+    """Native filters that read token usage from responses (JSON and SSE, both APIs) into
+    dynamic metadata, so extproc needs no response body for usage (``crdgol.usage_log``)."""
+    json_rules = [
+        _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS),  # OpenAI
+        _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS),
+        _usage_rule(["usage", "input_tokens"], INPUT_TOKENS),  # Anthropic
+        _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS),
+        _usage_rule(["usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS),
+        _usage_rule(["usage", "cache_read_input_tokens"], CACHE_READ_TOKENS),
+        _usage_rule(["model"], RESPONSE_MODEL, "STRING"),
+    ]
+    sse_rules = [
+        {"rule": _usage_rule(["usage", "prompt_tokens"], INPUT_TOKENS)},  # OpenAI's final chunk
+        {"rule": _usage_rule(["usage", "completion_tokens"], OUTPUT_TOKENS)},
+        {"rule": _usage_rule(["message", "usage", "input_tokens"], INPUT_TOKENS)},  # Anthropic message_start
+        {"rule": _usage_rule(["message", "usage", "cache_creation_input_tokens"], CACHE_CREATION_TOKENS)},
+        {"rule": _usage_rule(["message", "usage", "cache_read_input_tokens"], CACHE_READ_TOKENS)},
+        {"rule": _usage_rule(["usage", "output_tokens"], OUTPUT_TOKENS)},  # Anthropic message_delta
+        # Anthropic events carry a type; the last one is message_stop only if the stream ended whole.
+        {"rule": _usage_rule(["type"], LAST_EVENT, "STRING")},
+        {"rule": _usage_rule(["model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
+        {"rule": _usage_rule(["message", "model"], RESPONSE_MODEL, "STRING"), "stop_processing_after_matches": 1},
+    ]
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": typed(
+                "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                response_rules={"rules": json_rules, "allow_content_types": ["application/json"]},
+            ),
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": typed_struct(
+                "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                response_rules={
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": typed_struct("envoy.extensions.content_parsers.json.v3.JsonContentParser", rules=sse_rules),
+                    }
+                },
+            ),
+        },
+    ]
+
+
+def usage_access_log(extproc_cluster: str, flush_ms: int) -> Json:
+    """Every finished request's entry (aborted ones included) to extproc, batched per worker."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": typed(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={
+                "log_name": ACCESS_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
+                "buffer_flush_interval": duration(flush_ms / 1000),
+                "buffer_size_bytes": 16384,
+            },
+        ),
+    }
