@@ -192,40 +192,27 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             self.snapshot = snapshot
             self._changed.notify_all()
 
-    async def wait_acked(self, version: int, timeout: float) -> bool:
-        """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
+    def _has_acked(self, node: NodeState, version: int) -> bool:
+        # Clusters and listeners always; routes when the node subscribed to them (RDS).
+        return all(node.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in node.acked.values())
 
-        def done() -> bool:
-            # Clusters and listeners always; routes when the node subscribed to them (RDS).
-            return any(
-                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
-                for n in self.nodes.values()
-            )
-
+    async def _wait_acked(self, done: Callable[[], bool], timeout: float) -> bool:
         async with self._acked:
             try:
                 await asyncio.wait_for(self._acked.wait_for(done), timeout)
             except TimeoutError:
                 return False
         return True
+
+    async def wait_acked(self, version: int, timeout: float) -> bool:
+        """Wait until some connected Envoy has ACKed ``version`` of every type (for tests/benchmarks)."""
+        return await self._wait_acked(lambda: any(self._has_acked(n, version) for n in self.nodes.values()), timeout)
 
     async def wait_all_acked(self, version: int, timeout: float) -> bool:
         """Wait until every connected Envoy has ACKed ``version`` (or newer) of every type it
         asked for. True at once when no Envoy is connected (nothing can route yet); False on
         timeout, e.g. when an Envoy NACKed it."""
-
-        def done() -> bool:
-            return all(
-                all(n.acked.get(t, 0) >= version for t in (CDS, LDS)) and all(v >= version for v in n.acked.values())
-                for n in self.nodes.values()
-            )
-
-        async with self._acked:
-            try:
-                await asyncio.wait_for(self._acked.wait_for(done), timeout)
-            except TimeoutError:
-                return False
-        return True
+        return await self._wait_acked(lambda: all(self._has_acked(n, version) for n in self.nodes.values()), timeout)
 
     async def _next(self, after: int) -> XdsSnapshot:
         """Wait for a snapshot newer than ``after``."""
