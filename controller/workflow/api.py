@@ -22,7 +22,6 @@ from crdgol import tenancy
 from crdgol.workflow_contract import TENANT_HEADER
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_NAMESPACE = "default"
 
 
 def error(status: int, type_: str, code: str, message: str) -> web.Response:
@@ -67,23 +66,29 @@ class RunApi:
             return error(400, "invalid_request_error", "invalid_json", "the body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("inputs", {}), dict) or set(body) - {"inputs"}:
             return error(400, "invalid_request_error", "invalid_request", 'the body must be {"inputs": {...}}')
-        # A key may act as several tenants: the run acts as the one of the workflow's namespace.
-        own = sorted(t for t in tenants if tenancy.namespace_of(t) == _NAMESPACE) or sorted(tenants)
-        try:
-            state = self._start(_NAMESPACE, request.match_info["name"], body.get("inputs", {}), own[0])
-        except LookupError as exc:
-            return error(404, "not_found_error", "workflow_not_found", str(exc.args[0]))
-        except SpecError as exc:
-            return error(409, "invalid_request_error", exc.reason, exc.message)
-        return ok(201, run_status(state))
+        # The workflow is looked up in the caller's own namespaces only (a key may act as tenants of
+        # several), and the run acts as the caller's tenant there: no namespace can start another's
+        # workflow, whose steps would act on that namespace's behalf (its helpdesk, its prompts).
+        missing = LookupError(f"no WorkflowSpec {request.match_info['name']!r}")
+        for tenant in sorted(tenants):
+            try:
+                state = self._start(tenancy.namespace_of(tenant), request.match_info["name"], body.get("inputs", {}), tenant)
+            except LookupError as exc:
+                missing = exc
+                continue
+            except SpecError as exc:
+                return error(409, "invalid_request_error", exc.reason, exc.message)
+            return ok(201, run_status(state))
+        return error(404, "not_found_error", "workflow_not_found", str(missing.args[0]))
 
     def _own(self, request: web.Request) -> RunState | web.Response:
         tenants = self._tenants(request)
         if not tenants:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
         name = request.match_info["run"]
-        state = self._get(f"{_NAMESPACE}/{name}") if _NAME.fullmatch(name) else None
-        if state is None or state.tenant not in tenants:
+        found = (self._get(f"{tenancy.namespace_of(t)}/{name}") for t in sorted(tenants)) if _NAME.fullmatch(name) else iter(())
+        state = next((s for s in found if s is not None and s.tenant in tenants), None)
+        if state is None:
             return error(404, "not_found_error", "run_not_found", f"no workflow run {name!r}")
         return state
 

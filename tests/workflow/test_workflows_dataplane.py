@@ -91,6 +91,15 @@ spec:
   steps:
     - {name: a, type: transform, dependsOn: [b], transform: {expression: "1"}}
     - {name: b, type: transform, dependsOn: [a], transform: {expression: "2"}}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: intruder-key
+  namespace: other
+  labels: {crdgol.io/api-key: "true"}
+  annotations: {crdgol.io/tenant: intruder}
+stringData: {key: sk-other-namespace-intruder}
 """
 
 
@@ -248,6 +257,18 @@ def test_the_run_api_refuses_strangers_and_hides_other_tenants_runs(stack: Stack
     assert r.status_code == 404 and r.json()["error"]["code"] == "run_not_found"
     r = httpx.put(f"{stack.url}/v1/workflows/runs/x", headers=H)
     assert r.status_code == 405
+
+
+def test_another_namespaces_caller_can_neither_start_nor_see_this_namespaces_workflows(stack: Stack) -> None:
+    intruder = {"authorization": "Bearer sk-other-namespace-intruder"}
+    r = httpx.post(f"{stack.url}/v1/workflows/support-triage/runs", json={"inputs": {"ticket": "hi"}}, headers=intruder)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "workflow_not_found"
+    run = start(stack, "support-triage", ticket="Where is my invoice?")
+    r = httpx.get(f"{stack.url}/v1/workflows/runs/{run['name']}", headers=intruder)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "run_not_found"
+    assert httpx.delete(f"{stack.url}/v1/workflows/runs/{run['name']}", headers=intruder).status_code == 404
+    assert run["name"] not in [x["name"] for x in httpx.get(f"{stack.url}/v1/workflows/runs", headers=intruder).json()["runs"]]
+    wait_for(stack, run["name"])
 
 
 def test_a_spec_with_a_cycle_is_refused_naming_the_steps_and_runs_of_it_are_409(stack: Stack) -> None:
