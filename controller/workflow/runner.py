@@ -1,11 +1,12 @@
 """Running workflow runs: the engine's actions carried out, every transition recorded first.
 
-``Runner`` owns the runs of one controller. Each run is an asyncio task that takes events (step
-outcomes, wake-ups, cancellation) one at a time, asks the pure core for the next state and
-actions, appends the state to the run's journal (``RunStore``: one file per run) and only
-then acts: starts calls, aborts them, schedules a wake-up. A controller killed at any point
-finds on restart every finished step recorded and re-runs only what was in flight (each call
-carries an Idempotency-Key of run, step and attempt): at-least-once, never a finished step again.
+``Runner`` owns the runs of one controller, in file mode and on a cluster alike. Each run is an
+asyncio task that takes events (step outcomes, wake-ups, cancellation) one at a time, asks the
+pure core for the next state and actions, records the state (a ``RunRecorder``: the run's journal
+file in file mode, the WorkflowRun's status subresource on a cluster) and only then acts: starts
+calls, aborts them, schedules a wake-up. A controller killed at any point finds on restart every
+finished step recorded and re-runs only what was in flight (each call carries an Idempotency-Key
+of run, step and attempt): at-least-once, never a finished step again.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.workflow.accept import CompiledWorkflow
+from controller.workflow.accept import CompiledStep, CompiledWorkflow
 from controller.workflow.calls import CallContext, CallTarget, call_ai, call_http
 from controller.workflow.engine import (
     RUN_DONE,
@@ -65,6 +66,20 @@ class WorkflowMetrics:
         )
 
 
+class RunRecorder(Protocol):
+    """Where a run's state is kept, durably, before the engine acts on it."""
+
+    def created(self, state: RunState) -> None:
+        """A new run, recorded before anything of it runs."""
+
+    async def record(self, state: RunState) -> None:
+        """A transition; durable when this returns."""
+
+
+# Carries out one attempt of a container step (on a cluster: a Kubernetes Job).
+ContainerRunner = Callable[[RunState, CompiledStep, Call], Awaitable[StepSucceeded | StepFailed]]
+
+
 class RunStore:
     """One journal file per run: each transition appends the whole new state as one JSON line.
 
@@ -90,6 +105,12 @@ class RunStore:
             line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
         with open(self._path(state.key), "ab") as f:
             f.write(line)
+
+    def created(self, state: RunState) -> None:
+        self.save(state)
+
+    async def record(self, state: RunState) -> None:
+        self.save(state)  # in the page cache when write() returns: a kill loses nothing
 
     def load_all(self) -> list[RunState]:
         out = []
@@ -119,19 +140,30 @@ class _Live:
 
 
 class Runner:
-    """The runs of one controller (file mode): start, look up, cancel, resume."""
+    """The runs of one controller: start, look up, cancel, resume.
+
+    ``on_transition(before, after)`` is told of every recorded transition (the cluster adapter
+    posts Events from it); ``containers`` runs container steps (None: there is no cluster, and
+    the specs were refused before any run); ``keep_finished`` keeps ended runs for look-ups (the
+    run API in file mode; on a cluster they live in their resources).
+    """
 
     def __init__(
         self,
-        store: RunStore,
+        store: RunRecorder,
         target: CallTarget,
         metrics: WorkflowMetrics,
         api_key: Callable[[RunState], str | None],
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        *,
+        containers: ContainerRunner | None = None,
+        on_transition: Callable[[RunState, RunState], None] | None = None,
+        keep_finished: bool = True,
     ) -> None:
         self.store, self.target, self.metrics, self.api_key, self.clock = store, target, metrics, api_key, clock
         self.rng = rng or random.Random()
+        self.containers, self.on_transition, self.keep_finished = containers, on_transition, keep_finished
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -157,14 +189,15 @@ class Runner:
 
     def start(self, wf: CompiledWorkflow, name: str, inputs: dict[str, Any], *, tenant: str, api_key_ref: str = "") -> RunState:
         state = new_run(wf, name, wf.spec.namespace, inputs, self.clock(), tenant=tenant, api_key_ref=api_key_ref)
-        self.store.save(state)  # recorded before anything runs
+        self.store.created(state)  # recorded before anything runs
         self._launch(state, wf)
         return state
 
     def resume(self, state: RunState, wf: CompiledWorkflow) -> None:
         """Continue a recorded run: attempts in flight at the crash are started again."""
         if state.phase in RUN_DONE:
-            self.finished[state.key] = state
+            if self.keep_finished:
+                self.finished[state.key] = state
             return
         steps = dict(state.steps)
         for name, s in steps.items():
@@ -203,16 +236,19 @@ class Runner:
                 state, actions = advance(wf, before, event, self.rng.random)
                 if state is before:
                     continue
-                self.store.save(state)  # the transition is durable before any action
+                await self.store.record(state)  # the transition is durable before any action
                 live.state = state
                 if state.phase != before.phase:
                     self._count(state.workflow, before.phase, -1)
                     self._count(state.workflow, state.phase, +1)
+                if self.on_transition is not None:
+                    self.on_transition(before, state)
                 if self._act(live, actions):
                     break
         finally:
-            self.runs.pop(live.state.key, None)
-            if live.state.phase in RUN_DONE:
+            if self.runs.get(live.state.key) is live:
+                del self.runs[live.state.key]
+            if live.state.phase in RUN_DONE and self.keep_finished:
                 self.finished[live.state.key] = live.state
             for t in live.calls.values():
                 t.cancel()
@@ -247,12 +283,18 @@ class Runner:
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
         try:
-            key = self.api_key(live.state)
-            if key is None and call.type == "ai-inference":
+            key = self.api_key(live.state) if call.type == "ai-inference" else ""
+            if key is None:
                 event = StepFailed(call.step, call.attempt, "no API key to call the gateway with for this run's tenant", self.clock(), final=True)
+            elif call.type == "container":
+                if self.containers is None:
+                    event = StepFailed(call.step, call.attempt, "container steps need a cluster to run on", self.clock(), final=True)
+                else:
+                    async with asyncio.timeout(call.timeout):
+                        event = await self.containers(live.state, step, call)
             else:
                 http = await self._session()
-                ctx = CallContext(run_key=live.state.key, workflow_key=live.workflow.key, api_key=key or "", session=f"wf.{live.state.namespace}.{live.state.name}")
+                ctx = CallContext(run_key=live.state.key, workflow_key=live.workflow.key, api_key=key, session=f"wf.{live.state.namespace}.{live.state.name}")
                 fn = call_ai if call.type == "ai-inference" else call_http
                 async with asyncio.timeout(call.timeout):
                     event = await fn(http, self.target, ctx, step, call)
