@@ -18,7 +18,16 @@ import pytest
 
 from controller.workflow.cluster import ClusterWorkflowSettings
 from crdgol.stack import Stack, StackSettings
-from tests.kube.conftest import JOBS, RUNS, SPECS, ApiServer, Cluster, declare_resources, new_controller, operator_running
+from tests.kube.conftest import (
+    JOBS,
+    RUNS,
+    SPECS,
+    ApiServer,
+    Cluster,
+    declare_resources,
+    new_controller,
+    operator_running,
+)
 
 API_KEY = "sk-wf-team-a-1f4c"
 PRICING = {"inputPerMillion": "2.50", "outputPerMillion": "10.00"}
