@@ -27,6 +27,9 @@ import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--profile", default="", help="also record the controller with py-spy into this file (raw collapsed stacks)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="crdgol-wfbench-"))
     folder = tmp / "support-triage"
@@ -116,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         pid = stack.procs["controller"].pid
         cpu0 = cpu_seconds(pid)
         metrics_url = f"http://127.0.0.1:{stack.controller_port}/metrics"
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o", args.profile, "-f", "raw", "-r", "200", "--nonblocking"])
+            time.sleep(1.0)
+            cpu0 = cpu_seconds(pid)
         elapsed = asyncio.run(drive(stack.url, metrics_url, args.runs))
         cpu = cpu_seconds(pid) - cpu0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         finals = httpx.get(f"{stack.url}/v1/workflows/runs", headers=HEADERS, timeout=60).json()["runs"]
         steps = sum(1 for st in finals for s in st["steps"] if s["phase"] in ("Succeeded", "Failed"))
         result = {
