@@ -18,7 +18,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,10 +58,16 @@ class WorkflowMetrics:
         )
         self.in_flight = Gauge("crdgol_workflow_steps_in_flight", "Step attempts in flight.", registry=r)
         self.retries = Counter("crdgol_workflow_step_retries", "Step attempts after the first.", ["workflow"], registry=r)
+        self.pickup_delay = Histogram(
+            "crdgol_workflow_run_pickup_delay_seconds",
+            "From a run being created (or resumed) to the engine starting it (its first steps become ready then).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
         self.start_delay = Histogram(
             "crdgol_workflow_step_start_delay_seconds",
-            "From a step becoming ready (or its retry falling due) to its call starting.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            "From a step becoming ready (its dependencies done in a started run, or its retry falling due) to its attempt starting.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=r,
         )
 
@@ -133,9 +139,11 @@ class RunStore:
 class _Live:
     state: RunState
     workflow: CompiledWorkflow
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # One transition at a time per run. With a synchronous recorder (file mode) it is never
+    # contended: nothing awaits while holding it.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     calls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    task: asyncio.Task[None] | None = None
+    timers: set[asyncio.TimerHandle] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -167,6 +175,7 @@ class Runner:
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
@@ -208,14 +217,30 @@ class Runner:
     def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
         live = _Live(state, wf)
         self.runs[state.key] = live
-        live.events.put_nowait(Tick(self.clock()))
-        live.task = asyncio.create_task(self._loop(live), name=f"run {state.key}")
+        self._count(state.workflow, state.phase, +1)
+        self._spawn(live, self._pick_up(live, self.clock()))
+
+    async def _pick_up(self, live: _Live, since: float) -> None:
+        """The run's first transition: its steps without dependencies become ready now, when
+        the engine gets to the run (how long that took is the pickup delay, reported apart)."""
+        now = self.clock()
+        self.metrics.pickup_delay.observe(max(0.0, now - since))
+        await self._drive(live, Tick(now), None)
+
+    def _spawn(self, live: _Live, work: Coroutine[Any, Any, None], step: str = "") -> None:
+        """A task of the run: a step's call (kept to abort it) or a delivery (start, wake-up)."""
+        task = asyncio.create_task(work, name=f"run {live.state.key} {step or 'event'}")
+        if step:
+            live.calls[step] = task
+        else:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def cancel(self, key: str, reason: str = "cancelled") -> RunState | None:
         live = self.runs.get(key)
         if live is None:
             return self.finished.get(key)
-        live.events.put_nowait(Cancel(self.clock(), reason))
+        await self._deliver(live, Cancel(self.clock(), reason), run_here=False)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(live.done.wait(), 10)
         return self.get(key)
@@ -226,58 +251,87 @@ class Runner:
             await live.done.wait()
         return self.get(key)
 
-    async def _loop(self, live: _Live) -> None:
-        wf = live.workflow
-        self._count(live.state.workflow, live.state.phase, +1)
-        try:
-            while True:
-                event = await live.events.get()
-                before = live.state
-                state, actions = advance(wf, before, event, self.rng.random)
-                if state is before:
-                    continue
-                await self.store.record(state)  # the transition is durable before any action
-                live.state = state
-                if state.phase != before.phase:
-                    self._count(state.workflow, before.phase, -1)
-                    self._count(state.workflow, state.phase, +1)
-                if self.on_transition is not None:
-                    self.on_transition(before, state)
-                if self._act(live, actions):
-                    break
-        finally:
-            if self.runs.get(live.state.key) is live:
-                del self.runs[live.state.key]
-            if live.state.phase in RUN_DONE and self.keep_finished:
-                self.finished[live.state.key] = live.state
-            for t in live.calls.values():
-                t.cancel()
-            live.done.set()
+    async def _drive(self, live: _Live, event: Event | None, call: Call | None) -> None:
+        """Deliver ``event``, then run ``call`` and every call its outcome hands back, in this
+        task: a step whose dependency just finished starts at once, without queueing behind
+        the event loop's other work for a new task (what the ready -> start delay measures)."""
+        if event is not None:
+            call = await self._deliver(live, event)
+        while call is not None:
+            outcome = await self._attempt(live, call)
+            call = await self._deliver(live, outcome)
+
+    async def _deliver(self, live: _Live, event: Event, *, run_here: bool = True) -> Call | None:
+        """Apply ``event``, record the new state, then act. With ``run_here`` it returns one call
+        for the calling task to run itself (the first one the transition starts); the others
+        get tasks of their own."""
+        async with live.lock:
+            if live.done.is_set():
+                return None
+            before = live.state
+            state, actions = advance(live.workflow, before, event, self.rng.random)
+            if state is before:
+                return None
+            await self.store.record(state)  # the transition is durable before any action
+            live.state = state
+            if state.phase != before.phase:
+                self._count(state.workflow, before.phase, -1)
+                self._count(state.workflow, state.phase, +1)
+            if self.on_transition is not None:
+                self.on_transition(before, state)
+            return self._act(live, actions, run_here)
 
     def _count(self, workflow: str, phase: str, delta: int) -> None:
         self.metrics.runs.labels(workflow, phase).inc(delta)
 
-    def _act(self, live: _Live, actions: list[Action]) -> bool:
+    def _act(self, live: _Live, actions: list[Action], run_here: bool) -> Call | None:
         loop = asyncio.get_running_loop()
+        mine: Call | None = None
+        current = asyncio.current_task() if run_here else None
         for a in actions:
             match a:
                 case Call():
                     if a.attempt > 1:
                         self.metrics.retries.labels(live.state.workflow).inc()
-                    self.metrics.start_delay.observe(max(0.0, self.clock() - a.ready_at))
-                    live.calls[a.step] = asyncio.create_task(self._attempt(live, a))
+                    if mine is None and current is not None:
+                        mine = a
+                        live.calls[a.step] = current
+                    else:
+                        self._spawn(live, self._drive(live, None, a), a.step)
                 case Abort():
                     task = live.calls.pop(a.step, None)
-                    if task is not None:
+                    if task is not None and task is not current:
                         task.cancel()
                 case Wake():
-                    loop.call_later(max(0.0, a.at - self.clock()), live.events.put_nowait, Tick(a.at))
+                    timer = loop.call_later(max(0.0, a.at - self.clock()), self._wake, live, a.at)
+                    live.timers.add(timer)
                 case Finish():
                     log.info("workflow run %s finished: %s", live.state.key, a.phase)
-                    return True
-        return False
+                    self._finish(live)
+                    return None
+        return mine
 
-    async def _attempt(self, live: _Live, call: Call) -> None:
+    def _wake(self, live: _Live, at: float) -> None:
+        if not live.done.is_set():
+            self._spawn(live, self._drive(live, Tick(at), None))
+
+    def _finish(self, live: _Live) -> None:
+        if self.runs.get(live.state.key) is live:
+            del self.runs[live.state.key]
+        if live.state.phase in RUN_DONE and self.keep_finished:
+            self.finished[live.state.key] = live.state
+        current = asyncio.current_task()
+        for t in live.calls.values():
+            if t is not current:
+                t.cancel()
+        live.calls.clear()
+        for timer in live.timers:
+            timer.cancel()
+        live.done.set()
+
+    async def _attempt(self, live: _Live, call: Call) -> StepSucceeded | StepFailed:
+        """One attempt, from its start (when the ready -> start delay is taken) to its outcome."""
+        self.metrics.start_delay.observe(max(0.0, self.clock() - call.ready_at))
         started = time.perf_counter()
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
@@ -316,13 +370,14 @@ class Runner:
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]
-        live.events.put_nowait(event)
+        return event
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         for live in list(self.runs.values()):
-            if live.task is not None:
-                live.task.cancel()
-        for live in list(self.runs.values()):
+            for timer in live.timers:
+                timer.cancel()
             for t in live.calls.values():
                 t.cancel()
         if self._http is not None:
