@@ -183,6 +183,7 @@ class WorkflowHost:
 
     async def close(self) -> None:
         await self.runner.close()
+        self.store.close()
         if self._runner_site is not None:
             await self._runner_site.cleanup()
 

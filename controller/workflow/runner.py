@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,18 +92,33 @@ class RunStore:
     """One journal file per run: each transition appends the whole new state as one JSON line.
 
     Appending costs a fraction of writing a temporary file and renaming it (the rename dominated
-    the engine's CPU per step). A write() that returned is in the kernel's page cache, so a killed
-    controller loses nothing it recorded; a torn last line (a power cut mid-write) is skipped on
-    load, falling back to the state before it.
+    the engine's CPU per step), and a live run's journal stays open (up to ``max_open`` at once),
+    so a transition is one write() (opening and closing the file was a third of the rest). A
+    write() that returned is in the kernel's page cache, so a killed controller loses nothing it
+    recorded; a torn last line (a power cut mid-write) is skipped on load, falling back to the
+    state before it. Journals are 0600: they hold the runs' inputs and outputs.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_open: int = 512) -> None:
         self.folder = folder
+        self.max_open = max_open
+        self._open: OrderedDict[str, int] = OrderedDict()  # run key -> its journal's descriptor
         folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         namespace, name = key.split("/", 1)
         return self.folder / f"{namespace}.{name}.jsonl"
+
+    def _fd(self, key: str) -> int:
+        fd = self._open.get(key)
+        if fd is not None:
+            self._open.move_to_end(key)
+            return fd
+        fd = os.open(self._path(key), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._open[key] = fd
+        if len(self._open) > self.max_open:
+            os.close(self._open.popitem(last=False)[1])
+        return fd
 
     def save(self, state: RunState) -> None:
         doc = state.to_json()
@@ -109,14 +126,22 @@ class RunStore:
             line = orjson.dumps(doc) + b"\n"
         except TypeError:  # an integer beyond 64 bits in some output: the slower encoder
             line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-        with open(self._path(state.key), "ab") as f:
-            f.write(line)
+        fd = self._fd(state.key)
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        if state.phase in RUN_DONE:
+            os.close(self._open.pop(state.key))
 
     def created(self, state: RunState) -> None:
         self.save(state)
 
     async def record(self, state: RunState) -> None:
         self.save(state)  # in the page cache when write() returns: a kill loses nothing
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
 
     def load_all(self) -> list[RunState]:
         out = []
