@@ -17,6 +17,7 @@ import kmock
 import pytest
 
 from controller.workflow.cluster import ClusterWorkflowSettings
+from controller.workflow.egress import EGRESS_LISTENER, WorkflowEnvoySettings, target_cluster
 from crdgol.stack import Stack, StackSettings
 from tests.kube.conftest import (
     JOBS,
@@ -30,6 +31,7 @@ from tests.kube.conftest import (
 )
 
 API_KEY = "sk-wf-team-a-1f4c"
+EGRESS_PORT = 18090
 PRICING = {"inputPerMillion": "2.50", "outputPerMillion": "10.00"}
 
 STACK_MANIFESTS = f"""
@@ -80,7 +82,9 @@ async def wf(stack: Stack) -> AsyncIterator[Cluster]:
     async with ApiServer() as server, kmock.Server(server):
         declare_resources(server)
         controller = new_controller()
-        settings = ClusterWorkflowSettings(gateway_url=stack.url, recheck_interval=0.5, retry_delay=0.5)
+        settings = ClusterWorkflowSettings(
+            gateway_url=stack.url, recheck_interval=0.5, retry_delay=0.5, egress=WorkflowEnvoySettings(egress_host="0.0.0.0", egress_port=EGRESS_PORT)
+        )
         cluster = Cluster(server, controller)
         async with operator_running(server, controller, settings):
             await cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "provider", "namespace": "default"}, "stringData": {"apiKey": "sk-mock-provider"}})
@@ -279,6 +283,37 @@ async def test_a_spec_with_a_cycle_is_refused_with_a_condition_naming_the_steps(
     await wf.eventually(lambda: (spec_condition(wf, "loop") or {}).get("status") == "True", what="accepted")
     assert (spec_condition(wf, "loop") or {})["observedGeneration"] == 2
     assert (await wait_run(wf, "loop-1"))["phase"] == "Succeeded"
+
+
+def xds_resources(cluster: Cluster) -> dict[str, list[str]]:
+    """Names of the listeners and clusters the controller serves Envoy over xDS."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.listener.v3 import listener_pb2
+
+    snap = cluster.controller.xds.snapshot
+    out: dict[str, list[str]] = {"listeners": [], "clusters": []}
+    for url, items in (snap.resources.items() if snap else ()):
+        for any_ in items:
+            if url.endswith("Listener"):
+                msg: Any = listener_pb2.Listener()
+                any_.Unpack(msg)
+                out["listeners"].append(msg.name)
+            elif url.endswith(".Cluster"):
+                msg = cluster_pb2.Cluster()
+                any_.Unpack(msg)
+                out["clusters"].append(msg.name)
+    return out
+
+
+async def test_the_hosts_accepted_specs_call_become_the_gateways_egress_listener(wf: Cluster) -> None:
+    assert EGRESS_LISTENER not in xds_resources(wf)["listeners"]
+    steps = [{"name": "post", "type": "http-request", "httpRequest": {"method": "POST", "url": "https://helpdesk.example.com/tickets", "body": "{{ inputs.t }}"}}]
+    await wf.create(spec("post-it", steps))
+    await accepted(wf, "post-it")
+    await wf.eventually(lambda: EGRESS_LISTENER in xds_resources(wf)["listeners"], what="the egress listener in Envoy's config")
+    assert target_cluster("https", "helpdesk.example.com", 443) in xds_resources(wf)["clusters"]
+    await wf.delete(SPECS, "default", "post-it")
+    await wf.eventually(lambda: EGRESS_LISTENER not in xds_resources(wf)["listeners"], what="the egress listener gone")
 
 
 async def test_a_run_calls_only_with_an_api_key_secret_of_its_own_namespace(wf: Cluster, stack: Stack) -> None:
