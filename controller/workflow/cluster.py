@@ -82,6 +82,12 @@ def _post(ref: kopf.Body, type_: str, reason: str, message: str) -> None:
         kopf.event(ref, type=type_, reason=reason, message=message[:1024])
 
 
+def _quiet_recheck(record: logging.LogRecord) -> bool:
+    """Drop kopf's "Timer ... succeeded" line of the spec re-check (one per spec every few
+    seconds); its failures and everything else still log."""
+    return not (record.levelno == logging.INFO and "'workflowspec-recheck' succeeded" in record.getMessage())
+
+
 class RunStatusWriter:
     """The WorkflowRun status subresource as the runs' ``RunRecorder``.
 
@@ -263,7 +269,9 @@ class ClusterWorkflows:
             found = await self._api_key(namespace, secret_ref.name, secret_ref.key)
         if wf is None or isinstance(found, SpecError):
             assert isinstance(found, SpecError)
-            await self._refuse(key, found, final=False)
+            # A run recorded by an earlier controller keeps its phase (its spec may simply not be
+            # accepted again yet, on a restart): only the condition says what it waits for.
+            await self._refuse(key, found, final=False, keep_phase=bool(status.get("steps")))
             raise kopf.TemporaryError(f"{found.reason}: {found.message}", delay=self.settings.retry_delay)
         api_key, tenant = found
         self._keys[key] = api_key
@@ -295,15 +303,16 @@ class ClusterWorkflows:
             return SpecError("SecretNotFound", f"Secret {namespace}/{name} has no key {field_!r}")
         return value, tenant_of(parsed)
 
-    async def _refuse(self, key: str, problem: SpecError, *, final: bool) -> None:
+    async def _refuse(self, key: str, problem: SpecError, *, final: bool, keep_phase: bool = False) -> None:
         namespace, name = key.split("/", 1)
         now = rfc3339(self.clock())
         status: dict[str, Any] = {
-            "phase": "Failed" if final else "Pending",
             "message": problem.message,
             "conditions": [{"type": "Accepted", "status": "False", "reason": problem.reason, "message": problem.message[:32768],
                             "observedGeneration": self.recorder.generations.get(key, 1), "lastTransitionTime": now}],
         }
+        if not keep_phase:
+            status["phase"] = "Failed" if final else "Pending"
         if final:
             status["finishedAt"] = now
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, RuntimeError):
@@ -353,6 +362,7 @@ class ClusterWorkflows:
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
         specs, runs = (GROUP, VERSION, SPECS), (GROUP, VERSION, RUNS)
+        logging.getLogger("kopf.objects").addFilter(_quiet_recheck)
 
         @kopf.on.resume(*specs, registry=registry, id="workflowspec-resume")
         @kopf.on.create(*specs, registry=registry, id="workflowspec-create")
