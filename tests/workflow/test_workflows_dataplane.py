@@ -215,6 +215,14 @@ def test_a_calm_ticket_is_drafted_and_posted_to_the_helpdesk_as_the_readme_shows
     classify = next(q for q in chats if q["body"]["messages"][-1]["content"].startswith("Classify the topic"))
     assert any('"sentiment":"neutral"' in str(m["content"]) for m in classify["body"]["messages"][:-1])
     assert status["tokens"]["total"] > 0 and step(status, "sentiment")["tokens"]["total"] > 0
+    # Each AI step's cost is its tokens at the binding's pricing (0.15 / 0.60 per million), rounded
+    # up to a micro-unit; the run's is their sum.
+    costs = []
+    for name in ("sentiment", "classify", "draft"):
+        t = step(status, name)["tokens"]
+        costs.append((t["input"] * 150_000 + t["output"] * 600_000 + 999_999) // 1_000_000)
+        assert step(status, name)["cost"] == f"0.{costs[-1]:06d}"
+    assert status["cost"] == f"0.{sum(costs):06d}" and "cost" not in step(status, "post-to-helpdesk")
 
 
 def test_an_urgent_ticket_pages_a_person_and_posts_no_draft(stack: Stack) -> None:
