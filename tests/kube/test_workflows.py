@@ -374,3 +374,16 @@ def spec_condition(cluster: Cluster, name: str) -> dict[str, Any] | None:
 
 async def accepted(cluster: Cluster, name: str) -> None:
     await cluster.eventually(lambda: (spec_condition(cluster, name) or {}).get("status") == "True", what=f"WorkflowSpec {name} accepted")
+
+
+async def test_deleting_a_run_cancels_it_and_stops_its_job(wf: Cluster) -> None:
+    await wf.create(spec("crunch", CONTAINER_STEPS))
+    await accepted(wf, "crunch")
+    await wf.create(run("crunch-3", "crunch", {"text": "never mind"}))
+    await wf.eventually(lambda: object_of(wf, JOBS, "crunch-3-crunch-1"), what="the Job")
+    await wf.delete(RUNS, "default", "crunch-3")
+    # kmock has no garbage collector: the Job is gone because the engine aborted the attempt.
+    await wf.eventually(lambda: object_of(wf, JOBS, "crunch-3-crunch-1") is None, what="the Job deleted")
+    assert object_of(wf, RUNS, "crunch-3") is None
+    events = [e["reason"] for e in wf.events() if e["involvedObject"].get("name") == "crunch-3"]
+    assert "StepStarted" in events and "RunSucceeded" not in events
