@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -88,6 +89,25 @@ def _quiet_recheck(record: logging.LogRecord) -> bool:
     return not (record.levelno == logging.INFO and "'workflowspec-recheck' succeeded" in record.getMessage())
 
 
+MAX_STATUS_BYTES = 900 * 1024  # the API server refuses objects over ~1.5 MiB (etcd); keep room
+
+
+def fit_status(status: dict[str, Any], limit: int = MAX_STATUS_BYTES) -> dict[str, Any]:
+    """The status cut to ``limit`` bytes of JSON: the largest step outputs become a 1 KiB preview
+    (marked ``outputsTruncated``) until it fits. Each step's outputs are capped at 32 KiB already,
+    so only a run of many large steps gets here; after a restart its later steps see the cut
+    outputs."""
+    sizes = {i: len(json.dumps(item.get("outputs"))) for i, item in enumerate(status["steps"]) if item.get("outputs") is not None}
+    total = len(json.dumps(status))
+    for i in sorted(sizes, key=lambda k: -sizes[k]):
+        if total <= limit:
+            break
+        preview = json.dumps(status["steps"][i]["outputs"])[:1024]
+        status["steps"][i] = {**status["steps"][i], "outputs": {"truncated": True, "preview": preview}, "outputsTruncated": True}
+        total -= sizes[i] - len(json.dumps(status["steps"][i]["outputs"]))
+    return status
+
+
 class RunStatusWriter:
     """The WorkflowRun status subresource as the runs' ``RunRecorder``.
 
@@ -107,7 +127,7 @@ class RunStatusWriter:
     async def record(self, state: RunState) -> None:
         if state.key in self.gone:
             return
-        patch = {"status": k8s_status(state, self.generations.get(state.key, 1), self.clock())}
+        patch = {"status": fit_status(k8s_status(state, self.generations.get(state.key, 1), self.clock()))}
         delay = 0.1
         while True:
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,16 @@ def test_money_is_exact_decimal_text() -> None:
         assert parse_money(money(micros)) == micros
     assert money(150) == "0.000150"
     assert parse_money("1.5") == 1_500_000 and parse_money("x") is None and parse_money(3) is None
+
+
+def test_a_status_too_big_for_the_api_server_has_its_largest_outputs_cut() -> None:
+    from controller.workflow.cluster import fit_status
+
+    status = {"phase": "Running", "steps": [{"name": f"s{i}", "phase": "Succeeded", "outputs": {"text": "x" * (30_000 if i % 2 else 10)}} for i in range(40)]}
+    small = {"name": "s0", "phase": "Succeeded", "outputs": {"text": "x" * 10}}
+    cut = fit_status(copy.deepcopy(status), limit=200_000)
+    assert len(json.dumps(cut)) <= 200_000
+    assert cut["steps"][0] == small  # small outputs are kept
+    trimmed = [s for s in cut["steps"] if s.get("outputsTruncated")]
+    assert trimmed and all(len(s["outputs"]["preview"]) <= 1024 for s in trimmed)
+    assert fit_status(copy.deepcopy(status)) == status  # under the real limit: untouched
