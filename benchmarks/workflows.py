@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.start()
     try:
         pid = stack.procs["controller"].pid
+        load = os.getloadavg()[0]  # the machine is shared: say how busy it was
         cpu0 = cpu_seconds(pid)
         metrics_url = f"http://127.0.0.1:{stack.controller_port}/metrics"
         spy = None
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "controller_rss_mb": round(peak_rss_mb(pid), 1),
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
+            "load_average": round(load, 2),
             "python": platform.python_version(),
             "targets": TARGETS,
         }
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| controller peak RSS (MB) | {result['controller_rss_mb']} | < {TARGETS['controller_rss_mb']:g} |",
         f"| p99 run created -> picked up (ms, bucket bound) | {result['p99_pickup_delay_ms']} | (no target) |",
         "",
-        f"{result['succeeded']} of {result['runs']} runs succeeded; {result['steps']} steps in {result['seconds']} s; {result['cpu']}, {result['cores']} cores.",
+        f"{result['succeeded']} of {result['runs']} runs succeeded; {result['steps']} steps in {result['seconds']} s; {result['cpu']}, {result['cores']} cores, load average {result['load_average']} at the start.",
         "",
     ]
     (out / f"{name}.md").write_text("\n".join(md))
