@@ -374,9 +374,10 @@ class ClusterWorkflows:
                 _post(ref, "Normal", f"Step{s.phase}", f"step {name}: {s.phase.lower()}" + (f" ({s.message})" if s.message else ""))
         if after.phase != before.phase and after.phase in RUN_DONE:
             _post(ref, "Normal" if after.phase == "Succeeded" else "Warning", f"Run{after.phase}", after.message or f"the run {after.phase.lower()}")
-        if after.done:
+        if after.done:  # its last state is recorded: nothing of it need stay in memory
             for d in (self._keys, self._uids, self._refs):
                 d.pop(after.key, None)
+            self.recorder.generations.pop(after.key, None)
 
     # --- kopf ---------------------------------------------------------------------------------------
 
