@@ -4,8 +4,10 @@ Hypothesis opens many concurrent streams and advances them in random interleavin
 next message of its request (headers, body, an answer from a provider or from Envoy itself,
 streamed or buffered, with or without usage), or is cancelled (client gone, upstream reset, a
 timeout), or half-closed early. After every step the invariant is checked on the streams that
-have ended: a reservation is finished exactly once, released only when no provider answered, and
-never charged less than its reservation when an answer was cut short.
+have ended: a reservation is finished exactly once, released only when the request never left
+extproc or Envoy answered it itself, charged its reservation when the stream ended after the
+request went on but before any response, and never charged less than its reservation when an
+answer was cut short.
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class Stream:
     def answered_by_provider(self) -> bool:
         """extproc processed response headers that came from a provider."""
         return self.answer.provider and self.sent >= 3 and len(self.responses) >= 3
+
+    def abandoned(self) -> bool:
+        """extproc sent the request on (its body answered, not refused), and the stream ended
+        before extproc saw any response: the provider may be working on it."""
+        forwarded = len(self.responses) >= 2 and not self.responses[1].HasField("immediate_response")
+        return forwarded and len(self.responses) == 2
 
 
 class RequestPath(RuleBasedStateMachine):
@@ -216,6 +224,9 @@ class RequestPath(RuleBasedStateMachine):
             outcome = self.store.outcome(reservation.id)
             assert len(outcome) == 1, (stream.answer, outcome)
             [charged] = outcome
+            if stream.abandoned():
+                assert charged == reservation.demand, (stream.answer, stream.sent, charged)
+                continue
             if not stream.answered_by_provider():
                 assert charged is None, (stream.answer, stream.sent, charged)
                 continue
