@@ -164,8 +164,11 @@ def test_a_stream_without_a_usage_chunk_is_charged_its_reservation(gw: Stack) ->
     _charged_at_reservation(gw, "streamed-no-usage", 3, stream=True, fault="no-usage")
 
 
-def test_a_client_gone_before_the_first_byte_is_not_charged(gw: Stack) -> None:
-    for _ in range(5):  # more than the 3 per hour: each one released
+def test_a_client_gone_before_the_first_byte_of_a_slow_answer_is_charged_its_reservation(gw: Stack) -> None:
+    # The mock takes 2 s to answer; the client gives up after 0.4 s. The provider had the request
+    # (and would bill it); Envoy resets it upstream, so no usage ever comes back. Before: released,
+    # a free request each time.
+    for _ in range(2):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(
                 f"{gw.url}/v1/chat/completions",
@@ -173,7 +176,12 @@ def test_a_client_gone_before_the_first_byte_is_not_charged(gw: Stack) -> None:
                 headers={"authorization": f"Bearer {KEY}", "x-mock-latency-ms": "2000"},
                 timeout=0.4,
             )
-    time.sleep(0.3)  # the releases run as the streams close
-    r = post(gw, "early")
+    time.sleep(0.3)  # the charges run as the streams close
+    r = post(gw, "early")  # the same body: the same reservation
     assert r.status_code == 200, r.text
-    assert r.headers["x-ratelimit-remaining-requests"] == "2"
+    # 3 per hour: the two abandoned requests and this one.
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    # Each abandoned request was charged this request's reservation (its prompt estimate and max_tokens).
+    taken = TOKENS - int(r.headers["x-ratelimit-remaining-tokens"])
+    assert taken % 3 == 0 and taken // 3 >= 40, taken
+    assert post(gw, "early").status_code == 429

@@ -25,11 +25,13 @@ EVIL_KEY = "sk-evil-quickstart"
 FORGED_KEY = "sk-evil-forged"
 
 
-def _secret(namespace: str, name: str, data: dict[str, str], tenant: str | None = None) -> dict[str, Any]:
+def _secret(namespace: str, name: str, data: dict[str, str], tenant: str | None = None, accept: str = "") -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
     if tenant is not None:
         meta["labels"] = {"crdgol.io/api-key": "true"}
         meta["annotations"] = {"crdgol.io/tenant": tenant}
+        if accept:  # the namespaces whose grants this one accepts
+            meta["annotations"]["crdgol.io/accept-from"] = accept
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": data}
 
 
@@ -55,7 +57,7 @@ HISTORY = {"history": {"enabled": True, "maxTurns": 10}}
 def write(folder: Path, victim_url: str, evil_url: str) -> None:
     docs = [
         # The victim: namespace "default", tenant "quickstart".
-        _secret("default", "victim-key", {"key": VICTIM_KEY}, tenant="quickstart"),
+        _secret("default", "victim-key", {"key": VICTIM_KEY}, tenant="quickstart", accept="shared"),
         _secret("default", "provider", {"apiKey": "sk-victim-provider"}),
         _secret("default", "issuer", {"hs": VICTIM_HS}),
         _binding("default", "victim-chat", "victim-chat", victim_url, "victim-gpt", tenants=["quickstart"], auth=_jwt(), context=HISTORY),
@@ -74,6 +76,9 @@ def write(folder: Path, victim_url: str, evil_url: str) -> None:
         _binding("attacker", "evil-chat", "evil-chat", evil_url, "evil-gpt", tenants=["quickstart"], auth=_jwt(), context=HISTORY),
         # Serves the victim's model name to the victim's namespace: the victim's own binding wins.
         _binding("attacker", "shadow", "victim-chat", evil_url, "shadow-gpt", tenants=["default/*"]),
+        # Offers the victim's namespace a model name it does not serve (a lure for its callers'
+        # prompts): the victim's namespace never accepted grants from the attacker's.
+        _binding("attacker", "lure", "lure-chat", evil_url, "lure-gpt", tenants=["default/*", "quickstart"]),
         # Uses the victim's provider credential: refused.
         _binding("attacker", "steal", "steal-chat", evil_url, "steal-gpt", credentials={"name": "provider", "key": "apiKey", "namespace": "default"}),
         # A third namespace granting the victim's tenant explicitly: the owner of the binding says so.
@@ -183,6 +188,19 @@ def test_a_binding_owner_may_grant_another_namespaces_tenant_explicitly(stack: S
     with httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {VICTIM_KEY}"}, timeout=10) as c:
         models = {m["id"]: m["owned_by"] for m in c.get("/v1/models").json()["data"]}
     assert models == {"victim-chat": "default", "victim-limited": "default", "shared-chat": "shared"}
+
+
+def test_a_grant_the_grantee_namespace_never_accepted_reaches_none_of_its_callers(stack: Stack, evil_mock: MockProcess) -> None:
+    httpx.delete(f"{evil_mock.url}/_mock/requests", timeout=5)
+    assert chat(stack, VICTIM_KEY, "lure-chat", "my PIN is 4242").status_code == 404
+    assert chat(stack, token(VICTIM_HS), "lure-chat", "my PIN is 4242").status_code == 404
+    assert httpx.get(f"{evil_mock.url}/_mock/requests", timeout=5).json() == []
+    # Served in its own namespace all the same; its status says who has not accepted, and how to.
+    assert "model=lure-gpt" in reply(chat(stack, EVIL_KEY, "lure-chat"))
+    lure = {c["type"]: c for c in stack.status()["bindings"]["attacker/lure"]["conditions"]}  # type: ignore[index]
+    assert lure["Ready"]["status"] == "True"
+    assert (lure["GrantsAccepted"]["status"], lure["GrantsAccepted"]["reason"]) == ("False", "GrantNotAccepted")
+    assert "crdgol.io/accept-from: attacker" in lure["GrantsAccepted"]["message"]
 
 
 def test_metrics_name_the_qualified_tenant(stack: Stack) -> None:
