@@ -62,7 +62,19 @@ metadata: {{name: provider, namespace: charging}}
 stringData: {{apiKey: sk-mock}}
 """
 
-BINDINGS = {"aborted": 5, "reset": 3, "invalid": 3, "no-usage": 3, "early": 3, "streamed-no-usage": 3}
+BINDINGS = {"aborted": 5, "reset": 3, "invalid": 3, "no-usage": 3, "early": 3, "streamed-no-usage": 3, "unreachable": 3, "timeout": 3}
+
+
+def _variant(name: str, doc: dict[str, object]) -> dict[str, object]:
+    """The bindings whose backend never answers: a closed port, or a 1 s timeout."""
+    spec = doc["spec"]
+    assert isinstance(spec, dict)
+    if name == "unreachable":
+        spec["backends"][0]["endpoint"] = "http://127.0.0.1:9/v1"
+    if name == "timeout":
+        spec["timeouts"] = {"request": "1s", "perTry": "1s"}
+        spec["retry"] = {"attempts": 0}
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("charging")
     stack = Stack(StackSettings(manifests=folder, quiet=True))
     (folder / "secrets.yaml").write_text(SECRETS)
-    docs = [json.dumps(_binding(n, k)).replace("{MOCK}", str(stack.mock_port)) for n, k in BINDINGS.items()]
+    docs = [json.dumps(_variant(n, _binding(n, k))).replace("{MOCK}", str(stack.mock_port)) for n, k in BINDINGS.items()]
     (folder / "bindings.yaml").write_text("\n---\n".join(docs))
     # Quota windows are hourly and epoch-aligned: keep this module's requests in one window.
     to_boundary = 3600 - time.time() % 3600
@@ -185,3 +197,19 @@ def test_a_client_gone_before_the_first_byte_of_a_slow_answer_is_charged_its_res
     taken = TOKENS - int(r.headers["x-ratelimit-remaining-tokens"])
     assert taken % 3 == 0 and taken // 3 >= 40, taken
     assert post(gw, "early").status_code == 429
+
+
+def test_a_request_no_provider_received_is_released(gw: Stack) -> None:
+    # Connection refused: Envoy answers 503 itself, and that reply passes extproc, which releases.
+    for _ in range(5):  # more than the 3 per hour
+        r = post(gw, "unreachable")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
+        assert r.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_envoys_upstream_timeout_is_charged_its_reservation(gw: Stack) -> None:
+    # The provider had the request and was still working on it after the binding's 1 s.
+    for _ in range(3):
+        r = post(gw, "timeout", **{"x-mock-latency-ms": "3000"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+    assert post(gw, "timeout").status_code == 429
