@@ -50,7 +50,7 @@ PRICE = Price(1_000_000, 2_000_000)
 class Answer:
     """How the upstream side of one request goes, if Envoy gets that far."""
 
-    provider: bool  # False: Envoy's own reply (connect failure, no healthy upstream, timeout)
+    provider: bool  # False: Envoy's own reply (503: connect failure, no healthy upstream; 504 when status is 500: its upstream timeout)
     status: int
     streamed: bool
     with_usage: bool
@@ -71,6 +71,8 @@ def plan(model: str, answer: Answer) -> list[ep.ProcessingRequest]:
     """The messages Envoy would send for this request, in order."""
     msgs = [request_headers(), request_body(chat(model, stream=answer.streamed))]
     if not answer.provider:
+        if answer.status == 500:  # Envoy's upstream timeout: the provider had the request
+            return [*msgs, response_headers(504, "text/plain", upstream=False), response_body(b"upstream request timeout")]
         return [*msgs, response_headers(503, "text/plain", upstream=False), response_body(b"upstream connect error")]
     if answer.status != 200:
         return [*msgs, response_headers(answer.status), response_body(b'{"error": {"message": "provider says no"}}')]
@@ -224,7 +226,8 @@ class RequestPath(RuleBasedStateMachine):
             outcome = self.store.outcome(reservation.id)
             assert len(outcome) == 1, (stream.answer, outcome)
             [charged] = outcome
-            if stream.abandoned():
+            timed_out = not stream.answer.provider and stream.answer.status == 500 and len(stream.responses) >= 3
+            if stream.abandoned() or timed_out:
                 assert charged == reservation.demand, (stream.answer, stream.sent, charged)
                 continue
             if not stream.answered_by_provider():
