@@ -21,6 +21,7 @@ ISSUER = "https://login.example"  # one issuer name, declared by both namespaces
 VICTIM_HS = "victim-hs256-secret-0123456789-abcdef"
 EVIL_HS = "attacker-hs256-secret-0123456789-abcd"
 VICTIM_KEY = "sk-victim-quickstart"
+COLLEAGUE_KEY = "sk-victim-colleague"  # another caller of the victim's own tenant
 EVIL_KEY = "sk-evil-quickstart"
 FORGED_KEY = "sk-evil-forged"
 
@@ -58,6 +59,7 @@ def write(folder: Path, victim_url: str, evil_url: str) -> None:
     docs = [
         # The victim: namespace "default", tenant "quickstart".
         _secret("default", "victim-key", {"key": VICTIM_KEY}, tenant="quickstart", accept="shared"),
+        _secret("default", "colleague-key", {"key": COLLEAGUE_KEY}, tenant="quickstart"),
         _secret("default", "provider", {"apiKey": "sk-victim-provider"}),
         _secret("default", "issuer", {"hs": VICTIM_HS}),
         _binding("default", "victim-chat", "victim-chat", victim_url, "victim-gpt", tenants=["quickstart"], auth=_jwt(), context=HISTORY),
@@ -162,6 +164,19 @@ def test_another_namespace_cannot_read_the_tenants_session_history(stack: Stack,
     # The victim's own next turn still carries it (so the check above could have failed).
     assert chat(stack, VICTIM_KEY, "victim-chat", "and again?", session="s-history").status_code == 200
     assert "4242" in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json()[-1])
+
+
+def test_another_caller_of_the_same_tenant_cannot_read_a_session_by_guessing_its_id(stack: Stack) -> None:
+    assert chat(stack, VICTIM_KEY, "victim-chat", "my PIN is 5151", session="s-colleague").status_code == 200
+    httpx.delete(f"{stack.mock_url}/_mock/requests", timeout=5)
+    # Same tenant, same x-session-id: the colleague's key and a token of another subject.
+    other = jwt.encode({"iss": ISSUER, "sub": "someone-else", "tenant": "quickstart", "exp": 4102444800}, VICTIM_HS, algorithm="HS256")
+    for credential in (COLLEAGUE_KEY, other):
+        assert chat(stack, credential, "victim-chat", "what is my PIN?", session="s-colleague").status_code == 200
+    assert "5151" not in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json())
+    # The session's owner still has it.
+    assert chat(stack, VICTIM_KEY, "victim-chat", "and again?", session="s-colleague").status_code == 200
+    assert "5151" in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json()[-1])
 
 
 def test_another_namespace_cannot_spend_the_tenants_quota(stack: Stack) -> None:
