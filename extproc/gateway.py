@@ -224,11 +224,11 @@ class ModelCall(Handler):
         assert self.identity is not None
         # Which binding, and which of the caller's tenants it acts as, is decided here: quotas,
         # history and metrics below all key on that one qualified tenant (crdgol.tenancy).
-        route = self.services.current.route(model, self.identity.tenants)
-        binding, tenant = route.binding, route.tenant
+        found = self.services.current.resolution(model, self.identity.tenants)
+        binding, tenant = found.binding, found.tenant
         if binding is None:
             raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
-        if route.ambiguous:
+        if found.ambiguous:
             # Say what happened, but name no namespace: the others are not the caller's to learn
             # (one may be an attacker's copy of the caller's issuer, or the caller an attacker).
             raise Forbidden(

@@ -138,7 +138,7 @@ class JwtProvider:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """Which binding a call reaches and as which tenant (``Policy.route``)."""
+    """Which binding a call reaches and as which tenant (``Policy.resolution``)."""
 
     binding: Binding | None
     tenant: str  # "": refused (403) when there is a binding
@@ -174,11 +174,11 @@ class Policy:
         return tenancy.qualified(tenancy.namespace_of(tenant), tenancy.WILDCARD)
 
     def resolve(self, model: str, tenants: tuple[str, ...]) -> tuple[Binding | None, str]:
-        """``(binding, tenant)`` of ``route``: the binding a caller reaches, and as whom."""
-        r = self.route(model, tenants)
+        """``(binding, tenant)`` of ``resolution``: the binding a caller reaches, and as whom."""
+        r = self.resolution(model, tenants)
         return r.binding, r.tenant
 
-    def route(self, model: str, tenants: tuple[str, ...]) -> Resolution:
+    def resolution(self, model: str, tenants: tuple[str, ...]) -> Resolution:
         """The binding a caller acting as one of ``tenants`` reaches for ``model``, and as whom.
 
         For each of the caller's tenants, a binding of the tenant's own namespace comes first (so
