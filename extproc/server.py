@@ -189,6 +189,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)
     lag_watch.cancel()
+    await services.context_sources.close()
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")
