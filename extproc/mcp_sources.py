@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx2
-from mcp import Client
+from mcp import Client, Implementation
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -56,6 +56,7 @@ RECONNECT_PAUSE = 1.0  # seconds between attempts to open a session with an unre
 IDLE_CLOSE = 600.0  # a session no read used for this long is closed
 SWEEP_EVERY = 60.0
 BYTES_PER_TOKEN = 4
+CLIENT_INFO = Implementation(name="crdgol-gateway", version="0.1.0")
 
 
 class ContextSourceFailed(GatewayError):
@@ -101,7 +102,7 @@ class _Session:
         try:
             async with (
                 httpx2.AsyncClient(headers=self.headers, timeout=httpx2.Timeout(30.0)) as http,
-                Client(streamable_http_client(self.url, http_client=http), cache=None) as client,
+                Client(streamable_http_client(self.url, http_client=http), cache=None, client_info=CLIENT_INFO) as client,
             ):
                 self._ready.set_result(client)
                 await self._stop.wait()
@@ -139,6 +140,11 @@ class ContextSources:
     ) -> None:
         self.metrics = metrics
         self.clock = clock
+        # The SDK's HTTP client logs every request line at INFO, and the MCP client every message at
+        # DEBUG: resource URIs and prompt arguments carry callers' profile values, which stay out of
+        # the logs like the rest of a prompt.
+        for name in ("httpx2", "mcp"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._sessions: dict[tuple[str, tuple[tuple[str, str], ...]], _Session] = {}
