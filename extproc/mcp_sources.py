@@ -42,6 +42,7 @@ import httpx2
 from mcp import Client, Implementation
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
 
 from extproc.context import FetchedSource, render_template
 from extproc.errors import GatewayError, Unavailable
@@ -106,8 +107,13 @@ class _Session:
             ):
                 self._ready.set_result(client)
                 await self._stop.wait()
-        except Exception as exc:
-            log.warning("MCP server %s: session ended (%s)", self.name, type(exc).__name__)
+        except Exception as exc:  # any failure ends the session the same way
+            answer = _server_answer(exc)
+            log.warning("MCP server %s: session ended (%s)", self.name, type(answer or exc).__name__)
+            if not self._ready.done():
+                # The server answered the handshake with an error (a refused credential, say): that
+                # is an error answer, not an unreachable server.
+                self._ready.set_exception(answer or _Unreachable())
         finally:
             if not self._ready.done():
                 self._ready.set_exception(_Unreachable())
@@ -244,9 +250,12 @@ class ContextSources:
                 text = _resource_text(await client.read_resource(target))
             else:
                 text = _prompt_text(await client.get_prompt(target, dict(args)))
-        except MCPError:
-            raise
-        except Exception as exc:
+        except MCPError as exc:
+            if exc.error.code != CONNECTION_CLOSED:
+                raise  # the server answered, with an error
+            self._drop(server)
+            raise _Unreachable() from exc
+        except Exception as exc:  # a transport failure: reopen the session next time
             self._drop(server)
             raise _Unreachable() from exc
         self._store(key, text, server.cache_ttl)
@@ -264,7 +273,7 @@ class ContextSources:
             session = self._sessions[key] = _Session(server)
         try:
             return await session.client()
-        except _Unreachable:
+        except (_Unreachable, MCPError):
             self._paused_until[key] = self.clock() + RECONNECT_PAUSE
             self._sessions.pop(key, None)
             raise
@@ -300,6 +309,19 @@ class ContextSources:
     @property
     def open_sessions(self) -> int:
         return sum(1 for s in self._sessions.values() if s.alive)
+
+
+def _server_answer(exc: BaseException) -> MCPError | None:
+    """The error the server answered with, if that is what ended the session (the SDK's task
+    groups wrap it in exception groups)."""
+    if isinstance(exc, MCPError):
+        return exc if exc.error.code != CONNECTION_CLOSED else None
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _server_answer(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _refusal(server: McpServer, outcome: str) -> str:
