@@ -46,10 +46,10 @@ def app(token: str) -> Any:
     inner = mcp.streamable_http_app()
 
     async def with_token(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/mcp"):
-            if dict(scope["headers"]).get(b"authorization", b"").decode() != f"Bearer {token}":
-                await JSONResponse({"error": "unauthorized"}, status_code=401)(scope, receive, send)
-                return
+        guarded = scope["type"] == "http" and scope["path"].startswith("/mcp")
+        if guarded and dict(scope["headers"]).get(b"authorization", b"").decode() != f"Bearer {token}":
+            await JSONResponse({"error": "unauthorized"}, status_code=401)(scope, receive, send)
+            return
         await inner(scope, receive, send)
 
     return with_token

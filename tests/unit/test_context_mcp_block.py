@@ -6,7 +6,14 @@ from __future__ import annotations
 from datetime import date
 
 from extproc.auth import Identity
-from extproc.context import FetchedSource, Injection, apply_anthropic, apply_openai, build_injection, source_variables
+from extproc.context import (
+    FetchedSource,
+    Injection,
+    apply_anthropic,
+    apply_openai,
+    build_injection,
+    source_variables,
+)
 from extproc.policy import ContextPolicy, ProfileField, Snippet
 
 TODAY = date(2030, 1, 2)
