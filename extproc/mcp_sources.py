@@ -168,25 +168,40 @@ class ContextSources:
     async def read(self, sources: Sequence[McpSource], variables: Mapping[str, str], binding: str) -> list[FetchedSource]:
         """The sources' texts for one request, in order; see the module docstring."""
         self._sweep()
-        results = await asyncio.gather(*(self._read_one(s, variables, binding) for s in sources))
-        return [r for r in results if r is not None]
+        encoded: dict[str, str] | None = None
+        texts: list[str | None] = []
+        keys: list[_ReadKey] = []
+        for source in sources:
+            if source.resource_uri:
+                encoded = encoded if encoded is not None else {k: quote(v, safe="") for k, v in variables.items()}
+                key: _ReadKey = (source.server.session_key, "resource", render_template(source.resource_uri, encoded), ())
+            else:
+                args = tuple((k, render_template(v, variables)) for k, v in source.prompt_arguments)
+                key = (source.server.session_key, "prompt", source.prompt_name, args)
+            keys.append(key)
+            texts.append(self._cached(key))
+        reads = self.metrics.context_source_reads
+        misses = [i for i, t in enumerate(texts) if t is None]
+        if misses:  # the cached ones are answered without a task or an await
+            fetched = await asyncio.gather(*(self._read_one(sources[i], keys[i], binding) for i in misses))
+            for i, text in zip(misses, fetched, strict=True):
+                texts[i] = text
+        out = []
+        for i, (source, text) in enumerate(zip(sources, texts, strict=True)):
+            if text is None:
+                continue  # skipped (a refusal has raised already)
+            if i not in misses:
+                reads.labels(binding, source.server.name, "cached").inc()
+            out.append(FetchedSource(source.server.name, source.title, _cut(text, source.max_tokens)))
+        return out
 
-    async def _read_one(self, source: McpSource, variables: Mapping[str, str], binding: str) -> FetchedSource | None:
+    async def _read_one(self, source: McpSource, key: _ReadKey, binding: str) -> str | None:
+        """Fetch one source not in the cache; None when it is skipped."""
         server = source.server
-        if source.resource_uri:
-            encoded = {k: quote(v, safe="") for k, v in variables.items()}
-            key: _ReadKey = (server.session_key, "resource", render_template(source.resource_uri, encoded), ())
-        else:
-            args = tuple((k, render_template(v, variables)) for k, v in source.prompt_arguments)
-            key = (server.session_key, "prompt", source.prompt_name, args)
         reads = self.metrics.context_source_reads
         try:
-            text = self._cached(key)
-            if text is not None:
-                reads.labels(binding, server.name, "cached").inc()
-            else:
-                text = await asyncio.wait_for(self._fetch_shared(key, server), server.timeout)
-                reads.labels(binding, server.name, "fetched").inc()
+            text = await asyncio.wait_for(self._fetch_shared(key, server), server.timeout)
+            reads.labels(binding, server.name, "fetched").inc()
         except (TimeoutError, _Unreachable) as exc:
             outcome = "timeout" if isinstance(exc, TimeoutError) else "unreachable"
             self._failed(source, binding, outcome, ContextSourceUnavailable(_refusal(server, outcome)))
@@ -194,7 +209,7 @@ class ContextSources:
         except MCPError:
             self._failed(source, binding, "error", ContextSourceFailed(_refusal(server, "error")))
             return None
-        return FetchedSource(server.name, source.title, _cut(text, source.max_tokens))
+        return text
 
     def _failed(self, source: McpSource, binding: str, outcome: str, refusal: GatewayError) -> None:
         """Count a failed read; raise ``refusal`` when the source's fail policy is refuse."""
