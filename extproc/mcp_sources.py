@@ -57,6 +57,7 @@ RECONNECT_PAUSE = 1.0  # seconds between attempts to open a session with an unre
 IDLE_CLOSE = 600.0  # a session no read used for this long is closed
 SWEEP_EVERY = 60.0
 BYTES_PER_TOKEN = 4
+MAX_SOURCE_TOKENS = 100_000  # the largest maxTokens a source may have (the CRD's maximum)
 CLIENT_INFO = Implementation(name="crdgol-gateway", version="0.1.0")
 
 
@@ -273,6 +274,9 @@ class ContextSources:
         except Exception as exc:  # a transport failure: reopen the session next time
             self._drop(server)
             raise _Unreachable() from exc
+        # No source injects more than MAX_SOURCE_TOKENS: keep no more than that (and a character
+        # to show it was cut) of a large answer, in the cache or in flight.
+        text = text[: MAX_SOURCE_TOKENS * BYTES_PER_TOKEN + 1]
         self._store(key, text, server.cache_ttl)
         return text
 

@@ -102,6 +102,13 @@ def write_manifests(folder: Path, mock: str, crm: str, slow: str, failing: str) 
     ]
     text = "---\n".join(json.dumps(b) + "\n" for b in bindings).replace("MOCK", mock)
     (folder / "bindings.yaml").write_text(text)
+    workflow = {
+        "apiVersion": "crdgol.io/v1alpha1",
+        "kind": "WorkflowSpec",
+        "metadata": {"name": "ask-with-context", "namespace": "team-a"},
+        "spec": {"steps": [{"name": "ask", "type": "ai-inference", "aiInference": {"binding": "ctx-mcp", "prompt": "WORKFLOW-STEP-PROMPT"}}]},
+    }
+    (folder / "workflow.yaml").write_text(json.dumps(workflow) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +229,19 @@ def test_the_servers_credential_reaches_only_the_server(env: Env) -> None:
     assert not leaks, f"the MCP credential appears in {leaks}"
     # Even at debug level, the reads (which carry callers' profile values) are not logged.
     assert "customers/c-42" not in texts["extproc.log"]
+
+
+def test_a_workflow_ai_step_gets_the_same_context_since_it_calls_the_gateway(env: Env) -> None:
+    h = {"authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{env.stack.url}/v1/workflows/ask-with-context/runs", json={"inputs": {}}, headers=h, timeout=30)
+    assert r.status_code == 201, r.text
+    run = r.json()["name"]
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(f"{env.stack.url}/v1/workflows/runs/{run}", headers=h, timeout=10).json())["phase"] not in ("Succeeded", "Failed"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["phase"] == "Succeeded", status
+    reqs = httpx.get(f"{env.stack.mock_url}/_mock/requests", timeout=10).json()
+    body = next(q["body"] for q in reversed(reqs) if "WORKFLOW-STEP-PROMPT" in json.dumps(q["body"]))
+    block = next(t for t in user_texts(body) if t.startswith("<mcp_context>"))
+    assert "Triage guidance for ctx-mcp" in block
