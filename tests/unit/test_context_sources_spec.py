@@ -7,11 +7,13 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
 from controller.envoy_config import RenderSettings
 from controller.models import SpecError, parse_binding, parse_secret
 from controller.render import render
 from extproc.policy import compile_policy
+from tests.unit.test_crds import ROOT, apply_defaults, load_crd, rules, schema_errors, version_schema
 
 TOKEN = "crm-token-0b5e"
 
@@ -118,3 +120,14 @@ def test_bad_config_is_refused_with_a_reason_naming_the_field(context: dict[str,
         parse_binding(binding(**context))
     assert field in err.value.message
     assert "pw" not in err.value.message
+
+
+def test_the_example_is_valid_against_the_crd_and_its_defaults_mean_what_the_controller_assumes() -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "context-from-mcp" / "binding.yaml").read_text())
+    assert schema_errors("aimodelbindings", obj) == []
+    minimal = binding(mcpServers=[{"name": "crm", "url": "http://crm/mcp"}], mcpSources=[{"server": "crm", "resource": "crm://x"}])
+    defaulted = apply_defaults(version_schema(load_crd("aimodelbindings")), minimal)
+    assert defaulted != minimal
+    assert parse_binding(defaulted) == parse_binding(minimal)
+    # The schema refuses a source with both or neither of resource and prompt only by its CEL rule.
+    assert "has(self.resource) != has(self.prompt)" in rules("aimodelbindings")
