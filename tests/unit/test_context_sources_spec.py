@@ -13,7 +13,14 @@ from controller.envoy_config import RenderSettings
 from controller.models import SpecError, parse_binding, parse_secret
 from controller.render import render
 from extproc.policy import compile_policy
-from tests.unit.test_crds import ROOT, apply_defaults, load_crd, rules, schema_errors, version_schema
+from tests.unit.test_crds import (
+    ROOT,
+    apply_defaults,
+    load_crd,
+    rules,
+    schema_errors,
+    version_schema,
+)
 
 TOKEN = "crm-token-0b5e"
 
