@@ -7,7 +7,7 @@
   or fragment in it and not a link-local address (cloud metadata services live there, and what a
   server returns reaches the model and so the caller), an optional ``credentialsRef`` sent in
   ``credentialsHeader`` (``authorization`` by default, as ``Bearer <value>``), a ``timeout``
-  (default 1s, at most 30s) and a ``cacheTTL`` (default 60s, ``0s`` for none, at most 24h);
+  (default 1s, at most 1.5s: the read happens inside extproc's 2s answer to Envoy) and a ``cacheTTL`` (default 60s, ``0s`` for none, at most 24h);
 * a source names a declared ``server`` and exactly one of ``resource`` (a URI template) or
   ``prompt`` (a name, with ``arguments`` templates); its templates use the system prompt's
   variables plus ``${session}``; ``onFailure`` is ``skip`` (default) or ``refuse``; ``maxTokens``
@@ -32,6 +32,7 @@ __all__ = ["McpServerSpec", "McpSourceSpec", "McpSpec", "check_variables", "pars
 
 FAIL_POLICIES = ("skip", "refuse")
 DEFAULT_TIMEOUT = 1.0
+MAX_TIMEOUT = 1.5
 DEFAULT_CACHE_TTL = 60.0
 DEFAULT_SOURCE_TOKENS = 2000
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -134,8 +135,10 @@ def _server(raw: object, i: int, namespace: str) -> McpServerSpec:
     if not _HEADER.fullmatch(header) or header in _RESERVED_HEADERS:
         raise SpecError("InvalidContext", f"{what}.credentialsHeader: {header!r} is not a header the credential may go in")
     timeout = parse_duration(s.get("timeout", "1s"), f"{what}.timeout")
-    if not 0 < timeout <= 30:
-        raise SpecError("InvalidContext", f"{what}.timeout: must be more than 0 and at most 30s")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        # The read happens while Envoy waits for extproc's answer to the request body, which it
+        # gives up on after 2s (then 503 policy_unavailable): a read must end well before.
+        raise SpecError("InvalidContext", f"{what}.timeout: must be more than 0 and at most 1.5s (extproc answers Envoy within 2s)")
     raw_ttl = s.get("cacheTTL", "60s")
     ttl = 0.0 if _ZERO.fullmatch(str(raw_ttl).strip()) else parse_duration(raw_ttl, f"{what}.cacheTTL")
     if ttl > 86400:

@@ -87,12 +87,12 @@ def write_manifests(folder: Path, mock: str, crm: str, slow: str, failing: str) 
             stringData: {{token: {MCP_TOKEN}}}
         """)
     )
-    crm_server = {"name": "crm", "url": crm, "credentialsRef": {"name": "crm-token", "key": "token"}, "timeout": "2s", "cacheTTL": "60s"}
+    crm_server = {"name": "crm", "url": crm, "credentialsRef": {"name": "crm-token", "key": "token"}, "timeout": "1500ms", "cacheTTL": "60s"}
     record = {"server": "crm", "title": "Customer record", "resource": "crm://customers/${user.customer}"}
     triage = {"server": "crm", "title": "Triage", "prompt": {"name": "triage", "arguments": {"topic": "${model}"}}}
     hostile = {"server": "crm", "title": "Notes", "resource": "crm://hostile"}
     slow_server = {"name": "slow", "url": slow, "timeout": "300ms", "cacheTTL": "0s"}
-    failing_server = {"name": "flaky", "url": failing, "timeout": "2s"}
+    failing_server = {"name": "flaky", "url": failing, "timeout": "1s"}
     bindings = [
         _binding("ctx-mcp", [crm_server], [record, triage, hostile]),
         _binding("ctx-slow-skip", [slow_server], [{"server": "slow", "resource": "crm://customers/x"}]),

@@ -109,7 +109,7 @@ def test_another_namespaces_secret_is_not_sent_to_a_server_its_owner_did_not_lis
         ({"mcpServers": [{"name": "crm", "url": "http://user:pw@x/mcp"}]}, "spec.context.mcpServers[0].url"),
         ({"mcpServers": [{"name": "crm", "url": "http://169.254.169.254/mcp"}]}, "spec.context.mcpServers[0].url"),
         ({"mcpServers": [{"name": "Bad Name", "url": "http://x/mcp"}]}, "spec.context.mcpServers[0].name"),
-        ({"mcpServers": [{"name": "crm", "url": "http://x/mcp", "timeout": "31s"}]}, "spec.context.mcpServers[0].timeout"),
+        ({"mcpServers": [{"name": "crm", "url": "http://x/mcp", "timeout": "1600ms"}]}, "spec.context.mcpServers[0].timeout"),
         ({"mcpServers": [{"name": "crm", "url": "http://x/mcp", "cacheTTL": "25h"}]}, "spec.context.mcpServers[0].cacheTTL"),
         ({"mcpServers": [{"name": "crm", "url": "http://x/mcp", "credentialsHeader": "host"}]}, "spec.context.mcpServers[0].credentialsHeader"),
         ({"mcpServers": [{"name": "crm", "url": "http://x/mcp"}] * 2}, "spec.context.mcpServers[1].name"),
