@@ -31,23 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
-
-import httpx2
-from mcp import Client, Implementation
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED
 
 from extproc.context import FetchedSource, render_template
 from extproc.errors import GatewayError, Unavailable
 from extproc.metrics import Metrics
-from extproc.policy import McpServer, McpSource
+from extproc.policy import McpServer, McpSource, Policy
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ IDLE_CLOSE = 600.0  # a session no read used for this long is closed
 SWEEP_EVERY = 60.0
 BYTES_PER_TOKEN = 4
 MAX_SOURCE_TOKENS = 100_000  # the largest maxTokens a source may have (the CRD's maximum)
-CLIENT_INFO = Implementation(name="crdgol-gateway", version="0.1.0")
+CLIENT_NAME = "crdgol-gateway"
 
 
 class ContextSourceFailed(GatewayError):
@@ -75,6 +72,44 @@ class _Unreachable(Exception):
     """The session could not be opened or broke: reopen it on the next read."""
 
 
+class _ServerError(Exception):
+    """The server answered with an error (its own text is not kept: it goes to no one)."""
+
+
+@cache
+def load_sdk() -> Any:
+    """The MCP SDK. Imported only once a policy names MCP sources (``ContextSources.policy_changed``,
+    in a thread): it adds ~30 MB and a second or so of import to a process, which only extproc
+    replicas serving such a binding should pay, and never on the request path's event loop."""
+    import httpx2
+    import mcp
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import CONNECTION_CLOSED
+
+    return SimpleNamespace(
+        httpx2=httpx2,
+        Client=mcp.Client,
+        client_info=mcp.Implementation(name=CLIENT_NAME, version="0.1.0"),
+        streamable_http_client=streamable_http_client,
+        MCPError=MCPError,
+        CONNECTION_CLOSED=CONNECTION_CLOSED,
+    )
+
+
+def _translate(exc: BaseException) -> Exception:
+    """An SDK or transport failure as ``_ServerError`` (the server answered with an error) or
+    ``_Unreachable`` (anything else). The SDK's task groups wrap errors in exception groups."""
+    sdk = load_sdk()
+    if isinstance(exc, sdk.MCPError) and exc.error.code != sdk.CONNECTION_CLOSED:
+        return _ServerError()
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if isinstance(_translate(inner), _ServerError):
+                return _ServerError()
+    return _Unreachable()
+
+
 _ReadKey = tuple[tuple[str, tuple[tuple[str, str], ...]], str, str, tuple[tuple[str, str], ...]]
 
 
@@ -89,7 +124,7 @@ class _Session:
         self.url = server.url
         self.headers = dict(server.auth_headers)
         self.name = server.name
-        self._ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
+        self._ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
@@ -97,24 +132,26 @@ class _Session:
     def alive(self) -> bool:
         return not self._task.done()
 
-    async def client(self) -> Client:
+    async def client(self) -> Any:
+        """The SDK's ``mcp.Client``, once the session is open; ``_Unreachable`` or ``_ServerError``."""
         return await asyncio.shield(self._ready)
 
     async def _run(self) -> None:
+        sdk = load_sdk()
         try:
             async with (
-                httpx2.AsyncClient(headers=self.headers, timeout=httpx2.Timeout(30.0)) as http,
-                Client(streamable_http_client(self.url, http_client=http), cache=None, client_info=CLIENT_INFO) as client,
+                sdk.httpx2.AsyncClient(headers=self.headers, timeout=sdk.httpx2.Timeout(30.0)) as http,
+                sdk.Client(sdk.streamable_http_client(self.url, http_client=http), cache=None, client_info=sdk.client_info) as client,
             ):
                 self._ready.set_result(client)
                 await self._stop.wait()
         except Exception as exc:  # any failure ends the session the same way
-            answer = _server_answer(exc)
-            log.warning("MCP server %s: session ended (%s)", self.name, type(answer or exc).__name__)
+            failure = _translate(exc)
+            log.warning("MCP server %s: session ended (%s)", self.name, "error answer" if isinstance(failure, _ServerError) else "unreachable")
             if not self._ready.done():
                 # The server answered the handshake with an error (a refused credential, say): that
                 # is an error answer, not an unreachable server.
-                self._ready.set_exception(answer or _Unreachable())
+                self._ready.set_exception(failure)
         finally:
             if not self._ready.done():
                 self._ready.set_exception(_Unreachable())
@@ -162,7 +199,29 @@ class ContextSources:
         self._used_at: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._swept_at = clock()
         self._closing: set[asyncio.Future[None]] = set()
+        self._sdk_loading: threading.Thread | None = None
         metrics.context_source_sessions.set_function(lambda: self.open_sessions)
+
+    def policy_changed(self, policy: Policy) -> None:
+        """Start importing the SDK in a thread when ``policy`` first names an MCP source."""
+        if self._sdk_loading is not None:
+            return
+        if any(b.context.mcp_sources for bindings in policy.models.values() for b in bindings):
+            self._sdk_loading = threading.Thread(target=load_sdk, name="mcp-sdk-import", daemon=True)
+            self._sdk_loading.start()
+
+    async def sdk_ready(self, *, only_if_started: bool = False) -> None:
+        """Wait, without blocking the event loop, for the import ``policy_changed`` started (or
+        start it). extproc waits for it before it opens its socket, so reads right after a start
+        do not; a policy that adds the first MCP source later makes its first reads wait once."""
+        loading = self._sdk_loading
+        if loading is None and only_if_started:
+            return
+        if loading is None:
+            self._sdk_loading = loading = threading.Thread(target=load_sdk, name="mcp-sdk-import", daemon=True)
+            loading.start()
+        while loading.is_alive():
+            await asyncio.sleep(0.01)
 
     # --- the request path ---------------------------------------------------------------------
 
@@ -184,6 +243,7 @@ class ContextSources:
         reads = self.metrics.context_source_reads
         misses = [i for i, t in enumerate(texts) if t is None]
         if misses:  # the cached ones are answered without a task or an await
+            await self.sdk_ready()  # once per process, outside the reads' timeouts
             fetched = await asyncio.gather(*(self._read_one(sources[i], keys[i], binding) for i in misses))
             for i, text in zip(misses, fetched, strict=True):
                 texts[i] = text
@@ -207,7 +267,7 @@ class ContextSources:
             outcome = "timeout" if isinstance(exc, TimeoutError) else "unreachable"
             self._failed(source, binding, outcome, ContextSourceUnavailable(_refusal(server, outcome)))
             return None
-        except MCPError:
+        except _ServerError:
             self._failed(source, binding, "error", ContextSourceFailed(_refusal(server, "error")))
             return None
         return text
@@ -266,14 +326,11 @@ class ContextSources:
                 text = _resource_text(await client.read_resource(target))
             else:
                 text = _prompt_text(await client.get_prompt(target, dict(args)))
-        except MCPError as exc:
-            if exc.error.code != CONNECTION_CLOSED:
-                raise  # the server answered, with an error
-            self._drop(server)
-            raise _Unreachable() from exc
-        except Exception as exc:  # a transport failure: reopen the session next time
-            self._drop(server)
-            raise _Unreachable() from exc
+        except Exception as exc:
+            failure = _translate(exc)
+            if isinstance(failure, _Unreachable):  # the session broke: reopen it next time
+                self._drop(server)
+            raise failure from None
         # No source injects more than MAX_SOURCE_TOKENS: keep no more than that (and a character
         # to show it was cut) of a large answer, in the cache or in flight.
         text = text[: MAX_SOURCE_TOKENS * BYTES_PER_TOKEN + 1]
@@ -282,7 +339,7 @@ class ContextSources:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def _client(self, server: McpServer) -> Client:
+    async def _client(self, server: McpServer) -> Any:
         key = server.session_key
         self._used_at[key] = self.clock()
         session = self._sessions.get(key)
@@ -292,7 +349,7 @@ class ContextSources:
             session = self._sessions[key] = _Session(server)
         try:
             return await session.client()
-        except (_Unreachable, MCPError):
+        except (_Unreachable, _ServerError):
             self._paused_until[key] = self.clock() + RECONNECT_PAUSE
             self._sessions.pop(key, None)
             raise
@@ -328,19 +385,6 @@ class ContextSources:
     @property
     def open_sessions(self) -> int:
         return sum(1 for s in self._sessions.values() if s.alive)
-
-
-def _server_answer(exc: BaseException) -> MCPError | None:
-    """The error the server answered with, if that is what ended the session (the SDK's task
-    groups wrap it in exception groups)."""
-    if isinstance(exc, MCPError):
-        return exc if exc.error.code != CONNECTION_CLOSED else None
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _server_answer(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _refusal(server: McpServer, outcome: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crdgol import tenancy
@@ -415,6 +416,8 @@ class PolicyHolder:
         # The policy before the current one: attempts Envoy routed under it may still be running
         # (the controller keeps its routes in Envoy until every extproc has the new policy).
         self.previous = self.current
+        # Called with each policy that comes into force (extproc.mcp_sources prepares its client).
+        self.on_change: list[Callable[[Policy], None]] = []
 
     def backend(self, name: str) -> tuple[Binding, Backend] | None:
         """A backend by id or Envoy cluster name, in the current policy or the one before."""
@@ -432,4 +435,6 @@ class PolicyHolder:
             return False
         self.previous, self.current = self.current, compiled
         log.info("policy version %d in force: %d models", compiled.version, len(compiled.models))
+        for listener in self.on_change:
+            listener(compiled)
         return True

@@ -55,6 +55,8 @@ class Services:
 
     def __post_init__(self) -> None:
         self.context_sources = ContextSources(self.metrics, self.clock)
+        self.policy.on_change.append(self.context_sources.policy_changed)
+        self.context_sources.policy_changed(self.policy.current)
 
     def history_store_error(self, exc: BaseException) -> None:
         """History is best effort (fail open): count it, and say so at most every 10 s."""

@@ -9,12 +9,23 @@ from collections.abc import Iterator
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.mcp_sources import ContextSourceFailed, ContextSources, ContextSourceUnavailable
+from extproc.mcp_sources import (
+    ContextSourceFailed,
+    ContextSources,
+    ContextSourceUnavailable,
+    load_sdk,
+)
 from extproc.metrics import Metrics
 from extproc.policy import McpServer, McpSource
 from tests.mcp_fixture_server import McpFixture
 
 TOKEN = "mcp-fixture-token-7f3a"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sdk_imported() -> None:
+    """extproc imports the SDK when a policy first names an MCP source; here, once, up front."""
+    load_sdk()
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +197,27 @@ async def test_a_source_is_cut_to_its_token_cap(crm: McpFixture) -> None:
         assert len(got.text.split("\n")[0].encode()) <= 20
     finally:
         await sources.close()
+
+
+def test_the_sdk_is_imported_only_once_a_policy_names_an_mcp_source() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    probe = (
+        "import sys\n"
+        "from extproc.services import Services\n"
+        "from extproc.policy import compile_policy\n"
+        "from crdgol.pb import policy_pb2 as pb\n"
+        "s = Services()\n"
+        "print('mcp' in sys.modules)\n"
+        "snap = pb.PolicySnapshot(version=1, bindings=[pb.Binding(key='ns/b', model='m', route='r', "
+        "backends=[pb.Backend(id='be', provider=pb.OPENAI, model='x', host='h')], context=pb.ContextPolicy("
+        "mcp_servers=[pb.McpServer(name='crm', url='http://127.0.0.1:9/mcp')], mcp_sources=[pb.McpSource(server='crm', resource_uri='crm://x')]))])\n"
+        "s.policy.offer(snap)\n"
+        "s.context_sources._sdk_loading.join(30)\n"
+        "print('mcp' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["False", "True"], out.stderr
