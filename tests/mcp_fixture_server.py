@@ -79,12 +79,12 @@ def build(token: str, delay_ms: int, fail: bool) -> Any:
 class McpFixture:
     """One fixture server as a subprocess on a free loopback port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, port: int = 0) -> None:
         import httpx
 
         from crdgol.stack import free_port, wait_http
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--port", str(self.port), *args], start_new_session=True
         )

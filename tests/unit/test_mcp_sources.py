@@ -221,3 +221,25 @@ def test_the_sdk_is_imported_only_once_a_policy_names_an_mcp_source() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+async def test_a_session_broken_by_a_server_restart_is_reopened() -> None:
+    from extproc import mcp_sources
+
+    first = McpFixture()
+    sources = ContextSources(Metrics())
+    srv = server(first.url, token="", ttl=0)
+    try:
+        assert (await sources.read([resource(srv)], VARS, "b"))[0].text.startswith("Customer c-42")
+        first.stop()
+        assert await sources.read([resource(srv)], VARS, "b") == []  # down: skipped
+        again = McpFixture(port=first.port)
+        try:
+            await asyncio.sleep(mcp_sources.RECONNECT_PAUSE + 0.1)
+            assert (await sources.read([resource(srv)], VARS, "b"))[0].text.startswith("Customer c-42")
+            assert again.stats()["total"] == 1 and sources.open_sessions == 1
+        finally:
+            again.stop()
+    finally:
+        first.stop()
+        await sources.close()
