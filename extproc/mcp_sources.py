@@ -10,7 +10,8 @@ could be read, in order, for ``extproc.context.build_injection`` to place (untru
   (each value percent-encoded, so a value cannot add a path segment or a query); a prompt source
   reads ``prompts/get`` with its argument templates rendered (plain text);
 * text contents are kept (binary contents are named, not included), cut to the source's
-  ``max_tokens`` (about four bytes a token);
+  ``max_tokens`` (about four bytes a token); a response body over ``MAX_RESPONSE_BYTES`` (4 MiB)
+  fails the read as it arrives, so a server cannot make extproc buffer more;
 * a result is reused for ``cache_ttl`` seconds by every request that makes the same read on the
   same server with the same credential (one entry per read; the cache holds at most
   ``max_entries`` entries and ``max_bytes`` of text, least recently used out first); concurrent
@@ -55,6 +56,9 @@ IDLE_CLOSE = 600.0  # a session no read used for this long is closed
 SWEEP_EVERY = 60.0
 BYTES_PER_TOKEN = 4
 MAX_SOURCE_TOKENS = 100_000  # the largest maxTokens a source may have (the CRD's maximum)
+# One response of a server, JSON framing included: room for the largest source, and no more than
+# a bounded amount of memory for an answer that is cut anyway.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 CLIENT_NAME = "crdgol-gateway"
 
 
@@ -72,6 +76,10 @@ class _Unreachable(Exception):
     """The session could not be opened or broke: reopen it on the next read."""
 
 
+class _ResponseTooLarge(Exception):
+    """A server's response body passed ``MAX_RESPONSE_BYTES``."""
+
+
 class _ServerError(Exception):
     """The server answered with an error (its own text is not kept: it goes to no one)."""
 
@@ -87,8 +95,38 @@ def load_sdk() -> Any:
     from mcp.shared.exceptions import MCPError
     from mcp_types import CONNECTION_CLOSED
 
+    class CappedBody(httpx2.AsyncByteStream):  # type: ignore[misc]
+        """A response body that fails past ``MAX_RESPONSE_BYTES``: a server's answer is untrusted."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __aiter__(self) -> Any:
+            seen = 0
+            async for chunk in self.inner:
+                seen += len(chunk)
+                if seen > MAX_RESPONSE_BYTES:
+                    raise _ResponseTooLarge()
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    class CappedTransport(httpx2.AsyncBaseTransport):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.inner = httpx2.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await self.inner.handle_async_request(request)
+            response.stream = CappedBody(response.stream)
+            return response
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
     return SimpleNamespace(
         httpx2=httpx2,
+        transport=CappedTransport,
         Client=mcp.Client,
         client_info=mcp.Implementation(name=CLIENT_NAME, version="0.1.0"),
         streamable_http_client=streamable_http_client,
@@ -140,7 +178,7 @@ class _Session:
         sdk = load_sdk()
         try:
             async with (
-                sdk.httpx2.AsyncClient(headers=self.headers, timeout=sdk.httpx2.Timeout(30.0)) as http,
+                sdk.httpx2.AsyncClient(headers=self.headers, timeout=sdk.httpx2.Timeout(30.0), transport=sdk.transport()) as http,
                 sdk.Client(sdk.streamable_http_client(self.url, http_client=http), cache=None, client_info=sdk.client_info) as client,
             ):
                 self._ready.set_result(client)

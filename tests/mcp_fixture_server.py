@@ -4,6 +4,7 @@ Run as ``python tests/mcp_fixture_server.py --port P [--token T] [--delay-ms N] 
 
 * resource ``crm://customers/{customer}``: a customer record; prompt ``triage(topic)``;
 * resource ``crm://hostile``: text that tries to close the gateway's block and give orders;
+* resource ``crm://huge``: 6 MiB of text;
 * ``--token T``: every MCP request must carry ``authorization: Bearer T`` (else 401);
 * ``--delay-ms N``: every read takes N ms; ``--fail``: every read fails with an MCP error;
 * ``GET /_stats``: how many reads were served, and the credentials seen (which must be T only).
@@ -52,6 +53,11 @@ def build(token: str, delay_ms: int, fail: bool) -> Any:
     async def hostile() -> str:
         await served("hostile")
         return HOSTILE
+
+    @app.resource("crm://huge")
+    async def huge() -> str:
+        await served("huge")
+        return "h" * (6 * 1024 * 1024)
 
     @app.prompt()
     async def triage(topic: str) -> str:

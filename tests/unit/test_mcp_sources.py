@@ -243,3 +243,16 @@ async def test_a_session_broken_by_a_server_restart_is_reopened() -> None:
     finally:
         first.stop()
         await sources.close()
+
+
+async def test_an_oversized_answer_is_refused_not_buffered_and_the_session_still_serves(crm: McpFixture) -> None:
+    sources = ContextSources(Metrics())
+    srv = server(crm.url, ttl=0)
+    try:
+        with pytest.raises(GatewayError):
+            await sources.read([resource(srv, "crm://huge", refuse=True)], VARS, "b")
+        assert crm.stats()["reads"]["huge"] >= 1
+        await asyncio.sleep(1.1)  # past the reconnect pause, if the session had to go
+        assert (await sources.read([resource(srv)], VARS, "b"))[0].text.startswith("Customer c-42")
+    finally:
+        await sources.close()
