@@ -95,7 +95,7 @@ def load_sdk() -> Any:
     from mcp.shared.exceptions import MCPError
     from mcp_types import CONNECTION_CLOSED
 
-    class CappedBody(httpx2.AsyncByteStream):  # type: ignore[misc]
+    class CappedBody(httpx2.AsyncByteStream):
         """A response body that fails past ``MAX_RESPONSE_BYTES``: a server's answer is untrusted."""
 
         def __init__(self, inner: Any) -> None:
@@ -112,7 +112,7 @@ def load_sdk() -> Any:
         async def aclose(self) -> None:
             await self.inner.aclose()
 
-    class CappedTransport(httpx2.AsyncBaseTransport):  # type: ignore[misc]
+    class CappedTransport(httpx2.AsyncBaseTransport):
         def __init__(self) -> None:
             self.inner = httpx2.AsyncHTTPTransport()
 
