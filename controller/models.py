@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.context_sources import McpSpec, parse_mcp
 from controller.fields import binding_problems
 from controller.health import HealthSpec, parse_health
 from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
@@ -138,6 +139,8 @@ class ContextSpec:
     history: HistorySpec = field(default_factory=HistorySpec)
     knowledge: tuple[SnippetSpec, ...] = ()
     max_context_tokens: int = 0
+    # Context read from MCP servers per request (controller.context_sources).
+    mcp: McpSpec = field(default_factory=McpSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,11 @@ class BindingSpec:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def secret_refs(self) -> list[SecretRef | None]:
+        """Every Secret reference, in a fixed order (None where a backend or issuer names none)."""
+        mcp = [SecretRef(m.credentials.name, m.credentials.key, m.credentials.namespace) if m.credentials else None for m in self.context.mcp.servers]
+        return [b.credentials for b in self.backends] + [j.hs256_secret for j in self.jwt] + mcp
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +378,7 @@ def _quotas(raw: object, namespace: str) -> QuotasSpec:
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "api-key"})
 
 
-def _context(raw: object) -> ContextSpec:
+def _context(raw: object, namespace: str) -> ContextSpec:
     c = _dict(raw, "spec.context")
     profile = []
     for i, p in enumerate(_list(c.get("profile"), "spec.context.profile")):
@@ -405,6 +413,7 @@ def _context(raw: object) -> ContextSpec:
         history=history,
         knowledge=tuple(knowledge),
         max_context_tokens=_int(c.get("maxContextTokens", 0), "spec.context.maxContextTokens", 0, 2_000_000),
+        mcp=parse_mcp(c, namespace),
     )
 
 
@@ -515,7 +524,7 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         model=model,
         backends=backends,
         tenants=_tenants(spec.get("tenants"), namespace),
-        context=_context(spec.get("context")),
+        context=_context(spec.get("context"), namespace),
         jwt=_jwts(auth.get("jwt"), namespace),
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),

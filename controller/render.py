@@ -29,6 +29,7 @@ import hashlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from controller.context_sources import McpSourceSpec
 from controller.envoy_config import (
     CA_BUNDLE,
     EXTPROC_CLUSTER,
@@ -163,6 +164,8 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
         ),
         knowledge=[pb.Snippet(title=s.title, text=s.text) for s in c.knowledge],
         max_context_tokens=c.max_context_tokens,
+        mcp_servers=_mcp_servers_pb(b, secrets),
+        mcp_sources=[_mcp_source_pb(src) for src in c.mcp.sources],
     )
     q = b.quotas
     quotas = pb.QuotaPolicy(
@@ -181,6 +184,46 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
         route=route_id(b, stamp),
         quotas=quotas,
     )
+
+
+def _mcp_servers_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.McpServer]:
+    """The binding's MCP servers, each credential resolved here: it travels in the snapshot only."""
+    out = []
+    for i, srv in enumerate(b.context.mcp.servers):
+        header = value = ""
+        if srv.credentials is not None:
+            ref = SecretRef(srv.credentials.name, srv.credentials.key, srv.credentials.namespace)
+            where = Endpoint("https", srv.host, srv.port, "")
+            value = _resolve(ref, secrets, f"spec.context.mcpServers[{i}].credentialsRef", b.namespace, where)
+            header = srv.credentials_header
+            if header == "authorization":
+                value = f"Bearer {value}"
+        out.append(
+            pb.McpServer(
+                name=srv.name,
+                url=srv.url,
+                auth_header=header,
+                auth_value=value,
+                timeout_ms=max(1, round(srv.timeout * 1000)),
+                cache_ttl_ms=round(srv.cache_ttl * 1000),
+            )
+        )
+    return out
+
+
+def _mcp_source_pb(src: McpSourceSpec) -> pb.McpSource:
+    out = pb.McpSource(
+        server=src.server,
+        title=src.title,
+        prompt_arguments=dict(src.arguments),
+        refuse_on_failure=src.refuse_on_failure,
+        max_tokens=src.max_tokens,
+    )
+    if src.resource:
+        out.resource_uri = src.resource
+    else:
+        out.prompt_name = src.prompt
+    return out
 
 
 def _quota_pb(q: QuotaSpec) -> pb.Quota:
@@ -298,7 +341,7 @@ class RenderCache:
 def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool, frozenset[str]], ...]:
     """What a binding's cached render depends on: each named Secret value, whether it may use it,
     and the hosts its owner lets it reach."""
-    refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
+    refs = b.secret_refs()
     out: list[tuple[str | None, bool, frozenset[str]]] = []
     for ref in refs:
         secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None

@@ -165,7 +165,7 @@ class ControllerState:
             spec = entry.good
             if spec is None:
                 continue
-            refs = [b.credentials for b in spec.backends] + [j.hs256_secret for j in spec.jwt]
+            refs = spec.secret_refs()
             if any(r is not None and r.namespace == namespace and r.name == name for r in refs):
                 out.append(key)
         return out

@@ -3,7 +3,7 @@
 One handler per HTTP request, chosen from the method and path of its first message:
 
 * ``POST /v1/chat/completions`` and ``POST /v1/messages`` -> ``Completion``: auth, model ->
-  binding, tenant check, MCP context injection, route selection; then usage and history from the
+  binding, tenant check, context policy (including context read from MCP servers), route selection; then usage and history from the
   response (streamed or not).
 * ``POST /v1/embeddings`` -> ``Embeddings``: auth, binding, route; usage from the response.
 * ``GET /v1/models`` -> ``Models``: answered by extproc from the policy.
@@ -22,7 +22,7 @@ import orjson
 from crdgol import logs, tenancy
 from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
 from crdgol.usage_log import SETTLE_NAMESPACE
-from extproc import context as mcp
+from extproc import context as context_policy
 from extproc import translate_errors, workflows
 from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome, encode_reservation
@@ -524,14 +524,24 @@ class Completion(ModelCall):
             except (StoreUnavailable, TimeoutError) as exc:
                 # Fail policy for history: open. The request goes on without the earlier turns.
                 self.services.history_store_error(exc)
-        inj = mcp.build_injection(
-            ctx, self.identity, self.headers, turns, model=binding.model, today=self.services.today()
+        today = self.services.today()
+        sources: list[context_policy.FetchedSource] = []
+        if ctx.mcp_sources:
+            # May refuse the request (a source whose fail policy is refuse): a GatewayError.
+            variables = context_policy.source_variables(
+                ctx, self.identity, self.headers, model=binding.model, today=today, session=self.session
+            )
+            sources = await self.services.context_sources.read(ctx.mcp_sources, variables, binding.key)
+        inj = context_policy.build_injection(
+            ctx, self.identity, self.headers, turns, model=binding.model, today=today, sources=sources
         )
         m = self.services.metrics
         m.context_tokens.labels(binding.key).inc(inj.tokens)
         if inj.dropped_turns:
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
-        return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
+        if self.api is Api.OPENAI:
+            return context_policy.apply_openai(doc, inj)
+        return context_policy.apply_anthropic(doc, inj)
 
     def needs_body(self, headers: Headers) -> bool:
         binding = self.binding

@@ -1,4 +1,4 @@
-"""Session history: the conversation memory behind MCP context injection.
+"""Session history: the conversation memory the context policy injects.
 
 Contract
 --------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crdgol import tenancy
@@ -50,16 +51,50 @@ class Snippet:
 
 
 @dataclass(frozen=True, slots=True)
+class McpServer:
+    """An MCP server (the real protocol, streamable HTTP) a binding reads context from."""
+
+    name: str
+    url: str
+    # The credential header, precomputed; () when there is none.
+    auth_headers: tuple[tuple[str, str], ...]
+    timeout: float  # seconds, per read (connecting included)
+    cache_ttl: float  # seconds; 0 = not cached
+
+    @property
+    def session_key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """Bindings naming the same endpoint with the same credential share one client session."""
+        return (self.url, self.auth_headers)
+
+    def __repr__(self) -> str:  # never print the credential
+        return f"McpServer(name={self.name!r}, url={self.url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class McpSource:
+    """One read per request from an MCP server: a resource by URI template, or a prompt."""
+
+    server: McpServer
+    title: str
+    resource_uri: str = ""
+    prompt_name: str = ""
+    prompt_arguments: tuple[tuple[str, str], ...] = ()
+    refuse_on_failure: bool = False
+    max_tokens: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
 class ContextPolicy:
     system_template: str = ""
     profile: tuple[ProfileField, ...] = ()
     history: HistoryPolicy = field(default_factory=HistoryPolicy)
     knowledge: tuple[Snippet, ...] = ()
     max_context_tokens: int = 0
+    mcp_sources: tuple[McpSource, ...] = ()
 
     @property
     def active(self) -> bool:
-        return bool(self.system_template or self.profile or self.knowledge or self.history.enabled)
+        return bool(self.system_template or self.profile or self.knowledge or self.history.enabled or self.mcp_sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +306,36 @@ def _price(be: pb.Backend) -> Price | None:
     return Price(be.input_per_mtok_micros, be.output_per_mtok_micros)
 
 
+def _mcp_sources(key: str, ctx: pb.ContextPolicy) -> tuple[McpSource, ...]:
+    servers = {
+        s.name: McpServer(
+            name=s.name,
+            url=s.url,
+            auth_headers=((s.auth_header.lower(), s.auth_value),) if s.auth_header and s.auth_value else (),
+            timeout=(s.timeout_ms or 1000) / 1000,
+            cache_ttl=s.cache_ttl_ms / 1000,
+        )
+        for s in ctx.mcp_servers
+    }
+    out = []
+    for src in ctx.mcp_sources:
+        server = servers.get(src.server)
+        if server is None:
+            raise ValueError(f"binding {key}: an MCP source names the undeclared server {src.server!r}")
+        out.append(
+            McpSource(
+                server=server,
+                title=src.title,
+                resource_uri=src.resource_uri,
+                prompt_name=src.prompt_name,
+                prompt_arguments=tuple(sorted(src.prompt_arguments.items())),
+                refuse_on_failure=src.refuse_on_failure,
+                max_tokens=src.max_tokens or 2000,
+            )
+        )
+    return tuple(out)
+
+
 def compile_policy(snap: pb.PolicySnapshot) -> Policy:
     """Compile a snapshot into lookup tables. Raises ValueError on an inconsistent snapshot."""
     bindings: dict[str, Binding] = {}
@@ -297,6 +362,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             ),
             knowledge=tuple(Snippet(s.title, s.text) for s in ctx.knowledge),
             max_context_tokens=ctx.max_context_tokens,
+            mcp_sources=_mcp_sources(b.key, ctx),
         )
         compiled_backends = []
         direct = [be.id for be in b.backends if be.direct]
@@ -388,6 +454,8 @@ class PolicyHolder:
         # The policy before the current one: attempts Envoy routed under it may still be running
         # (the controller keeps its routes in Envoy until every extproc has the new policy).
         self.previous = self.current
+        # Called with each policy that comes into force (extproc.mcp_sources prepares its client).
+        self.on_change: list[Callable[[Policy], None]] = []
 
     def backend(self, name: str) -> tuple[Binding, Backend] | None:
         """A backend by id or Envoy cluster name, in the current policy or the one before."""
@@ -405,4 +473,6 @@ class PolicyHolder:
             return False
         self.previous, self.current = self.current, compiled
         log.info("policy version %d in force: %d models", compiled.version, len(compiled.models))
+        for listener in self.on_change:
+            listener(compiled)
         return True
