@@ -388,7 +388,7 @@ class Operator:
             spec = parse_binding(obj)
         except SpecError:
             return
-        refs = [b.credentials for b in spec.backends] + [j.hs256_secret for j in spec.jwt]
+        refs = spec.secret_refs()
         for ref in refs:
             if ref is None or f"{ref.namespace}/{ref.name}" in self._secrets_seen:
                 continue
