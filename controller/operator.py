@@ -407,6 +407,8 @@ class Operator:
 
     async def start(self) -> None:
         await self.controller.start()
+        if self.workflows is not None:
+            await self.workflows.serve_api()
         self._resync = asyncio.create_task(self._resync_loop(), name="crdgol status resync")
 
     async def stop(self) -> None:

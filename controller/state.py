@@ -136,6 +136,10 @@ class ControllerState:
     def delete_secret(self, namespace: str, name: str) -> None:
         self._secrets.pop(f"{namespace}/{name}", None)
 
+    def secrets_in(self, namespace: str) -> list[SecretData]:
+        """The Secrets of ``namespace`` the state holds (API-key labelled or named by a binding)."""
+        return [s for s in self._secrets.values() if s.namespace == namespace]
+
     def replace_all(self, bindings: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
         """Make the state exactly these resources (file mode: the folder is the whole truth)."""
         enabled = gc.isenabled()

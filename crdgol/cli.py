@@ -198,12 +198,24 @@ def cmd_controller(args: argparse.Namespace) -> int:
         from controller.workflow.cluster import ClusterWorkflowSettings
         from controller.workflow.egress import WorkflowEnvoySettings
 
+        api_host, api_port = _api_address(args.workflow_api_address, args.workflow_api_port)
         cluster_workflows = ClusterWorkflowSettings(
             gateway_url=args.workflow_gateway,
             egress_url=args.workflow_egress,
-            egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port),
+            egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port, api_host=api_host, api_port=api_port),
+            api_listen_port=args.workflow_api_port,
         )
     return int(run_operator(settings, namespaces=args.namespace, peering=args.peering, workflows=cluster_workflows))
+
+
+def _api_address(address: str, listen_port: int) -> tuple[str, int]:
+    """``--workflow-api-address``: where Envoy reaches the run API (empty: loopback, its port)."""
+    if not address:
+        return "127.0.0.1", listen_port
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--workflow-api-address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -326,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--egress-port", type=int, default=0, help="port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.add_argument("--egress-host", default="127.0.0.1", help="on a cluster: address the egress listener binds in the gateway's Envoy (default 127.0.0.1)")
     ctl.add_argument("--workflow-gateway", default=_env("CRDGOL_WORKFLOW_GATEWAY", ""), help="on a cluster: run WorkflowSpecs and WorkflowRuns, their AI steps calling the gateway listener at this URL, e.g. http://crdgol-gateway.crdgol-system.svc:8080 (env CRDGOL_WORKFLOW_GATEWAY; unset: workflows are not run)")
+    ctl.add_argument("--workflow-api-port", type=int, default=int(_env("CRDGOL_WORKFLOW_API_PORT", "0")), help="on a cluster: serve the workflow run API (/v1/workflows/..., routed to by the gateway's Envoy) on this port (env CRDGOL_WORKFLOW_API_PORT; default 0: off)")
+    ctl.add_argument("--workflow-api-address", default=_env("CRDGOL_WORKFLOW_API_ADDRESS", ""), help="on a cluster: HOST:PORT where the gateway's Envoy reaches the run API, e.g. crdgol-controller.crdgol-system.svc:8091 (env CRDGOL_WORKFLOW_API_ADDRESS; default 127.0.0.1 and --workflow-api-port)")
     ctl.add_argument("--workflow-egress", default=_env("CRDGOL_WORKFLOW_EGRESS", ""), help="on a cluster: URL of the gateway's egress listener, as http-request steps reach it (env CRDGOL_WORKFLOW_EGRESS)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
