@@ -34,7 +34,18 @@ from controller.workflow.engine import RunState
 from crdgol.stack import envoy_binary, free_port, stop_process, wait_http
 from crdgol.workflow_contract import API_TOKEN_HEADER, TENANT_HEADER
 from tests.kube.conftest import JOBS, RUNS, ApiServer, Cluster, declare_resources, operator_running
-from tests.kube.test_workflows import API_KEY, CONTAINER_STEPS, THREE_STEPS, accepted, api_key_secret, binding, object_of, run, spec, wait_run
+from tests.kube.test_workflows import (
+    API_KEY,
+    CONTAINER_STEPS,
+    THREE_STEPS,
+    accepted,
+    api_key_secret,
+    binding,
+    object_of,
+    run,
+    spec,
+    wait_run,
+)
 
 OTHER_KEY = "sk-wf-team-b-77aa"
 H = {"authorization": f"Bearer {API_KEY}"}
