@@ -40,6 +40,10 @@ SHARE_ANNOTATION = "crdgol.io/share-with"
 # backends may send its credential to. Sharing lets them spend the account; without this list a
 # borrower could point its endpoint at its own server and read the key from the request.
 SHARE_HOSTS_ANNOTATION = "crdgol.io/share-hosts"
+# On an API-key Secret or an AIModelBinding: the namespaces (comma-separated, or "*") whose
+# bindings may serve this namespace's tenants. A binding's grant to another namespace's tenants
+# is in force only once that namespace accepts it this way (controller.ownership).
+ACCEPT_ANNOTATION = "crdgol.io/accept-from"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
@@ -172,6 +176,8 @@ class BindingSpec:
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
+    # Namespaces whose grants this binding's namespace accepts (ACCEPT_ANNOTATION).
+    accept_from: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -194,6 +200,8 @@ class SecretData:
     share_with: frozenset[str] = frozenset()
     # Hosts another namespace's backend may send its credential to (SHARE_HOSTS_ANNOTATION).
     share_hosts: frozenset[str] = frozenset()
+    # Namespaces whose grants this (API-key) Secret's namespace accepts (ACCEPT_ANNOTATION).
+    accept_from: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -523,7 +531,13 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
         health=parse_health(spec.get("health")),
+        accept_from=_names(_dict(meta.get("annotations"), "metadata.annotations").get(ACCEPT_ANNOTATION)),
     )
+
+
+def _names(raw: object) -> frozenset[str]:
+    """A comma-separated annotation value as a set of names."""
+    return frozenset(n.strip() for n in str(raw or "").split(",") if n.strip())
 
 
 
@@ -568,4 +582,5 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
         annotations=annotations,
         share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
         share_hosts=frozenset(h.strip().lower() for h in annotations.get(SHARE_HOSTS_ANNOTATION, "").split(",") if h.strip()),
+        accept_from=_names(annotations.get(ACCEPT_ANNOTATION)),
     )

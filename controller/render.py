@@ -61,7 +61,7 @@ from controller.models import (
     SecretRef,
     SpecError,
 )
-from controller.ownership import Claims
+from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
@@ -95,6 +95,8 @@ class RenderResult:
     # Other sources that contribute nothing, by "Kind namespace/name" (an API-key Secret whose
     # tenant annotation is not a tenant name), with what is wrong.
     source_problems: dict[str, str] = field(default_factory=dict)
+    # Served bindings whose grant to some other namespace is not in force (not accepted there).
+    grant_problems: dict[str, SpecError] = field(default_factory=dict)
 
 
 def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str, endpoint: Endpoint | None = None) -> str:
@@ -372,11 +374,14 @@ def _render(
 ) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
+    grant_problems: dict[str, SpecError] = {}
     served: list[tuple[BindingSpec, _Pieces]] = []
     claims = Claims()
     # Per-binding pieces do not depend on the version or the timestamp.
     stable = replace(settings, version=0, generated_at=0)
-    for b in sorted(bindings, key=lambda b: b.key):
+    ordered = sorted(bindings, key=lambda b: b.key)
+    accepts = acceptances(ordered, secret_map.values())
+    for b in ordered:
         key = (id(b), _secret_values(b, secret_map), stable)
         pieces = cache.get(key, b) if cache is not None else None
         if pieces is None:
@@ -395,6 +400,10 @@ def _render(
                 continue
             if cache is not None:
                 cache.put(key, pieces)
+        refused = unaccepted(b, pieces.foreign, accepts) if pieces.foreign else frozenset()
+        if refused:
+            grant_problems[b.key] = grant_not_accepted(b, refused)
+            pieces = _without_grants(pieces, refused)
         conflict = claims.check(b, pieces.jwts, pieces.foreign)
         if conflict is not None:
             problems[b.key] = conflict
@@ -433,7 +442,18 @@ def _render(
         problems=problems,
         accepted=tuple(b.key for b, _ in served),
         source_problems=source_problems,
+        grant_problems=grant_problems,
     )
+
+
+def _without_grants(pieces: _Pieces, refused: frozenset[str]) -> _Pieces:
+    """``pieces`` minus the tenant patterns of the ``refused`` namespaces (a copy: cached pieces
+    are shared, and the refusal depends on other namespaces' resources)."""
+    served = pb.Binding()
+    served.CopyFrom(pieces.binding)
+    del served.tenants[:]
+    served.tenants.extend(t for t in pieces.binding.tenants if tenancy.namespace_of(t) not in refused)
+    return replace(pieces, binding=served, foreign=pieces.foreign - refused)
 
 
 __all__ = ["CA_BUNDLE", "EXTPROC_CLUSTER", "ROUTE_HEADER", "EnvoyExtras", "RenderCache", "RenderResult", "RenderSettings", "ads_bootstrap", "render"]

@@ -102,7 +102,7 @@ class Metrics:
         )
         self.charged_estimates = Counter(
             "crdgol_charged_estimates",
-            "Answered requests charged at least their reservation: cut short or without a usage block.",
+            "Requests charged at least their reservation: cut short, without a usage block, or abandoned before any response.",
             registry=r,
         )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)

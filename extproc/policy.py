@@ -172,6 +172,15 @@ class JwtProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which binding a call reaches and as which tenant (``Policy.resolution``)."""
+
+    binding: Binding | None
+    tenant: str  # "": refused (403) when there is a binding
+    ambiguous: bool = False  # refused because the caller's namespaces lead to different bindings
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     version: int
     # model name -> the bindings serving it (one per namespace at most), by key.
@@ -180,19 +189,39 @@ class Policy:
     api_keys: dict[bytes, tuple[str, ...]]  # sha256(key) -> the qualified tenants it acts as
     jwt_providers: dict[str, tuple[JwtProvider, ...]]  # by issuer: one declaration per namespace
     generated_at: float = 0.0
+    # Tenants the policy names (API keys, bindings' tenant lists, quota entries): the only ones
+    # that get a metrics label of their own (``metric_tenant``).
+    known_tenants: frozenset[str] = frozenset()
 
     @staticmethod
     def empty() -> Policy:
         return Policy(version=0, models={}, backends={}, api_keys={}, jwt_providers={})
 
+    def metric_tenant(self, tenant: str) -> str:
+        """``tenant`` as a metrics label: itself when the policy names it, else ``namespace/*``.
+
+        A JWT issuer's owner can sign any tenant claim, and each distinct label value is a new
+        series held forever: labels stay bounded by the policy (its tenants and namespaces), never
+        by what tokens say. ``*`` never occurs in a tenant name, so the catch-all cannot collide.
+        """
+        if not tenant or tenant in self.known_tenants:
+            return tenant
+        return tenancy.qualified(tenancy.namespace_of(tenant), tenancy.WILDCARD)
+
     def resolve(self, model: str, tenants: tuple[str, ...]) -> tuple[Binding | None, str]:
+        """``(binding, tenant)`` of ``resolution``: the binding a caller reaches, and as whom."""
+        r = self.resolution(model, tenants)
+        return r.binding, r.tenant
+
+    def resolution(self, model: str, tenants: tuple[str, ...]) -> Resolution:
         """The binding a caller acting as one of ``tenants`` reaches for ``model``, and as whom.
 
         For each of the caller's tenants, a binding of the tenant's own namespace comes first (so
         no other namespace can take a model name from its owner), then one of another namespace
-        that grants the tenant. Returns ``(binding, tenant)``; ``(binding, "")`` when the caller's
-        own namespace serves the model but not to this tenant (403); ``(None, "")`` when nothing the
-        caller may see serves it (404: another namespace's models are not revealed).
+        that grants the tenant. Returns the binding and tenant; tenant "" when the caller's own
+        namespace serves the model but not to this tenant (403), or when the call is ambiguous
+        (``ambiguous``, 403, below); no binding when nothing the caller may see serves it (404:
+        another namespace's models are not revealed).
 
         A credential that acts in several namespaces (a JWT whose issuer several namespaces
         declare with the same keys) is served only when those namespaces lead it to one binding.
@@ -202,7 +231,7 @@ class Policy:
         """
         candidates = self.models.get(model, ())
         if not candidates:
-            return None, ""
+            return Resolution(None, "")
         denied: Binding | None = None
         reached: dict[str, tuple[Binding, str]] = {}  # binding key -> (binding, as which tenant)
         for tenant in tenants:
@@ -220,11 +249,11 @@ class Policy:
             if pick is not None and pick.key not in reached:
                 reached[pick.key] = (pick, tenant)
         if len(reached) == 1:
-            return next(iter(reached.values()))
+            return Resolution(*next(iter(reached.values())))
         if reached:
             # Ambiguous: refuse rather than choose (see above).
-            return next(iter(reached.values()))[0], ""
-        return denied, ""
+            return Resolution(next(iter(reached.values()))[0], "", ambiguous=True)
+        return Resolution(denied, "")
 
     def visible(self, tenants: tuple[str, ...]) -> list[Binding]:
         """The bindings a caller acting as ``tenants`` reaches, one per model, by model name."""
@@ -405,6 +434,15 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
         api_keys=api_keys,
         jwt_providers=providers,
         generated_at=float(snap.generated_at or time.time()),
+        known_tenants=frozenset(
+            t
+            for t in (
+                *(t for ts in api_keys.values() for t in ts),
+                *(t for b in bindings.values() for t in b.tenants),
+                *(t for b in bindings.values() for t in b.quotas.tenants),
+            )
+            if not t.endswith(tenancy.SEPARATOR + tenancy.WILDCARD)
+        ),
     )
 
 
