@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -136,6 +137,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controller.render import RenderSettings
     from crdgol.control_plane import InsecureControlPlane, ServerAuth, require_secure_server
 
+    # The workflow engine makes many short-lived objects per step: CPython's default gen-0
+    # threshold (700 allocations) collected every few steps, and full passes over 1,000 live runs
+    # stalled the loop 50-200 ms. Fewer, larger collections cut the controller's CPU per step
+    # ~10% in benchmarks/workflows.py (RESULTS.md); objects loaded at start-up are not rescanned.
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
     tls = _tls_files("--tls-*", args.tls_cert, args.tls_key, args.tls_client_ca)
     auth = ServerAuth(tls=tls, client_names=tuple(args.tls_client_name))
     tcp = [f"{args.host}:{port}" for port, sock in ((args.xds_port, args.xds_socket), (args.policy_port, args.policy_socket)) if not sock]

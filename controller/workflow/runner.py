@@ -63,7 +63,13 @@ class WorkflowMetrics:
         self.pickup_delay = Histogram(
             "crdgol_workflow_run_pickup_delay_seconds",
             "From a run being created (or resumed) to the engine starting it (its first steps become ready then).",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.first_start_delay = Histogram(
+            "crdgol_workflow_run_first_start_delay_seconds",
+            "From a run being created (or resumed) to its first step attempt starting: pickup plus that step's ready -> start.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0),
             registry=r,
         )
         self.start_delay = Histogram(
@@ -170,6 +176,7 @@ class _Live:
     calls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     timers: set[asyncio.TimerHandle] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    since: float | None = None  # when it was created (or resumed), until its first attempt starts
 
 
 class Runner:
@@ -240,10 +247,11 @@ class Runner:
         self._launch(replace(state, steps=steps), wf)
 
     def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
-        live = _Live(state, wf)
+        since = self.clock()
+        live = _Live(state, wf, since=since)
         self.runs[state.key] = live
         self._count(state.workflow, state.phase, +1)
-        self._spawn(live, self._pick_up(live, self.clock()))
+        self._spawn(live, self._pick_up(live, since))
 
     async def _pick_up(self, live: _Live, since: float) -> None:
         """The run's first transition: its steps without dependencies become ready now, when
@@ -357,6 +365,9 @@ class Runner:
     async def _attempt(self, live: _Live, call: Call) -> StepSucceeded | StepFailed:
         """One attempt, from its start (when the ready -> start delay is taken) to its outcome."""
         self.metrics.start_delay.observe(max(0.0, self.clock() - call.ready_at))
+        if live.since is not None:
+            self.metrics.first_start_delay.observe(max(0.0, self.clock() - live.since))
+            live.since = None
         started = time.perf_counter()
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
