@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,24 @@ async def test_a_run_started_over_http_is_a_workflowrun_naming_the_callers_key_s
     assert [x["name"] for x in listed] == [name]
     # Its AI steps went through the gateway with the caller's key.
     assert chat_keys(mock) == [f"default/{name}/ask/1", f"default/{name}/answer/1"]
+
+
+async def test_the_workflow_cli_runs_waits_for_and_lists_a_run_on_the_cluster(gw: Gateway) -> None:
+    await gw.cluster.create(spec("three", THREE_STEPS))
+    await accepted(gw.cluster, "three")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        root = str(Path(__file__).resolve().parents[2])
+        argv = [sys.executable, "-m", "crdgol.cli", "workflow", "--gateway", gw.url, "--api-key", API_KEY, *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHONPATH": root})
+
+    done = await asyncio.to_thread(cli, "run", "three", "--input", "text=the fax is jammed", "--wait")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["phase"] == "Succeeded" and status["namespace"] == "default"
+    assert (object_of(gw.cluster, RUNS, status["name"]) or {})["status"]["phase"] == "Succeeded"
+    listed = await asyncio.to_thread(cli, "list")
+    assert listed.returncode == 0 and status["name"] in listed.stdout
 
 
 async def test_another_namespaces_caller_can_neither_start_see_nor_cancel_this_namespaces_runs(gw: Gateway) -> None:
