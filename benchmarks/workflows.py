@@ -18,6 +18,11 @@ benchmark waits until every one has ended. Figures (targets from issue 8):
 * **p99 created -> picked up** (reported, no target): ``crdgol_workflow_run_pickup_delay_seconds``,
   from a run being created to the engine starting it; with 1,000 runs posted at once this is the
   event loop's backlog.
+* **created -> first step started** (reported, no target): ``crdgol_workflow_run_first_start_delay_seconds``,
+  pickup plus the first step's ready -> start: what a user waits for, whichever figure holds it.
+* **the burst**: when the last start request was answered and the last run's first step started,
+  and the controller's CPU until then per run (what admitting a run costs, earlier runs' steps
+  included).
 * **controller RSS**: peak resident set (VmHWM) of the controller process (target < 300 MB).
 
 Results: ``<out>/workflows.json`` and ``<out>/workflows.md``. Loopback only; every process
