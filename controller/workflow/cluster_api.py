@@ -28,6 +28,7 @@ from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import Request
 from controller.workflow.status import parse_rfc3339, rfc3339
+from crdgol import tenancy
 
 RUNS = "workflowruns"
 WORKFLOW_LABEL = "crdgol.io/workflow"
@@ -160,7 +161,7 @@ class ClusterRuns:
 
     async def runs(self, caller: Caller) -> list[dict[str, Any]]:
         out: list[tuple[float, dict[str, Any]]] = []
-        for namespace in sorted({t.split("/", 1)[0] for t in caller.tenants}):
+        for namespace in sorted({tenancy.namespace_of(t) for t in caller.tenants}):
             code, doc = await self._call("GET", _runs_path(namespace))
             if code >= 300 or not isinstance(doc, dict):
                 raise BackendUnavailable(f"cannot list WorkflowRuns: HTTP {code}")
