@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.cache_spec import CacheSpec, parse_cache
 from controller.fields import binding_problems
 from controller.health import HealthSpec, parse_health
 from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
@@ -169,6 +170,7 @@ class BindingSpec:
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
+    cache: CacheSpec | None = None
 
     @property
     def key(self) -> str:
@@ -514,6 +516,7 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
         health=parse_health(spec.get("health")),
+        cache=parse_cache(spec.get("cache")),
     )
 
 

@@ -70,6 +70,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
 
     if not redis_url:
         return Services()
+    from extproc.cache import ResponseCache
     from extproc.quota_store import RedisQuotaStore
     from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
@@ -77,7 +78,11 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
     # One pipelined connection, replaced on the next call if it drops (a restarted Redis costs
     # the calls in flight, not the ones after).
     client = RedisClient.from_url(redis_url, connect_timeout=redis_timeout)
-    return Services(quotas=RedisQuotaStore(client, timeout=redis_timeout), history=RedisHistoryStore(client, timeout=redis_timeout))
+    return Services(
+        quotas=RedisQuotaStore(client, timeout=redis_timeout),
+        history=RedisHistoryStore(client, timeout=redis_timeout),
+        cache=ResponseCache.in_redis(client, redis_timeout),
+    )
 
 
 def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:

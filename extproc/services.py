@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from extproc.auth import Authenticator
+from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.metrics import Metrics
@@ -49,6 +50,10 @@ class Services:
     store_warned_at: float = float("-inf")
     history_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
+    cache: ResponseCache = field(default_factory=ResponseCache)
+
+    def __post_init__(self) -> None:
+        self.cache.attach(self.metrics.registry)
 
     def history_store_error(self, exc: BaseException) -> None:
         """History is best effort (fail open): count it, and say so at most every 10 s."""
