@@ -259,9 +259,8 @@ def test_a_stream_the_provider_cut_is_not_stored(stack: Stack) -> None:
         "POST", f"{stack.url}/v1/chat/completions", timeout=30,
         json={"model": "cached", "stream": True, "messages": [{"role": "user", "content": q}]},
         headers={"authorization": f"Bearer {ACME}", "x-mock-fault": "reset-mid-stream"},
-    ) as r:
-        with pytest.raises(httpx.HTTPError):
-            r.read()
+    ) as r, pytest.raises(httpx.HTTPError):
+        r.read()
     again = post(stack, "cached", q, stream=True)
     assert again.headers[CACHE_HEADER] == "miss" and b"[DONE]" in again.content
 

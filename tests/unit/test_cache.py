@@ -111,7 +111,7 @@ def test_eligibility_follows_the_rule() -> None:
 
 
 def test_bad_cache_specs_are_refused_with_their_path() -> None:
-    with pytest.raises(SpecError, match="spec.cache.mode") as e:
+    with pytest.raises(SpecError, match=r"spec\.cache\.mode") as e:
         parse_cache({"mode": "fuzzy"})
     assert e.value.reason == "InvalidCache"
     with pytest.raises(SpecError, match="embeddingBinding"):
