@@ -83,7 +83,7 @@ def parse_cache(raw: object) -> CacheSpec | None:
         max_temperature=None if max_temp is None else _number(max_temp, "spec.cache.eligible.maxTemperature", 0, 2),
         embedding_binding=str(sem.get("embeddingBinding") or ""),
         threshold=_number(sem.get("threshold", 0.95), "spec.cache.semantic.threshold", 0, 1),
-        max_entries=int_in(sem.get("maxEntries", 1000), "spec.cache.semantic.maxEntries", 1, 100_000),
+        max_entries=int_in(sem.get("maxEntries", 1000), "spec.cache.semantic.maxEntries", 1, 10_000),
     )
     if not (spec.streaming or spec.non_streaming):
         raise SpecError(_REASON, "spec.cache.eligible: streaming and nonStreaming are both false: nothing could be cached")

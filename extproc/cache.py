@@ -85,6 +85,34 @@ class CacheMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        self._bound: dict[str, BindingCounters] = {}
+
+    def of(self, binding: str) -> BindingCounters:
+        """One binding's counters (label look-ups cost more than the increments: kept per binding,
+        whose number the policy bounds)."""
+        bound = self._bound.get(binding)
+        if bound is None:
+            bound = self._bound[binding] = BindingCounters(
+                hit=self.lookups.labels(binding, "hit"),
+                miss=self.lookups.labels(binding, "miss"),
+                bypass=self.lookups.labels(binding, "bypass"),
+                hit_bytes=self.hit_bytes.labels(binding),
+                input_saved=self.tokens_saved.labels(binding, "input"),
+                output_saved=self.tokens_saved.labels(binding, "output"),
+                money_saved=self.money_saved.labels(binding),
+            )
+        return bound
+
+
+@dataclass(frozen=True, slots=True)
+class BindingCounters:
+    hit: Any
+    miss: Any
+    bypass: Any
+    hit_bytes: Any
+    input_saved: Any
+    output_saved: Any
+    money_saved: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,15 +249,15 @@ class CacheCall:
         return self.wish.store and not self.done
 
     async def lookup(self) -> Hit | None:
-        labels = self.m.lookups.labels(self.binding.key, self.state)
+        counters = self.m.of(self.binding.key)
         if not self.wish.lookup:
-            labels.inc()
+            counters.bypass.inc()
             return None
         entry = await self._get(self.key.exact)
         if entry is None and self.semantic:
             entry = await self._semantic()
         if entry is None:
-            labels.inc()
+            counters.miss.inc()
             return None
         self.state, self.done = "hit", True
         if self.stream:
@@ -241,12 +269,13 @@ class CacheCall:
 
     def served(self, hit: Hit) -> None:
         """Count a hit that was answered (after the quota admitted it)."""
-        b, entry = self.binding.key, hit.entry
-        self.m.lookups.labels(b, "hit").inc()
-        self.m.tokens_saved.labels(b, "input").inc(entry.input_tokens)
-        self.m.tokens_saved.labels(b, "output").inc(entry.output_tokens)
-        self.m.money_saved.labels(b).inc(entry.cost_micros / 1_000_000)
-        self.m.hit_bytes.labels(b).inc(len(hit.body))
+        c, entry = self.m.of(self.binding.key), hit.entry
+        c.hit.inc()
+        c.input_saved.inc(entry.input_tokens)
+        c.output_saved.inc(entry.output_tokens)
+        if entry.cost_micros:
+            c.money_saved.inc(entry.cost_micros / 1_000_000)
+        c.hit_bytes.inc(len(hit.body))
 
     async def _get(self, key: str) -> Entry | None:
         try:

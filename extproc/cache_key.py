@@ -10,7 +10,7 @@ Contract
   differ, two tenants, two bindings or two sampling settings therefore never share an entry.
   Keys are hashed JSON of the body: no header is ever part of one, so no credential can be; the
   material is never logged.
-* ``partition`` (semantic mode) is the same hash with the last user message's text left out;
+* ``partition`` (semantic mode only; "" otherwise) is the same hash with the last user message's text left out;
   ``text`` is that text. Semantic matches are only searched within one partition, so everything
   but the question itself (context, history, parameters, tenant) must still match exactly.
 * ``directives(headers)`` reads the caller's wishes: ``x-crdgol-cache: bypass`` skips the cache
@@ -112,7 +112,7 @@ def make_key(binding: Binding, api: Api, tenant: str, doc: dict[str, Any]) -> Ca
     exact = _digest({**head, "body": body})
     messages = body.get("messages")
     text, partition = "", ""
-    if isinstance(messages, list):
+    if rule is not None and rule.semantic and isinstance(messages, list):
         i = _last_user(messages)
         if i >= 0:
             text = _text(messages[i].get("content"))

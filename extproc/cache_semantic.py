@@ -14,12 +14,12 @@ Contract of a ``VectorStore``
 * ``add(partition, key, vector, ttl_seconds, max_entries)`` remembers ``vector`` as pointing at
   the cached answer ``key``; a partition keeps at most ``max_entries`` (the oldest go first).
 * ``forget(partition, key)`` drops it (its answer expired or was evicted).
-* ``MemoryVectorStore`` is this replica's alone, bounded to ``max_partitions`` partitions (least
-  recently used dropped). ``RedisVectorStore`` keeps every partition's vectors in Redis (a hash of
-  key -> float32 bytes, a sorted set for age, a version token), so all replicas share them; each
-  replica rebuilds its own numpy matrix of a partition when the version it holds is stale, which
-  one round trip tells (the vectors come back only when they changed). Redis errors raise
-  ``StoreUnavailable`` (the caller misses).
+* ``MemoryVectorStore`` is this replica's alone. ``RedisVectorStore`` keeps every partition's
+  vectors in a Redis stream (capped at ``max_entries``, expiring with the TTL), so all replicas
+  share them; each replica keeps its own numpy matrices and, per lookup, reads only the entries
+  added since its last look (one round trip). Either way a replica's matrices are bounded by
+  ``max_bytes`` (least recently used partitions dropped; a dropped partition is read again from
+  Redis when next asked). Redis errors raise ``StoreUnavailable`` (the caller misses).
 
 ``Embedder.embed`` calls the embeddings backend of the binding the cache names (OpenAI API,
 ``POST {endpoint}/v1/embeddings``) with its credential; any failure raises ``EmbeddingFailed``.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -64,7 +63,7 @@ def unit(values: Any) -> Vector:
 class VectorIndex:
     """One partition: a ring of unit rows, their expiry times and the keys they point at."""
 
-    __slots__ = ("dim", "expires", "keys", "limit", "matrix", "n", "next")
+    __slots__ = ("dim", "expires", "keys", "limit", "matrix", "n", "next", "rows")
 
     def __init__(self, dim: int, limit: int) -> None:
         self.dim, self.limit = dim, max(1, limit)
@@ -72,12 +71,14 @@ class VectorIndex:
         self.matrix: Vector = np.zeros((cap, dim), dtype=np.float32)
         self.expires = np.full(cap, -np.inf)
         self.keys: list[str] = [""] * cap
+        self.rows: dict[str, int] = {}  # key -> its row
         self.n = 0
         self.next = 0  # the oldest row, overwritten once the ring is full
 
     def add(self, key: str, vector: Vector, expires: float) -> None:
-        if key in self.keys[: self.n]:
-            i = self.keys.index(key)
+        known = self.rows.get(key)
+        if known is not None:
+            i = known
         elif self.n < len(self.keys) or self.n < self.limit:
             if self.n == len(self.keys):
                 self._grow(min(self.limit, 2 * len(self.keys)))
@@ -86,6 +87,8 @@ class VectorIndex:
         else:
             i = self.next
             self.next = (self.next + 1) % self.limit
+            self.rows.pop(self.keys[i], None)  # the oldest row's key goes with it
+        self.rows[key] = i
         self.matrix[i] = vector
         self.expires[i] = expires
         self.keys[i] = key
@@ -99,14 +102,15 @@ class VectorIndex:
         self.keys += [""] * (cap - len(self.keys))
 
     def remove(self, key: str) -> None:
-        for i in range(self.n):
-            if self.keys[i] == key:
-                self.expires[i] = -np.inf
+        i = self.rows.get(key)
+        if i is not None:
+            self.expires[i] = -np.inf
 
     def best(self, vector: Vector, threshold: float, now: float) -> str | None:
         if not self.n or vector.shape[0] != self.dim:
             return None
-        scores = self.matrix[: self.n] @ vector
+        # float32 @ float32 is one BLAS call; a float64 query would take numpy's slow mixed path.
+        scores = self.matrix[: self.n] @ vector.astype(np.float32, copy=False)
         scores[self.expires[: self.n] <= now] = -np.inf
         i = int(np.argmax(scores))
         return self.keys[i] if float(scores[i]) >= threshold else None
@@ -120,118 +124,119 @@ class VectorStore(Protocol):
     async def forget(self, partition: str, key: str) -> None: ...
 
 
-class MemoryVectorStore:
-    def __init__(self, max_partitions: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_partitions = max_partitions
-        self.clock = clock
+class Partitions:
+    """Partitions' indexes, least recently used first out once their matrices pass ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._parts: OrderedDict[str, VectorIndex] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._parts)
 
-    async def search(self, partition: str, vector: Vector, threshold: float) -> str | None:
+    def get(self, partition: str) -> VectorIndex | None:
         index = self._parts.get(partition)
-        if index is None:
-            return None
+        if index is not None:
+            self._parts.move_to_end(partition)
+        return index
+
+    def add(self, partition: str, key: str, vector: Vector, expires: float, limit: int) -> None:
+        index = self._parts.get(partition)
+        if index is None or index.dim != vector.shape[0] or index.limit != limit:
+            self.drop(partition)
+            index = self._parts[partition] = VectorIndex(vector.shape[0], limit)
+            self.bytes += index.matrix.nbytes
         self._parts.move_to_end(partition)
-        return index.best(vector, threshold, self.clock())
+        before = index.matrix.nbytes
+        index.add(key, vector, expires)
+        self.bytes += index.matrix.nbytes - before
+        while self.bytes > self.max_bytes and len(self._parts) > 1:
+            self.drop(next(iter(self._parts)))
+
+    def drop(self, partition: str) -> None:
+        old = self._parts.pop(partition, None)
+        if old is not None:
+            self.bytes -= old.matrix.nbytes
+
+
+class MemoryVectorStore:
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.parts = Partitions(max_bytes)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    async def search(self, partition: str, vector: Vector, threshold: float) -> str | None:
+        index = self.parts.get(partition)
+        return index.best(vector, threshold, self.clock()) if index is not None else None
 
     async def add(self, partition: str, key: str, vector: Vector, ttl_seconds: int, max_entries: int) -> None:
-        index = self._parts.get(partition)
-        if index is None or index.dim != vector.shape[0] or index.limit != max_entries:
-            index = VectorIndex(vector.shape[0], max_entries)
-            self._parts[partition] = index
-            while len(self._parts) > self.max_partitions:
-                self._parts.popitem(last=False)
-        self._parts.move_to_end(partition)
-        index.add(key, vector, self.clock() + ttl_seconds)
+        self.parts.add(partition, key, vector, self.clock() + ttl_seconds, max_entries)
 
     async def forget(self, partition: str, key: str) -> None:
-        index = self._parts.get(partition)
+        index = self.parts.get(partition)
         if index is not None:
             index.remove(key)
 
 
-# KEYS: vectors (hash), ages (zset), version. ARGV: the version the caller holds.
-_FETCH = Script("""
-local v = redis.call('GET', KEYS[3]) or ''
-if v == ARGV[1] then return {v} end
-return {v, redis.call('HGETALL', KEYS[1])}
-""")
-# KEYS as above. ARGV: entry key, vector bytes, now (ms), max entries, ttl seconds, new version.
+# KEYS: the partition's stream. ARGV: entry key, vector bytes, expiry (epoch s), max entries, ttl.
 _ADD = Script("""
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if over > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[2], over)
-  for i = 1, #old, 2 do redis.call('HDEL', KEYS[1], old[i]) end
-end
-redis.call('SET', KEYS[3], ARGV[6])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-return 1
-""")
-# KEYS as above. ARGV: entry key, new version.
-_FORGET = Script("""
-if redis.call('HDEL', KEYS[1], ARGV[1]) > 0 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('SET', KEYS[3], ARGV[2], 'KEEPTTL')
-end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], '*', 'k', ARGV[1], 'v', ARGV[2], 'e', ARGV[3], 'm', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """)
 
 
 class RedisVectorStore:
-    """Vectors in Redis, shared by replicas; each replica's matrices rebuilt from them on change."""
+    """Vectors in one Redis stream per partition, shared by replicas. Each replica keeps its own
+    matrices and reads only the entries added since it last looked (``XRANGE`` after the last id it
+    holds: one round trip, usually empty). The stream is capped at the partition's ``max_entries``
+    like the replica's ring, so entries one replica never saw were evicted everywhere anyway.
+    ``forget`` is local: another replica that matches an expired answer finds it gone and forgets
+    it too."""
 
-    def __init__(self, client: RedisClient, *, timeout: float = 0.5, max_local: int = 1_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, client: RedisClient, *, timeout: float = 0.5, max_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.time
+    ) -> None:
         self._client = client
         self._timeout = timeout
-        self._max_local = max_local
         self.clock = clock
-        self._local: OrderedDict[str, tuple[bytes, VectorIndex | None]] = OrderedDict()
+        self.parts = Partitions(max_bytes)
+        self._last: dict[str, bytes] = {}  # partition -> the last stream id this replica holds
 
     @staticmethod
-    def _keys(partition: str) -> list[str | bytes | int | float]:
-        base = "crdgol:cachevec:{" + partition + "}"  # one hash slot per partition (Redis Cluster)
-        return [base + ":h", base + ":z", base + ":v"]
+    def _key(partition: str) -> str:
+        return "crdgol:cachevec:{" + partition + "}"  # one hash slot per partition (Redis Cluster)
 
     async def search(self, partition: str, vector: Vector, threshold: float) -> str | None:
-        held = self._local.get(partition)
-        reply = await bounded(
-            self._client.run(_FETCH, self._keys(partition), [held[0] if held else b""]), self._timeout, "cache vectors"
-        )
-        if len(reply) > 1:
-            held = (reply[0] or b"", self._rebuild(reply[1]))
-            self._local[partition] = held
-            while len(self._local) > self._max_local:
-                self._local.popitem(last=False)
-        if held is None or held[1] is None:
-            return None
-        self._local.move_to_end(partition)
-        return held[1].best(vector, threshold, float("-inf"))  # Redis expires entries itself
-
-    @staticmethod
-    def _rebuild(flat: list[bytes]) -> VectorIndex | None:
-        rows = [(flat[i].decode(), np.frombuffer(flat[i + 1], dtype=np.float32)) for i in range(0, len(flat) - 1, 2)]
-        rows = [(k, v) for k, v in rows if v.size]
-        if not rows:
-            return None
-        dim = rows[0][1].shape[0]
-        rows = [(k, v) for k, v in rows if v.shape[0] == dim]
-        index = VectorIndex(dim, len(rows))
-        for k, v in rows:
-            index.add(k, v, float("inf"))
-        return index
+        held = self.parts.get(partition)
+        last = self._last.get(partition) if held is not None else None
+        start = b"(" + last if last else b"-"
+        entries = await bounded(self._client.call("XRANGE", self._key(partition), start, "+"), self._timeout, "cache vectors")
+        for entry_id, fields in entries or ():
+            f = dict(zip(fields[::2], fields[1::2], strict=False))
+            try:
+                row = np.frombuffer(f[b"v"], dtype=np.float32)
+                self.parts.add(partition, f[b"k"].decode(), row, float(f[b"e"]), int(f[b"m"]))
+            except (KeyError, ValueError, UnicodeDecodeError):
+                continue  # not written by this store
+            self._last[partition] = entry_id
+        if len(self._last) > 4 * len(self.parts) + 1024:
+            self._last = {p: i for p, i in self._last.items() if self.parts.get(p) is not None}
+        index = self.parts.get(partition)
+        return index.best(vector, threshold, self.clock()) if index is not None else None
 
     async def add(self, partition: str, key: str, vector: Vector, ttl_seconds: int, max_entries: int) -> None:
-        args: list[str | bytes | int | float] = [
-            key, vector.astype(np.float32).tobytes(), int(self.clock() * 1000), max_entries, max(1, ttl_seconds), uuid.uuid4().hex
-        ]
-        await bounded(self._client.run(_ADD, self._keys(partition), args), self._timeout, "cache vectors")
+        ttl = max(1, ttl_seconds)
+        args: list[str | bytes | int | float] = [key, vector.astype(np.float32).tobytes(), self.clock() + ttl, max_entries, ttl]
+        await bounded(self._client.run(_ADD, [self._key(partition)], args), self._timeout, "cache vectors")
 
     async def forget(self, partition: str, key: str) -> None:
-        await bounded(self._client.run(_FORGET, self._keys(partition), [key, uuid.uuid4().hex]), self._timeout, "cache vectors")
+        index = self.parts.get(partition)
+        if index is not None:
+            index.remove(key)
 
 
 def embedding_backend(binding: Binding) -> Backend:

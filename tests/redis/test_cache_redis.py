@@ -47,8 +47,12 @@ async def test_vectors_are_shared_bounded_and_forgotten(store_client: RedisClien
             await one.add("p", f"k{i}", unit([1.0, float(i)]), 60, max_entries=3)
         assert await two.search("p", unit([1.0, 4.0]), 0.999) == "k4"
         assert await two.search("p", unit([1.0, 0.0]), 0.999) is None  # k0 was pushed out
-        await one.forget("p", "k4")
-        assert await two.search("p", unit([1.0, 4.0]), 0.999) is None  # the replica saw the change
+        await one.add("p", "k9", unit([1.0, 9.0]), 60, max_entries=3)
+        assert await two.search("p", unit([1.0, 9.0]), 0.999) == "k9"  # only what is new is read
+        assert two.parts.get("p") is not None and two.parts.get("p").n == 3  # type: ignore[union-attr]
+        await two.forget("p", "k9")  # its answer expired: this replica stops matching it
+        assert await two.search("p", unit([1.0, 9.0]), 0.9999) is None
+        assert await one.search("p", unit([1.0, 9.0]), 0.999) == "k9"
         assert await two.search("q", unit([1.0, 4.0]), 0.0) is None  # another partition
     finally:
         await other_client.aclose()

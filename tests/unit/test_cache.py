@@ -64,17 +64,22 @@ def test_a_shared_cache_keys_no_tenant() -> None:
     assert a.exact == b.exact
 
 
+SEMANTIC = CacheRule(ttl_seconds=60, max_entry_bytes=10_000, semantic=True, embedding_binding="ns/embed")
+
+
 def test_the_semantic_partition_is_everything_but_the_question() -> None:
-    a = make_key(binding(), Api.OPENAI, "ns/acme", doc(("system", "S"), ASK))
-    b = make_key(binding(), Api.OPENAI, "ns/acme", doc(("system", "S"), ("user", "How do refunds work?")))
-    c = make_key(binding(), Api.OPENAI, "ns/acme", doc(("system", "T"), ASK))
+    sem = binding(SEMANTIC)
+    a = make_key(sem, Api.OPENAI, "ns/acme", doc(("system", "S"), ASK))
+    b = make_key(sem, Api.OPENAI, "ns/acme", doc(("system", "S"), ("user", "How do refunds work?")))
+    c = make_key(sem, Api.OPENAI, "ns/acme", doc(("system", "T"), ASK))
     assert a.partition == b.partition != c.partition
     assert a.exact != b.exact
     assert a.text == ASK[1]
+    assert make_key(binding(), Api.OPENAI, "ns/acme", doc(ASK)).partition == ""  # exact mode needs none
 
 
 def test_a_key_is_a_hash_that_quotes_nothing_it_was_made_from() -> None:
-    k = make_key(binding(), Api.OPENAI, "ns/acme", doc(("user", "my password is hunter2")))
+    k = make_key(binding(SEMANTIC), Api.OPENAI, "ns/acme", doc(("user", "my password is hunter2")))
     for value in (k.exact, k.partition):
         assert all(c in "0123456789abcdef" for c in value)
     assert "sk-secret" not in repr(k) and "acme" not in k.exact
@@ -194,11 +199,11 @@ def test_the_index_is_a_bounded_ring_that_skips_expired_rows() -> None:
     assert index.best(unit([1, 4]), 0.999, now=104.5) is None
 
 
-async def test_the_memory_vector_store_bounds_its_partitions() -> None:
-    store = MemoryVectorStore(max_partitions=2)
+async def test_the_memory_vector_store_bounds_its_matrices_by_bytes() -> None:
+    store = MemoryVectorStore(max_bytes=200)  # a 2-dim partition of up to 10 rows holds 80 bytes
     for p in "abc":
         await store.add(p, "k", unit([1, 0]), 60, 10)
-    assert len(store) == 2
+    assert len(store) == 2 and store.parts.bytes <= 200
     assert await store.search("a", unit([1, 0]), 0.5) is None
     assert await store.search("c", unit([1, 0]), 0.5) == "k"
     assert np.isclose(np.linalg.norm(unit([3, 4])), 1.0)
