@@ -110,6 +110,34 @@ def semantic_probe(gw: hz.Gateway, state: Path) -> Path:
     return path
 
 
+def markdown(result: dict[str, Any]) -> str:
+    s, m = result["summary"], result["machine"]
+    lines = [
+        "# Response cache benchmark (`benchmarks/cache.py`)",
+        "",
+        f"Machine: {m.get('cpu_model', '?')}, load average at start {m.get('loadavg_start', '?')}; Envoy --concurrency "
+        f"{m.get('envoy_concurrency', '?')}, wrk -t1, 1 KB prompt. Medians over the rounds below; each round "
+        "runs both setups back to back.",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---:|",
+        f"| exact hit vs bare Envoy proxying the mock, c16 | {s['hit_vs_bare_c16']}x | >= 0.6x |",
+        f"| added p50 of a hit at c1 (hit p50 - bare p50) | {s['added_p50_c1_ms']} ms | <= 1 ms |",
+        f"| semantic lookup beyond the embeddings call, mean ({s['stored_questions']} stored) | {s['semantic_search_mean_ms']} ms | - |",
+        f"| semantic lookup beyond the embeddings call, p50 bucket | <= {s['semantic_search_p50_at_most_ms']} ms | <= 2 ms |",
+        f"| semantic hit p50 - exact hit p50 at c1 (embeddings call included) | {s['semantic_added_p50_ms']} ms | - |",
+        f"| embeddings call (mock), mean | {s['semantic_embedding_call_mean_ms']} ms | - |",
+        "",
+        "| round | hit c16 rps | bare c16 rps | ratio | hit c1 p50 ms | bare c1 p50 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(result["rounds"], 1):
+        lines.append(
+            f"| {i} | {r['hit_c16']['rps']:.0f} | {r['bare_c16']['rps']:.0f} | {r['ratio_c16']} | {r['hit_c1']['p50_ms']} | {r['bare_c1']['p50_ms']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=3)
@@ -195,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "cache.md").write_text(markdown(result))
     say(json.dumps(summary, indent=1))
     return 0
 
