@@ -213,6 +213,12 @@ def test_sessions_with_different_histories_never_share_an_answer(stack: Stack) -
     assert upstream_calls(stack.mock_url, q) == 2
     # Without a session the history is empty: again another conversation.
     assert post(stack, "sessions", q).headers[CACHE_HEADER] == "miss"
+    # Two fresh sessions with the same first question do share it, and the hit joins the history.
+    s3, s4, first = f"s3-{uuid.uuid4().hex}", f"s4-{uuid.uuid4().hex}", marker()
+    assert post(stack, "sessions", first, headers={"x-session-id": s3}).headers[CACHE_HEADER] == "miss"
+    assert post(stack, "sessions", first, headers={"x-session-id": s4}).headers[CACHE_HEADER] == "hit"
+    follow = post(stack, "sessions", marker(), headers={"x-session-id": s4})
+    assert "messages=3" in follow.json()["choices"][0]["message"]["content"]  # the hit's turn, then this one
 
 
 # --- what the caller asks --------------------------------------------------------------------------
