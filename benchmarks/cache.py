@@ -133,7 +133,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for i, r in enumerate(result["rounds"], 1):
         lines.append(
-            f"| {i} | {r['hit_c16']['rps']:.0f} | {r['bare_c16']['rps']:.0f} | {r['ratio_c16']} | {r['hit_c1']['p50_ms']} | {r['bare_c1']['p50_ms']} |"
+            f"| {i} | {r['hit_c16']['rps']:.0f} | {r['bare_c16']['rps']:.0f} | {r['ratio_c16']} | {r['hit_c1']['p50_ms']:.2f} | {r['bare_c1']['p50_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

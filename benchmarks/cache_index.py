@@ -12,19 +12,25 @@ Results: ``<out>/cache_index.json``.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import os
 
-import numpy as np
+# As extproc runs it (crdgol.cli sets this before numpy loads): one BLAS thread per scan.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from extproc.cache_semantic import VectorIndex
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from extproc.cache_semantic import VectorIndex  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 DIMS = (8, 1536)

@@ -98,6 +98,11 @@ def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:
 
 
 def cmd_extproc(args: argparse.Namespace) -> int:
+    # One BLAS thread for the semantic cache's vector scans (numpy reads this when first
+    # imported): a scan is small, and on a busy host a second BLAS thread that is not scheduled
+    # turns a 0.1 ms scan into milliseconds. Set here, at the entry point, before any import.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from crdgol.control_plane import ClientAuth, InsecureControlPlane, require_secure_client
     from extproc.capacity import Capacity, CapacitySettings
     from extproc.server import ServerSettings, serve

@@ -5,7 +5,7 @@ The index is a brute-force scan in numpy: per partition a matrix of unit-norm fl
 ring of at most ``max_entries``, the oldest overwritten first), one matrix-vector product per
 lookup. Measured against usearch and hnswlib in ``benchmarks/cache_index.py``: at the sizes one
 partition holds (a binding's FAQ, up to a few thousand questions) the scan is as fast or faster
-and has no build cost or extra dependency; see ``benchmarks/results/cache.md``.
+and has no build cost or extra dependency; see ``benchmarks/results/cache_index.json``.
 
 Contract of a ``VectorStore``
 ----------------------------
