@@ -291,6 +291,11 @@ class Controller:
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
                 sources_before = dict(self.state.result.source_problems) if self.state.result else {}
+                if self.workflows is not None and self.state.result is None:
+                    # A (re)started controller's first config keeps the run API's route, which
+                    # Envoy had from the previous one: without it a run's status would be a 404
+                    # "no route" until the workflows are synced below.
+                    self.state.extras = self.workflows.extras()
                 await self.publish()
                 if self.state.result is not None:
                     for where, what in self.state.result.source_problems.items():
