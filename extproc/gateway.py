@@ -29,6 +29,7 @@ from extproc.admission import Admission, Outcome, encode_reservation
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.cache import CACHE_HEADER, CacheCall
+from extproc.cache_charge import CallerMeter
 from extproc.errors import (
     BadRequest,
     Forbidden,
@@ -525,7 +526,7 @@ class Completion(ModelCall):
         assert self.identity is not None
         self.cache = self.services.cache.open(
             self.services.current, binding, self.api, self.identity.tenant, doc, self.headers,
-            stream=self.stream, include_usage=self.client_wants_usage,
+            stream=self.stream, include_usage=self.client_wants_usage, meter=CallerMeter(self.services, self.identity.tenant),
         )
         hit = await self.cache.lookup() if self.cache is not None else None
         if hit is None or self.cache is None:
@@ -604,6 +605,11 @@ class Completion(ModelCall):
                 entry[1].price if entry is not None else None,
             )
         return PASS if out is body or out == body else Continue(body=out)
+
+    def close(self) -> None:
+        super().close()
+        if self.cache is not None:
+            self.cache.abandon()  # requests waiting for this one's answer stop waiting (extproc.cache_flight)
 
     async def _remember(self, reply_text: str) -> None:
         """Record the user turn and the assistant's reply once the response has ended."""
