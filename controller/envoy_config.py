@@ -375,7 +375,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
     )
     if settings.access_log:
         # Beside the usage log (when rendered), never instead of it: quotas settle from that one.
-        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log)]
+        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log, usage_filters=settings.usage_log)]
         # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata,
         # in addition to the namespaces extproc already writes (the settle marker).
         ext = hcm["http_filters"][0]["typed_config"]

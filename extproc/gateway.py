@@ -365,6 +365,7 @@ class ModelCall(Handler):
         """Settle from the access-log entry instead of the body: mark the request for it."""
         self.deferred = True
         self.finished = True  # this stream accounts nothing more; the log entry does
+        self.access.settled_elsewhere(self)
         reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
         return reply
 

@@ -141,6 +141,22 @@ def test_a_streamed_fallen_back_request_gets_one_line_with_who_what_where_and_co
     assert line["error"] is None and line["response_flags"] == "-"
 
 
+def test_a_non_streamed_answer_settled_from_the_usage_log_still_has_who_where_and_its_tokens(obs: Observed) -> None:
+    rid = f"obs-{uuid.uuid4()}"
+    r = obs.chat(stream=False, request_id=rid)
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    line = obs.line(rid)
+    assert (line["tenant"], line["binding"], line["backend"], line["provider"]) == (
+        "team-a/acme", "team-a/obs", "crdgol-be.team-a.obs.rescue", "anthropic"
+    )
+    assert line["attempts"] == 2 and line["status"] == 200
+    # The tokens the client was told about, read by Envoy's usage filters (extproc never saw the body).
+    assert (line["input_tokens"], line["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert line["cost"] is None  # computed when the usage log settles it: in crdgol_spend_total, not here
+
+
 def test_spend_and_streaming_latency_are_exported_per_tenant_binding_and_backend(obs: Observed) -> None:
     def figures() -> tuple[float, float, float]:
         text = obs.metrics()
