@@ -204,6 +204,7 @@ def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtPro
                 hs256_secret=secret.encode(),
                 jwks_json=j.jwks,
                 namespace=b.namespace,
+                jwks_uri=j.jwks_uri,
             )
         )
     return out

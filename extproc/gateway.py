@@ -136,9 +136,9 @@ class Refuse(Handler):
         return r
 
 
-def authenticate(services: Services, headers: Headers) -> Identity:
+async def authenticate(services: Services, headers: Headers) -> Identity:
     credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-    return services.authenticator().authenticate(credential)
+    return await services.authenticate(credential)
 
 
 class Models(Handler):
@@ -148,7 +148,7 @@ class Models(Handler):
         self.services = services
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
-        ident = authenticate(self.services, headers)
+        ident = await authenticate(self.services, headers)
         policy = self.services.current
         data = [
             {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.namespace}
@@ -198,7 +198,7 @@ class ModelCall(Handler):
         ctype = headers.get("content-type", "")
         if not ctype.lower().startswith("application/json"):
             raise UnsupportedMediaType(f"send the request body as application/json, not {ctype or 'no content type'!r}")
-        self.identity = authenticate(self.services, headers)
+        self.identity = await authenticate(self.services, headers)
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
