@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.access_logs import access_logs
 from controller.envoy_json import (
@@ -21,9 +21,11 @@ from controller.envoy_json import typed as typed
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from controller.tracing_config import gateway_tracing
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
+from crdgol.tracing import TracingSettings
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
@@ -94,6 +96,8 @@ class RenderSettings:
     # from every response body, as the Istio config has it.
     usage_log: bool = True
     usage_log_flush_ms: int = 20
+    # OpenTelemetry traces (controller.tracing_config); off by default.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -381,6 +385,8 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         ext = hcm["http_filters"][0]["typed_config"]
         received = ext.setdefault("metadata_options", {}).setdefault("receiving_namespaces", {}).setdefault("untyped", [])
         received.append(ACCESS_NAMESPACE)
+    if settings.tracing.enabled:
+        hcm["tracing"] = gateway_tracing()
     return {
         "name": "crdgol-gateway",
         "address": socket_address(settings.listen_host, settings.listen_port),

@@ -61,6 +61,7 @@ from controller.models import (
     SpecError,
 )
 from controller.ownership import Claims
+from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
@@ -371,6 +372,8 @@ def _render(
         jwt_providers=claims.providers(),
     )
     clusters: list[Json] = list(extras.clusters)
+    if settings.tracing.enabled:
+        clusters.append(collector_cluster(settings.tracing, settings.ca_bundle))
     routes = list(extras.routes)
     for _, pieces in served:
         routes.append(pieces.route)

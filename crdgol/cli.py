@@ -18,10 +18,21 @@ from crdgol import __version__, logs
 
 if TYPE_CHECKING:
     from crdgol.control_plane import TlsFiles
+    from crdgol.tracing import TracingSettings
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _tracing(args: argparse.Namespace, service: str) -> TracingSettings:
+    """Tracing settings from ``--otlp-endpoint`` and the ``OTEL_*`` variables; exits on a bad one."""
+    from crdgol.tracing import TracingError, settings_from
+
+    try:
+        return settings_from(os.environ, str(args.otlp_endpoint), service)
+    except TracingError as exc:
+        raise SystemExit(f"crdgol: tracing: {exc}") from None
 
 
 def _run_async(coro: object) -> None:
@@ -120,14 +131,27 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         socket=args.socket,
     )
     capacity = CapacitySettings(max_streams=args.max_streams, max_body_bytes=args.max_body_mib * 1024 * 1024, shed_lag=args.shed_lag_ms / 1000)
+    tracing = _tracing(args, "crdgol-extproc")
+    tracer, shutdown = None, None
+    if tracing.enabled:  # the SDK is loaded only on this path
+        from crdgol import tracing as otel
+        from extproc.tracing import CallTracer
+
+        sdk_tracer, shutdown = otel.start(tracing)
+        tracer = CallTracer(sdk_tracer)
 
     async def main() -> None:
         services = build_services(args.redis_url, args.redis_timeout)
         assert isinstance(services, Services)
         services.capacity = Capacity(capacity)
+        services.tracer = tracer
         await serve(settings, services)
 
-    _run_async(main())
+    try:
+        _run_async(main())
+    finally:
+        if shutdown is not None:
+            shutdown()  # flushes the spans still batched
     return 0
 
 
@@ -154,6 +178,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         access_log="" if args.access_log == "off" else args.access_log,
         admin_socket=args.admin_socket,
+        tracing=_tracing(args, "crdgol-controller"),
     )
     workflows = None
     if args.manifests:
@@ -244,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"crdgol {__version__}")
     p.add_argument("--log-level", default=_env("CRDGOL_LOG_LEVEL", "info"), help="debug|info|warning (env CRDGOL_LOG_LEVEL)")
     p.add_argument("--log-format", default=_env("CRDGOL_LOG_FORMAT", "text"), help="text|json: json writes one object per line (env CRDGOL_LOG_FORMAT; `up` passes it to its children)")
+    p.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (default: the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set or OTEL_TRACES_EXPORTER=none; "
+        "OTEL_SERVICE_NAME names the process; `up` passes it to its children)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the standalone gateway (Envoy + extproc + mock upstream) from a folder of manifests")
@@ -347,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is cmd_up:
         # The stack's children (controller, extproc, mock) are crdgol commands too: same format.
         os.environ["CRDGOL_LOG_FORMAT"] = str(args.log_format)
+        if args.otlp_endpoint:  # checked here, then given to the children the standard way
+            os.environ.update(_tracing(args, "crdgol").environment())
     return int(args.func(args))
 
 

@@ -51,6 +51,7 @@ from extproc.services import (
     ROUTE_HEADER,
     Services,
 )
+from extproc.tracing import CallSpan, step
 from extproc.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,19 @@ UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 class Downstream(Handler):
     """Picks the endpoint strategy from the first message, then delegates to it."""
 
-    def __init__(self, services: Services, *, usage_log: bool = False) -> None:
+    def __init__(self, services: Services, *, usage_log: bool = False, traceparent: str = "", tracestate: str = "") -> None:
         self.services = services
         self.usage_log = usage_log
         self.inner: Handler = Handler()
+        self.traceparent, self.tracestate = traceparent, tracestate
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
         if isinstance(self.inner, ModelCall):
             self.inner.usage_log = self.usage_log
+            if self.services.tracer is not None:
+                self.inner.trace = self.services.tracer.start(self.traceparent, self.tracestate, self.inner.operation)
         check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
@@ -187,10 +191,13 @@ class ModelCall(Handler):
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
         self.access = AccessRecord()  # what the access log learns from extproc
+        self.trace: CallSpan | None = None  # this call's span, when tracing is on (extproc.tracing)
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
         self.access.error = exc.code
+        if self.trace is not None:
+            self.trace.end(self, None, exc.code)
         body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
         return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
@@ -198,7 +205,8 @@ class ModelCall(Handler):
         ctype = headers.get("content-type", "")
         if not ctype.lower().startswith("application/json"):
             raise UnsupportedMediaType(f"send the request body as application/json, not {ctype or 'no content type'!r}")
-        self.identity = await authenticate(self.services, headers)
+        with step(self.trace, "crdgol.authenticate"):
+            self.identity = await authenticate(self.services, headers)
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
@@ -248,7 +256,8 @@ class ModelCall(Handler):
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
-        await self.admission.admit(self.identity.tenant, binding, doc, len(body))
+        with step(self.trace, "crdgol.admission"):
+            await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
 
@@ -297,6 +306,8 @@ class ModelCall(Handler):
             outcome = Outcome.CUT_SHORT
         self.admission.finish(outcome, usage, self.backend)
         self.access.finish(self, usage)
+        if self.trace is not None:
+            self.trace.end(self, usage)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
@@ -337,7 +348,8 @@ class ModelCall(Handler):
         if self.binding is not None and not end_of_stream and not provider_error:
             # Read for usage only when it cannot come from the access log, or something else
             # (history, usage stripping) needs the body; translation reads it regardless.
-            observe = not self.usage_log or self.needs_body(headers)
+            # A traced call reads its usage itself: its span ends with the tokens in it.
+            observe = not self.usage_log or self.trace is not None or self.needs_body(headers)
             self.reader = ResponseReader(
                 backend_api, self.api, self.binding.model, include_usage=self.client_wants_usage, observe=observe
             )
@@ -391,6 +403,8 @@ class ModelCall(Handler):
             # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
             self.account(self.seen_usage(), complete=False)
+        if self.trace is not None:  # ended by now, unless the stream closed before a decision
+            self.trace.end(self, None, "stream_closed")
 
 
 def settle_record(call: ModelCall) -> dict[str, str | float]:
@@ -419,7 +433,8 @@ class Embeddings(ModelCall):
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
         doc = self.parse(body)
-        binding = self.select(doc)
+        with step(self.trace, "crdgol.route"):
+            binding = self.select(doc)
         if any(b.api is Api.ANTHROPIC for b in binding.backends):
             raise BadRequest(f"the model {self.request_model!r} does not support embeddings", code="unsupported_operation")
         if "input" not in doc:
@@ -462,7 +477,8 @@ class Completion(ModelCall):
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
         doc = self.parse(body)
-        binding = self.select(doc)
+        with step(self.trace, "crdgol.route"):
+            binding = self.select(doc)
         messages = self._validate(doc)
         self.stream = bool(doc.get("stream"))
         self.user_text = last_user_text(messages)
@@ -474,7 +490,8 @@ class Completion(ModelCall):
                 doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         ctx = binding.context
         if ctx.active:
-            doc = await self._inject(doc, binding)
+            with step(self.trace, "crdgol.context"):
+                doc = await self._inject(doc, binding)
         return await self.forward(doc, binding)
 
     async def _inject(self, doc: dict[str, Any], binding: Binding) -> dict[str, Any]:

@@ -69,15 +69,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.services.metrics.handler_errors.inc()
 
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
-        backend = ""
+        backend = traceparent = tracestate = ""
         usage_log = False
         for key, value in context.invocation_metadata() or ():
             if key == BACKEND_METADATA:
                 backend = value if isinstance(value, str) else value.decode()
             elif key == USAGE_LOG_METADATA:
                 usage_log = True
+            elif key == "traceparent":  # Envoy's span for this stream (tracing on)
+                traceparent = value if isinstance(value, str) else value.decode()
+            elif key == "tracestate":
+                tracestate = value if isinstance(value, str) else value.decode()
         if not backend:
-            return "downstream", Downstream(self.services, usage_log=usage_log)
+            return "downstream", Downstream(self.services, usage_log=usage_log, traceparent=traceparent, tracestate=tracestate)
         try:
             return "upstream", Attempt(self.services, backend)
         except GatewayError as exc:

@@ -19,6 +19,7 @@ from extproc.jwks import JwksCache
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
 from extproc.quota_store import MemoryQuotaStore, QuotaStore
+from extproc.tracing import CallTracer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Services:
     history_warned_at: float = float("-inf")
     # Remote JWT keys, fetched and cached for the life of the process (policy versions share them).
     jwks: JwksCache = field(default_factory=JwksCache)
+    # Spans for model calls; None = tracing off (the request path then builds none).
+    tracer: CallTracer | None = None
     _auth: tuple[int, Authenticator] | None = None
 
     def history_store_error(self, exc: BaseException) -> None:
