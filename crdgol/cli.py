@@ -129,6 +129,8 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         policy_server=args.policy_server,
         policy_auth=policy_auth,
         socket=args.socket,
+        report_interval=args.report_interval,
+        envoy_admin=args.envoy_admin,
     )
     capacity = CapacitySettings(max_streams=args.max_streams, max_body_bytes=args.max_body_mib * 1024 * 1024, shed_lag=args.shed_lag_ms / 1000)
     tracing = _tracing(args, "crdgol-extproc")
@@ -203,6 +205,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         manifests=Path(args.manifests) if args.manifests else None,
         status_file=Path(args.status_file) if args.status_file else None,
+        usage_window=args.usage_window,
+        usage_interval=args.usage_interval,
     )
     if settings.manifests is not None:
         _run_async(serve_file_mode(settings))
@@ -319,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.add_argument("--max-streams", type=int, default=4096, help="gateway requests processed at once; more get 503 gateway_overloaded (default 4096)")
     ext.add_argument("--max-body-mib", type=int, default=64, help="MiB of request and response bodies held at once; a request body beyond gets 503 (default 64)")
+    ext.add_argument("--report-interval", type=float, default=float(_env("CRDGOL_REPORT_INTERVAL", "10")), help="seconds between reports of usage and backend health to the controller's policy server, for the bindings' status (default 10; 0 = never; env CRDGOL_REPORT_INTERVAL)")
+    ext.add_argument("--envoy-admin", default=_env("CRDGOL_ENVOY_ADMIN", ""), help="Envoy's admin URL beside this extproc (e.g. http://127.0.0.1:9901): its backend health goes into the reports (env CRDGOL_ENVOY_ADMIN)")
     ext.add_argument("--shed-lag-ms", type=float, default=500.0, help="refuse new requests with 503 while the event loop runs this late (default 500 ms)")
     ext.set_defaults(func=cmd_extproc)
 
@@ -347,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
     ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
+    ctl.add_argument("--usage-window", type=float, default=3600.0, help="each binding's status.usage covers this many seconds (default 3600)")
+    ctl.add_argument("--usage-interval", type=float, default=float(_env("CRDGOL_USAGE_INTERVAL", "30")), help="refresh each binding's status.usage (from extproc's reports) at most this often, in seconds (default 30, env CRDGOL_USAGE_INTERVAL)")
     ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
     ctl.set_defaults(func=cmd_controller)
 

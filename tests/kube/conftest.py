@@ -175,7 +175,7 @@ async def cluster() -> AsyncIterator[Cluster]:
     async with ApiServer() as server, kmock.Server(server):
         declare_resources(server)
         controller = Controller(
-            ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0)
+            ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0, usage_interval=0.3)
         )
         # kopf runs in its own thread and loop, as in production (and as kopf's KopfRunner does):
         # on stopping, kopf.operator cancels every task its loop gained since it started, which
