@@ -102,6 +102,14 @@ class Controller:
         self._nacks_seen = 0
         self._encoder = Encoder()
         self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
+        self._stop_tracing: Callable[[], None] | None = None
+        if settings.render.tracing.enabled and self.workflows is not None:
+            # Each workflow run a trace (controller.run_tracing); the SDK is loaded only here.
+            from controller.run_tracing import RunTracer
+            from crdgol import tracing
+
+            tracer, self._stop_tracing = tracing.start(settings.render.tracing)
+            self.workflows.runner.tracer = RunTracer(tracer)
         self._live: RenderResult | None = None  # the render whose policy extproc was given
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -291,6 +299,8 @@ class Controller:
             await self._server.stop(2)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._stop_tracing is not None:
+            await asyncio.to_thread(self._stop_tracing)  # flushes the spans still batched
 
     async def run_file_mode(self, folder: Path, stop: asyncio.Event) -> None:
         reader = FolderReader(folder)

@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.workflow.accept import CompiledWorkflow
+
+if TYPE_CHECKING:
+    from controller.run_tracing import RunTracer
 from controller.workflow.calls import CallContext, CallTarget, call_ai, call_http
 from controller.workflow.engine import (
     RUN_DONE,
@@ -116,6 +119,7 @@ class _Live:
     calls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    span: Any = None  # the run's span, when tracing is on (controller.run_tracing)
 
 
 class Runner:
@@ -134,6 +138,7 @@ class Runner:
         self.rng = rng or random.Random()
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
+        self.tracer: RunTracer | None = None  # set when tracing is on
         self._http: aiohttp.ClientSession | None = None
 
     async def _session(self) -> aiohttp.ClientSession:
@@ -174,6 +179,8 @@ class Runner:
 
     def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
         live = _Live(state, wf)
+        if self.tracer is not None:
+            live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
         live.events.put_nowait(Tick(self.clock()))
         live.task = asyncio.create_task(self._loop(live), name=f"run {state.key}")
@@ -216,6 +223,8 @@ class Runner:
                 self.finished[live.state.key] = live.state
             for t in live.calls.values():
                 t.cancel()
+            if self.tracer is not None:
+                self.tracer.run_finished(live.span, live.state)
             live.done.set()
 
     def _count(self, workflow: str, phase: str, delta: int) -> None:
@@ -242,7 +251,7 @@ class Runner:
         return False
 
     async def _attempt(self, live: _Live, call: Call) -> None:
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
@@ -271,6 +280,8 @@ class Runner:
         finally:
             self.metrics.in_flight.dec()
         outcome = "succeeded" if isinstance(event, StepSucceeded) else "failed"
+        if self.tracer is not None:
+            self.tracer.step_finished(live.span, call, event, started_ns)
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]

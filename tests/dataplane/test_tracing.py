@@ -135,6 +135,20 @@ def _manifests(folder: Path) -> None:
         },
     }
     (folder / "binding.json").write_text(json.dumps(binding))
+    (folder / "workflow.yaml").write_text(textwrap.dedent("""
+        apiVersion: crdgol.io/v1alpha1
+        kind: WorkflowSpec
+        metadata: {name: hello, namespace: team-t}
+        spec:
+          steps:
+            - name: greet
+              type: ai-inference
+              aiInference: {binding: traced, prompt: "Greet {{ inputs.who }}", maxTokens: 20}
+            - name: answer
+              type: ai-inference
+              dependsOn: [greet]
+              aiInference: {binding: traced, prompt: "Answer {{ steps.greet.outputs.text }}", maxTokens: 20}
+    """))
     (folder / "secrets.yaml").write_text(textwrap.dedent(f"""
         apiVersion: v1
         kind: Secret
@@ -233,6 +247,31 @@ def test_no_key_or_prompt_text_reaches_any_span(traced: Traced) -> None:
     assert raw
     for canary in (CLIENT_KEY, PROVIDER_KEY, PROMPT, "otter", "sk-canary-trace-wrong"):
         assert canary.encode() not in raw, canary
+
+
+def test_a_workflow_run_is_one_trace_with_a_span_per_step(traced: Traced) -> None:
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    r = httpx.post(f"{traced.stack.url}/v1/workflows/hello/runs", json={"inputs": {"who": "otters"}}, headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    name = r.json()["name"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{traced.stack.url}/v1/workflows/runs/{name}", headers=headers, timeout=10).json()
+        if run["phase"] in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.2)
+    assert run["phase"] == "Succeeded", run
+    deadline = time.monotonic() + 15
+    roots: list[Span] = []
+    while time.monotonic() < deadline and not roots:
+        roots = [s for s in traced.collector.spans() if s.attributes.get("crdgol.workflow.run") == f"team-t/{name}"]
+        time.sleep(0.2)
+    (root,) = roots
+    assert (root.service, root.name, root.attributes["crdgol.workflow.phase"]) == ("crdgol-controller", "workflow hello", "Succeeded")
+    steps = sorted((s for s in traced.collector.spans() if s.parent == root.span_id), key=lambda s: s.attributes["crdgol.workflow.step"])
+    assert [(s.name, s.trace_id) for s in steps] == [("step answer", root.trace_id), ("step greet", root.trace_id)]
+    assert all(s.attributes["gen_ai.usage.output_tokens"] > 0 and not s.error for s in steps)
+    assert b"otters" not in traced.collector.raw()  # the run's inputs are not in any span
 
 
 def test_with_tracing_off_no_process_loads_the_opentelemetry_sdk() -> None:
