@@ -348,8 +348,7 @@ class ModelCall(Handler):
         if self.binding is not None and not end_of_stream and not provider_error:
             # Read for usage only when it cannot come from the access log, or something else
             # (history, usage stripping) needs the body; translation reads it regardless.
-            # A traced call reads its usage itself: its span ends with the tokens in it.
-            observe = not self.usage_log or self.trace is not None or self.needs_body(headers)
+            observe = not self.usage_log or self.needs_body(headers)
             self.reader = ResponseReader(
                 backend_api, self.api, self.binding.model, include_usage=self.client_wants_usage, observe=observe
             )
@@ -378,7 +377,11 @@ class ModelCall(Handler):
         self.deferred = True
         self.finished = True  # this stream accounts nothing more; the log entry does
         self.access.settled_elsewhere(self)
-        reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
+        record = settle_record(self)
+        tracer = self.services.tracer
+        if tracer is not None and self.trace is not None:  # its span ends when the entry arrives
+            record["trace"] = tracer.park(self)
+        reply.dynamic_metadata = {SETTLE_NAMESPACE: record}
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -403,8 +406,8 @@ class ModelCall(Handler):
             # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
             self.account(self.seen_usage(), complete=False)
-        if self.trace is not None:  # ended by now, unless the stream closed before a decision
-            self.trace.end(self, None, "stream_closed")
+        if self.trace is not None and not self.deferred:  # a deferred one ends with its log entry
+            self.trace.end(self, None, "stream_closed")  # ended by now, unless closed before a decision
 
 
 def settle_record(call: ModelCall) -> dict[str, str | float]:

@@ -20,7 +20,9 @@ a completion: only the facts the access log also carries.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
+from collections import OrderedDict
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -39,15 +41,23 @@ NO_STEP: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 class CallTracer:
-    """Starts one ``CallSpan`` per model call, parented on the trace Envoy sent."""
+    """Starts one ``CallSpan`` per model call, parented on the trace Envoy sent.
 
-    def __init__(self, tracer: Tracer) -> None:
+    A call whose usage Envoy's usage log settles (extproc does not read its body) is *parked*
+    until its log entry arrives, and its span ends then, with the tokens; at most ``max_parked``
+    wait (beyond that the oldest ends without them).
+    """
+
+    def __init__(self, tracer: Tracer, max_parked: int = 10_000) -> None:
         from opentelemetry.trace import SpanKind
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._tracer = tracer
         self._propagator = TraceContextTextMapPropagator()
         self._client = SpanKind.CLIENT
+        self._parked: OrderedDict[str, ModelCall] = OrderedDict()
+        self._max_parked = max_parked
+        self._tokens = itertools.count(1)
 
     def start(self, traceparent: str, tracestate: str, operation: str) -> CallSpan:
         carrier = {"traceparent": traceparent, "tracestate": tracestate} if traceparent else {}
@@ -56,6 +66,22 @@ class CallTracer:
             operation, context=parent, kind=self._client, attributes={"gen_ai.operation.name": operation}
         )
         return CallSpan(self._tracer, span)
+
+    def park(self, call: ModelCall) -> str:
+        """Keep ``call`` until its usage-log entry names the returned token (``settle``)."""
+        token = f"{next(self._tokens):x}"
+        self._parked[token] = call
+        while len(self._parked) > self._max_parked:
+            _, oldest = self._parked.popitem(last=False)
+            if oldest.trace is not None:
+                oldest.trace.end(oldest, None)
+        return token
+
+    def settle(self, token: str, usage: Usage | None, status: int) -> None:
+        call = self._parked.pop(token, None)
+        if call is not None and call.trace is not None:
+            call.status = status or call.status
+            call.trace.end(call, usage)
 
 
 class CallSpan:
