@@ -59,7 +59,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     result = render(
         manifests.bindings,
         manifests.secrets,
-        RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port),
+        RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port, tracing=_tracing(args, "crdgol-controller")),
     )
     for where, problem in {**manifests.problems, **result.problems}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)

@@ -67,3 +67,23 @@ def test_envoy_gets_a_tracer_and_a_collector_cluster_only_when_tracing_is_on(tmp
     (tmp_path / "envoy.json").write_text(json.dumps(on))
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.json"), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+
+def test_the_command_line_refuses_a_collector_it_cannot_use_and_render_shows_the_tracer(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crdgol.cli import main
+
+    quickstart = str(ROOT / "examples" / "quickstart")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    with pytest.raises(SystemExit, match="only grpc"):
+        main(["--otlp-endpoint", "http://127.0.0.1:4318", "render", "--manifests", quickstart])
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+    capsys.readouterr()
+    assert main(["--otlp-endpoint", "http://127.0.0.1:4317", "render", "--manifests", quickstart]) == 0
+    assert "envoy.tracers.opentelemetry" in capsys.readouterr().out
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert main(["render", "--manifests", quickstart]) == 0
+    assert "envoy.tracers.opentelemetry" not in capsys.readouterr().out
