@@ -197,15 +197,20 @@ def test_the_bindings_status_says_what_it_served_and_cost_from_extprocs_reports(
         doc = httpx.get(f"http://127.0.0.1:{obs.stack.controller_port}/status", timeout=10).json()
         return dict(doc["bindings"]["team-a/obs"].get("usage") or {})
 
+    def spent() -> float:
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in obs.metrics().splitlines() if ln.startswith("crdgol_spend_total{"))
+
     before = usage().get("requests", 0)
     assert obs.chat(stream=False).status_code == 200
+    # The status follows /metrics within a report and a refresh (0.5 s each here).
     deadline = time.monotonic() + 10
-    while usage().get("requests", 0) < before + 1 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        u = usage()
+        if u.get("requests", 0) >= before + 1 and math.isclose(float(u["spend"]), spent(), abs_tol=1e-6):
+            break
         time.sleep(0.2)
-    u = usage()
     assert u["requests"] >= before + 1 and u["inputTokens"] > 0 and u["outputTokens"] > 0
-    spent = sum(float(ln.rsplit(" ", 1)[1]) for ln in obs.metrics().splitlines() if ln.startswith("crdgol_spend_total{"))
-    assert math.isclose(float(u["spend"]), spent, abs_tol=1e-6)  # the same figures /metrics shows
+    assert math.isclose(float(u["spend"]), spent(), abs_tol=1e-6) and float(u["spend"]) > 0
     # extproc reads its Envoy's verdict on each backend from the admin API, as it does in a pod.
     from extproc.usage_report import envoy_health
 
