@@ -73,7 +73,11 @@ def test_envoy_gets_a_tracer_and_a_collector_cluster_only_when_tracing_is_on(tmp
 def test_the_command_line_refuses_a_collector_it_cannot_use_and_render_shows_the_tracer(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from crdgol.cli import main
+    from crdgol.cli import build_parser
+
+    def main(argv: list[str]) -> int:  # the CLI without its logging set-up (pytest owns logging)
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
 
     quickstart = str(ROOT / "examples" / "quickstart")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
