@@ -48,6 +48,7 @@ async def follow(
                     backoff = initial_backoff
                     if services.policy.offer(snap):
                         services.metrics.policy_version.set(snap.version)
+                        services.authenticator()  # built now: remote JWKS fetched before the first token
         except asyncio.CancelledError:
             raise
         except OSError as exc:

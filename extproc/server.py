@@ -115,6 +115,7 @@ def load_policy_file(services: Services, path: Path) -> None:
     snap.ParseFromString(path.read_bytes())
     if services.policy.offer(snap):
         services.metrics.policy_version.set(snap.version)
+        services.authenticator()  # built now: remote JWKS fetched before the first token
 
 
 async def _metrics_app(services: Services, port: int, host: str) -> web.AppRunner:
