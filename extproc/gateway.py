@@ -197,7 +197,7 @@ class ModelCall(Handler):
         self.services.metrics.rejections.labels(exc.code).inc()
         self.access.error = exc.code
         if self.trace is not None:
-            self.trace.end(self, None, exc.code)
+            self.trace.end(self, None, exc.code, exc.status)
         body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
         return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 

@@ -104,8 +104,9 @@ class CallSpan:
             _fail(child, error)
         child.end()
 
-    def end(self, call: ModelCall, usage: Usage | None, error: str = "") -> None:
-        """Close the call's span with what the call learnt (once; later calls do nothing)."""
+    def end(self, call: ModelCall, usage: Usage | None, error: str = "", status: int = 0) -> None:
+        """Close the call's span with what the call learnt (once; later calls do nothing).
+        ``status``: the answer's, when it is not the call's own (a refusal's)."""
         if self.ended:
             return
         self.ended = True
@@ -133,11 +134,12 @@ class CallSpan:
         if usage is not None:
             attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
             attrs["gen_ai.usage.output_tokens"] = usage.output_tokens
-        if call.status:
-            attrs["http.response.status_code"] = call.status
+        status = status or call.status
+        if status:
+            attrs["http.response.status_code"] = status
         span.set_attributes(attrs)
-        if error or call.status >= 400:
-            _fail(span, error or str(call.status))
+        if error or status >= 400:
+            _fail(span, error or str(status))
         span.end()
 
 

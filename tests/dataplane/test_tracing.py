@@ -221,7 +221,7 @@ def test_a_refused_request_is_a_failed_span_with_the_reason(traced: Traced) -> N
     assert r.status_code == 401
     spans = traced.trace(trace_id, want=3)
     (call,) = [s for s in spans if s.service == "crdgol-extproc" and s.name.startswith("chat")]
-    assert call.error and call.attributes["error.type"] == "invalid_api_key"
+    assert call.error and (call.attributes["error.type"], call.attributes["http.response.status_code"]) == ("invalid_api_key", 401)
     (auth,) = [s for s in spans if s.name == "crdgol.authenticate"]
     assert auth.error and auth.parent == call.span_id
 
