@@ -9,7 +9,8 @@ Contract
   It returns the last good key set, or None before the first successful fetch, and when the set
   is past its lifetime it starts one refresh in the background (the stale set keeps serving).
 * ``prefetch(uris)`` starts fetching what a new policy names, off the request path.
-* ``refresh(uri, kid=...)`` is the one call a request may wait on (at most ``timeout``): before
+* ``refresh(uri, kid=...)`` is the one call a request may wait on (at most ``request_wait``, while
+  the fetch itself may take up to ``timeout``): before
   the first key set exists, or when a token names a ``kid`` the set does not have (the issuer
   rotated). Unknown-kid refreshes of one URL are spaced at least ``min_refresh`` apart, so tokens
   with forged kids cannot make the gateway hammer the identity provider; concurrent waiters share
@@ -166,6 +167,7 @@ class JwksCache:
         min_refresh: float = 10.0,
         retry_after_error: float = 10.0,
         timeout: float = 5.0,
+        request_wait: float = 1.0,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
@@ -175,6 +177,9 @@ class JwksCache:
         self.min_refresh = min_refresh
         self.retry_after_error = retry_after_error
         self.timeout = timeout
+        # A request waits at most this long for a fetch (the fetch itself may go on): well inside
+        # Envoy's 2 s per-message timeout, after which the request would fail closed anyway.
+        self.request_wait = request_wait
         self._sets: dict[str, KeySet] = {}
         self.fetches = 0  # attempts, for tests and logs
 
@@ -200,7 +205,7 @@ class JwksCache:
             self.keys(uri)
 
     async def refresh(self, uri: str, *, kid: str | None = None) -> None:
-        """Wait (at most ``timeout``) for a fresh key set, when one is due.
+        """Wait (at most ``request_wait``) for a fresh key set, when one is due.
 
         Without ``kid``: only when no key set exists yet. With ``kid`` (a token named a key the set
         lacks): only if the set still lacks it and no forced refresh of this URL happened in the
@@ -222,7 +227,7 @@ class JwksCache:
         if task is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), self.timeout)
+            await asyncio.wait_for(asyncio.shield(task), self.request_wait)
 
     # ------------------------------------------------------------------ fetching
 

@@ -50,11 +50,13 @@ class KeyServer:
     keys: list[dict[str, object]] = field(default_factory=lambda: [jwk("k1", KEY_1)])
     cache_control: str = "public, max-age=600"
     status: int = 200
+    delay: float = 0.0
     hits: int = 0
     url: str = ""
 
     async def handle(self, _req: web.Request) -> web.Response:
         self.hits += 1
+        await asyncio.sleep(self.delay)
         if self.status != 200:
             return web.Response(status=self.status, text="down")
         return web.json_response({"keys": self.keys}, headers={"cache-control": self.cache_control})
@@ -90,7 +92,7 @@ async def server() -> AsyncIterator[KeyServer]:
 
 
 def services_for(uri: str, clock: Clock) -> Services:
-    services = Services(jwks=JwksCache(clock=clock, min_refresh=10.0, retry_after_error=10.0, timeout=2.0))
+    services = Services(jwks=JwksCache(clock=clock, min_refresh=10.0, retry_after_error=10.0, timeout=2.0, request_wait=0.3))
     snap = pb.PolicySnapshot(
         version=1,
         jwt_providers=[pb.JwtProvider(name="idp", issuer=ISSUER, tenant_claim="tenant", jwks_uri=uri, namespace="team-a")],
@@ -203,6 +205,18 @@ async def test_an_issuer_whose_keys_were_never_fetched_answers_503_not_401(serve
     with pytest.raises(Unavailable):
         await services.authenticate(token("k1", KEY_1))
     assert server.hits == 1  # not retried before retry_after_error
+
+
+async def test_a_slow_key_server_holds_a_request_only_briefly_and_the_fetch_goes_on(server: KeyServer) -> None:
+    server.delay = 0.8
+    services = services_for(server.url, Clock())
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await services.authenticate(token("k1", KEY_1))
+    assert time.monotonic() - started < 0.6  # request_wait, not the fetch's own timeout
+    await asyncio.sleep(0.8)
+    identity = await services.authenticate(token("k1", KEY_1))
+    assert identity.tenants == ("team-a/acme",) and server.hits == 1
 
 
 async def test_a_key_server_that_redirects_or_answers_garbage_is_not_trusted(server: KeyServer) -> None:
