@@ -72,6 +72,8 @@ class Totals:
 
 
 ZERO = Totals()
+# Replicas remembered at once (each restart is a new one; a window holds a few hundred at most).
+MAX_REPORTERS = 1000
 
 
 @dataclass
@@ -94,6 +96,8 @@ class UsageBook:
         now = self._clock()
         r = self._reporters.get(report.reporter)
         if r is None:
+            if len(self._reporters) >= MAX_REPORTERS:  # bounded whatever a reporter claims to be
+                del self._reporters[min(self._reporters, key=lambda k: self._reporters[k].last_seen)]
             r = self._reporters[report.reporter] = _Reporter(started_at=report.started_at)
         by_binding: dict[str, Totals] = {}
         for u in report.usage:
