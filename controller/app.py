@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import grpc
@@ -31,6 +31,7 @@ from controller.health import backend_health
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
+from controller.workflow.cost import prices_by_model
 from controller.workflow.host import WorkflowHost, WorkflowSettings
 from controller.workflow.runner import WorkflowMetrics
 from controller.xds import Encoder, XdsServer
@@ -44,6 +45,9 @@ from crdgol.control_plane import (
 )
 from crdgol.pb import policy_pb2 as pb
 from crdgol.pb import policy_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from controller.run_tracing import RunTracer
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +106,18 @@ class Controller:
         self._nacks_seen = 0
         self._encoder = Encoder()
         self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
+        # Each workflow run a trace (controller.run_tracing), in file mode here and on a cluster by
+        # the operator's runner; the SDK is loaded only when tracing is on.
+        self.run_tracer: RunTracer | None = None
         self._stop_tracing: Callable[[], None] | None = None
-        if settings.render.tracing.enabled and self.workflows is not None:
-            # Each workflow run a trace (controller.run_tracing); the SDK is loaded only here.
+        if settings.render.tracing.enabled:
             from controller.run_tracing import RunTracer
             from crdgol import tracing
 
             tracer, self._stop_tracing = tracing.start(settings.render.tracing)
-            self.workflows.runner.tracer = RunTracer(tracer)
+            self.run_tracer = RunTracer(tracer)
+        if self.workflows is not None:
+            self.workflows.runner.tracer = self.run_tracer
         self._live: RenderResult | None = None  # the render whose policy extproc was given
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -328,7 +336,7 @@ class Controller:
                     # Workflows name bindings: accept them against what is served, then add
                     # their Envoy resources (egress listener, run API route).
                     served = {b.key: b.model for b in self.state.result.snapshot.bindings}
-                    self.workflows.sync(others, secrets, served)
+                    self.workflows.sync(others, secrets, served, prices_by_model(self.state.result.snapshot.bindings))
                     self.state.extras = self.workflows.extras()
                     await self.publish()
                 for key, st in self.state.statuses().items():
