@@ -54,7 +54,7 @@ class WorkflowRuns(Handler):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-        identity = self.services.authenticator().authenticate(credential)
+        identity = await self.services.authenticate(credential)
         # Every tenant the credential may act as (qualified names hold no ','); the controller
         # picks the one of the workflow's namespace.
         set_headers = {ROUTE_HEADER: ROUTE, TENANT_HEADER: ",".join(identity.tenants)}

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -47,6 +47,9 @@ from controller.workflow.engine import (
     advance,
     new_run,
 )
+
+if TYPE_CHECKING:
+    from controller.run_tracing import RunTracer
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,7 @@ class _Live:
     timers: set[asyncio.TimerHandle] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     since: float | None = None  # when it was created (or resumed), until its first attempt starts
+    span: Any = None  # the run's span, when tracing is on (controller.run_tracing)
 
 
 class Runner:
@@ -206,6 +210,7 @@ class Runner:
         self.containers, self.on_transition, self.keep_finished = containers, on_transition, keep_finished
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
+        self.tracer: RunTracer | None = None  # set when tracing is on
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -249,6 +254,8 @@ class Runner:
     def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
         since = self.clock()
         live = _Live(state, wf, since=since)
+        if self.tracer is not None:
+            live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
         self._count(state.workflow, state.phase, +1)
         self._spawn(live, self._pick_up(live, since))
@@ -360,6 +367,8 @@ class Runner:
         live.calls.clear()
         for timer in live.timers:
             timer.cancel()
+        if self.tracer is not None:
+            self.tracer.run_finished(live.span, live.state)
         live.done.set()
 
     async def _attempt(self, live: _Live, call: Call) -> StepSucceeded | StepFailed:
@@ -368,7 +377,7 @@ class Runner:
         if live.since is not None:
             self.metrics.first_start_delay.observe(max(0.0, self.clock() - live.since))
             live.since = None
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
@@ -403,6 +412,8 @@ class Runner:
         finally:
             self.metrics.in_flight.dec()
         outcome = "succeeded" if isinstance(event, StepSucceeded) else "failed"
+        if self.tracer is not None:
+            self.tracer.step_finished(live.span, call, event, started_ns)
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]
