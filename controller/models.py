@@ -28,7 +28,7 @@ from crdgol import tenancy
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the crdgol.io group
+KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun", "MCPServer")  # every kind of the crdgol.io group
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"
