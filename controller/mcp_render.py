@@ -13,9 +13,12 @@ How a request to ``/mcp`` flows through what this renders:
   one MCP session per server behind a composite session id bound to the tenant, and streams the
   server's SSE answer back). ``mcp_router`` must end a filter chain, so it cannot sit beside the
   gateway's ``router``: the internal listener gives it a chain of its own, in-process;
-* each (view, server) pair has a cluster whose upstream filter moves the server's credential
-  from the header extproc filled into the header the server expects, and strips every other
-  server's credential header and the tenant header, so a server sees its own credential only.
+* each (view, server) pair has a cluster. ``mcp_router`` builds every request to a server afresh,
+  without the client's headers, so a credential cannot ride along from the gateway filter: a
+  server with a credential gets an upstream ext_proc filter on its cluster, told which server it
+  is by gRPC metadata, and extproc sets that server's credential (and only that one) on each of
+  its requests. A native filter first strips the gateway's internal headers and any client
+  credential, should a later ``mcp_router`` forward them.
 
 A view holds its own namespace's servers that grant its tenants anything first (by name), then other
 namespaces' that grant them (by key); a server whose prefix is taken in a view is left out of that
@@ -30,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controller.envoy_config import (
+    EXTPROC_CLUSTER,
     INTERNAL_LISTENER_EXTENSION,
     ROUTE_HEADER,
     RenderSettings,
@@ -40,7 +44,7 @@ from controller.envoy_json import Json, duration, typed, typed_struct
 from controller.mcp_servers import McpServerSpec
 from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecError
 from crdgol import tenancy
-from crdgol.mcp_contract import TENANT_HEADER, credential_header, view_route
+from crdgol.mcp_contract import SERVER_METADATA, TENANT_HEADER, view_route
 from crdgol.pb import policy_pb2 as pb
 
 Resolve = Callable[[SecretRef, Mapping[str, SecretData], str, str, Endpoint | None], str]
@@ -86,7 +90,7 @@ def _server_pb(s: McpServerSpec, credential: str) -> pb.McpToolServer:
         default_tools=list(s.default_tools),
         tenant_tools={t: pb.ToolList(tools=list(tools)) for t, tools in s.tenant_tools},
         quotas=quotas,
-        credential_header=credential_header(s.key) if credential else "",
+        credential_header=s.credentials_header if credential else "",
         credential_value=credential,
     )
 
@@ -102,22 +106,33 @@ def _cluster_name(view: str, s: McpServerSpec) -> str:
     return f"crdgol-mcp.{view}.{s.namespace}.{s.name}.{_stamp(s)}"
 
 
-def _server_cluster(view: str, s: McpServerSpec, members: list[McpServerSpec], has_credential: bool) -> Json:
+def _credential_filter(s: McpServerSpec, settings: RenderSettings) -> Json:
+    """extproc sets the server's credential on each request (request headers only)."""
+    timeout = f"{settings.extproc_timeout_ms / 1000:.3f}s"
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout, "initial_metadata": [{"key": SERVER_METADATA, "value": s.key}]},
+            failure_mode_allow=False,  # no credential, no request: never sent without it
+            status_on_error={"code": 503},
+            message_timeout=timeout,
+            processing_mode={
+                "request_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+        ),
+    }
+
+
+def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings: RenderSettings) -> Json:
     name = _cluster_name(view, s)
     ep = s.endpoint
-    mutations: list[Json] = []
-    if has_credential:
-        # Envoy's formatter reads the header extproc filled on this very request.
-        mutations.append(
-            {
-                "append": {
-                    "header": {"key": s.credentials_header, "value": f"%REQ({credential_header(s.key)})%"},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                }
-            }
-        )
-    strip = sorted({credential_header(m.key) for m in members} | {TENANT_HEADER, ROUTE_HEADER})
-    mutations += [{"remove": h} for h in strip]
+    strip = [TENANT_HEADER, ROUTE_HEADER, "authorization", "x-api-key"]
     cluster: Json = {
         "name": name,
         "type": "STATIC" if is_ip(ep.host) else "STRICT_DNS",
@@ -132,9 +147,11 @@ def _server_cluster(view: str, s: McpServerSpec, members: list[McpServerSpec], h
                     {
                         "name": "envoy.filters.http.header_mutation",
                         "typed_config": typed(
-                            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", mutations={"request_mutations": mutations}
+                            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                            mutations={"request_mutations": [{"remove": h} for h in strip]},
                         ),
                     },
+                    *([_credential_filter(s, settings)] if has_credential else []),
                     {"name": "envoy.filters.http.upstream_codec", "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
                 ],
             )
@@ -230,7 +247,6 @@ def render_mcp(
     specs: Iterable[McpServerSpec], secrets: Mapping[str, SecretData], settings: RenderSettings, resolve: Resolve
 ) -> McpRender:
     """Every MCPServer that can be served, federated per namespace view; the rest in ``problems``."""
-    del settings  # nothing here depends on it yet; kept so the render's inputs stay one shape
     problems: dict[str, SpecError] = {}
     credentials: dict[str, str] = {}
     ordered = sorted(specs, key=lambda s: s.key)
@@ -270,7 +286,7 @@ def render_mcp(
         routes.append(_view_route(view, members))
         listeners.append(_view_listener(view, members))
         clusters.append(_view_cluster(view))
-        clusters.extend(_server_cluster(view, s, members, bool(credentials[s.key])) for s in members)
+        clusters.extend(_server_cluster(view, s, bool(credentials[s.key]), settings) for s in members)
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))
         for s in members:
             reach.setdefault(s.key, []).append(view)

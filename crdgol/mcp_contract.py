@@ -5,19 +5,20 @@ Defined once here (the ground floor) and imported by both sides; no literal is s
 
 from __future__ import annotations
 
-import hashlib
-
 # The federated endpoint MCP clients connect to.
 MCP_PATH = "/mcp"
 # Envoy's mcp_router names a tool "<server name>__<tool>"; crdgol names its servers by their
 # toolPrefix, so a federated tool is "<toolPrefix>__<tool>".
 TOOL_DELIMITER = "__"
-# Set by extproc on every /mcp request it lets through (any value a client sent is removed):
-# the qualified tenant, which mcp_router binds each MCP session to (a session id presented by
-# another tenant is refused), and per server the credential its cluster moves into the header the
-# server expects. The server clusters strip all of them before anything leaves Envoy.
+# Set by extproc on every /mcp request it lets through (any value a client sent is removed): the
+# qualified tenant, which mcp_router binds each MCP session to (a session id presented by another
+# tenant is refused). The server clusters strip it before anything leaves Envoy.
 TENANT_HEADER = "x-crdgol-mcp-tenant"
-CREDENTIAL_HEADER_PREFIX = "x-crdgol-mcp-credential-"
+# gRPC initial metadata of the upstream ext_proc filter on a server's cluster: which MCPServer
+# ("namespace/name") the request goes to, so extproc sets that server's credential. (Envoy's
+# mcp_router builds each server's request afresh, with none of the client's headers: the
+# credential cannot ride along from the downstream filter.)
+SERVER_METADATA = "x-crdgol-mcp-server"
 # Every header that starts so is the gateway's own: a client's copy is dropped.
 INTERNAL_PREFIX = "x-crdgol-"
 
@@ -25,11 +26,6 @@ INTERNAL_PREFIX = "x-crdgol-"
 def view_route(namespace: str) -> str:
     """The x-crdgol-route value that sends a request to ``namespace``'s federated view."""
     return f"crdgol-mcp.{namespace}"
-
-
-def credential_header(server_key: str) -> str:
-    """The internal header carrying ``server_key``'s credential (a hash: keys hold '/')."""
-    return CREDENTIAL_HEADER_PREFIX + hashlib.blake2b(server_key.encode(), digest_size=6).hexdigest()
 
 
 def quota_key(server_key: str) -> str:

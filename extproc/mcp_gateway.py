@@ -11,8 +11,8 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
 * **body** (one JSON-RPC message): ``tools/call`` names ``<prefix>__<tool>``; a tool of no server
   the caller may reach is an unknown tool (400, JSON-RPC -32602), a tool the caller's tenant may
   not call is 403, a spent tool-call quota is 429 with ``Retry-After``. Then the request goes on
-  to the view, with the tenant (which ``mcp_router`` binds the MCP session to) and the credential
-  of each server it may reach in internal headers. ``initialize``, ``tools/list`` and
+  to the view, with the tenant (which ``mcp_router`` binds the MCP session to) in an internal
+  header. (A server's credential is set on its own requests by ``ServerCredential``, below.) ``initialize``, ``tools/list`` and
   ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
   features the gateway does not federate (resources, prompts) are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
@@ -40,6 +40,7 @@ from extproc.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    Unavailable,
     UnsupportedMediaType,
 )
 from extproc.mcp_metrics import UNKNOWN
@@ -194,7 +195,7 @@ class ToolGateway(Handler):
             case "logging/setLevel":
                 return self._answer(200, rpc_result(self.request_id, {}))
             case _ if method in _FAN_OUT:
-                return self._forward(self.view, list(self.view.by_prefix.values()))
+                return self._forward(self.view)
             case _ if method in _EMPTY_LISTS:
                 return self._answer(200, rpc_result(self.request_id, {_EMPTY_LISTS[method]: []}))
             case _ if not is_request:
@@ -202,12 +203,8 @@ class ToolGateway(Handler):
             case _:
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
 
-    def _forward(self, view: View, servers: list[ToolServer]) -> Continue:
-        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}
-        for s in servers:
-            if s.credential_header:
-                set_headers[s.credential_header] = s.credential_value
-        return Continue(set_headers=set_headers, clear_route_cache=True)
+    def _forward(self, view: View) -> Continue:
+        return Continue(set_headers={ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}, clear_route_cache=True)
 
     async def _tool_call(self, params: object, view: View) -> Reply:
         name = params.get("name") if isinstance(params, dict) else None
@@ -224,7 +221,7 @@ class ToolGateway(Handler):
             self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "forbidden").inc()
             raise Forbidden(f"tenant {self.tenant} may not call the tool {name!r}", code="tool_not_allowed")
         await self._admit(server)
-        return self._forward(view, [server])
+        return self._forward(view)
 
     async def _admit(self, server: ToolServer) -> None:
         """One tool call against the tenant's quota on this server (QuotaExceeded: 429)."""
@@ -305,4 +302,20 @@ class ToolGateway(Handler):
         return {**msg, "result": {**result, "tools": kept}}
 
 
-__all__ = ["ToolGateway", "choose", "handles", "rpc_error", "rpc_result"]
+class ServerCredential(Handler):
+    """One request from Envoy's mcp_router to a server with a credential (the upstream ext_proc
+    of its cluster): set the credential, from the policy in force or the one before it."""
+
+    def __init__(self, services: Services, server_key: str) -> None:
+        self.services = services
+        self.server_key = server_key
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        for policy in (self.services.policy.current, self.services.policy.previous):
+            server = policy.mcp.servers.get(self.server_key) if policy.mcp is not None else None
+            if server is not None and server.credential_header:
+                return Continue(set_headers={server.credential_header: server.credential_value})
+        raise Unavailable(f"the MCP server {self.server_key} is not in the policy in force")
+
+
+__all__ = ["ServerCredential", "ToolGateway", "choose", "handles", "rpc_error", "rpc_result"]

@@ -25,6 +25,7 @@ class ToolServer:
     default_tools: frozenset[str]
     tenant_tools: dict[str, frozenset[str]]
     quotas: QuotaPolicy
+    # The header the server expects its credential in, and the value ("" for none).
     credential_header: str
     credential_value: str = field(repr=False)
     # Tool names allowed by name somewhere in the spec: bounded, so fit for metric labels.
@@ -60,6 +61,7 @@ class View:
 @dataclass(frozen=True, slots=True)
 class McpPolicy:
     views: dict[str, View] = field(default_factory=dict)  # by namespace
+    servers: dict[str, ToolServer] = field(default_factory=dict)  # by key
 
     def view_for(self, tenants: tuple[str, ...]) -> tuple[View | None, str, bool]:
         """The view a caller acting as one of ``tenants`` reaches, as which tenant, and whether it
@@ -103,4 +105,4 @@ def compile_mcp(snap: pb.PolicySnapshot) -> McpPolicy:
                 raise ValueError(f"MCP view of {v.namespace} has two servers with the prefix {server.prefix!r}")
             members[server.prefix] = server
         views[v.namespace] = View(v.namespace, v.route, members)
-    return McpPolicy(views)
+    return McpPolicy(views, servers)
