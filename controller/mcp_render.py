@@ -44,7 +44,13 @@ from controller.envoy_json import Json, duration, typed, typed_struct
 from controller.mcp_servers import McpServerSpec
 from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecError
 from crdgol import tenancy
-from crdgol.mcp_contract import SERVER_METADATA, TENANT_HEADER, view_route
+from crdgol.mcp_contract import (
+    LIST_FILTER_HEADER,
+    LIST_METADATA,
+    SERVER_METADATA,
+    TENANT_HEADER,
+    view_route,
+)
 from crdgol.pb import policy_pb2 as pb
 
 Resolve = Callable[[SecretRef, Mapping[str, SecretData], str, str, Endpoint | None], str]
@@ -106,25 +112,29 @@ def _cluster_name(view: str, s: McpServerSpec) -> str:
     return f"crdgol-mcp.{view}.{s.namespace}.{s.name}.{_stamp(s)}"
 
 
-def _credential_filter(s: McpServerSpec, settings: RenderSettings) -> Json:
-    """extproc sets the server's credential on each request (request headers only)."""
+_LIST_MODE: Json = {
+    "request_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "response_body_mode": "BUFFERED",
+    "response_trailer_mode": "SKIP",
+}
+
+
+def _ext_proc(settings: RenderSettings, metadata: tuple[str, str], *, response: bool) -> Json:
+    """An ext_proc filter that sends extproc the request headers and, with ``response``, the
+    response headers and the whole response body; told what it is by gRPC ``metadata``."""
     timeout = f"{settings.extproc_timeout_ms / 1000:.3f}s"
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": typed(
             "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout, "initial_metadata": [{"key": SERVER_METADATA, "value": s.key}]},
-            failure_mode_allow=False,  # no credential, no request: never sent without it
+            grpc_service={"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout, "initial_metadata": [{"key": metadata[0], "value": metadata[1]}]},
+            failure_mode_allow=False,  # fail closed: no credential, no unfiltered list
             status_on_error={"code": 503},
             message_timeout=timeout,
-            processing_mode={
-                "request_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
+            processing_mode=_LIST_MODE if response else {**_LIST_MODE, "response_header_mode": "SKIP", "response_body_mode": "NONE"},
         ),
     }
 
@@ -151,7 +161,8 @@ def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings:
                             mutations={"request_mutations": [{"remove": h} for h in strip]},
                         ),
                     },
-                    *([_credential_filter(s, settings)] if has_credential else []),
+                    # extproc sets the server's credential on each of its requests.
+                    *([_ext_proc(settings, (SERVER_METADATA, s.key), response=False)] if has_credential else []),
                     {"name": "envoy.filters.http.upstream_codec", "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
                 ],
             )
@@ -174,7 +185,7 @@ def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings:
     return cluster
 
 
-def _view_listener(view: str, members: list[McpServerSpec]) -> Json:
+def _view_listener(view: str, members: list[McpServerSpec], settings: RenderSettings) -> Json:
     servers = []
     for s in members:
         ep = s.endpoint
@@ -199,12 +210,27 @@ def _view_listener(view: str, members: list[McpServerSpec]) -> Json:
                 {
                     "name": "mcp",
                     "domains": ["*"],
-                    # mcp_router picks the server itself; the route only has to exist.
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": _cluster_name(view, members[0]), "timeout": "0s"}}],
+                    # mcp_router picks the server itself; the routes only say whether extproc reads
+                    # the answer (a tools/list, to filter it by the tenant's permissions).
+                    "routes": [
+                        {
+                            "match": {"prefix": "/", "headers": [{"name": LIST_FILTER_HEADER, "present_match": True}]},
+                            "route": {"cluster": _cluster_name(view, members[0]), "timeout": "0s"},
+                            "typed_per_filter_config": {
+                                "envoy.filters.http.ext_proc": typed(
+                                    "envoy.config.route.v3.FilterConfig",
+                                    disabled=False,
+                                    config=typed("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", overrides={"processing_mode": _LIST_MODE}),
+                                )
+                            },
+                        },
+                        {"match": {"prefix": "/"}, "route": {"cluster": _cluster_name(view, members[0]), "timeout": "0s"}},
+                    ],
                 }
             ],
         },
         http_filters=[
+            {**_ext_proc(settings, (LIST_METADATA, "1"), response=True), "disabled": True},
             {"name": "envoy.filters.http.mcp", "typed_config": typed_struct("envoy.extensions.filters.http.mcp.v3.Mcp")},
             {
                 "name": "envoy.filters.http.mcp_router",
@@ -284,7 +310,7 @@ def render_mcp(
         if not members:
             continue
         routes.append(_view_route(view, members))
-        listeners.append(_view_listener(view, members))
+        listeners.append(_view_listener(view, members, settings))
         clusters.append(_view_cluster(view))
         clusters.extend(_server_cluster(view, s, bool(credentials[s.key]), settings) for s in members)
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))

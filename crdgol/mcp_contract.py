@@ -19,6 +19,11 @@ TENANT_HEADER = "x-crdgol-mcp-tenant"
 # mcp_router builds each server's request afresh, with none of the client's headers: the
 # credential cannot ride along from the downstream filter.)
 SERVER_METADATA = "x-crdgol-mcp-server"
+# Set by extproc on a tools/list request only: the view's route for it enables an ext_proc filter
+# (told so by LIST_METADATA in its gRPC metadata) that reads the merged answer and removes the
+# tools the tenant may not call. Every other request's answer streams past extproc untouched.
+LIST_FILTER_HEADER = "x-crdgol-mcp-list"
+LIST_METADATA = "x-crdgol-mcp-list"
 # Every header that starts so is the gateway's own: a client's copy is dropped.
 INTERNAL_PREFIX = "x-crdgol-"
 

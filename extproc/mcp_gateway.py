@@ -16,9 +16,12 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
   ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
   features the gateway does not federate (resources, prompts) are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
-* **response**: a ``tools/list`` answer is read and every tool the tenant may not call removed,
-  so a client sees exactly what it may use (an answer that cannot be read is replaced by an
-  error: never passed through unfiltered). Tool calls are counted by tenant, server and tool.
+* **response**: extproc does not see answers on this path (they stream from ``mcp_router`` to
+  the client), except a ``tools/list`` answer: the request carries ``LIST_FILTER_HEADER``, whose
+  route in the view enables a second ext_proc filter (``ToolListFilter``) that reads the merged
+  list and removes every tool the tenant may not call, so a client sees exactly what it may use
+  (an answer that cannot be read is replaced by an error: never passed through unfiltered).
+  Tool calls are counted when they are decided, by tenant, server, tool and outcome.
 
 Refusals are JSON-RPC errors in MCP's shape, ``{"jsonrpc": "2.0", "id", "error": {"code",
 "message", "data": {"type", "code"}}}``, with the HTTP status that says the same (the MCP SDKs
@@ -32,7 +35,14 @@ from typing import Any
 
 import orjson
 
-from crdgol.mcp_contract import INTERNAL_PREFIX, MCP_PATH, TENANT_HEADER, quota_key
+from crdgol import tenancy
+from crdgol.mcp_contract import (
+    INTERNAL_PREFIX,
+    LIST_FILTER_HEADER,
+    MCP_PATH,
+    TENANT_HEADER,
+    quota_key,
+)
 from extproc.admission import QuotaExceeded, ratelimit_headers
 from extproc.auth import credential_from_headers
 from extproc.errors import (
@@ -45,7 +55,7 @@ from extproc.errors import (
 )
 from extproc.mcp_metrics import UNKNOWN
 from extproc.mcp_policy import ToolServer, View
-from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
+from extproc.phases import PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.quota import Demand, quota_scope
 from extproc.quota_store import check
 from extproc.services import ROUTE_HEADER, Services
@@ -119,12 +129,10 @@ class ToolGateway(Handler):
     def __init__(self, services: Services, http_method: str) -> None:
         self.services = services
         self.http_method = http_method
-        self.started = services.clock()
         self.request_id: object = None
         self.method = ""
         self.view: View | None = None
         self.tenant = ""
-        self.server: ToolServer | None = None
         self.tool_label = ""
         self.metrics = services.metrics.mcp
 
@@ -169,7 +177,7 @@ class ToolGateway(Handler):
         self.view, self.tenant = view, tenant
         # The client's credential stays here; so does anything it sent in the gateway's own headers.
         remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(INTERNAL_PREFIX)]
-        return Continue(remove_headers=remove, process_response=True)
+        return Continue(remove_headers=remove)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
         try:
@@ -204,7 +212,11 @@ class ToolGateway(Handler):
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
 
     def _forward(self, view: View) -> Continue:
-        return Continue(set_headers={ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}, clear_route_cache=True)
+        self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
+        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}
+        if self.method == "tools/list":
+            set_headers[LIST_FILTER_HEADER] = "1"
+        return Continue(set_headers=set_headers, clear_route_cache=True)
 
     async def _tool_call(self, params: object, view: View) -> Reply:
         name = params.get("name") if isinstance(params, dict) else None
@@ -215,12 +227,12 @@ class ToolGateway(Handler):
             self.metrics.calls.labels(self.tenant, UNKNOWN, UNKNOWN, "unknown_tool").inc()
             raise UnknownTool(f"unknown tool {name!r}: tools/list names the tools you may call")
         server, tool = found
-        self.server = server
         self.tool_label = self.metrics.tool_label(server.key, tool, server.named_tools)
         if not server.may_call(self.tenant, tool):
             self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "forbidden").inc()
             raise Forbidden(f"tenant {self.tenant} may not call the tool {name!r}", code="tool_not_allowed")
         await self._admit(server)
+        self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "allowed").inc()
         return self._forward(view)
 
     async def _admit(self, server: ToolServer) -> None:
@@ -238,7 +250,6 @@ class ToolGateway(Handler):
             self._store_error,
         )
         if not decision.allowed:
-            assert self.server is not None
             self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "rate_limited").inc()
             raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
 
@@ -249,57 +260,66 @@ class ToolGateway(Handler):
             self.services.store_warned_at = now
             log.warning("quota store unavailable (%s): applying the MCP servers' fail policies", type(exc).__name__)
 
-    # --- response ------------------------------------------------------------------------------
 
-    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
-        status = int(headers.get(":status", "0") or 0)
-        self.metrics.messages.labels(self.metrics.method_label(self.method), str(status)).inc()
-        if self.server is not None:
-            outcome = "ok" if 200 <= status < 300 else "error"
-            self.metrics.calls.labels(self.tenant, self.server.key, self.tool_label, outcome).inc()
-            self.metrics.latency.labels(self.server.key).observe(self.services.clock() - self.started)
-        if self.method == "tools/list" and not end_of_stream:
-            return Continue(response_body_mode=BUFFERED, remove_headers=["content-length"])
+class ToolListFilter(Handler):
+    """A ``tools/list`` answer in the caller's view (the view's ext_proc filter, enabled on that
+    request only): every tool the tenant may not call is removed."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.view: View | None = None
+        self.tenant = ""
+
+    async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        # Set by the gateway filter on this request (a client's copy was removed there).
+        self.tenant = headers.get(TENANT_HEADER, "")
+        policy = self.services.current.mcp
+        self.view = policy.views.get(tenancy.namespace_of(self.tenant)) if policy is not None else None
         return PASS
 
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        return Continue(remove_headers=["content-length"])
+
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        if self.method != "tools/list":
-            return PASS
-        return Continue(body=self._filtered(body))
+        return Continue(body=filter_tool_list(body, self.view, self.tenant))
 
-    def _filtered(self, body: bytes) -> bytes:
-        """The tools/list answer without the tools this tenant may not call (JSON or SSE)."""
-        text = body.lstrip()
-        try:
-            if text.startswith(b"{"):
-                return orjson.dumps(self._filter_message(orjson.loads(text)))
-            out = []
-            for line in body.split(b"\n"):
-                if line.startswith(b"data:"):
-                    line = b"data: " + orjson.dumps(self._filter_message(orjson.loads(line[5:])))
-                out.append(line)
-            return b"\n".join(out)
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            log.warning("a tools/list answer could not be read; the client gets an error instead")
-            return rpc_error(self.request_id, SERVER_ERROR, "the tool list could not be read", {"type": "server_error", "code": "bad_tool_list"})
 
-    def _filter_message(self, msg: object) -> object:
-        if not isinstance(msg, dict):
-            raise ValueError("not a JSON-RPC message")
-        result = msg.get("result")
-        if not isinstance(result, dict):
-            return msg  # an error, or a notification
-        tools = result.get("tools")
-        if not isinstance(tools, list):
-            raise ValueError("a tools/list result without tools")
-        assert self.view is not None
-        kept = []
-        for t in tools:
-            name = t.get("name") if isinstance(t, dict) else None
-            found = self.view.tool(name) if isinstance(name, str) else None
-            if found is not None and found[0].visible_to(self.tenant) and found[0].may_call(self.tenant, found[1]):
-                kept.append(t)
-        return {**msg, "result": {**result, "tools": kept}}
+def filter_tool_list(body: bytes, view: View | None, tenant: str) -> bytes:
+    """A tools/list answer (JSON or SSE) without the tools ``tenant`` may not call in ``view``;
+    an answer that cannot be read becomes a JSON-RPC error (never passed on unfiltered)."""
+    text = body.lstrip()
+    try:
+        if view is None:
+            raise ValueError("no view for this tenant")
+        if text.startswith(b"{"):
+            return orjson.dumps(_filter_message(orjson.loads(text), view, tenant))
+        out = []
+        for line in body.split(b"\n"):
+            if line.startswith(b"data:"):
+                line = b"data: " + orjson.dumps(_filter_message(orjson.loads(line[5:]), view, tenant))
+            out.append(line)
+        return b"\n".join(out)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        log.warning("a tools/list answer could not be read; the client gets an error instead")
+        return rpc_error(None, SERVER_ERROR, "the tool list could not be read", {"type": "server_error", "code": "bad_tool_list"})
+
+
+def _filter_message(msg: object, view: View, tenant: str) -> object:
+    if not isinstance(msg, dict):
+        raise ValueError("not a JSON-RPC message")
+    result = msg.get("result")
+    if not isinstance(result, dict):
+        return msg  # an error, or a notification
+    tools = result.get("tools")
+    if not isinstance(tools, list):
+        raise ValueError("a tools/list result without tools")
+    kept = []
+    for t in tools:
+        name = t.get("name") if isinstance(t, dict) else None
+        found = view.tool(name) if isinstance(name, str) else None
+        if found is not None and found[0].visible_to(tenant) and found[0].may_call(tenant, found[1]):
+            kept.append(t)
+    return {**msg, "result": {**result, "tools": kept}}
 
 
 class ServerCredential(Handler):
@@ -318,4 +338,4 @@ class ServerCredential(Handler):
         raise Unavailable(f"the MCP server {self.server_key} is not in the policy in force")
 
 
-__all__ = ["ServerCredential", "ToolGateway", "choose", "handles", "rpc_error", "rpc_result"]
+__all__ = ["ServerCredential", "ToolGateway", "ToolListFilter", "choose", "filter_tool_list", "handles", "rpc_error", "rpc_result"]

@@ -9,7 +9,7 @@ count as ``_other``. A tool no server of the caller's view has is ``_unknown`` u
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 TOOL_LABELS_PER_SERVER = 64
 UNKNOWN = "_unknown"
@@ -24,19 +24,16 @@ class ToolCallMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.calls = Counter(
             "crdgol_mcp_tool_calls",
-            "MCP tool calls through /mcp, by tenant, server, tool and outcome (ok, error, forbidden, rate_limited, unknown_tool).",
+            "MCP tool calls through /mcp as the gateway decided them, by tenant, server, tool and outcome "
+            "(allowed: sent to the server; forbidden, rate_limited, unknown_tool: refused).",
             ["tenant", "server", "tool", "outcome"],
             registry=registry,
         )
-        self.latency = Histogram(
-            "crdgol_mcp_tool_call_start_seconds",
-            "Seconds from a tool call's arrival to the start of its answer (a streamed answer may go on).",
-            ["server"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-            registry=registry,
-        )
         self.messages = Counter(
-            "crdgol_mcp_messages", "JSON-RPC messages MCP clients sent to /mcp, by method and HTTP status.", ["method", "status"], registry=registry
+            "crdgol_mcp_messages",
+            "JSON-RPC messages MCP clients sent to /mcp, by method and what the gateway did: forwarded, or the HTTP status it answered with.",
+            ["method", "status"],
+            registry=registry,
         )
         self._tools: dict[str, set[str]] = {}
 

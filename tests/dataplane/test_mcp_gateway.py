@@ -266,5 +266,5 @@ def test_tool_calls_are_metered_by_tenant_server_and_tool(env: Env) -> None:
         for s in f.samples
         if s.name.endswith("_total")
     }
-    assert samples[("default/intern", "default/alpha", "add", "ok")] >= 1
+    assert samples[("default/intern", "default/alpha", "add", "allowed")] >= 1
     assert samples[("default/intern", "default/beta", "wipe", "forbidden")] >= 1
