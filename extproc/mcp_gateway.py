@@ -293,11 +293,14 @@ def filter_tool_list(body: bytes, view: View | None, tenant: str) -> bytes:
             raise ValueError("no view for this tenant")
         if text.startswith(b"{"):
             return orjson.dumps(_filter_message(orjson.loads(text), view, tenant))
-        out = []
+        out, events = [], 0
         for line in body.split(b"\n"):
             if line.startswith(b"data:"):
                 line = b"data: " + orjson.dumps(_filter_message(orjson.loads(line[5:]), view, tenant))
+                events += 1
             out.append(line)
+        if not events:
+            raise ValueError("neither a JSON-RPC message nor an event stream")
         return b"\n".join(out)
     except (orjson.JSONDecodeError, TypeError, ValueError):
         log.warning("a tools/list answer could not be read; the client gets an error instead")
