@@ -259,14 +259,21 @@ def _view_cluster(view: str) -> Json:
     }
 
 
-def _view_route(view: str, members: list[McpServerSpec]) -> Json:
+def _view_route(view: str, members: list[McpServerSpec], settings: RenderSettings) -> Json:
     route = view_route(view)
-    return {
+    out: Json = {
         "name": route,
         "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route}}]},
         # A tool call may stream for as long as its server's timeout allows.
         "route": {"cluster": f"crdgol-mcp-view.{view}", "timeout": "0s", "idle_timeout": duration(max(s.timeout for s in members))},
     }
+    if settings.usage_log:
+        # The gateway listener's usage filters look for model usage: nothing to find in MCP answers.
+        out["typed_per_filter_config"] = {
+            name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
+            for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+        }
+    return out
 
 
 def render_mcp(
@@ -309,7 +316,7 @@ def render_mcp(
         members = [s for s in members if s.key in served]
         if not members:
             continue
-        routes.append(_view_route(view, members))
+        routes.append(_view_route(view, members, settings))
         listeners.append(_view_listener(view, members, settings))
         clusters.append(_view_cluster(view))
         clusters.extend(_server_cluster(view, s, bool(credentials[s.key]), settings) for s in members)
