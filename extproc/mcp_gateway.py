@@ -197,7 +197,7 @@ class ToolGateway(Handler):
         assert self.view is not None
         match method:
             case "tools/call":
-                return await self._tool_call(msg.get("params"), self.view)
+                return await self._tool_call(msg, self.view)
             case "ping":
                 return self._answer(200, rpc_result(self.request_id, {}))
             case "logging/setLevel":
@@ -211,14 +211,17 @@ class ToolGateway(Handler):
             case _:
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
 
-    def _forward(self, view: View) -> Continue:
+    def _forward(self, view: View, body: bytes | None = None) -> Continue:
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
         set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}
         if self.method == "tools/list":
             set_headers[LIST_FILTER_HEADER] = "1"
-        return Continue(set_headers=set_headers, clear_route_cache=True)
+        if body is not None:
+            set_headers["content-length"] = str(len(body))
+        return Continue(set_headers=set_headers, body=body, clear_route_cache=True)
 
-    async def _tool_call(self, params: object, view: View) -> Reply:
+    async def _tool_call(self, msg: dict[str, Any], view: View) -> Reply:
+        params = msg.get("params")
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str):
             raise BadRequest("tools/call needs params.name, the tool to call", code="invalid_params")
@@ -233,7 +236,17 @@ class ToolGateway(Handler):
             raise Forbidden(f"tenant {self.tenant} may not call the tool {name!r}", code="tool_not_allowed")
         await self._admit(server)
         self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "allowed").inc()
-        return self._forward(view)
+        assert isinstance(params, dict)
+        # What goes on is the message checked here, re-written: a body with a key twice (parsers
+        # disagree on which wins) cannot name one tool to extproc and another to Envoy or the
+        # server; and the tool's name comes first, as mcp_router strips the prefix from the first
+        # occurrence of the name in the body.
+        checked = {"params": {"name": name, **{k: v for k, v in params.items() if k != "name"}}, "jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call"}
+        try:
+            body = orjson.dumps(checked)
+        except orjson.JSONEncodeError:
+            raise BadRequest("the request body is nested too deeply") from None
+        return self._forward(view, body)
 
     async def _admit(self, server: ToolServer) -> None:
         """One tool call against the tenant's quota on this server (QuotaExceeded: 429)."""

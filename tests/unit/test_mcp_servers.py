@@ -193,7 +193,7 @@ async def test_an_allowed_call_goes_to_the_tenants_view_with_the_tenant_and_no_c
     out = await drive(services, headers_msg("POST", KEYS["intern"], {"x-crdgol-mcp-tenant": "default/analyst"}), body_msg(call("crm__lookup")))
     removed = set(out[0].request_headers.response.header_mutation.remove_headers)
     assert {"authorization", "x-crdgol-mcp-tenant"} <= removed  # a spoofed tenant is dropped too
-    assert set_headers(out[1]) == {ROUTE_HEADER: "crdgol-mcp.default", TENANT_HEADER: "default/intern"}
+    assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default", TENANT_HEADER: "default/intern"}
 
 
 async def test_a_tool_the_tenant_may_not_call_is_a_403_json_rpc_error_with_its_id(services: Services) -> None:
@@ -255,3 +255,13 @@ def test_the_tool_list_keeps_only_what_the_tenant_may_call(services: Services) -
     assert b"crm__delete" in filter_tool_list(sse, view, "default/analyst") and b"crm__delete" not in filter_tool_list(sse, view, "default/intern")
     broken = orjson.loads(filter_tool_list(b"<html>oops</html>", view, "default/intern"))
     assert broken["error"]["data"]["code"] == "bad_tool_list"  # never passed on unfiltered
+
+
+async def test_the_call_forwarded_is_the_one_checked_with_the_tool_name_first(services: Services) -> None:
+    # A key given twice: parsers disagree on which wins, so only the checked message goes on.
+    raw = b'{"id":"crm__delete","params":{"arguments":{"q":"crm__delete"},"name":"crm__delete","name":"crm__lookup"},"jsonrpc":"2.0","method":"tools/call"}'
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+    forwarded = out[1].request_body.response.body_mutation.body
+    assert forwarded.startswith(b'{"params":{"name":"crm__lookup"')
+    assert orjson.loads(forwarded) == {"params": {"name": "crm__lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
+    assert set_headers(out[1])["content-length"] == str(len(forwarded))
