@@ -8,7 +8,8 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
   Only POST is served: ``GET`` (a standalone server-to-client stream) and ``DELETE`` (ending a
   session) get 405, which the MCP transport allows (server notifications still stream in the
   answer to the request they belong to).
-* **body** (one JSON-RPC message): ``tools/call`` names ``<prefix>__<tool>``; a tool of no server
+* **body** (one JSON-RPC message, forwarded re-written as extproc read it, so Envoy's parser and
+  the server cannot read another method or tool than extproc checked): ``tools/call`` names ``<prefix>__<tool>``; a tool of no server
   the caller may reach is an unknown tool (400, JSON-RPC -32602), a tool the caller's tenant may
   not call is 403, a spent tool-call quota is 429 with ``Retry-After``. Then the request goes on
   to the view, with the tenant (which ``mcp_router`` binds the MCP session to) in an internal
@@ -118,6 +119,13 @@ def rpc_result(request_id: object, result: dict[str, Any]) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "result": result})
 
 
+def _dumps(msg: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(msg)
+    except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 254
+        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+
+
 def _request_id(msg: dict[str, Any]) -> object:
     rid = msg.get("id")
     return rid if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)) else None
@@ -203,7 +211,8 @@ class ToolGateway(Handler):
             case "logging/setLevel":
                 return self._answer(200, rpc_result(self.request_id, {}))
             case _ if method in _FAN_OUT:
-                return self._forward(self.view)
+                # Re-written like a tool call (below): Envoy's parser must not read another method.
+                return self._forward(self.view, _dumps(msg))
             case _ if method in _EMPTY_LISTS:
                 return self._answer(200, rpc_result(self.request_id, {_EMPTY_LISTS[method]: []}))
             case _ if not is_request:
@@ -211,13 +220,12 @@ class ToolGateway(Handler):
             case _:
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
 
-    def _forward(self, view: View, body: bytes | None = None) -> Continue:
+    def _forward(self, view: View, body: bytes) -> Continue:
+        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view."""
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
-        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant}
+        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
         if self.method == "tools/list":
             set_headers[LIST_FILTER_HEADER] = "1"
-        if body is not None:
-            set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, body=body, clear_route_cache=True)
 
     async def _tool_call(self, msg: dict[str, Any], view: View) -> Reply:
@@ -242,11 +250,7 @@ class ToolGateway(Handler):
         # server; and the tool's name comes first, as mcp_router strips the prefix from the first
         # occurrence of the name in the body.
         checked = {"params": {"name": name, **{k: v for k, v in params.items() if k != "name"}}, "jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call"}
-        try:
-            body = orjson.dumps(checked)
-        except orjson.JSONEncodeError:
-            raise BadRequest("the request body is nested too deeply") from None
-        return self._forward(view, body)
+        return self._forward(view, _dumps(checked))
 
     async def _admit(self, server: ToolServer) -> None:
         """One tool call against the tenant's quota on this server (QuotaExceeded: 429)."""

@@ -265,3 +265,10 @@ async def test_the_call_forwarded_is_the_one_checked_with_the_tool_name_first(se
     assert forwarded.startswith(b'{"params":{"name":"crm__lookup"')
     assert orjson.loads(forwarded) == {"params": {"name": "crm__lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
     assert set_headers(out[1])["content-length"] == str(len(forwarded))
+
+
+async def test_a_method_given_twice_cannot_fetch_an_unfiltered_tool_list(services: Services) -> None:
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"initialize","params":{}}'
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["method"] == "initialize"
+    assert out[1].request_body.response.body_mutation.body.count(b"method") == 1
