@@ -110,6 +110,11 @@ async def test_tools_of_two_servers_are_listed_as_one_prefixed_set(env: Env) -> 
     async with session(env.url, KEYS["analyst"]) as s:
         names = {t.name for t in (await s.list_tools()).tools}
     assert names == {f"{p}__{t}" for p in ("alpha", "beta") for t in ("echo", "add", "wipe", "steps", "visits")}
+    # Both are Ready in the controller's status, reached from namespace default.
+    status = env.stack.status()["mcpServers"]
+    for key in ("default/alpha", "default/beta"):
+        ready = {c["type"]: c for c in status[key]["conditions"]}["Ready"]  # type: ignore[index]
+        assert ready["status"] == "True" and status[key]["views"] == ["default"]  # type: ignore[index]
 
 
 async def test_a_tenant_sees_and_calls_only_the_tools_it_may(env: Env) -> None:
@@ -268,3 +273,29 @@ def test_tool_calls_are_metered_by_tenant_server_and_tool(env: Env) -> None:
     }
     assert samples[("default/intern", "default/alpha", "add", "allowed")] >= 1
     assert samples[("default/intern", "default/beta", "wipe", "forbidden")] >= 1
+
+
+async def test_a_server_that_is_down_does_not_take_the_others_down(tmp_path: Path) -> None:
+    alpha = ToolServer("alpha")
+    dead = ToolServer("beta")
+    dead.stop()  # its port is free again: nothing listens there
+    (tmp_path / "keys.yaml").write_text(
+        json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "k", "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": "analyst"}}, "stringData": {"key": KEYS["analyst"]}})
+    )
+    docs = [
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": n}, "spec": {"url": s.url, "toolPrefix": n, "timeout": "2s"}}
+        for n, s in (("alpha", alpha), ("beta", dead))
+    ]
+    (tmp_path / "mcp.yaml").write_text("---\n".join(json.dumps(d) + "\n" for d in docs))
+    stack = Stack(StackSettings(manifests=tmp_path, mock_port=None, quiet=True))
+    try:
+        stack.start()
+        async with session(f"{stack.url}/mcp", KEYS["analyst"]) as s:
+            names = {t.name for t in (await s.list_tools()).tools}
+            assert names == {f"alpha__{t}" for t in ("echo", "add", "wipe", "steps", "visits")}
+            assert text(await s.call_tool("alpha__echo", {"text": "up"})) == "alpha:up"
+            with pytest.raises(MCPError):
+                await s.call_tool("beta__echo", {"text": "down"})
+    finally:
+        stack.stop()
+        alpha.stop()
