@@ -24,8 +24,6 @@ SERVER_METADATA = "x-crdgol-mcp-server"
 # tools the tenant may not call. Every other request's answer streams past extproc untouched.
 LIST_FILTER_HEADER = "x-crdgol-mcp-list"
 LIST_METADATA = "x-crdgol-mcp-list"
-# Every header that starts so is the gateway's own: a client's copy is dropped.
-INTERNAL_PREFIX = "x-crdgol-"
 
 
 def view_route(namespace: str) -> str:

@@ -38,12 +38,12 @@ import orjson
 
 from crdgol import tenancy
 from crdgol.mcp_contract import (
-    INTERNAL_PREFIX,
     LIST_FILTER_HEADER,
     MCP_PATH,
     TENANT_HEADER,
     quota_key,
 )
+from crdgol.replies import INTERNAL_HEADER_PREFIX
 from extproc.admission import QuotaExceeded, ratelimit_headers
 from extproc.auth import credential_from_headers
 from extproc.errors import (
@@ -144,6 +144,11 @@ class ToolGateway(Handler):
         self.tool_label = ""
         self.metrics = services.metrics.mcp
 
+    @property
+    def tenant_label(self) -> str:
+        """The tenant as a metrics label: bounded by the policy (``Policy.metric_tenant``)."""
+        return self.services.current.metric_tenant(self.tenant)
+
     # --- refusals ------------------------------------------------------------------------------
 
     def error_reply(self, exc: GatewayError) -> Respond:
@@ -184,7 +189,7 @@ class ToolGateway(Handler):
             raise Forbidden(f"no MCP server is served to tenant {' or '.join(identity.tenants)}", code="no_mcp_servers")
         self.view, self.tenant = view, tenant
         # The client's credential stays here; so does anything it sent in the gateway's own headers.
-        remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(INTERNAL_PREFIX)]
+        remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(INTERNAL_HEADER_PREFIX)]
         return Continue(remove_headers=remove)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
@@ -235,15 +240,15 @@ class ToolGateway(Handler):
             raise BadRequest("tools/call needs params.name, the tool to call", code="invalid_params")
         found = view.tool(name)
         if found is None or not found[0].visible_to(self.tenant):
-            self.metrics.calls.labels(self.tenant, UNKNOWN, UNKNOWN, "unknown_tool").inc()
+            self.metrics.calls.labels(self.tenant_label, UNKNOWN, UNKNOWN, "unknown_tool").inc()
             raise UnknownTool(f"unknown tool {name!r}: tools/list names the tools you may call")
         server, tool = found
         self.tool_label = self.metrics.tool_label(server.key, tool, server.named_tools)
         if not server.may_call(self.tenant, tool):
-            self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "forbidden").inc()
+            self.metrics.calls.labels(self.tenant_label, server.key, self.tool_label, "forbidden").inc()
             raise Forbidden(f"tenant {self.tenant} may not call the tool {name!r}", code="tool_not_allowed")
         await self._admit(server)
-        self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "allowed").inc()
+        self.metrics.calls.labels(self.tenant_label, server.key, self.tool_label, "allowed").inc()
         assert isinstance(params, dict)
         # What goes on is the message checked here, re-written: a body with a key twice (parsers
         # disagree on which wins) cannot name one tool to extproc and another to Envoy or the
@@ -267,7 +272,7 @@ class ToolGateway(Handler):
             self._store_error,
         )
         if not decision.allowed:
-            self.metrics.calls.labels(self.tenant, server.key, self.tool_label, "rate_limited").inc()
+            self.metrics.calls.labels(self.tenant_label, server.key, self.tool_label, "rate_limited").inc()
             raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
 
     def _store_error(self, exc: Exception) -> None:
