@@ -8,12 +8,13 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
   Only POST is served: ``GET`` (a standalone server-to-client stream) and ``DELETE`` (ending a
   session) get 405, which the MCP transport allows (server notifications still stream in the
   answer to the request they belong to).
-* **body** (one JSON-RPC message, forwarded re-written as extproc read it, so Envoy's parser and
-  the server cannot read another method or tool than extproc checked): ``tools/call`` names ``<prefix>__<tool>``; a tool of no server
-  the caller may reach is an unknown tool (400, JSON-RPC -32602), a tool the caller's tenant may
-  not call is 403, a spent tool-call quota is 429 with ``Retry-After``. Then the request goes on
-  to the view, with the tenant (which ``mcp_router`` binds the MCP session to) in an internal
-  header. (A server's credential is set on its own requests by ``ServerCredential``, below.) ``initialize``, ``tools/list`` and
+* **body** (one JSON-RPC message, forwarded re-written as extproc read it, so that Envoy's
+  parser and the server cannot read another method or tool than extproc checked): ``tools/call``
+  names ``<prefix>__<tool>``; a tool of no server the caller may reach is an unknown tool (400,
+  JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent tool-call quota is 429
+  with ``Retry-After``. Then the request goes on to the view, with the tenant (which
+  ``mcp_router`` binds the MCP session to) in an internal header; a server's credential is set on
+  its own requests by ``ServerCredential`` (below). ``initialize``, ``tools/list`` and
   ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
   features the gateway does not federate (resources, prompts) are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
