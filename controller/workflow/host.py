@@ -166,7 +166,7 @@ class WorkflowHost:
         return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
 
     async def serve_api(self) -> None:
-        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel)
+        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel, lambda: self._resumed)
         self._runner_site = web.AppRunner(api.app(), access_log=None)
         await self._runner_site.setup()
         e = self.settings.envoy

@@ -415,6 +415,13 @@ def test_a_killed_controller_resumes_the_run_without_repeating_a_finished_step(s
     httpx.post(f"{stack.mock_url}/_mock/helpdesk/config", json={"delay_ms": 0})
     stack._spawn("controller", [str(a) for a in ctl.args])  # type: ignore[union-attr]
     wait_http(f"http://127.0.0.1:{stack.controller_port}/healthz", (200,), 30, stack.procs["controller"])
+    # Until it has read its records the engine says it is starting (503), never that the run is unknown.
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(f"{stack.url}/v1/workflows/runs/{run}", headers=H, timeout=30)).status_code == 503:
+        assert r.json()["error"]["code"] == "engine_starting" and r.headers["retry-after"] == "1"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 200, r.text
     status = wait_for(stack, run, timeout=30)
     assert status["phase"] == "Succeeded"
     keys = [q["headers"].get("idempotency-key") for q in httpx.get(f"{stack.mock_url}/_mock/requests").json() if q["path"] == "/v1/chat/completions"]
