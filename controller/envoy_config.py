@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.access_logs import access_logs
 from controller.envoy_json import (
@@ -21,6 +21,7 @@ from controller.envoy_json import typed as typed
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from controller.tracing_config import gateway_tracing
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import (
@@ -29,6 +30,7 @@ from crdgol.replies import (
     MAX_REQUEST_HEADER_BYTES,
     MAX_REQUEST_HEADERS,
 )
+from crdgol.tracing import TracingSettings
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
@@ -99,6 +101,8 @@ class RenderSettings:
     # from every response body, as the Istio config has it.
     usage_log: bool = True
     usage_log_flush_ms: int = 20
+    # OpenTelemetry traces (controller.tracing_config); off by default.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -385,12 +389,14 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
     )
     if settings.access_log:
         # Beside the usage log (when rendered), never instead of it: quotas settle from that one.
-        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log)]
+        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log, usage_filters=settings.usage_log)]
         # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata,
         # in addition to the namespaces extproc already writes (the settle marker).
         ext = hcm["http_filters"][0]["typed_config"]
         received = ext.setdefault("metadata_options", {}).setdefault("receiving_namespaces", {}).setdefault("untyped", [])
         received.append(ACCESS_NAMESPACE)
+    if settings.tracing.enabled:
+        hcm["tracing"] = gateway_tracing()
     return {
         "name": "crdgol-gateway",
         "address": socket_address(settings.listen_host, settings.listen_port),

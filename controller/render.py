@@ -66,6 +66,7 @@ from controller.models import (
     SpecError,
 )
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
+from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
@@ -258,6 +259,7 @@ def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtPro
                 hs256_secret=secret.encode(),
                 jwks_json=j.jwks,
                 namespace=b.namespace,
+                jwks_uri=j.jwks_uri,
             )
         )
     return out
@@ -443,6 +445,8 @@ def _render(
     snapshot.mcp_tool_servers.extend(mcp.servers)
     snapshot.mcp_tool_views.extend(mcp.views)
     clusters: list[Json] = [*extras.clusters, *mcp.clusters]
+    if settings.tracing.enabled:
+        clusters.append(collector_cluster(settings.tracing, settings.ca_bundle))
     routes = [*extras.routes, *mcp.routes]
     for _, pieces in served:
         routes.append(pieces.route)
