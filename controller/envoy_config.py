@@ -24,6 +24,19 @@ from controller.models import BackendSpec, BindingSpec
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
+from crdgol.request_path import (
+    BODY_API_KEY,
+    CLIENT_API_KEY,
+    RATELIMIT_HEADERS,
+    RESPONSE_FILTER,
+    RESPONSE_STREAM_METADATA,
+    RESPONSE_SUFFIX,
+    ROUTE_KEY,
+    ROUTE_NAMESPACE,
+    STATE_NAMESPACE,
+    attributes,
+    credential_secret,
+)
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
@@ -94,6 +107,16 @@ class RenderSettings:
     # from every response body, as the Istio config has it.
     usage_log: bool = True
     usage_log_flush_ms: int = 20
+    # Model calls cost one ext_proc message (``crdgol.request_path``): extproc gets the body alone,
+    # Envoy routes on the metadata it answers with and injects provider credentials itself. Needs
+    # the usage log. Off: request headers, body and response headers all go to extproc.
+    one_message: bool = True
+    # Where the provider credentials' SDS secrets come from: "" = the ADS stream (the controller
+    # serves them, over the authenticated control plane), else files in this folder (a static
+    # config: ``crdgol render`` writes them, mode 0600).
+    sds_dir: str = ""
+    # Header names context profiles read (sent to extproc with the body; ``request_path.attributes``).
+    profile_headers: tuple[str, ...] = ()
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -167,7 +190,13 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
         # Usage reaches extproc over the access log: it may skip response bodies it does not need,
         # and marks a request whose usage it settles from the log entry.
         grpc["initial_metadata"] = [{"key": USAGE_LOG_METADATA, "value": "1"}]
-        extra["metadata_options"] = {"receiving_namespaces": {"untyped": [SETTLE_NAMESPACE]}}
+        received = [SETTLE_NAMESPACE]
+        if one_message(settings):
+            # The body reply names the route and carries what the response side needs.
+            received += [ROUTE_NAMESPACE, STATE_NAMESPACE]
+            # The header values extproc reads travel with the body (model paths skip the headers).
+            extra["request_attributes"] = attributes(settings.profile_headers)
+        extra["metadata_options"] = {"receiving_namespaces": {"untyped": received}}
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": typed(
@@ -198,6 +227,221 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
     }
 
 
+def one_message(settings: RenderSettings) -> bool:
+    return settings.one_message and settings.usage_log
+
+
+def response_filter(settings: RenderSettings) -> Json:
+    """The response side of a request extproc admitted, on a stream of its own.
+
+    It sends extproc the response headers (and the body if extproc asks) of a request on a
+    binding's response route, and of any response that is not a 2xx (a provider's error, or
+    Envoy's own reply such as a failed connection); a 2xx on any other route skips it: nothing is
+    sent, no stream is opened. The request's state comes with it as forwarded metadata.
+    """
+    inner = typed(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service={
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "timeout": f"{settings.extproc_timeout_ms / 1000:.3f}s",
+            "initial_metadata": [{"key": RESPONSE_STREAM_METADATA, "value": "1"}],
+        },
+        failure_mode_allow=False,
+        status_on_error={"code": 503},
+        message_timeout=f"{settings.extproc_timeout_ms / 1000:.3f}s",
+        stat_prefix="response",
+        processing_mode={
+            "request_header_mode": "SKIP",
+            "request_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "response_body_mode": "NONE",
+            "response_trailer_mode": "SKIP",
+        },
+        allow_mode_override=True,
+        metadata_options={
+            "forwarding_namespaces": {"untyped": [STATE_NAMESPACE, SETTLE_NAMESPACE]},
+            "receiving_namespaces": {"untyped": [SETTLE_NAMESPACE, ACCESS_NAMESPACE]},
+        },
+    )
+    return {
+        "name": RESPONSE_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            extension_config={"name": RESPONSE_FILTER, "typed_config": inner},
+            xds_matcher=_skip_when_status("prefix", "2"),
+        ),
+    }
+
+
+def _skip_when_status(how: str, value: object) -> Json:
+    return {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "status",
+                                "typed_config": typed("envoy.type.matcher.v3.HttpResponseHeaderMatchInput", header_name=":status"),
+                            },
+                            "value_match": {how: value},
+                        }
+                    },
+                    "on_match": {
+                        "action": {"name": "skip", "typed_config": typed("envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}
+                    },
+                }
+            ]
+        }
+    }
+
+
+# On a response route the response filter sees every response: its matcher never skips.
+_SEE_EVERY_RESPONSE = typed(
+    "envoy.extensions.common.matching.v3.ExtensionWithMatcherPerRoute", xds_matcher=_skip_when_status("exact", "never")
+)
+
+
+# On a route extproc did not pick (a refusal stays on the path's route, an unknown path gets the
+# 404) there is nothing for the response side: the filter never runs there.
+NO_RESPONSE_SIDE = {
+    RESPONSE_FILTER: typed(
+        "envoy.extensions.common.matching.v3.ExtensionWithMatcherPerRoute",
+        xds_matcher=_skip_when_status("safe_regex", {"google_re2": {}, "regex": ".*"}),
+    )
+}
+
+
+def buffer_filter(settings: RenderSettings) -> Json:
+    """Holds a request until its whole body is in: nothing reaches the router (or a provider)
+    before extproc has answered the body (the headers are not sent to extproc first)."""
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": typed("envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=settings.max_request_bytes),
+    }
+
+
+def model_path_routes() -> list[Json]:
+    """The model-call paths before extproc has answered: extproc gets the body alone (one message).
+
+    A request still on one of these routes when it reaches the router was never answered by
+    extproc: it had no body to send. It gets a 400, never a provider.
+    """
+    body_only = typed(
+        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        overrides={
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            }
+        },
+    )
+    return [
+        {
+            "name": "model-call",
+            "match": {"safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"}},
+            "direct_response": {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}},
+            "typed_per_filter_config": {"envoy.filters.http.ext_proc": body_only, **NO_RESPONSE_SIDE},
+        }
+    ]
+
+
+def _metadata_header(key: str) -> str:
+    return f"%DYNAMIC_METADATA({ROUTE_NAMESPACE}:{key})%"
+
+
+def metadata_routes(b: BindingSpec, stamp: str, direct: BackendSpec | None) -> list[Json]:
+    """The binding's two routes on the one-message path, chosen by the route extproc names.
+
+    Both send the request to the binding's backends as ``binding_route`` does, pointed at the
+    first backend (host, path, no caller credential; its cluster injects the provider's); the
+    second also hands the response to extproc (``response_filter``).
+    """
+    base = binding_route(b, stamp)
+    rid = base["name"]
+    action: Json = dict(base["route"])
+    chat_path = ""
+    if direct is not None:
+        ep = direct.endpoint
+        action["host_rewrite_literal"] = ep.host if ep.port == (443 if ep.tls else 80) else f"{ep.host}:{ep.port}"
+        if ep.path_prefix:
+            action["prefix_rewrite"] = ep.path_prefix.rstrip("/") + "/"
+        chat_path = ep.path_prefix.rstrip("/") + ("/v1/messages" if direct.provider == "anthropic" else "/v1/chat/completions")
+    add = [
+        {"header": {"key": h, "value": _metadata_header(k)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for h, k in (("x-crdgol-client-api", CLIENT_API_KEY), ("x-crdgol-body-api", BODY_API_KEY))
+    ]
+    if direct is not None and direct.provider == "anthropic":
+        add.append({"header": {"key": "anthropic-version", "value": "2023-06-01"}, "append_action": "ADD_IF_ABSENT"})
+    common: Json = {
+        # The caller's credential never goes on; the provider's is injected per cluster.
+        "request_headers_to_remove": ["authorization", "x-api-key"],
+        "request_headers_to_add": add,
+        "response_headers_to_add": [
+            {"header": {"key": h, "value": _metadata_header(h)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for h in RATELIMIT_HEADERS
+        ],
+    }
+
+    def match(key: str) -> Json:
+        return {
+            "prefix": "/",
+            "dynamic_metadata": [{"filter": ROUTE_NAMESPACE, "path": [{"key": ROUTE_KEY}], "value": {"string_match": {"exact": key}}}],
+        }
+
+    lean = {"name": rid, "match": match(rid), "route": action, **common}
+    full_action = dict(action)
+    if chat_path:
+        # Only chat calls take the response route; a translated one changes API, and path.
+        full_action.pop("prefix_rewrite", None)
+        full_action["regex_rewrite"] = {"pattern": {"regex": "^.*$"}, "substitution": chat_path}
+    full = {
+        "name": rid + RESPONSE_SUFFIX,
+        "match": match(rid + RESPONSE_SUFFIX),
+        "route": full_action,
+        **common,
+        "typed_per_filter_config": {RESPONSE_FILTER: _SEE_EVERY_RESPONSE},
+    }
+    # A fallback attempt's own filter tags its answer with the backend; on the plain route nobody
+    # else reads that tag, so it is removed before the client sees it.
+    lean["response_headers_to_remove"] = ["x-crdgol-backend"]
+    return [lean, full]
+
+
+def credential_injector(b: BindingSpec, be: BackendSpec, settings: RenderSettings) -> Json:
+    """Sets the provider credential on every request to this backend, from an SDS secret."""
+    sds: Json = (
+        {"path_config_source": {"path": f"{settings.sds_dir}/{credential_secret(backend_id(b, be))}.json"}, "resource_api_version": "V3"}
+        if settings.sds_dir
+        else {"ads": {}, "resource_api_version": "V3"}
+    )
+    return {
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            overwrite=True,
+            credential={
+                "name": "envoy.http.injected_credentials.generic",
+                "typed_config": typed(
+                    "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                    credential={"name": credential_secret(backend_id(b, be)), "sds_config": sds},
+                    header="x-api-key" if be.provider == "anthropic" else "authorization",
+                ),
+            },
+        ),
+    }
+
+
+def credential_value(be: BackendSpec, api_key: str) -> str:
+    """The header value the credential injector sets for ``be`` (what the SDS secret holds)."""
+    return api_key if be.provider == "anthropic" else f"Bearer {api_key}"
+
+
 def direct_backend(b: BindingSpec) -> BackendSpec | None:
     """The binding's only first-priority backend, if it has exactly one.
 
@@ -212,7 +456,7 @@ def direct_backend(b: BindingSpec) -> BackendSpec | None:
 _INTERNAL_REQUEST_HEADERS = ("x-crdgol-route", "x-crdgol-client-api", "x-crdgol-body-api")
 
 
-def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[Json]:
+def upstream_filters(name: str, direct: bool, settings: RenderSettings, injector: Json | None = None) -> list[Json]:
     codec = {
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
@@ -227,7 +471,7 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
             mutations={"request_mutations": [{"remove": h} for h in _INTERNAL_REQUEST_HEADERS]},
         ),
     }
-    return [strip, codec]
+    return [strip, *([injector] if injector is not None else []), codec]
 
 
 def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
@@ -247,7 +491,12 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, s
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http_protocol_options": {}},
-                http_filters=upstream_filters(name, direct, settings),
+                http_filters=upstream_filters(
+                    name,
+                    direct,
+                    settings,
+                    credential_injector(b, be, settings) if direct and be.credentials and one_message(settings) else None,
+                ),
             )
         },
         **cluster_health(b.health, ep.host),
@@ -324,6 +573,8 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": "no route for this request"}},
     }
+    if one_message(settings):
+        not_found["typed_per_filter_config"] = NO_RESPONSE_SIDE
     return {
         "name": ROUTE_CONFIG,
         "virtual_hosts": [
@@ -331,7 +582,7 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
                 "name": "gateway",
                 "domains": ["*"],
                 "request_body_buffer_limit": settings.max_request_bytes,
-                "routes": [*routes, not_found],
+                "routes": [*routes, *(model_path_routes() if one_message(settings) else []), not_found],
             }
         ],
     }
@@ -354,6 +605,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
+            *([buffer_filter(settings), response_filter(settings)] if one_message(settings) else []),
             *(usage_filters() if settings.usage_log else []),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],

@@ -18,9 +18,20 @@ import logging
 from typing import Any
 
 import orjson
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from crdgol import logs
 from crdgol.replies import ANTHROPIC_PATH
+from crdgol.request_path import (
+    BODY_API_KEY,
+    CLIENT_API_KEY,
+    NO_OP_HEADER,
+    RESPONSE_SUFFIX,
+    ROUTE_KEY,
+    ROUTE_NAMESPACE,
+    STATE_NAMESPACE,
+    attribute_headers,
+)
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as mcp
 from extproc import translate_errors, workflows
@@ -65,6 +76,15 @@ class Downstream(Handler):
         self.services = services
         self.usage_log = usage_log
         self.inner: Handler = Handler()
+        # The request headers extproc reads, when they came as attributes with the body (the
+        # one-message path, ``crdgol.request_path``) instead of in a message of their own.
+        self.attributes: Headers | None = None
+
+    def start(self, first: ep.ProcessingRequest) -> None:
+        if first.WhichOneof("request") == "request_body" and first.attributes:
+            fields = first.attributes["envoy.filters.http.ext_proc"].fields
+            values = {k: v.string_value if v.HasField("string_value") else v.number_value for k, v in fields.items()}
+            self.attributes = Headers(attribute_headers(values))
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
@@ -75,6 +95,15 @@ class Downstream(Handler):
         return await self.inner.request_headers(headers, end_of_stream)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        if self.attributes is not None:
+            # The body is the stream's first message: decide on its headers first, as if they had
+            # come on their own (a refusal ends the request here).
+            headers, self.attributes = self.attributes, None
+            early = await self.request_headers(headers, False)
+            if isinstance(early, Respond):
+                return early
+            if isinstance(self.inner, ModelCall):
+                self.inner.one_message = True
         return await self.inner.request_body(body, end_of_stream)
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
@@ -187,6 +216,11 @@ class ModelCall(Handler):
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
         self.access = AccessRecord()  # what the access log learns from extproc
+        # One message per request (``crdgol.request_path``): the body reply names the route in
+        # dynamic metadata, and the response, if it needs extproc, comes on the response filter's
+        # stream (``extproc.response_side``), where ``resumed`` is set.
+        self.one_message = False
+        self.resumed = False
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
@@ -249,8 +283,43 @@ class ModelCall(Handler):
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
         await self.admission.admit(self.identity.tenant, binding, doc, len(body))
+        if self.one_message:
+            return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
         return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
+
+    def response_needs(self) -> tuple[str, ...]:
+        """Why this request's response must pass through extproc (empty: it need not).
+
+        Decided once the body is read; the binding's response route is taken when this is not
+        empty. A new need (a response to store, say) is one more entry here.
+        """
+        return ()
+
+    def route_reply(self, binding: Binding, body: bytes) -> Continue:
+        """The one-message answer: the body, and the route (with what Envoy and the response
+        side need) as dynamic metadata; Envoy does the rewrite and the credential per route."""
+        # Envoy accounts from here on (the access log, or the response side's stream): this
+        # stream ends with this answer, and its close must not release the reservation.
+        self.finished = True
+        primary = binding.primary
+        route: dict[str, str | float] = {
+            ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if self.response_needs() else ""),
+            CLIENT_API_KEY: self.api.value,
+            BODY_API_KEY: (primary.api if primary is not None else self.api).value,
+            **self.admission.headers(),
+        }
+        return Continue(
+            body=body,
+            # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
+            remove_headers=[NO_OP_HEADER],
+            clear_route_cache=True,
+            dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle_record(self), STATE_NAMESPACE: self.state()},
+        )
+
+    def state(self) -> dict[str, str | float]:
+        """What the response side needs that the settle record does not carry."""
+        return {"started": self.services.wall() - (self.services.clock() - self.started)}
 
     def labels(self) -> RequestLabels:
         return RequestLabels(
@@ -350,6 +419,9 @@ class ModelCall(Handler):
             self.account(None, complete=True)
         elif reply.response_body_mode is None and self.usage_log:
             return self.defer(reply)
+        if self.resumed:
+            # This stream accounts for the request: the access-log entry must not settle it again.
+            reply.dynamic_metadata = {SETTLE_NAMESPACE: {"handled": "1"}}
         return reply
 
     def needs_body(self, headers: Headers) -> bool:
@@ -365,7 +437,8 @@ class ModelCall(Handler):
         """Settle from the access-log entry instead of the body: mark the request for it."""
         self.deferred = True
         self.finished = True  # this stream accounts nothing more; the log entry does
-        reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
+        if not self.resumed:  # (a resumed request's record is already there, from its body reply)
+            reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -407,6 +480,9 @@ def settle_record(call: ModelCall) -> dict[str, str | float]:
         # The model an answer names is the provider's only when no fallback attempt's filter
         # translated it (that filter writes the alias the client called).
         "provider_names_model": "1" if call.answer_in_backend_api() else "",
+        # The client's API: for a record written before any backend answered (one-message path),
+        # whether the answer names the provider's model is decided from the one that did.
+        "api": call.api.value,
     }
 
 
@@ -495,6 +571,25 @@ class Completion(ModelCall):
         if inj.dropped_turns:
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
         return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
+
+    def response_needs(self) -> tuple[str, ...]:
+        binding, primary = self.binding, self.binding.primary if self.binding is not None else None
+        needs = (
+            ("history", binding is not None and binding.context.history.enabled and bool(self.session)),
+            ("translation", primary is not None and primary.api is not self.api),
+            ("usage chunk stripped", self.stream and self.api is Api.OPENAI and not self.client_wants_usage),
+        )
+        return tuple(name for name, needed in needs if needed)
+
+    def state(self) -> dict[str, str | float]:
+        out = super().state()
+        out["stream"] = "1" if self.stream else ""
+        out["include_usage"] = "1" if self.client_wants_usage else ""
+        binding = self.binding
+        if self.session and binding is not None and binding.context.history.enabled:
+            out["session"] = self.session
+            out["user_text"] = self.user_text
+        return out
 
     def needs_body(self, headers: Headers) -> bool:
         binding = self.binding

@@ -92,6 +92,10 @@ class Handler:
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         return PASS
 
+    def start(self, first: ep.ProcessingRequest) -> None:
+        """Called with the stream's first message before it is dispatched: what Envoy sends once
+        per stream (request attributes, forwarded metadata) is there."""
+
     def resolved(self) -> Handler:
         """The handler for the rest of the stream (a dispatcher returns the strategy it chose)."""
         return self
@@ -185,6 +189,13 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
         return _PASS_PB[phase]
     if isinstance(reply, Respond):
         return _immediate(reply)
+    resp = _to_pb(phase, reply)
+    if reply.dynamic_metadata:
+        resp.dynamic_metadata.update(reply.dynamic_metadata)
+    return resp
+
+
+def _to_pb(phase: str, reply: Continue) -> ep.ProcessingResponse:
     common = _common(reply)
     match phase:
         case "request_headers":
@@ -198,8 +209,6 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
             resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
             if reply.response_body_mode is not None:
                 resp.mode_override.response_body_mode = reply.response_body_mode
-            if reply.dynamic_metadata:
-                resp.dynamic_metadata.update(reply.dynamic_metadata)
             return resp
         case "response_body":
             return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
@@ -265,6 +274,8 @@ async def run(
             if phase is None:
                 continue
             count += 1
+            if count == 1:
+                handler.start(req)
             held = 0
             try:
                 try:

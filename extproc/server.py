@@ -1,7 +1,8 @@
 """The extproc gRPC server: Envoy's ExternalProcessor service, gRPC health, /metrics.
 
-Each ext_proc stream is one HTTP request (downstream filter) or one upstream attempt (upstream
-filter, identified by the ``x-crdgol-backend`` gRPC metadata). Shutdown is graceful: health turns
+Each ext_proc stream is one HTTP request (downstream filter), one upstream attempt (upstream
+filter, identified by the ``x-crdgol-backend`` gRPC metadata) or the response side of a
+one-message request (the response filter, ``x-crdgol-response``; ``extproc.response_side``). Shutdown is graceful: health turns
 NOT_SERVING, new streams are refused, open ones get ``grace`` seconds to finish.
 """
 
@@ -24,11 +25,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crdgol.control_plane import ClientAuth, private_socket
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import RESPONSE_STREAM_METADATA
 from crdgol.usage_log import USAGE_LOG_METADATA
 from extproc import phases
 from extproc.errors import GatewayError
 from extproc.gateway import Downstream
 from extproc.phases import Handler, Headers, Reply
+from extproc.response_side import ResponseStream
 from extproc.services import Services
 from extproc.upstream import Attempt
 from extproc.usage_log import UsageLog
@@ -76,6 +79,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 backend = value if isinstance(value, str) else value.decode()
             elif key == USAGE_LOG_METADATA:
                 usage_log = True
+            elif key == RESPONSE_STREAM_METADATA:
+                return "response", ResponseStream(self.services)
         if not backend:
             return "downstream", Downstream(self.services, usage_log=usage_log)
         try:
