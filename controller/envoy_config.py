@@ -235,9 +235,9 @@ def response_filter(settings: RenderSettings) -> Json:
     """The response side of a request extproc admitted, on a stream of its own.
 
     It sends extproc the response headers (and the body if extproc asks) of a request on a
-    binding's response route, and of any response that is not a 2xx (a provider's error, or
-    Envoy's own reply such as a failed connection); a 2xx on any other route skips it: nothing is
-    sent, no stream is opened. The request's state comes with it as forwarded metadata.
+    binding's response route, and a provider's error on any route (to map and sanitize); on any
+    other route a 2xx, or a reply of Envoy's own, skips it: nothing is sent, no stream is opened
+    (the access log settles those). The request's state comes with it as forwarded metadata.
     """
     inner = typed(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -269,9 +269,46 @@ def response_filter(settings: RenderSettings) -> Json:
         "typed_config": typed(
             "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             extension_config={"name": RESPONSE_FILTER, "typed_config": inner},
-            xds_matcher=_skip_when_status("prefix", "2"),
+            xds_matcher=_skip_unless_upstream_error(),
         ),
     }
+
+
+def _response_header(name: str) -> Json:
+    return {"name": name, "typed_config": typed("envoy.type.matcher.v3.HttpResponseHeaderMatchInput", header_name=name)}
+
+
+def _skip_unless_upstream_error() -> Json:
+    """Skip a 2xx, and any reply of Envoy's own (it has no upstream timing header: a refusal by
+    extproc, a failed connection; the access log settles an admitted one)."""
+    any_value = {"safe_regex": {"google_re2": {}, "regex": ".*"}}
+    return {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "or_matcher": {
+                            "predicate": [
+                                {"single_predicate": {"input": _response_header(":status"), "value_match": {"prefix": "2"}}},
+                                {
+                                    "not_matcher": {
+                                        "single_predicate": {
+                                            "input": _response_header("x-envoy-upstream-service-time"),
+                                            "value_match": any_value,
+                                        }
+                                    }
+                                },
+                            ]
+                        }
+                    },
+                    "on_match": {"action": _SKIP},
+                }
+            ]
+        }
+    }
+
+
+_SKIP: Json = {"name": "skip", "typed_config": typed("envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}
 
 
 def _skip_when_status(how: str, value: object) -> Json:
@@ -288,9 +325,7 @@ def _skip_when_status(how: str, value: object) -> Json:
                             "value_match": {how: value},
                         }
                     },
-                    "on_match": {
-                        "action": {"name": "skip", "typed_config": typed("envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}
-                    },
+                    "on_match": {"action": _SKIP},
                 }
             ]
         }
