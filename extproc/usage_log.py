@@ -91,9 +91,12 @@ def cut_short(entry: al.HTTPAccessLogEntry) -> bool:
     return any(getattr(flags, name) for name in _CUT)
 
 
-def outcome(entry: al.HTTPAccessLogEntry, complete: bool) -> Outcome:
-    """The charge rule from the log entry: was a provider's answer received, and how did it end."""
-    if not entry.common_properties.HasField("time_to_first_upstream_rx_byte"):
+def outcome(entry: al.HTTPAccessLogEntry, complete: bool, *, answered: bool) -> Outcome:
+    """The charge rule from the log entry: was a provider's answer received, and how did it end.
+
+    ``answered``: known to be (the record was written with a provider's 200 response headers).
+    """
+    if not answered and not entry.common_properties.HasField("time_to_first_upstream_rx_byte"):
         return Outcome.NOT_ANSWERED  # no byte came back from any provider (Envoy's own reply)
     if not 200 <= entry.response.response_code.value < 300:
         return Outcome.PROVIDER_ERROR
@@ -128,7 +131,7 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
     if reservation is not None:
         admission = Admission(services)
         admission.reservation = reservation
-        admission.finish(outcome(entry, complete), usage, backend)
+        admission.finish(outcome(entry, complete, answered=written_late), usage, backend)
     names_model = text("provider_names_model") == "1" or (
         not written_late and served is not None and served[1].api.value == text("api")
     )
