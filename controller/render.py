@@ -44,12 +44,9 @@ from controller.envoy_config import (
     binding_route,
     binding_stamp,
     cluster_name,
-    credential_value,
     direct_backend,
     extproc_cluster,
     listener,
-    metadata_routes,
-    one_message,
     overload_manager,
     route_id,
     socket_address,
@@ -66,6 +63,7 @@ from controller.models import (
     SecretRef,
     SpecError,
 )
+from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
@@ -342,7 +340,7 @@ def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderS
         spec=b,
         binding=binding,
         jwts=tuple(_jwt_pb(b, secrets)),
-        routes=tuple(metadata_routes(b, stamp, direct)) if lean else (binding_route(b, stamp),),
+        routes=tuple(metadata_routes(binding_route(b, stamp), direct)) if lean else (binding_route(b, stamp),),
         clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
         secrets=injected,
         foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),

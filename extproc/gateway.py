@@ -22,21 +22,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from crdgol import logs
 from crdgol.replies import ANTHROPIC_PATH
-from crdgol.request_path import (
-    BODY_API_KEY,
-    CLIENT_API_KEY,
-    NO_OP_HEADER,
-    RESPONSE_SUFFIX,
-    ROUTE_KEY,
-    ROUTE_NAMESPACE,
-    STATE_NAMESPACE,
-    attribute_headers,
-)
+from crdgol.request_path import attribute_headers
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as mcp
 from extproc import translate_errors, workflows
 from extproc.access_metadata import AccessRecord
-from extproc.admission import Admission, Outcome, encode_reservation
+from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.errors import (
@@ -54,6 +45,7 @@ from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Re
 from extproc.policy import Api, Binding
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
+from extproc.route_reply import route_reply, settle_record
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -297,25 +289,8 @@ class ModelCall(Handler):
         return ()
 
     def route_reply(self, binding: Binding, body: bytes) -> Continue:
-        """The one-message answer: the body, and the route (with what Envoy and the response
-        side need) as dynamic metadata; Envoy does the rewrite and the credential per route."""
-        # Envoy accounts from here on (the access log, or the response side's stream): this
-        # stream ends with this answer, and its close must not release the reservation.
-        self.finished = True
-        primary = binding.primary
-        route: dict[str, str | float] = {
-            ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if self.response_needs() else ""),
-            CLIENT_API_KEY: self.api.value,
-            BODY_API_KEY: (primary.api if primary is not None else self.api).value,
-            **self.admission.headers(),
-        }
-        return Continue(
-            body=body,
-            # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
-            remove_headers=[NO_OP_HEADER],
-            clear_route_cache=True,
-            dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle_record(self), STATE_NAMESPACE: self.state()},
-        )
+        """The one-message answer (``extproc.route_reply``)."""
+        return route_reply(self, binding, body)
 
     def state(self) -> dict[str, str | float]:
         """What the response side needs that the settle record does not carry."""
@@ -463,27 +438,6 @@ class ModelCall(Handler):
             # response ended: charged if a provider had started answering, released otherwise.
             self.status = self.status or 499
             self.account(self.seen_usage(), complete=False)
-
-
-def settle_record(call: ModelCall) -> dict[str, str | float]:
-    """What the access-log consumer needs to settle and count ``call`` (``extproc.usage_log``)."""
-    r = call.admission.reservation
-    labels = call.labels()
-    return {
-        "reservation": encode_reservation(r) if r is not None and not call.admission.done else "",
-        "tenant": labels.tenant,
-        "binding": labels.binding,
-        "backend": labels.backend,
-        "operation": labels.operation,
-        "request_model": labels.request_model,
-        "response_model": labels.response_model,
-        # The model an answer names is the provider's only when no fallback attempt's filter
-        # translated it (that filter writes the alias the client called).
-        "provider_names_model": "1" if call.answer_in_backend_api() else "",
-        # The client's API: for a record written before any backend answered (one-message path),
-        # whether the answer names the provider's model is decided from the one that did.
-        "api": call.api.value,
-    }
 
 
 class Embeddings(ModelCall):

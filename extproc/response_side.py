@@ -5,7 +5,7 @@ stream ends there. When the response needs extproc after all (the binding's resp
 history, translation, a stripped usage chunk; or any response that is not a 2xx: a provider's
 error to map, Envoy's own reply for an admitted request), Envoy's response filter opens a second
 stream whose first message is the response headers, with the request's state as forwarded
-metadata: the settle record (``gateway.settle_record``) and ``ModelCall.state``. ``resume``
+metadata: the settle record (``route_reply.settle_record``) and ``ModelCall.state``. ``resume``
 rebuilds the model call from them, and the call's own response methods run unchanged: the
 charge rule, provider-error mapping, translation, history. A stream without that state (the
 refusal of a request extproc never admitted) passes through.
