@@ -185,7 +185,11 @@ def model_path_routes() -> list[Json]:
     return [
         {
             "name": "model-call",
-            "match": {"safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"}},
+            # POST only: another method goes the usual way (extproc answers 405 from the headers).
+            "match": {
+                "safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"},
+                "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
+            },
             "direct_response": {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}},
             "typed_per_filter_config": {"envoy.filters.http.ext_proc": body_only, **NO_RESPONSE_SIDE},
         }

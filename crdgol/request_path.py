@@ -45,9 +45,11 @@ NO_OP_HEADER = "x-crdgol-reroute"
 # not sent). Profile fields read from headers add their header names (``attributes``).
 READ_HEADERS = ("authorization", "x-api-key", "x-session-id", "content-type", "anthropic-version")
 _PATH, _METHOD, _ID = "request.path", "request.method", "request.id"
-# request.total_size - request.size: the request's header bytes (the header limit check).
-_TOTAL, _SIZE = "request.total_size", "request.size"
+# request.total_size - request.size: the request's header bytes, and how many headers it has
+# (the header limit check: extproc sees only a few of them).
+_TOTAL, _SIZE, _COUNT = "request.total_size", "request.size", "size(request.headers)"
 HEADER_BYTES = "x-crdgol-header-bytes"
+HEADER_COUNT = "x-crdgol-header-count"
 
 RATELIMIT_HEADERS = tuple(
     f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
@@ -63,7 +65,7 @@ def header_attribute(name: str) -> str:
 def attributes(extra_headers: tuple[str, ...] = ()) -> list[str]:
     """The CEL attribute expressions the downstream filter sends with the first message."""
     names = dict.fromkeys([*READ_HEADERS, *(h.lower() for h in extra_headers)])
-    return [*(header_attribute(h) for h in names), _PATH, _METHOD, _ID, _TOTAL, _SIZE]
+    return [*(header_attribute(h) for h in names), _PATH, _METHOD, _ID, _TOTAL, _SIZE, _COUNT]
 
 
 def attribute_headers(values: Mapping[str, str | float]) -> dict[str, str]:
@@ -79,9 +81,11 @@ def attribute_headers(values: Mapping[str, str | float]) -> dict[str, str]:
         out[":method"] = str(values[_METHOD])
     if _ID in values:
         out["x-request-id"] = str(values[_ID])
-    total, size = values.get(_TOTAL), values.get(_SIZE)
+    total, size, count = values.get(_TOTAL), values.get(_SIZE), values.get(_COUNT)
     if isinstance(total, float) and isinstance(size, float):
         out[HEADER_BYTES] = str(int(total - size))
+    if isinstance(count, float):
+        out[HEADER_COUNT] = str(int(count))
     return out
 
 

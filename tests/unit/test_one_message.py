@@ -61,7 +61,9 @@ def services(tmp_path: Path, store: RecordingStore) -> Services:
     return policy_services(tmp_path, store)
 
 
-def body_first(doc: Any, path: str = "/v1/chat/completions", key: str | None = KEY, **headers: str) -> ep.ProcessingRequest:
+def body_first(
+    doc: Any, path: str = "/v1/chat/completions", key: str | None = KEY, count: int = 6, header_bytes: int = 300, **headers: str
+) -> ep.ProcessingRequest:
     """The request body as Envoy sends it on a model path: with the attributes, no headers before."""
     values = {"content-type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
     if key is not None:
@@ -69,7 +71,9 @@ def body_first(doc: Any, path: str = "/v1/chat/completions", key: str | None = K
     attrs = struct_pb2.Struct()
     wanted = set(attributes())
     attrs.update({header_attribute(k): v for k, v in values.items() if header_attribute(k) in wanted})
-    attrs.update({"request.path": path, "request.method": "POST", "request.id": "rid-1", "request.total_size": 400.0, "request.size": 100.0})
+    raw = json.dumps(doc).encode()
+    attrs.update({"request.path": path, "request.method": "POST", "request.id": "rid-1", "size(request.headers)": float(count)})
+    attrs.update({"request.size": float(len(raw)), "request.total_size": float(len(raw) + header_bytes)})
     req = ep.ProcessingRequest(request_body=ep.HttpBody(body=json.dumps(doc).encode(), end_of_stream=True))
     req.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
     return req
@@ -129,6 +133,11 @@ async def test_a_refusal_is_answered_from_the_one_message(services: Services, st
     assert run.status() == 401 and not store.reserved
     run = await one(services, chat(), content_type="text/plain")
     assert run.status() == 415
+    # Envoy counts and measures all the headers, though it sends only a few of them.
+    for kw in ({"count": 150}, {"header_bytes": 40_000}):
+        run = await one(services, chat(), **kw)
+        assert run.status() == 431 and run.error()["error"]["code"] == "request_headers_too_large"
+    assert not store.reserved
 
 
 @pytest.mark.parametrize(
