@@ -19,12 +19,14 @@ from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.request_path import (
     BODY_API_KEY,
     CLIENT_API_KEY,
+    HEADERS_SUFFIX,
     RATELIMIT_HEADERS,
     RESPONSE_FILTER,
     RESPONSE_STREAM_METADATA,
     RESPONSE_SUFFIX,
     ROUTE_KEY,
     ROUTE_NAMESPACE,
+    SESSION_HEADER,
     STATE_NAMESPACE,
 )
 from crdgol.usage_log import SETTLE_NAMESPACE
@@ -182,17 +184,26 @@ def model_path_routes() -> list[Json]:
             }
         },
     )
+    paths = {"safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"}}
+    post = {"name": ":method", "string_match": {"exact": "POST"}}
+    empty = {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}}
     return [
+        {
+            # A call that names a session most likely keeps history, whose response extproc reads:
+            # its headers, body and response go to extproc on one stream (cheaper, measured, than
+            # one message plus the response filter's own stream).
+            "name": "model-call-session",
+            "match": {**paths, "headers": [post, {"name": SESSION_HEADER, "present_match": True}]},
+            "direct_response": empty,
+            "typed_per_filter_config": NO_RESPONSE_SIDE,
+        },
         {
             "name": "model-call",
             # POST only: another method goes the usual way (extproc answers 405 from the headers).
-            "match": {
-                "safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"},
-                "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
-            },
-            "direct_response": {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}},
+            "match": {**paths, "headers": [post]},
+            "direct_response": empty,
             "typed_per_filter_config": {"envoy.filters.http.ext_proc": body_only, **NO_RESPONSE_SIDE},
-        }
+        },
     ]
 
 
@@ -201,12 +212,12 @@ def _metadata_header(key: str) -> str:
 
 
 def metadata_routes(base: Json, direct: BackendSpec | None) -> list[Json]:
-    """The binding's two routes on the one-message path, chosen by the route extproc names.
+    """The binding's routes on the one-message path, chosen by the route extproc names.
 
     Both send the request to the binding's backends as its header-matched route ``base`` does
     (``envoy_config.binding_route``), pointed at the first backend ``direct`` (host, path, no
     caller credential; its cluster injects the provider's); the second also hands the response to
-    extproc (``response_filter``).
+    extproc (``response_filter``); the third serves a call whose headers extproc saw.
     """
     rid = base["name"]
     action: Json = dict(base["route"])
@@ -255,7 +266,16 @@ def metadata_routes(base: Json, direct: BackendSpec | None) -> list[Json]:
     # A fallback attempt's own filter tags its answer with the backend; on the plain route nobody
     # else reads that tag, so it is removed before the client sees it.
     lean["response_headers_to_remove"] = ["x-crdgol-backend"]
-    return [lean, full]
+    # A call whose headers extproc saw (``model-call-session``): extproc rewrote it and reads its
+    # response on its own stream; the route only injects the credential and names the APIs.
+    seen = {
+        "name": rid + HEADERS_SUFFIX,
+        "match": match(rid + HEADERS_SUFFIX),
+        "route": dict(base["route"]),
+        **common,
+        "typed_per_filter_config": NO_RESPONSE_SIDE,
+    }
+    return [lean, full, seen]
 
 
 def credential_injector(secret: str, be: BackendSpec, sds_dir: str) -> Json:

@@ -29,6 +29,10 @@ from collections.abc import Mapping
 ROUTE_NAMESPACE = "crdgol.route"
 ROUTE_KEY = "route"
 RESPONSE_SUFFIX = "~r"
+# A call that names a session (``SESSION_HEADER``) goes the way of the headers instead: extproc
+# gets its headers, body and response on one stream and names the route with this suffix.
+HEADERS_SUFFIX = "~h"
+SESSION_HEADER = "x-session-id"
 # Route metadata keys the route turns into the internal request headers for a fallback attempt.
 CLIENT_API_KEY = "client_api"
 BODY_API_KEY = "body_api"

@@ -45,7 +45,7 @@ from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Re
 from extproc.policy import Api, Binding
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
-from extproc.route_reply import route_reply, settle_record
+from extproc.route_reply import headers_route, route_reply, settle_record
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -278,7 +278,10 @@ class ModelCall(Handler):
         if self.one_message:
             return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
-        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
+        # The route by header (the Istio config) and by metadata (the gateway's own config).
+        return Continue(
+            set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=headers_route(self, binding)
+        )
 
     def response_needs(self) -> tuple[str, ...]:
         """Why this request's response must pass through extproc (empty: it need not).

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from crdgol.request_path import (
     BODY_API_KEY,
     CLIENT_API_KEY,
+    HEADERS_SUFFIX,
     NO_OP_HEADER,
     RESPONSE_SUFFIX,
     ROUTE_KEY,
@@ -72,3 +73,15 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
         clear_route_cache=True,
         dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle_record(call), STATE_NAMESPACE: call.state()},
     )
+
+
+def headers_route(call: ModelCall, binding: Binding) -> dict[str, dict[str, str | float]]:
+    """The route metadata for a call whose headers extproc saw (it rewrote the request itself)."""
+    primary = binding.primary
+    return {
+        ROUTE_NAMESPACE: {
+            ROUTE_KEY: binding.route + HEADERS_SUFFIX,
+            CLIENT_API_KEY: call.api.value,
+            BODY_API_KEY: (primary.api if primary is not None else call.api).value,
+        }
+    }
