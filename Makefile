@@ -34,8 +34,8 @@ test-unit: setup ## pure functions only
 test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
 	$(BIN)/python -m pytest -q tests/dataplane
 
-test-workflows: setup ## the workflow engine: pure core, and runs through real Envoy, extproc and the mock
-	$(BIN)/python -m pytest -q tests/unit/test_workflow_engine.py tests/unit/test_workflow_spec.py tests/workflow
+test-workflows: setup ## the workflow engine: pure core, runs through real Envoy, extproc and the mock, and on kmock
+	$(BIN)/python -m pytest -q tests/unit/test_workflow_engine.py tests/unit/test_workflow_spec.py tests/unit/test_workflow_cluster.py tests/workflow tests/kube/test_workflows.py
 
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check crdgol extproc controller mockllm tests benchmarks

@@ -119,6 +119,31 @@ BINDING_SPEC: Tree = {
             "text": None,
         },
         "maxContextTokens": None,
+        "mcpServers": {
+            "name": None,
+            "url": None,
+            "credentialsRef": {
+                "name": None,
+                "key": None,
+                "namespace": None,
+            },
+            "credentialsHeader": None,
+            "timeout": None,
+            "cacheTTL": None,
+        },
+        "mcpSources": {
+            "server": None,
+            "title": None,
+            "resource": None,
+            "prompt": {
+                "name": None,
+                "arguments": {
+                    "*": None,
+                },
+            },
+            "onFailure": None,
+            "maxTokens": None,
+        },
     },
     "timeouts": {
         "request": None,

@@ -31,7 +31,12 @@ from controller.one_message import (
 )
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
-from crdgol.replies import CODEC_HEADER_HEADROOM, MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
+from crdgol.replies import (
+    CODEC_HEADER_HEADROOM,
+    INTERNAL_HEADER_PREFIX,
+    MAX_REQUEST_HEADER_BYTES,
+    MAX_REQUEST_HEADERS,
+)
 from crdgol.request_path import ROUTE_NAMESPACE, STATE_NAMESPACE, attributes, credential_secret
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
@@ -235,6 +240,10 @@ def direct_backend(b: BindingSpec) -> BackendSpec | None:
 
 
 _INTERNAL_REQUEST_HEADERS = ("x-crdgol-route", "x-crdgol-client-api", "x-crdgol-body-api")
+# A provider's answer never carries crdgol's own headers on: whatever it sends under the prefix
+# (above all ``x-crdgol-backend``, which names the backend a request is billed as) is removed as
+# the answer enters Envoy, before extproc or the client sees it.
+_STRIP_INTERNAL_RESPONSE_HEADERS: Json = {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_HEADER_PREFIX}}}
 
 
 def upstream_filters(name: str, direct: bool, settings: RenderSettings, injector: Json | None = None) -> list[Json]:
@@ -242,16 +251,18 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings, injector
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
     }
-    if not direct:
-        return [ext_proc_filter(settings, backend=name), codec]
-    # The request was already rewritten downstream; only crdgol's own headers must not leave.
+    mutations: Json = {"response_mutations": [_STRIP_INTERNAL_RESPONSE_HEADERS]}
+    if direct:
+        # The request was already rewritten downstream; only crdgol's own headers must not leave.
+        mutations["request_mutations"] = [{"remove": h} for h in _INTERNAL_REQUEST_HEADERS]
     strip = {
         "name": "envoy.filters.http.header_mutation",
-        "typed_config": typed(
-            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": h} for h in _INTERNAL_REQUEST_HEADERS]},
-        ),
+        "typed_config": typed("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", mutations=mutations),
     }
+    if not direct:
+        # Answers pass the filters in reverse: stripped first, then tagged by the attempt's filter.
+        return [ext_proc_filter(settings, backend=name), strip, codec]
+    # The first backend's provider credential, set by Envoy (one-message path).
     return [strip, *([injector] if injector is not None else []), codec]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.context_sources import McpSpec, parse_mcp
 from controller.fields import binding_problems
 from controller.health import HealthSpec, parse_health
 from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
@@ -39,6 +40,10 @@ SHARE_ANNOTATION = "crdgol.io/share-with"
 # backends may send its credential to. Sharing lets them spend the account; without this list a
 # borrower could point its endpoint at its own server and read the key from the request.
 SHARE_HOSTS_ANNOTATION = "crdgol.io/share-hosts"
+# On an API-key Secret or an AIModelBinding: the namespaces (comma-separated, or "*") whose
+# bindings may serve this namespace's tenants. A binding's grant to another namespace's tenants
+# is in force only once that namespace accepts it this way (controller.ownership).
+ACCEPT_ANNOTATION = "crdgol.io/accept-from"
 
 PROVIDERS = ("openai", "anthropic", "openai-compatible")
 RETRY_CONDITIONS = ("connect-failure", "5xx", "429", "reset", "timeout")
@@ -134,6 +139,8 @@ class ContextSpec:
     history: HistorySpec = field(default_factory=HistorySpec)
     knowledge: tuple[SnippetSpec, ...] = ()
     max_context_tokens: int = 0
+    # Context read from MCP servers per request (controller.context_sources).
+    mcp: McpSpec = field(default_factory=McpSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +176,17 @@ class BindingSpec:
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
+    # Namespaces whose grants this binding's namespace accepts (ACCEPT_ANNOTATION).
+    accept_from: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def secret_refs(self) -> list[SecretRef | None]:
+        """Every Secret reference, in a fixed order (None where a backend or issuer names none)."""
+        mcp = [SecretRef(m.credentials.name, m.credentials.key, m.credentials.namespace) if m.credentials else None for m in self.context.mcp.servers]
+        return [b.credentials for b in self.backends] + [j.hs256_secret for j in self.jwt] + mcp
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +200,8 @@ class SecretData:
     share_with: frozenset[str] = frozenset()
     # Hosts another namespace's backend may send its credential to (SHARE_HOSTS_ANNOTATION).
     share_hosts: frozenset[str] = frozenset()
+    # Namespaces whose grants this (API-key) Secret's namespace accepts (ACCEPT_ANNOTATION).
+    accept_from: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -362,7 +378,7 @@ def _quotas(raw: object, namespace: str) -> QuotasSpec:
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "api-key"})
 
 
-def _context(raw: object) -> ContextSpec:
+def _context(raw: object, namespace: str) -> ContextSpec:
     c = _dict(raw, "spec.context")
     profile = []
     for i, p in enumerate(_list(c.get("profile"), "spec.context.profile")):
@@ -397,6 +413,7 @@ def _context(raw: object) -> ContextSpec:
         history=history,
         knowledge=tuple(knowledge),
         max_context_tokens=_int(c.get("maxContextTokens", 0), "spec.context.maxContextTokens", 0, 2_000_000),
+        mcp=parse_mcp(c, namespace),
     )
 
 
@@ -507,14 +524,20 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         model=model,
         backends=backends,
         tenants=_tenants(spec.get("tenants"), namespace),
-        context=_context(spec.get("context")),
+        context=_context(spec.get("context"), namespace),
         jwt=_jwts(auth.get("jwt"), namespace),
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
         health=parse_health(spec.get("health")),
+        accept_from=_names(_dict(meta.get("annotations"), "metadata.annotations").get(ACCEPT_ANNOTATION)),
     )
+
+
+def _names(raw: object) -> frozenset[str]:
+    """A comma-separated annotation value as a set of names."""
+    return frozenset(n.strip() for n in str(raw or "").split(",") if n.strip())
 
 
 
@@ -559,4 +582,5 @@ def parse_secret(obj: dict[str, Any]) -> SecretData:
         annotations=annotations,
         share_with=frozenset(n.strip() for n in annotations.get(SHARE_ANNOTATION, "").split(",") if n.strip()),
         share_hosts=frozenset(h.strip().lower() for h in annotations.get(SHARE_HOSTS_ANNOTATION, "").split(",") if h.strip()),
+        accept_from=_names(annotations.get(ACCEPT_ANNOTATION)),
     )

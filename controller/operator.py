@@ -27,6 +27,8 @@ moves objects between the API server and the state, publishes, and writes ``.sta
   (``clusterkopfpeerings.kopf.dev`` when cluster-wide, ``kopfpeerings.kopf.dev`` per namespace
   otherwise) installed and RBAC ``get/list/watch/patch`` on them; without them kopf refuses to
   start in the mandatory peering mode.
+* **Workflows**: with ``OperatorOptions.workflows`` set, WorkflowSpecs, WorkflowRuns and their
+  Jobs are handled by ``controller.workflow.cluster`` (its handlers join this registry).
 * **Persistence**: kopf's progress and diff-base are annotations under ``operator.crdgol.io/``, so
   nothing is written into ``.status`` but the controller's own fields.
 """
@@ -50,6 +52,8 @@ import kopf
 from controller.app import Controller, ControllerSettings
 from controller.models import GROUP, VERSION, SpecError, parse_binding
 from controller.state import BindingStatus, ControllerState
+from controller.workflow.cluster import ClusterWorkflows, ClusterWorkflowSettings
+from controller.workflow.runner import WorkflowMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class OperatorOptions:
     server_timeout: int | None = None  # watch requests' server-side timeout (seconds)
     batch_delay: float = 0.05  # how long a publish waits for more changes to join it
     resync_interval: float = 5.0  # sweep for status writes that failed
+    workflows: ClusterWorkflowSettings | None = None  # None: WorkflowSpecs and WorkflowRuns are not run
 
 
 def operator_settings(options: OperatorOptions) -> kopf.OperatorSettings:
@@ -323,6 +328,11 @@ class Operator:
         self.publish = Batcher(self._publish_and_sync, options.batch_delay)
         self._secrets_seen: set[str] = set()  # Secrets the state holds (from events or reads)
         self._resync: asyncio.Task[None] | None = None
+        self.workflows = (
+            ClusterWorkflows(options.workflows, controller.state, self.client.request, self.publish, WorkflowMetrics(controller.metrics.registry))
+            if options.workflows is not None
+            else None
+        )
 
     @property
     def state(self) -> ControllerState:
@@ -378,7 +388,7 @@ class Operator:
             spec = parse_binding(obj)
         except SpecError:
             return
-        refs = [b.credentials for b in spec.backends] + [j.hs256_secret for j in spec.jwt]
+        refs = spec.secret_refs()
         for ref in refs:
             if ref is None or f"{ref.namespace}/{ref.name}" in self._secrets_seen:
                 continue
@@ -404,6 +414,8 @@ class Operator:
             self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resync
+        if self.workflows is not None:
+            await self.workflows.close()
         await self.publish.close()
         await self.controller.stop()
         await self.client.close()
@@ -462,6 +474,8 @@ class Operator:
         async def secret(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
             await self.secret_event(event.get("type"), body)
 
+        if self.workflows is not None:
+            self.workflows.register(registry)
         return registry
 
 
@@ -475,6 +489,7 @@ async def operator_main(
     controller: Controller | None = None,
     connection: kopf.ConnectionInfo | None = None,
     server_timeout: int | None = None,
+    workflows: ClusterWorkflowSettings | None = None,
 ) -> None:
     """Run the operator in the current event loop until ``stop_flag`` is set (or a signal).
 
@@ -488,6 +503,7 @@ async def operator_main(
         peering=peering,
         connection=connection,
         server_timeout=server_timeout,
+        workflows=workflows,
     )
     op = Operator(controller or Controller(settings), options)
     await kopf.operator(
@@ -502,7 +518,7 @@ async def operator_main(
     )
 
 
-def run_operator(settings: ControllerSettings, namespaces: list[str], peering: str) -> int:
+def run_operator(settings: ControllerSettings, namespaces: list[str], peering: str, workflows: ClusterWorkflowSettings | None = None) -> int:
     """``crdgol controller`` against a cluster: kubeconfig or in-cluster credentials."""
     runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
@@ -512,7 +528,7 @@ def run_operator(settings: ControllerSettings, namespaces: list[str], peering: s
     except ImportError:
         runner = asyncio.run
     try:
-        runner(operator_main(settings, namespaces, peering))
+        runner(operator_main(settings, namespaces, peering, workflows=workflows))
     except Exception:
         log.exception("the operator stopped with an error")
         return 1

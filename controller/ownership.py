@@ -13,15 +13,25 @@ binding or says why it cannot be served. The rules follow ``crdgol.tenancy``:
   differently is refused (``JwtIssuerConflict``). Other namespaces may declare the same issuer
   with their own keys: that is their own tenants, not a conflict.
 
+* **Grants need the grantee's consent.** A binding that lists another namespace's tenants
+  (``other/name``, ``other/*``) reaches them only once ``other`` accepts grants from the
+  binding's namespace: an API-key Secret or an AIModelBinding in ``other`` carries
+  ``crdgol.io/accept-from: <namespace>`` (or ``*``). Without it the grant is left out (the
+  binding still serves everyone else) and the binding's status says which namespace has not
+  accepted (``GrantNotAccepted``). Otherwise any namespace could put a model name in front of
+  another's callers, and receive their prompts, or take the name from a provider they chose.
+
 A refused binding is not served at all (never "served but not Ready").
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from controller.models import BindingSpec, SpecError
+from controller.models import ACCEPT_ANNOTATION, BindingSpec, SecretData, SpecError
+from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 
 
@@ -82,3 +92,31 @@ def _unnamed(j: pb.JwtProvider) -> bytes:
     copy.CopyFrom(j)
     copy.name = ""
     return bytes(copy.SerializeToString(deterministic=True))
+
+
+def acceptances(bindings: Iterable[BindingSpec], secrets: Iterable[SecretData]) -> dict[str, frozenset[str]]:
+    """Namespace -> the namespaces whose grants it accepts (``*``: all), from its API-key Secrets
+    and AIModelBindings (any of them may say it: each is its owner's word)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for b in bindings:
+        out[b.namespace] |= b.accept_from
+    for sec in secrets:
+        if sec.is_api_key:
+            out[sec.namespace] |= sec.accept_from
+    return {ns: frozenset(v) for ns, v in out.items()}
+
+
+def unaccepted(b: BindingSpec, foreign: frozenset[str], accepts: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The namespaces ``b`` grants tenants of that have not accepted grants from ``b``'s namespace."""
+    return frozenset(ns for ns in foreign if not ({b.namespace, tenancy.WILDCARD} & accepts.get(ns, frozenset())))
+
+
+def grant_not_accepted(b: BindingSpec, refused: frozenset[str]) -> SpecError:
+    """The status a person acts on: who must accept, and how."""
+    names = ", ".join(sorted(refused))
+    return SpecError(
+        "GrantNotAccepted",
+        f"the grant to tenants of namespace {names} is not in force: that namespace has not accepted grants "
+        f"from namespace {b.namespace}; an API-key Secret or AIModelBinding there may be annotated "
+        f"{ACCEPT_ANNOTATION}: {b.namespace} (everyone else this binding lists is served)",
+    )

@@ -32,6 +32,7 @@ import hashlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from controller.context_sources import McpSourceSpec
 from controller.envoy_config import (
     CA_BUNDLE,
     EXTPROC_CLUSTER,
@@ -64,7 +65,7 @@ from controller.models import (
     SpecError,
 )
 from controller.one_message import credential_value, metadata_routes, one_message
-from controller.ownership import Claims
+from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 from crdgol.request_path import credential_secret
@@ -99,6 +100,8 @@ class RenderResult:
     # Other sources that contribute nothing, by "Kind namespace/name" (an API-key Secret whose
     # tenant annotation is not a tenant name), with what is wrong.
     source_problems: dict[str, str] = field(default_factory=dict)
+    # Served bindings whose grant to some other namespace is not in force (not accepted there).
+    grant_problems: dict[str, SpecError] = field(default_factory=dict)
     # SDS ``Secret`` resources (provider credentials Envoy injects): served over ADS or written
     # to 0600 files, never part of ``envoy``; kept out of repr.
     secrets: tuple[Json, ...] = field(default=(), repr=False)
@@ -179,6 +182,8 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
         ),
         knowledge=[pb.Snippet(title=s.title, text=s.text) for s in c.knowledge],
         max_context_tokens=c.max_context_tokens,
+        mcp_servers=_mcp_servers_pb(b, secrets),
+        mcp_sources=[_mcp_source_pb(src) for src in c.mcp.sources],
     )
     q = b.quotas
     quotas = pb.QuotaPolicy(
@@ -197,6 +202,46 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
         route=route_id(b, stamp),
         quotas=quotas,
     )
+
+
+def _mcp_servers_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.McpServer]:
+    """The binding's MCP servers, each credential resolved here: it travels in the snapshot only."""
+    out = []
+    for i, srv in enumerate(b.context.mcp.servers):
+        header = value = ""
+        if srv.credentials is not None:
+            ref = SecretRef(srv.credentials.name, srv.credentials.key, srv.credentials.namespace)
+            where = Endpoint("https", srv.host, srv.port, "")
+            value = _resolve(ref, secrets, f"spec.context.mcpServers[{i}].credentialsRef", b.namespace, where)
+            header = srv.credentials_header
+            if header == "authorization":
+                value = f"Bearer {value}"
+        out.append(
+            pb.McpServer(
+                name=srv.name,
+                url=srv.url,
+                auth_header=header,
+                auth_value=value,
+                timeout_ms=max(1, round(srv.timeout * 1000)),
+                cache_ttl_ms=round(srv.cache_ttl * 1000),
+            )
+        )
+    return out
+
+
+def _mcp_source_pb(src: McpSourceSpec) -> pb.McpSource:
+    out = pb.McpSource(
+        server=src.server,
+        title=src.title,
+        prompt_arguments=dict(src.arguments),
+        refuse_on_failure=src.refuse_on_failure,
+        max_tokens=src.max_tokens,
+    )
+    if src.resource:
+        out.resource_uri = src.resource
+    else:
+        out.prompt_name = src.prompt
+    return out
 
 
 def _quota_pb(q: QuotaSpec) -> pb.Quota:
@@ -315,7 +360,7 @@ class RenderCache:
 def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[tuple[str | None, bool, frozenset[str]], ...]:
     """What a binding's cached render depends on: each named Secret value, whether it may use it,
     and the hosts its owner lets it reach."""
-    refs = [be.credentials for be in b.backends] + [j.hs256_secret for j in b.jwt]
+    refs = b.secret_refs()
     out: list[tuple[str | None, bool, frozenset[str]]] = []
     for ref in refs:
         secret = secrets.get(f"{ref.namespace}/{ref.name}") if ref is not None else None
@@ -356,11 +401,14 @@ def _render(
 ) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
+    grant_problems: dict[str, SpecError] = {}
     served: list[tuple[BindingSpec, _Pieces]] = []
     claims = Claims()
     # Per-binding pieces do not depend on the version or the timestamp.
     stable = replace(settings, version=0, generated_at=0)
-    for b in sorted(bindings, key=lambda b: b.key):
+    ordered = sorted(bindings, key=lambda b: b.key)
+    accepts = acceptances(ordered, secret_map.values())
+    for b in ordered:
         key = (id(b), _secret_values(b, secret_map), stable)
         pieces = cache.get(key, b) if cache is not None else None
         if pieces is None:
@@ -379,6 +427,10 @@ def _render(
                 continue
             if cache is not None:
                 cache.put(key, pieces)
+        refused = unaccepted(b, pieces.foreign, accepts) if pieces.foreign else frozenset()
+        if refused:
+            grant_problems[b.key] = grant_not_accepted(b, refused)
+            pieces = _without_grants(pieces, refused)
         conflict = claims.check(b, pieces.jwts, pieces.foreign)
         if conflict is not None:
             problems[b.key] = conflict
@@ -420,9 +472,20 @@ def _render(
         problems=problems,
         accepted=tuple(b.key for b, _ in served),
         source_problems=source_problems,
+        grant_problems=grant_problems,
         secrets=tuple(injected),
         profile_headers=profile_headers,
     )
+
+
+def _without_grants(pieces: _Pieces, refused: frozenset[str]) -> _Pieces:
+    """``pieces`` minus the tenant patterns of the ``refused`` namespaces (a copy: cached pieces
+    are shared, and the refusal depends on other namespaces' resources)."""
+    served = pb.Binding()
+    served.CopyFrom(pieces.binding)
+    del served.tenants[:]
+    served.tenants.extend(t for t in pieces.binding.tenants if tenancy.namespace_of(t) not in refused)
+    return replace(pieces, binding=served, foreign=pieces.foreign - refused)
 
 
 __all__ = ["CA_BUNDLE", "EXTPROC_CLUSTER", "ROUTE_HEADER", "EnvoyExtras", "RenderCache", "RenderResult", "RenderSettings", "ads_bootstrap", "render"]

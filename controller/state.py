@@ -165,7 +165,7 @@ class ControllerState:
             spec = entry.good
             if spec is None:
                 continue
-            refs = [b.credentials for b in spec.backends] + [j.hs256_secret for j in spec.jwt]
+            refs = spec.secret_refs()
             if any(r is not None and r.namespace == namespace and r.name == name for r in refs):
                 out.append(key)
         return out
@@ -230,6 +230,9 @@ class ControllerState:
             )
         else:
             conditions.append(Condition("Ready", "Unknown", "Pending", "not rendered yet"))
+        grant = result.grant_problems.get(key) if result is not None and problem is None else None
+        if grant is not None:
+            conditions.append(Condition("GrantsAccepted", "False", grant.reason, grant.message))
         health = self._health(key)
         if health:
             bad = [f"{name} ({verdict})" for name, verdict in health if verdict != "healthy"]
@@ -271,6 +274,8 @@ def _same(a: RenderResult, b: RenderResult) -> bool:
     if a.listeners != b.listeners or a.clusters != b.clusters:
         return False
     if {k: (p.reason, p.message) for k, p in a.problems.items()} != {k: (p.reason, p.message) for k, p in b.problems.items()}:
+        return False
+    if {k: p.message for k, p in a.grant_problems.items()} != {k: p.message for k, p in b.grant_problems.items()}:
         return False
     return _unversioned(a) == _unversioned(b)
 

@@ -210,7 +210,17 @@ def cmd_controller(args: argparse.Namespace) -> int:
         return 2
     from controller.operator import run_operator
 
-    return int(run_operator(settings, namespaces=args.namespace, peering=args.peering))
+    cluster_workflows = None
+    if args.workflow_gateway:
+        from controller.workflow.cluster import ClusterWorkflowSettings
+        from controller.workflow.egress import WorkflowEnvoySettings
+
+        cluster_workflows = ClusterWorkflowSettings(
+            gateway_url=args.workflow_gateway,
+            egress_url=args.workflow_egress,
+            egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port),
+        )
+    return int(run_operator(settings, namespaces=args.namespace, peering=args.peering, workflows=cluster_workflows))
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -331,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered bootstrap (default 9901)")
     ctl.add_argument("--workflow-state", default=".crdgol/workflows", help="file mode: where each workflow run's state file is kept (default .crdgol/workflows)")
     ctl.add_argument("--workflow-socket", default="", help="file mode: serve the workflow run API on this Unix socket, routed to by Envoy (default: off)")
-    ctl.add_argument("--egress-port", type=int, default=0, help="file mode: port of Envoy's egress listener for http-request steps (default 0: none)")
+    ctl.add_argument("--egress-port", type=int, default=0, help="port of Envoy's egress listener for http-request steps (default 0: none)")
+    ctl.add_argument("--egress-host", default="127.0.0.1", help="on a cluster: address the egress listener binds in the gateway's Envoy (default 127.0.0.1)")
+    ctl.add_argument("--workflow-gateway", default=_env("CRDGOL_WORKFLOW_GATEWAY", ""), help="on a cluster: run WorkflowSpecs and WorkflowRuns, their AI steps calling the gateway listener at this URL, e.g. http://crdgol-gateway.crdgol-system.svc:8080 (env CRDGOL_WORKFLOW_GATEWAY; unset: workflows are not run)")
+    ctl.add_argument("--workflow-egress", default=_env("CRDGOL_WORKFLOW_EGRESS", ""), help="on a cluster: URL of the gateway's egress listener, as http-request steps reach it (env CRDGOL_WORKFLOW_EGRESS)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
     ctl.set_defaults(func=cmd_controller)

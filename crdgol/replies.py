@@ -59,3 +59,7 @@ def anthropic_error(message: str, type_: str, code: str, status: int) -> dict[st
 MAX_REQUEST_HEADER_BYTES = 32 * 1024
 MAX_REQUEST_HEADERS = 100
 CODEC_HEADER_HEADROOM = 3
+
+# crdgol's own headers (between its filters, and from extproc to the run API) all start so. A
+# provider's answer never brings one in: Envoy strips them from every upstream response.
+INTERNAL_HEADER_PREFIX = "x-crdgol-"

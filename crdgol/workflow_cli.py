@@ -78,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
         while status["phase"] not in DONE and time.monotonic() < deadline:
             _progress(status, seen)
             time.sleep(0.25)
-            status = _call(args, "GET", f"/v1/workflows/runs/{status['name']}")
+            try:
+                status = _call(args, "GET", f"/v1/workflows/runs/{status['name']}")
+            except ApiError as exc:
+                if exc.status != 503:  # 503: the engine (re)starting or the gateway busy; keep waiting
+                    raise
         _progress(status, seen)
         print(f"run {status['name']}: {status['phase']}", file=sys.stderr, flush=True)
     print(json.dumps(status, indent=2))

@@ -80,7 +80,7 @@ class AccessRecord:
     def _measure(self, call: ModelCall, usage: Usage, cost: float) -> None:
         m = call.services.metrics
         binding = call.binding.key if call.binding is not None else ""
-        tenant = call.identity.tenant if call.identity is not None else ""
+        tenant = call.services.current.metric_tenant(call.identity.tenant) if call.identity is not None else ""
         if cost > 0:
             m.spend.labels(tenant, binding, call.backend).inc(cost)
         if not streamed(call) or call.status != 200:

@@ -5,12 +5,19 @@
 tenant's limits, or raises ``QuotaExceeded`` (429 with ``Retry-After``). ``headers`` are the
 ``x-ratelimit-*`` response headers for requests and tokens.
 
-The charge rule (README, "Quotas"): a request that a provider started answering is charged,
-whatever happens next; only one that never reached a provider is released. ``finish`` applies it,
-at most once per request, from what the request path saw:
+The charge rule (README, "Quotas"): a request that went on to a provider is charged, whatever
+happens next; only one that never left the gateway, or that Envoy answered itself, is released.
+``finish`` applies it, at most once per request, from what the request path saw:
 
-* ``Outcome.NOT_ANSWERED`` (refused, Envoy's own reply, the client gone before any response
-  byte): the reservation is **released** entirely.
+* ``Outcome.NOT_ANSWERED`` (refused before it left the gateway, or answered by Envoy itself
+  without a provider: a connect failure, no healthy upstream): the reservation is **released**.
+* ``Outcome.ABANDONED`` (sent on to a provider, then no response byte came back: the client hung
+  up while the provider worked, Envoy gave up on the request, or Envoy's upstream timeout): the
+  **reservation** is charged, request and tokens. Envoy resets the upstream request when the
+  client leaves, so no usage ever arrives (not over the usage log either); the provider may still
+  bill the whole generation, and the reservation (the prompt estimate plus ``max_tokens`` or the
+  binding's default) is the most it can be. A client that hangs up while Envoy is still connecting
+  is charged too: extproc cannot tell that moment apart, and it was the client's choice.
 * ``Outcome.ANSWERED`` with the provider's usage block: the **real usage** is charged at the price
   of the backend that answered.
 * ``Outcome.PROVIDER_ERROR`` (a non-2xx answer from a provider): the **request** is charged, no
@@ -48,6 +55,7 @@ class Outcome(enum.Enum):
     """How a request ended, as far as charging it is concerned (see the module docstring)."""
 
     NOT_ANSWERED = "not_answered"
+    ABANDONED = "abandoned"
     ANSWERED = "answered"
     PROVIDER_ERROR = "provider_error"
     CUT_SHORT = "cut_short"
@@ -161,9 +169,12 @@ class Admission:
         m = self.services.metrics
         m.quota_store_seconds.observe(time.perf_counter() - started)
         self.decision = decision
-        for name, remaining in decision.remaining.items():
-            m.quota_remaining.labels(tenant, binding.key, name).set(remaining)
-            m.quota_limit.labels(tenant, binding.key, name).set(decision.limits.get(name, 0))
+        if tenant in self.services.current.known_tenants:
+            # One gauge per tenant the policy names; a catch-all label would show whichever
+            # unnamed tenant checked last (see ``Policy.metric_tenant``).
+            for name, remaining in decision.remaining.items():
+                m.quota_remaining.labels(tenant, binding.key, name).set(remaining)
+                m.quota_limit.labels(tenant, binding.key, name).set(decision.limits.get(name, 0))
         if not decision.allowed:
             self.done = True
             raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
@@ -189,6 +200,9 @@ class Admission:
                 actual = None
             case Outcome.PROVIDER_ERROR:
                 actual = PROVIDER_ERROR_CHARGE
+            case Outcome.ABANDONED:
+                actual = reserved
+                self.services.metrics.charged_estimates.inc()
             case Outcome.ANSWERED | Outcome.CUT_SHORT:
                 entry = self.services.current.backends.get(backend_id)
                 price = entry[1].price if entry is not None else None

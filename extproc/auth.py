@@ -55,7 +55,7 @@ from extproc.policy import JwtProvider, Policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Authenticator", "Identity", "credential_from_headers", "lookup_claim"]
+__all__ = ["Authenticator", "Identity", "credential_from_headers", "jwt_principal", "lookup_claim"]
 
 _EMPTY_CLAIMS: Mapping[str, object] = MappingProxyType({})
 
@@ -77,7 +77,10 @@ class Identity:
     ``tenants`` are the qualified tenants (``namespace/name``) the credential may act as, sorted;
     ``tenant`` is the one it acts as once the binding it calls is known (``acting_as``), "" before.
     ``subject`` is the JWT ``sub``, or ``apikey:<first 8 hex of sha256(key)>`` for API keys: enough
-    to tell keys apart in logs and metrics, useless for recovering the key.
+    to tell keys apart in logs and metrics, useless for recovering the key. ``principal`` is the
+    caller itself, for what belongs to it alone (session history): ``jwt:`` and 128 bits of
+    sha256(issuer, sub) (a ``sub`` is unique only per issuer), or ``key:`` and 128 bits of
+    sha256(key) — never the key, and never a value a caller can choose to match another's.
     """
 
     tenants: tuple[str, ...]
@@ -87,12 +90,13 @@ class Identity:
     # are not hashable, and tenants+subject+method already identify the caller.
     claims: Mapping[str, object] = field(default_factory=lambda: _EMPTY_CLAIMS, hash=False)
     tenant: str = ""
+    principal: str = ""
 
     def acting_as(self, tenant: str) -> Identity:
         """This caller acting as ``tenant``, which must be one of its ``tenants``."""
         if tenant not in self.tenants:
             raise ValueError("an identity can only act as one of its own tenants")
-        return Identity(self.tenants, self.subject, self.method, self.claims, tenant)
+        return Identity(self.tenants, self.subject, self.method, self.claims, tenant, self.principal)
 
 
 def credential_from_headers(authorization: str | None, x_api_key: str | None) -> str:
@@ -230,6 +234,7 @@ class Authenticator:
                 subject="apikey:" + digest[:4].hex(),
                 method="api_key",
                 claims=_EMPTY_CLAIMS,
+                principal="key:" + digest[:16].hex(),
             )
 
         if _JWT_SHAPE.fullmatch(credential):
@@ -281,6 +286,7 @@ class Authenticator:
             subject=subject,
             method="jwt",
             claims=MappingProxyType(claims),
+            principal=jwt_principal(issuer, subject),
         )
         self._cache_put(digest, exp + self._leeway, identity)
         return identity
@@ -464,6 +470,13 @@ def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise Unauthenticated(f"invalid token: its '{name}' claim is not a number")
     return float(value)
+
+
+def jwt_principal(issuer: str, subject: str) -> str:
+    """A JWT caller's ``Identity.principal``: its issuer and subject, hashed (both may be long,
+    and a subject is often an e-mail address, which has no business in a store's key names)."""
+    both = json.dumps([issuer, subject]).encode("utf-8", "surrogatepass")  # injective: no separator to forge
+    return "jwt:" + hashlib.sha256(both).digest()[:16].hex()
 
 
 def lookup_claim(claims: Mapping[str, Any], name: str) -> object:

@@ -3,7 +3,7 @@
 One handler per HTTP request, chosen from the method and path of its first message:
 
 * ``POST /v1/chat/completions`` and ``POST /v1/messages`` -> ``Completion``: auth, model ->
-  binding, tenant check, MCP context injection, route selection; then usage and history from the
+  binding, tenant check, context policy (including context read from MCP servers), route selection; then usage and history from the
   response (streamed or not).
 * ``POST /v1/embeddings`` -> ``Embeddings``: auth, binding, route; usage from the response.
 * ``GET /v1/models`` -> ``Models``: answered by extproc from the policy.
@@ -20,11 +20,11 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from crdgol import logs
-from crdgol.replies import ANTHROPIC_PATH
+from crdgol import logs, tenancy
+from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
 from crdgol.request_path import attribute_headers
 from crdgol.usage_log import SETTLE_NAMESPACE
-from extproc import context as mcp
+from extproc import context as context_policy
 from extproc import translate_errors, workflows
 from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome
@@ -201,6 +201,9 @@ class ModelCall(Handler):
         self.reader: ResponseReader | None = None
         self.client_wants_usage = True  # an OpenAI stream's usage chunk (chat completions only)
         self.answered = False
+        # extproc let the request go on to a provider (admitted, body sent back to Envoy): from
+        # here the provider may be doing the work, answered or not (``Outcome.ABANDONED``).
+        self.forwarded = False
         # Usage can come over Envoy's access log (``extproc.usage_log``): a response whose body
         # nothing else needs is then not sent to extproc at all, and settled from the log entry.
         self.usage_log = False
@@ -247,11 +250,23 @@ class ModelCall(Handler):
         assert self.identity is not None
         # Which binding, and which of the caller's tenants it acts as, is decided here: quotas,
         # history and metrics below all key on that one qualified tenant (crdgol.tenancy).
-        binding, tenant = self.services.current.resolve(model, self.identity.tenants)
+        found = self.services.current.resolution(model, self.identity.tenants)
+        binding, tenant = found.binding, found.tenant
         if binding is None:
             raise NotFound(f"the model {model!r} does not exist or you do not have access to it", code="model_not_found")
+        if found.ambiguous:
+            # Say what happened, but name no namespace: the others are not the caller's to learn
+            # (one may be an attacker's copy of the caller's issuer, or the caller an attacker).
+            raise Forbidden(
+                f"your credential is accepted in more than one namespace, and they serve the model {model!r} "
+                "from different bindings: the gateway does not choose between them; ask your administrator for "
+                "a credential of one namespace (its issuer is declared with the same keys in several)",
+                code="ambiguous_credential",
+            )
         if not tenant:
-            raise Forbidden(f"tenant {' or '.join(self.identity.tenants)} may not call the model {model!r}")
+            # Only the caller's tenant in the binding's own namespace (the one that refused it).
+            mine = [t for t in self.identity.tenants if tenancy.namespace_of(t) == binding.namespace]
+            raise Forbidden(f"tenant {' or '.join(mine)} may not call the model {model!r}: ask its owner to list your tenant")
         self.identity = self.identity.acting_as(tenant)
         self.binding = binding
         return binding
@@ -278,6 +293,7 @@ class ModelCall(Handler):
         if self.one_message:
             return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
+        self.forwarded = True
         # The route by header (the Istio config) and by metadata (the gateway's own config).
         return Continue(
             set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=headers_route(self, binding)
@@ -301,7 +317,7 @@ class ModelCall(Handler):
 
     def labels(self) -> RequestLabels:
         return RequestLabels(
-            tenant=self.identity.tenant if self.identity else "",
+            tenant=self.services.current.metric_tenant(self.identity.tenant) if self.identity else "",
             binding=self.binding.key if self.binding else "",
             backend=self.backend,
             operation=self.operation,
@@ -321,11 +337,12 @@ class ModelCall(Handler):
             reported = ""  # a fallback attempt's filter translated it, writing the client's name
         return metric_model(reported, configured)
 
-    def account(self, usage: Usage | None, *, complete: bool) -> None:
+    def account(self, usage: Usage | None, *, complete: bool, abandoned: bool = False) -> None:
         """Record what the request cost, once, by the charge rule (``extproc.admission``).
 
         ``complete``: the response ended normally and ``usage`` is the provider's usage block (or
         None when it had none); otherwise ``usage`` is whatever partial usage was seen.
+        ``abandoned``: the request went on to a provider and its stream ended before any response.
         """
         if self.finished:
             return
@@ -333,7 +350,10 @@ class ModelCall(Handler):
         m = self.services.metrics
         labels = self.labels()
         if not self.answered:
-            outcome = Outcome.NOT_ANSWERED
+            # Envoy's own 504 is its upstream timeout: the provider had the request and may
+            # still be generating it (a long non-streamed answer must not time out for free).
+            upstream_timeout = self.forwarded and self.status == 504
+            outcome = Outcome.ABANDONED if abandoned or upstream_timeout else Outcome.NOT_ANSWERED
         elif not 200 <= self.status < 300:
             outcome = Outcome.PROVIDER_ERROR
         elif complete and usage is not None and usage.input_tokens > 0:
@@ -358,12 +378,13 @@ class ModelCall(Handler):
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         self.status = int(headers.get(":status", "0") or 0)
-        tagged = headers.get(BACKEND_HEADER)
+        tagged = self.answering_backend(headers)
         # A provider answered (its response came through the router, or a fallback attempt's
         # filter tagged it); Envoy's own local replies carry neither mark. From here on the
         # request is charged, whatever happens to the rest of the response.
         self.answered = tagged is not None or UPSTREAM_TIMING in headers
-        strip = [BACKEND_HEADER] if tagged is not None else []
+        # crdgol's own headers never reach the client (Envoy already strips what a provider sent).
+        strip = [h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX)]
         reply = Continue(set_headers=self.admission.headers(), remove_headers=strip)
         # A provider's error never reaches the client as it was sent (see translate_errors).
         provider_error = self.status >= 400 and self.answered
@@ -402,6 +423,19 @@ class ModelCall(Handler):
             reply.dynamic_metadata = {SETTLE_NAMESPACE: {"handled": "1"}}
         return reply
 
+    def answering_backend(self, headers: Headers) -> str | None:
+        """The backend a fallback attempt's filter tagged this answer with, if it is one of this
+        binding's: the tag is set inside Envoy for the cluster Envoy chose (a provider's own
+        ``x-crdgol-*`` headers are stripped as its answer enters Envoy), and anything else is
+        ignored rather than billed. None: untagged (the first backend's answer, or Envoy's own)."""
+        tagged = headers.get(BACKEND_HEADER)
+        if tagged is None or self.binding is None:
+            return None
+        if any(be.id == tagged for be in self.binding.backends):
+            return tagged
+        log.warning("ignoring a backend tag that is not one of %s's backends", self.binding.key)
+        return None
+
     def needs_body(self, headers: Headers) -> bool:
         """Whether anything but usage needs this (200) response's body."""
         return False
@@ -438,9 +472,12 @@ class ModelCall(Handler):
     def close(self) -> None:
         if not self.finished and self.binding is not None:
             # The client went away, the upstream reset, or a timeout cut the stream before the
-            # response ended: charged if a provider had started answering, released otherwise.
+            # response ended: charged if the request had gone on to a provider (answering or
+            # still working on it), released only if it never left the gateway or Envoy answered
+            # it itself (a local reply: no provider reached).
+            abandoned = self.forwarded and not self.status
             self.status = self.status or 499
-            self.account(self.seen_usage(), complete=False)
+            self.account(self.seen_usage(), complete=False, abandoned=abandoned)
 
 
 class Embeddings(ModelCall):
@@ -514,20 +551,30 @@ class Completion(ModelCall):
         ctx = binding.context
         turns: list[Turn] = []
         if ctx.history.enabled and self.session:
-            key = history_key(self.identity.tenant, binding.key, self.session)
+            key = history_key(self.identity.tenant, binding.key, self.identity.principal, self.session)
             try:
                 turns = await self.services.history.load(key, ctx.history.max_turns)
             except (StoreUnavailable, TimeoutError) as exc:
                 # Fail policy for history: open. The request goes on without the earlier turns.
                 self.services.history_store_error(exc)
-        inj = mcp.build_injection(
-            ctx, self.identity, self.headers, turns, model=binding.model, today=self.services.today()
+        today = self.services.today()
+        sources: list[context_policy.FetchedSource] = []
+        if ctx.mcp_sources:
+            # May refuse the request (a source whose fail policy is refuse): a GatewayError.
+            variables = context_policy.source_variables(
+                ctx, self.identity, self.headers, model=binding.model, today=today, session=self.session
+            )
+            sources = await self.services.context_sources.read(ctx.mcp_sources, variables, binding.key)
+        inj = context_policy.build_injection(
+            ctx, self.identity, self.headers, turns, model=binding.model, today=today, sources=sources
         )
         m = self.services.metrics
         m.context_tokens.labels(binding.key).inc(inj.tokens)
         if inj.dropped_turns:
             m.history_dropped.labels(binding.key).inc(inj.dropped_turns)
-        return mcp.apply_openai(doc, inj) if self.api is Api.OPENAI else mcp.apply_anthropic(doc, inj)
+        if self.api is Api.OPENAI:
+            return context_policy.apply_openai(doc, inj)
+        return context_policy.apply_anthropic(doc, inj)
 
     def response_needs(self) -> tuple[str, ...]:
         binding, primary = self.binding, self.binding.primary if self.binding is not None else None
@@ -543,8 +590,9 @@ class Completion(ModelCall):
         out["stream"] = "1" if self.stream else ""
         out["include_usage"] = "1" if self.client_wants_usage else ""
         binding = self.binding
-        if self.session and binding is not None and binding.context.history.enabled:
+        if self.session and binding is not None and binding.context.history.enabled and self.identity is not None:
             out["session"] = self.session
+            out["principal"] = self.identity.principal  # the session is this caller's own
             out["user_text"] = self.user_text
         return out
 
@@ -572,7 +620,7 @@ class Completion(ModelCall):
         if not reply_text or self.status != 200:
             return
         h = binding.context.history
-        key = history_key(ident.tenant, binding.key, self.session)
+        key = history_key(ident.tenant, binding.key, ident.principal, self.session)
         turns = [Turn("user", self.user_text), Turn("assistant", reply_text)] if self.user_text else [Turn("assistant", reply_text)]
         try:
             # ~4 bytes a token: turns beyond the history budget could never be injected.

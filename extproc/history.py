@@ -1,4 +1,4 @@
-"""Session history: the conversation memory behind MCP context injection.
+"""Session history: the conversation memory the context policy injects.
 
 Contract
 --------
@@ -8,9 +8,11 @@ Contract
   implement the same Protocol.
 * ``max_turns <= 0`` means "the store's own cap" and ``ttl_seconds <= 0`` means "the store's default
   TTL": every session is bounded in length and lifetime, whatever the policy says.
-* Keys come from ``history_key(tenant, binding_key, session_id)``, which is injective and starts
-  with the tenant, so one tenant can never name (let alone read) another tenant's session, even with
-  the same session id.
+* Keys come from ``history_key(tenant, binding_key, principal, session_id)``, which is injective
+  and starts with the tenant, so one tenant can never name (let alone read) another tenant's
+  session, even with the same session id; and within a tenant each caller (``Identity.principal``:
+  its JWT issuer and subject, or its API key, hashed) has sessions of its own, so guessing another
+  user's ``x-session-id`` finds nothing.
 * Session ids supplied by clients go through ``validate_session_id`` first.
 """
 
@@ -72,14 +74,16 @@ def validate_session_id(raw: str) -> str:
     return raw
 
 
-def history_key(tenant: str, binding_key: str, session_id: str) -> str:
-    """The store key of one session. Injective, and scoped by tenant first.
+def history_key(tenant: str, binding_key: str, principal: str, session_id: str) -> str:
+    """The store key of one caller's session. Injective, and scoped by tenant first.
 
     Each part is length-prefixed (``<len>:<part>``), so no choice of parts can produce another
-    triple's key: ("a:b", "c") and ("a", "b:c") give different keys, whatever characters the parts
+    tuple's key: ("a:b", "c") and ("a", "b:c") give different keys, whatever characters the parts
     contain. The tenant comes first so a key-space scan by tenant prefix is possible.
     """
-    return "crdgol:hist:" + "".join(f"{len(p)}:{p}" for p in (tenant, binding_key, session_id))
+    if not principal:
+        raise ValueError("a session belongs to a caller: the principal is required")
+    return "crdgol:hist:" + "".join(f"{len(p)}:{p}" for p in (tenant, binding_key, principal, session_id))
 
 
 @dataclass(slots=True)

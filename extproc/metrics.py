@@ -62,12 +62,28 @@ class Metrics:
             "crdgol_rejections", "Requests refused by the gateway, by reason.", ["reason"], registry=r
         )
         self.context_tokens = Counter(
-            "crdgol_context_tokens_injected", "Estimated tokens of MCP context injected into prompts.", ["binding"], registry=r
+            "crdgol_context_tokens_injected", "Estimated tokens of context injected into prompts by the context policy.", ["binding"], registry=r
         )
         self.history_dropped = Counter(
             "crdgol_context_history_turns_dropped", "History turns dropped to fit the context budget.", ["binding"], registry=r
         )
         self.policy_version = Gauge("crdgol_policy_version", "Version of the policy snapshot in force.", registry=r)
+        # Context policy sources read from MCP servers (extproc.mcp_sources).
+        self.context_source_reads = Counter(
+            "crdgol_context_source_reads",
+            "Reads of MCP context sources, by outcome (cached, fetched, timeout, unreachable, error).",
+            ["binding", "server", "outcome"],
+            registry=r,
+        )
+        self.context_source_failures = Counter(
+            "crdgol_context_source_failures",
+            "MCP context sources that could not be read, by the source's fail policy (skip or refuse).",
+            ["binding", "server", "fail_policy"],
+            registry=r,
+        )
+        self.context_source_sessions = Gauge(
+            "crdgol_context_source_sessions", "MCP client sessions extproc holds open for context sources.", registry=r
+        )
         self.handler_errors = Counter("crdgol_extproc_errors", "Unexpected errors inside extproc handlers.", registry=r)
         self.quota_remaining = Gauge(
             "crdgol_quota_remaining", "What is left of each quota limit after the last check.", ["tenant", "binding", "limit"], registry=r
@@ -86,7 +102,7 @@ class Metrics:
         )
         self.charged_estimates = Counter(
             "crdgol_charged_estimates",
-            "Answered requests charged at least their reservation: cut short or without a usage block.",
+            "Requests charged at least their reservation: cut short, without a usage block, or abandoned before any response.",
             registry=r,
         )
         self.streams = Gauge("crdgol_extproc_open_streams", "ext_proc gRPC streams open now.", ["role"], registry=r)

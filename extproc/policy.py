@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crdgol import tenancy
@@ -50,16 +51,50 @@ class Snippet:
 
 
 @dataclass(frozen=True, slots=True)
+class McpServer:
+    """An MCP server (the real protocol, streamable HTTP) a binding reads context from."""
+
+    name: str
+    url: str
+    # The credential header, precomputed; () when there is none.
+    auth_headers: tuple[tuple[str, str], ...]
+    timeout: float  # seconds, per read (connecting included)
+    cache_ttl: float  # seconds; 0 = not cached
+
+    @property
+    def session_key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """Bindings naming the same endpoint with the same credential share one client session."""
+        return (self.url, self.auth_headers)
+
+    def __repr__(self) -> str:  # never print the credential
+        return f"McpServer(name={self.name!r}, url={self.url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class McpSource:
+    """One read per request from an MCP server: a resource by URI template, or a prompt."""
+
+    server: McpServer
+    title: str
+    resource_uri: str = ""
+    prompt_name: str = ""
+    prompt_arguments: tuple[tuple[str, str], ...] = ()
+    refuse_on_failure: bool = False
+    max_tokens: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
 class ContextPolicy:
     system_template: str = ""
     profile: tuple[ProfileField, ...] = ()
     history: HistoryPolicy = field(default_factory=HistoryPolicy)
     knowledge: tuple[Snippet, ...] = ()
     max_context_tokens: int = 0
+    mcp_sources: tuple[McpSource, ...] = ()
 
     @property
     def active(self) -> bool:
-        return bool(self.system_template or self.profile or self.knowledge or self.history.enabled)
+        return bool(self.system_template or self.profile or self.knowledge or self.history.enabled or self.mcp_sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +172,15 @@ class JwtProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which binding a call reaches and as which tenant (``Policy.resolution``)."""
+
+    binding: Binding | None
+    tenant: str  # "": refused (403) when there is a binding
+    ambiguous: bool = False  # refused because the caller's namespaces lead to different bindings
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     version: int
     # model name -> the bindings serving it (one per namespace at most), by key.
@@ -145,19 +189,39 @@ class Policy:
     api_keys: dict[bytes, tuple[str, ...]]  # sha256(key) -> the qualified tenants it acts as
     jwt_providers: dict[str, tuple[JwtProvider, ...]]  # by issuer: one declaration per namespace
     generated_at: float = 0.0
+    # Tenants the policy names (API keys, bindings' tenant lists, quota entries): the only ones
+    # that get a metrics label of their own (``metric_tenant``).
+    known_tenants: frozenset[str] = frozenset()
 
     @staticmethod
     def empty() -> Policy:
         return Policy(version=0, models={}, backends={}, api_keys={}, jwt_providers={})
 
+    def metric_tenant(self, tenant: str) -> str:
+        """``tenant`` as a metrics label: itself when the policy names it, else ``namespace/*``.
+
+        A JWT issuer's owner can sign any tenant claim, and each distinct label value is a new
+        series held forever: labels stay bounded by the policy (its tenants and namespaces), never
+        by what tokens say. ``*`` never occurs in a tenant name, so the catch-all cannot collide.
+        """
+        if not tenant or tenant in self.known_tenants:
+            return tenant
+        return tenancy.qualified(tenancy.namespace_of(tenant), tenancy.WILDCARD)
+
     def resolve(self, model: str, tenants: tuple[str, ...]) -> tuple[Binding | None, str]:
+        """``(binding, tenant)`` of ``resolution``: the binding a caller reaches, and as whom."""
+        r = self.resolution(model, tenants)
+        return r.binding, r.tenant
+
+    def resolution(self, model: str, tenants: tuple[str, ...]) -> Resolution:
         """The binding a caller acting as one of ``tenants`` reaches for ``model``, and as whom.
 
         For each of the caller's tenants, a binding of the tenant's own namespace comes first (so
         no other namespace can take a model name from its owner), then one of another namespace
-        that grants the tenant. Returns ``(binding, tenant)``; ``(binding, "")`` when the caller's
-        own namespace serves the model but not to this tenant (403); ``(None, "")`` when nothing the
-        caller may see serves it (404: another namespace's models are not revealed).
+        that grants the tenant. Returns the binding and tenant; tenant "" when the caller's own
+        namespace serves the model but not to this tenant (403), or when the call is ambiguous
+        (``ambiguous``, 403, below); no binding when nothing the caller may see serves it (404:
+        another namespace's models are not revealed).
 
         A credential that acts in several namespaces (a JWT whose issuer several namespaces
         declare with the same keys) is served only when those namespaces lead it to one binding.
@@ -167,7 +231,7 @@ class Policy:
         """
         candidates = self.models.get(model, ())
         if not candidates:
-            return None, ""
+            return Resolution(None, "")
         denied: Binding | None = None
         reached: dict[str, tuple[Binding, str]] = {}  # binding key -> (binding, as which tenant)
         for tenant in tenants:
@@ -185,11 +249,11 @@ class Policy:
             if pick is not None and pick.key not in reached:
                 reached[pick.key] = (pick, tenant)
         if len(reached) == 1:
-            return next(iter(reached.values()))
+            return Resolution(*next(iter(reached.values())))
         if reached:
             # Ambiguous: refuse rather than choose (see above).
-            return next(iter(reached.values()))[0], ""
-        return denied, ""
+            return Resolution(next(iter(reached.values()))[0], "", ambiguous=True)
+        return Resolution(denied, "")
 
     def visible(self, tenants: tuple[str, ...]) -> list[Binding]:
         """The bindings a caller acting as ``tenants`` reaches, one per model, by model name."""
@@ -242,6 +306,36 @@ def _price(be: pb.Backend) -> Price | None:
     return Price(be.input_per_mtok_micros, be.output_per_mtok_micros)
 
 
+def _mcp_sources(key: str, ctx: pb.ContextPolicy) -> tuple[McpSource, ...]:
+    servers = {
+        s.name: McpServer(
+            name=s.name,
+            url=s.url,
+            auth_headers=((s.auth_header.lower(), s.auth_value),) if s.auth_header and s.auth_value else (),
+            timeout=(s.timeout_ms or 1000) / 1000,
+            cache_ttl=s.cache_ttl_ms / 1000,
+        )
+        for s in ctx.mcp_servers
+    }
+    out = []
+    for src in ctx.mcp_sources:
+        server = servers.get(src.server)
+        if server is None:
+            raise ValueError(f"binding {key}: an MCP source names the undeclared server {src.server!r}")
+        out.append(
+            McpSource(
+                server=server,
+                title=src.title,
+                resource_uri=src.resource_uri,
+                prompt_name=src.prompt_name,
+                prompt_arguments=tuple(sorted(src.prompt_arguments.items())),
+                refuse_on_failure=src.refuse_on_failure,
+                max_tokens=src.max_tokens or 2000,
+            )
+        )
+    return tuple(out)
+
+
 def compile_policy(snap: pb.PolicySnapshot) -> Policy:
     """Compile a snapshot into lookup tables. Raises ValueError on an inconsistent snapshot."""
     bindings: dict[str, Binding] = {}
@@ -268,6 +362,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             ),
             knowledge=tuple(Snippet(s.title, s.text) for s in ctx.knowledge),
             max_context_tokens=ctx.max_context_tokens,
+            mcp_sources=_mcp_sources(b.key, ctx),
         )
         compiled_backends = []
         direct = [be.id for be in b.backends if be.direct]
@@ -339,6 +434,15 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
         api_keys=api_keys,
         jwt_providers=providers,
         generated_at=float(snap.generated_at or time.time()),
+        known_tenants=frozenset(
+            t
+            for t in (
+                *(t for ts in api_keys.values() for t in ts),
+                *(t for b in bindings.values() for t in b.tenants),
+                *(t for b in bindings.values() for t in b.quotas.tenants),
+            )
+            if not t.endswith(tenancy.SEPARATOR + tenancy.WILDCARD)
+        ),
     )
 
 
@@ -350,6 +454,8 @@ class PolicyHolder:
         # The policy before the current one: attempts Envoy routed under it may still be running
         # (the controller keeps its routes in Envoy until every extproc has the new policy).
         self.previous = self.current
+        # Called with each policy that comes into force (extproc.mcp_sources prepares its client).
+        self.on_change: list[Callable[[Policy], None]] = []
 
     def backend(self, name: str) -> tuple[Binding, Backend] | None:
         """A backend by id or Envoy cluster name, in the current policy or the one before."""
@@ -367,4 +473,6 @@ class PolicyHolder:
             return False
         self.previous, self.current = self.current, compiled
         log.info("policy version %d in force: %d models", compiled.version, len(compiled.models))
+        for listener in self.on_change:
+            listener(compiled)
         return True

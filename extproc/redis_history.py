@@ -2,7 +2,7 @@
 
 Contract: the ``HistoryStore`` protocol of ``extproc.history``, with the same bounds as
 ``MemoryHistoryStore``. Each session is a Redis list of orjson-encoded turns, oldest first, under
-the ``history_key`` string (already tenant-scoped, so keys never collide across tenants).
+the ``history_key`` string (scoped by tenant and caller, so keys never collide across them).
 
 * ``append`` is one atomic Lua script (one round trip): RPUSH the turns, LTRIM to the ``max_turns``
   most recent, EXPIRE ``ttl_seconds``. Appending nothing only refreshes the TTL of an existing

@@ -57,11 +57,12 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
         completion.user_text = _text(state, "user_text")
         call = completion
     tenant = _text(settle, "tenant")
-    call.identity = Identity(tenants=(tenant,), subject="", method="", tenant=tenant)
+    call.identity = Identity(tenants=(tenant,), subject="", method="", tenant=tenant, principal=_text(state, "principal"))
     call.binding = binding
     call.request_model = model
     call.usage_log = True
     call.resumed = True
+    call.forwarded = True  # it was let through: the charge rule counts it as sent on
     # The request's start, on this process's clock (the body reply may have come from another).
     call.started = services.clock() - max(0.0, services.wall() - _number(state, "started"))
     raw = _text(settle, "reservation")

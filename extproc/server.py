@@ -166,6 +166,8 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
         while services.current.version == 0 and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.02)
+    # A policy naming MCP context sources started importing the SDK in a thread: serve once it has.
+    await services.context_sources.sdk_ready(only_if_started=True)
     bound = 0
     if settings.port or not settings.socket:
         bound = server.add_insecure_port(f"{settings.host}:{settings.port}")
@@ -194,6 +196,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)
     lag_watch.cancel()
+    await services.context_sources.close()
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")

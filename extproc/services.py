@@ -15,6 +15,7 @@ from datetime import date
 from extproc.auth import Authenticator
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
+from extproc.mcp_sources import ContextSources
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
 from extproc.quota_store import MemoryQuotaStore, QuotaStore
@@ -49,6 +50,13 @@ class Services:
     store_warned_at: float = float("-inf")
     history_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
+    # MCP sessions and cached reads for context policies (built from metrics and clock).
+    context_sources: ContextSources = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.context_sources = ContextSources(self.metrics, self.clock)
+        self.policy.on_change.append(self.context_sources.policy_changed)
+        self.context_sources.policy_changed(self.policy.current)
 
     def history_store_error(self, exc: BaseException) -> None:
         """History is best effort (fail open): count it, and say so at most every 10 s."""

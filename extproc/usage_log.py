@@ -14,8 +14,9 @@ Contract
   charge rule (``extproc.admission``) applies unchanged: a request that ended cleanly with a usage
   block is charged exactly that; one cut short (client gone, upstream reset, a timeout: Envoy's
   response flags) or without usage is charged at least its reservation; a provider's error is
-  charged the error charge; a request no provider answered (no upstream byte received: a failed
-  connection, a timeout before the answer, the client gone first) is released.
+  charged the error charge; a request no provider answered (no upstream byte received) is
+  charged its reservation when the client left first or Envoy's upstream timeout ended it, and
+  released when Envoy answered it itself without reaching a provider (a failed connection).
 * Each entry is handled once: Envoy logs each downstream request once, and the store's settle is
   idempotent by reservation id. An entry that never arrives (extproc down when Envoy flushed)
   leaves the reservation charged at its estimate; its concurrency slot frees at the store's TTL.
@@ -96,9 +97,13 @@ def outcome(entry: al.HTTPAccessLogEntry, complete: bool, *, answered: bool) -> 
 
     ``answered``: known to be (the record was written with a provider's 200 response headers).
     """
+    status = entry.response.response_code.value
     if not answered and not entry.common_properties.HasField("time_to_first_upstream_rx_byte"):
-        return Outcome.NOT_ANSWERED  # no byte came back from any provider (Envoy's own reply)
-    if not 200 <= entry.response.response_code.value < 300:
+        # No byte came back from a provider. The request went on (extproc admitted it): charged
+        # if the client left before any response (no status) or Envoy's upstream timeout ended it
+        # (504), released if Envoy answered it itself without reaching one (a failed connection).
+        return Outcome.ABANDONED if status in (0, 504) else Outcome.NOT_ANSWERED
+    if not 200 <= status < 300:
         return Outcome.PROVIDER_ERROR
     return Outcome.ANSWERED if complete else Outcome.CUT_SHORT
 

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from controller.models import SpecError
+from controller.workflow.cost import BackendPrice
 from controller.workflow.expr import Expr, ExprError, Template, compile_expr, compile_template
 from controller.workflow.spec import StepSpec, WorkflowSpec
 
@@ -34,6 +35,10 @@ class CompiledStep:
     expression: Expr | None = None
     model: str = ""  # the model an ai-inference step calls
     output_validator: Any = None  # a jsonschema validator of outputSchema, built once
+    prices: tuple[BackendPrice, ...] = ()  # its model's backends' prices (the step's cost)
+    # container: args and env values are templates too
+    args: tuple[Template, ...] = ()
+    env: tuple[tuple[str, Template], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,9 @@ def _ancestors(steps: tuple[StepSpec, ...]) -> dict[str, set[str]]:
     return out
 
 
-def _compile_step(s: StepSpec, visible: set[str], models: Mapping[str, str], served: frozenset[str], file_mode: bool) -> CompiledStep:
+def _compile_step(
+    s: StepSpec, visible: set[str], models: Mapping[str, str], served: frozenset[str], file_mode: bool, prices: Mapping[str, tuple[BackendPrice, ...]]
+) -> CompiledStep:
     what = f"step {s.name!r}"
     try:
         when = compile_expr(s.when) if s.when else None
@@ -116,7 +123,7 @@ def _compile_step(s: StepSpec, visible: set[str], models: Mapping[str, str], ser
                 except jsonschema.SchemaError as exc:
                     raise SpecError("InvalidOutputSchema", f"{what}: aiInference.outputSchema is not a valid JSON Schema: {exc.message}") from None
                 validator = cls(a.output_schema)
-            out = CompiledStep(spec=s, when=when, inputs=inputs, messages=msgs, model=model, output_validator=validator)
+            out = CompiledStep(spec=s, when=when, inputs=inputs, messages=msgs, model=model, output_validator=validator, prices=prices.get(model, ()))
         elif s.http_request is not None:
             h = s.http_request
             out = CompiledStep(
@@ -129,15 +136,26 @@ def _compile_step(s: StepSpec, visible: set[str], models: Mapping[str, str], ser
             )
         elif s.transform is not None:
             out = CompiledStep(spec=s, when=when, inputs=inputs, expression=compile_expr(s.transform.expression))
-        elif s.container is not None and file_mode:
-            raise SpecError(
-                "ContainerStepNeedsCluster",
-                f"{what}: container steps run as Kubernetes Jobs; file mode has no cluster to run them on",
+        elif s.container is not None:
+            if file_mode:
+                raise SpecError(
+                    "ContainerStepNeedsCluster",
+                    f"{what}: container steps run as Kubernetes Jobs; file mode has no cluster to run them on",
+                )
+            c = s.container
+            out = CompiledStep(
+                spec=s,
+                when=when,
+                inputs=inputs,
+                args=tuple(compile_template(a) for a in c.args),
+                env=tuple((e.name, compile_template(e.value)) for e in c.env),
             )
     except ExprError as exc:
         raise SpecError("InvalidExpression", f"{what}: {exc}") from None
     refs: set[str] = set(when.steps if when else ())
-    for _, t in (*out.inputs, *out.messages, *out.headers):
+    for _, t in (*out.inputs, *out.messages, *out.headers, *out.env):
+        refs |= t.steps
+    for t in out.args:
         refs |= t.steps
     for maybe in (out.url, out.body):
         if maybe is not None:
@@ -158,16 +176,19 @@ def accept(
     models: Mapping[str, str],
     *,
     file_mode: bool = False,
+    prices: Mapping[str, tuple[BackendPrice, ...]] | None = None,
 ) -> CompiledWorkflow:
     """Compile ``spec`` against the served bindings (``models``: binding name in the spec's
-    namespace -> its model; every served model name is a value)."""
+    namespace -> its model; every served model name is a value; ``prices``: served model -> its
+    backends' prices, ``controller.workflow.cost.prices_by_model``)."""
     served = frozenset(models.values())
+    priced = prices or {}
     steps = _order(spec.steps, "steps")
     exits = _order(spec.exit_steps, "exit steps")
     anc = _ancestors(steps)
     exit_anc = _ancestors(exits)
     main_names = {s.name for s in steps}
-    compiled = tuple(_compile_step(s, anc[s.name], models, served, file_mode) for s in steps)
+    compiled = tuple(_compile_step(s, anc[s.name], models, served, file_mode, priced) for s in steps)
     # Exit steps run after every step has finished: they may read any of them.
-    compiled_exits = tuple(_compile_step(s, exit_anc[s.name] | main_names, models, served, file_mode) for s in exits)
+    compiled_exits = tuple(_compile_step(s, exit_anc[s.name] | main_names, models, served, file_mode, priced) for s in exits)
     return CompiledWorkflow(spec=spec, steps=compiled, exit_steps=compiled_exits)

@@ -41,11 +41,22 @@ class RunApi:
         get: Callable[[str], RunState | None],
         runs: Callable[[], list[RunState]],
         cancel: Callable[[str], Awaitable[RunState | None]],
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
-        self._start, self._get, self._runs, self._cancel = start, get, runs, cancel
+        self._start, self._get, self._runs, self._cancel, self._ready = start, get, runs, cancel, ready
+
+    @web.middleware
+    async def _starting(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # Until the recorded runs are loaded a run would look unknown (404) and a workflow missing:
+        # say the engine is starting instead, which clients retry.
+        if not self._ready():
+            r = error(503, "api_error", "engine_starting", "the workflow engine is starting; retry in a moment")
+            r.headers["Retry-After"] = "1"
+            return r
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application(client_max_size=1024 * 1024, middlewares=[self._starting])
         app.router.add_post("/v1/workflows/{name}/runs", self.create)
         app.router.add_get("/v1/workflows/runs", self.list)
         app.router.add_get("/v1/workflows/runs/{run}", self.read)

@@ -20,6 +20,7 @@ import aiohttp
 import jsonschema
 
 from controller.workflow.accept import CompiledStep
+from controller.workflow.cost import cost_micros
 from controller.workflow.engine import Call, StepFailed, StepSucceeded
 from crdgol.workflow_contract import IDEMPOTENCY_HEADER, STEP_HEADER
 
@@ -83,6 +84,7 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
     reply = str(body["choices"][0]["message"].get("content") or "")
     usage = body.get("usage") or {}
     tokens = {"input": int(usage.get("prompt_tokens", 0)), "output": int(usage.get("completion_tokens", 0)), "total": int(usage.get("total_tokens", 0))}
+    cost = cost_micros(step.prices, str(body.get("model") or ""), tokens["input"], tokens["output"])
     parsed: Any = None
     if step.output_validator is not None:
         try:
@@ -97,7 +99,7 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
             parsed = json.loads(reply)
         except ValueError:
             parsed = None
-    return StepSucceeded(call.step, call.attempt, {"text": reply, "json": parsed, "usage": tokens}, time.time(), tokens=tokens)
+    return StepSucceeded(call.step, call.attempt, {"text": reply, "json": parsed, "usage": tokens}, time.time(), tokens=tokens, cost_micros=cost)
 
 
 def _strip_fence(text: str) -> str:

@@ -52,6 +52,7 @@ class StepState:
     outputs: Any = None
     truncated: bool = False
     tokens: dict[str, int] | None = None
+    cost_micros: int | None = None  # money, when its model is priced (``controller.workflow.cost``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class RunState:
                     "outputs": s.outputs,
                     "truncated": s.truncated,
                     "tokens": s.tokens,
+                    "costMicros": s.cost_micros,
                 }
                 for n, s in self.steps.items()
             },
@@ -136,6 +138,7 @@ class RunState:
                     outputs=s.get("outputs"),
                     truncated=s.get("truncated", False),
                     tokens=s.get("tokens"),
+                    cost_micros=s.get("costMicros"),
                 )
                 for n, s in d["steps"].items()
             },
@@ -172,6 +175,7 @@ class StepSucceeded:
     outputs: Any
     now: float
     tokens: dict[str, int] | None = None
+    cost_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +283,9 @@ class _Run:
         if s is None or s.phase != RUNNING or s.attempts != ev.attempt:
             return  # not this attempt's (a late answer after a timeout or an abort)
         outputs, truncated = cap_outputs(ev.outputs)
-        self.steps[ev.step] = replace(s, phase=SUCCEEDED, finished_at=ev.now, outputs=outputs, truncated=truncated, tokens=ev.tokens, message="")
+        self.steps[ev.step] = replace(
+            s, phase=SUCCEEDED, finished_at=ev.now, outputs=outputs, truncated=truncated, tokens=ev.tokens, cost_micros=ev.cost_micros, message=""
+        )
 
     def failed(self, ev: StepFailed) -> None:
         s = self.steps.get(ev.step)
@@ -456,6 +462,14 @@ def render_request(c: CompiledStep, act: dict[str, Any]) -> dict[str, Any]:
             "url": c.url.render_text(act),
             "headers": {k: t.render_text(act) for k, t in c.headers},
             "body": None if c.body is None else c.body.render_text(act),
+        }
+    if s.container is not None:
+        return {
+            "image": s.container.image,
+            "command": list(s.container.command),
+            "args": [t.render_text(act) for t in c.args],
+            "env": {k: t.render_text(act) for k, t in c.env},
+            "params": act["params"],
         }
     return {"params": act["params"]}
 

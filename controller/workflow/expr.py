@@ -28,7 +28,9 @@ import cel
 VARIABLES = frozenset({"inputs", "steps", "run", "params"})
 _PART = re.compile(r"\{\{(.*?)\}\}", re.S)
 _BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
-_STEP_REF = re.compile(r"\bsteps\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+_STEPS_WORD = re.compile(r"\bsteps\b")
+# steps.<name> (not a macro call such as steps.exists(...)) or steps["name"]
+_STEP_REF = re.compile(r"\bsteps\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()|\[\s*[\"']([^\"']+)[\"']\s*\])")
 
 
 class ExprError(ValueError):
@@ -40,10 +42,20 @@ class Expr:
     source: str
     program: cel.Program
     steps: frozenset[str]  # the step names it refers to
+    variables: frozenset[str] = VARIABLES  # the variables it reads
+    # It reads ``steps`` only as ``steps.<name>`` / ``steps["name"]`` with names in ``steps``.
+    steps_by_name: bool = False
 
     def eval(self, activation: dict[str, Any]) -> Any:
+        """The value over ``activation``, of which only what it reads is handed to CEL:
+        converting a run's whole activation (every finished step's outputs) into CEL values cost
+        twenty times the evaluation itself."""
+        act = {k: v for k, v in activation.items() if k in self.variables}
+        if self.steps_by_name and "steps" in act:
+            done = act["steps"]
+            act["steps"] = {n: done[n] for n in self.steps if n in done}
         try:
-            return self.program.execute(activation)
+            return self.program.execute(act)
         except Exception as exc:  # the binding raises KeyError, ValueError, TypeError, RuntimeError
             raise ExprError(f"{self.source!r}: {_reason(exc)}") from None
 
@@ -67,8 +79,11 @@ def compile_expr(source: str, extra: frozenset[str] = frozenset()) -> Expr:
             f"{source!r} refers to {', '.join(unknown)}: expressions see only {', '.join(sorted(VARIABLES))}"
             " (a step whose name has '-' is steps[\"its-name\"])"
         )
-    refs = frozenset(a or b for a, b in _STEP_REF.findall(source))
-    return Expr(source, program, refs)
+    found = _STEP_REF.findall(source)
+    refs = frozenset(a or b for a, b in found)
+    # Every mention of ``steps`` is one of the static references: only those steps are needed.
+    by_name = len(_STEPS_WORD.findall(source)) == len(found)
+    return Expr(source, program, refs, frozenset(program.variables()) & VARIABLES, by_name)
 
 
 @dataclass(frozen=True, slots=True)

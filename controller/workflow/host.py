@@ -23,6 +23,7 @@ from controller.render import EnvoyExtras
 from controller.workflow.accept import CompiledWorkflow, accept
 from controller.workflow.api import RunApi
 from controller.workflow.calls import CallTarget
+from controller.workflow.cost import BackendPrice
 from controller.workflow.egress import (
     WorkflowEnvoySettings,
     api_route_and_cluster,
@@ -54,8 +55,9 @@ class WorkflowHost:
     def __init__(self, settings: WorkflowSettings, metrics: WorkflowMetrics) -> None:
         self.settings = settings
         e = settings.envoy
+        self.store = RunStore(settings.state_dir / "runs")
         self.runner = Runner(
-            RunStore(settings.state_dir / "runs"),
+            self.store,
             CallTarget(gateway=settings.gateway_url, egress=f"http://{e.egress_host}:{e.egress_port}"),
             metrics,
             self._api_key,
@@ -68,8 +70,15 @@ class WorkflowHost:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def sync(self, others: Iterable[dict[str, Any]], secrets: Iterable[dict[str, Any]], served: Mapping[str, str]) -> None:
-        """``served``: "namespace/name" of each served binding -> its model."""
+    def sync(
+        self,
+        others: Iterable[dict[str, Any]],
+        secrets: Iterable[dict[str, Any]],
+        served: Mapping[str, str],
+        prices: Mapping[str, tuple[BackendPrice, ...]] | None = None,
+    ) -> None:
+        """``served``: "namespace/name" of each served binding -> its model; ``prices``: each
+        served model -> its backends' prices (the AI steps' cost)."""
         self._secrets = {}
         for obj in secrets:
             try:
@@ -86,7 +95,7 @@ class WorkflowHost:
             try:
                 spec = parse_workflow(obj)
                 models = {k.split("/", 1)[1]: m for k, m in served.items() if k.split("/", 1)[0] == spec.namespace}
-                workflows[key] = accept(spec, models, file_mode=True)
+                workflows[key] = accept(spec, models, file_mode=True, prices=prices)
             except SpecError as exc:
                 problems[f"WorkflowSpec {key}"] = exc
                 if self.problems.get(f"WorkflowSpec {key}") is None or self.problems[f"WorkflowSpec {key}"].message != exc.message:
@@ -94,7 +103,7 @@ class WorkflowHost:
         self.workflows = workflows
         if not self._resumed:
             self._resumed = True
-            for state in self.runner.store.load_all():
+            for state in self.store.load_all():
                 wf = workflows.get(f"{state.namespace}/{state.workflow}")
                 if wf is None and state.phase not in ("Succeeded", "Failed", "Cancelled"):
                     log.error("workflow run %s: its WorkflowSpec is not accepted; leaving it as recorded", state.key)
@@ -157,7 +166,7 @@ class WorkflowHost:
         return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
 
     async def serve_api(self) -> None:
-        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel)
+        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel, lambda: self._resumed)
         self._runner_site = web.AppRunner(api.app(), access_log=None)
         await self._runner_site.setup()
         e = self.settings.envoy
@@ -174,6 +183,7 @@ class WorkflowHost:
 
     async def close(self) -> None:
         await self.runner.close()
+        self.store.close()
         if self._runner_site is not None:
             await self._runner_site.cleanup()
 

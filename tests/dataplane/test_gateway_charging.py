@@ -62,7 +62,19 @@ metadata: {{name: provider, namespace: charging}}
 stringData: {{apiKey: sk-mock}}
 """
 
-BINDINGS = {"aborted": 5, "reset": 3, "invalid": 3, "no-usage": 3, "early": 3, "streamed-no-usage": 3}
+BINDINGS = {"aborted": 5, "reset": 3, "invalid": 3, "no-usage": 3, "early": 3, "streamed-no-usage": 3, "unreachable": 3, "timeout": 3}
+
+
+def _variant(name: str, doc: dict[str, object]) -> dict[str, object]:
+    """The bindings whose backend never answers: a closed port, or a 1 s timeout."""
+    spec = doc["spec"]
+    assert isinstance(spec, dict)
+    if name == "unreachable":
+        spec["backends"][0]["endpoint"] = "http://127.0.0.1:9/v1"
+    if name == "timeout":
+        spec["timeouts"] = {"request": "1s", "perTry": "1s"}
+        spec["retry"] = {"attempts": 0}
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("charging")
     stack = Stack(StackSettings(manifests=folder, quiet=True))
     (folder / "secrets.yaml").write_text(SECRETS)
-    docs = [json.dumps(_binding(n, k)).replace("{MOCK}", str(stack.mock_port)) for n, k in BINDINGS.items()]
+    docs = [json.dumps(_variant(n, _binding(n, k))).replace("{MOCK}", str(stack.mock_port)) for n, k in BINDINGS.items()]
     (folder / "bindings.yaml").write_text("\n---\n".join(docs))
     # Quota windows are hourly and epoch-aligned: keep this module's requests in one window.
     to_boundary = 3600 - time.time() % 3600
@@ -164,8 +176,11 @@ def test_a_stream_without_a_usage_chunk_is_charged_its_reservation(gw: Stack) ->
     _charged_at_reservation(gw, "streamed-no-usage", 3, stream=True, fault="no-usage")
 
 
-def test_a_client_gone_before_the_first_byte_is_not_charged(gw: Stack) -> None:
-    for _ in range(5):  # more than the 3 per hour: each one released
+def test_a_client_gone_before_the_first_byte_of_a_slow_answer_is_charged_its_reservation(gw: Stack) -> None:
+    # The mock takes 2 s to answer; the client gives up after 0.4 s. The provider had the request
+    # (and would bill it); Envoy resets it upstream, so no usage ever comes back. Before: released,
+    # a free request each time.
+    for _ in range(2):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(
                 f"{gw.url}/v1/chat/completions",
@@ -173,7 +188,28 @@ def test_a_client_gone_before_the_first_byte_is_not_charged(gw: Stack) -> None:
                 headers={"authorization": f"Bearer {KEY}", "x-mock-latency-ms": "2000"},
                 timeout=0.4,
             )
-    time.sleep(0.3)  # the releases run as the streams close
-    r = post(gw, "early")
+    time.sleep(0.3)  # the charges run as the streams close
+    r = post(gw, "early")  # the same body: the same reservation
     assert r.status_code == 200, r.text
-    assert r.headers["x-ratelimit-remaining-requests"] == "2"
+    # 3 per hour: the two abandoned requests and this one.
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    # Each abandoned request was charged this request's reservation (its prompt estimate and max_tokens).
+    taken = TOKENS - int(r.headers["x-ratelimit-remaining-tokens"])
+    assert taken % 3 == 0 and taken // 3 >= 40, taken
+    assert post(gw, "early").status_code == 429
+
+
+def test_a_request_no_provider_received_is_released(gw: Stack) -> None:
+    # Connection refused: Envoy answers 503 itself, and that reply passes extproc, which releases.
+    for _ in range(5):  # more than the 3 per hour
+        r = post(gw, "unreachable")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
+        assert r.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_envoys_upstream_timeout_is_charged_its_reservation(gw: Stack) -> None:
+    # The provider had the request and was still working on it after the binding's 1 s.
+    for _ in range(3):
+        r = post(gw, "timeout", **{"x-mock-latency-ms": "3000"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+    assert post(gw, "timeout").status_code == 429

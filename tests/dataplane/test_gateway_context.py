@@ -1,4 +1,4 @@
-"""MCP context: system template, user profile, knowledge, session history, budget."""
+"""The context policy: system template, user profile, knowledge, session history, budget."""
 
 from __future__ import annotations
 

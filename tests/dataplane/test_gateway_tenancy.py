@@ -21,15 +21,18 @@ ISSUER = "https://login.example"  # one issuer name, declared by both namespaces
 VICTIM_HS = "victim-hs256-secret-0123456789-abcdef"
 EVIL_HS = "attacker-hs256-secret-0123456789-abcd"
 VICTIM_KEY = "sk-victim-quickstart"
+COLLEAGUE_KEY = "sk-victim-colleague"  # another caller of the victim's own tenant
 EVIL_KEY = "sk-evil-quickstart"
 FORGED_KEY = "sk-evil-forged"
 
 
-def _secret(namespace: str, name: str, data: dict[str, str], tenant: str | None = None) -> dict[str, Any]:
+def _secret(namespace: str, name: str, data: dict[str, str], tenant: str | None = None, accept: str = "") -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
     if tenant is not None:
         meta["labels"] = {"crdgol.io/api-key": "true"}
         meta["annotations"] = {"crdgol.io/tenant": tenant}
+        if accept:  # the namespaces whose grants this one accepts
+            meta["annotations"]["crdgol.io/accept-from"] = accept
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": data}
 
 
@@ -55,7 +58,8 @@ HISTORY = {"history": {"enabled": True, "maxTurns": 10}}
 def write(folder: Path, victim_url: str, evil_url: str) -> None:
     docs = [
         # The victim: namespace "default", tenant "quickstart".
-        _secret("default", "victim-key", {"key": VICTIM_KEY}, tenant="quickstart"),
+        _secret("default", "victim-key", {"key": VICTIM_KEY}, tenant="quickstart", accept="shared"),
+        _secret("default", "colleague-key", {"key": COLLEAGUE_KEY}, tenant="quickstart"),
         _secret("default", "provider", {"apiKey": "sk-victim-provider"}),
         _secret("default", "issuer", {"hs": VICTIM_HS}),
         _binding("default", "victim-chat", "victim-chat", victim_url, "victim-gpt", tenants=["quickstart"], auth=_jwt(), context=HISTORY),
@@ -74,6 +78,9 @@ def write(folder: Path, victim_url: str, evil_url: str) -> None:
         _binding("attacker", "evil-chat", "evil-chat", evil_url, "evil-gpt", tenants=["quickstart"], auth=_jwt(), context=HISTORY),
         # Serves the victim's model name to the victim's namespace: the victim's own binding wins.
         _binding("attacker", "shadow", "victim-chat", evil_url, "shadow-gpt", tenants=["default/*"]),
+        # Offers the victim's namespace a model name it does not serve (a lure for its callers'
+        # prompts): the victim's namespace never accepted grants from the attacker's.
+        _binding("attacker", "lure", "lure-chat", evil_url, "lure-gpt", tenants=["default/*", "quickstart"]),
         # Uses the victim's provider credential: refused.
         _binding("attacker", "steal", "steal-chat", evil_url, "steal-gpt", credentials={"name": "provider", "key": "apiKey", "namespace": "default"}),
         # A third namespace granting the victim's tenant explicitly: the owner of the binding says so.
@@ -159,6 +166,19 @@ def test_another_namespace_cannot_read_the_tenants_session_history(stack: Stack,
     assert "4242" in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json()[-1])
 
 
+def test_another_caller_of_the_same_tenant_cannot_read_a_session_by_guessing_its_id(stack: Stack) -> None:
+    assert chat(stack, VICTIM_KEY, "victim-chat", "my PIN is 5151", session="s-colleague").status_code == 200
+    httpx.delete(f"{stack.mock_url}/_mock/requests", timeout=5)
+    # Same tenant, same x-session-id: the colleague's key and a token of another subject.
+    other = jwt.encode({"iss": ISSUER, "sub": "someone-else", "tenant": "quickstart", "exp": 4102444800}, VICTIM_HS, algorithm="HS256")
+    for credential in (COLLEAGUE_KEY, other):
+        assert chat(stack, credential, "victim-chat", "what is my PIN?", session="s-colleague").status_code == 200
+    assert "5151" not in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json())
+    # The session's owner still has it.
+    assert chat(stack, VICTIM_KEY, "victim-chat", "and again?", session="s-colleague").status_code == 200
+    assert "5151" in json.dumps(httpx.get(f"{stack.mock_url}/_mock/requests", timeout=5).json()[-1])
+
+
 def test_another_namespace_cannot_spend_the_tenants_quota(stack: Stack) -> None:
     for credential in (token(EVIL_HS), EVIL_KEY, FORGED_KEY) * 2:
         assert chat(stack, credential, "victim-limited").status_code in (401, 404)  # 401: the forged key
@@ -183,6 +203,19 @@ def test_a_binding_owner_may_grant_another_namespaces_tenant_explicitly(stack: S
     with httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {VICTIM_KEY}"}, timeout=10) as c:
         models = {m["id"]: m["owned_by"] for m in c.get("/v1/models").json()["data"]}
     assert models == {"victim-chat": "default", "victim-limited": "default", "shared-chat": "shared"}
+
+
+def test_a_grant_the_grantee_namespace_never_accepted_reaches_none_of_its_callers(stack: Stack, evil_mock: MockProcess) -> None:
+    httpx.delete(f"{evil_mock.url}/_mock/requests", timeout=5)
+    assert chat(stack, VICTIM_KEY, "lure-chat", "my PIN is 4242").status_code == 404
+    assert chat(stack, token(VICTIM_HS), "lure-chat", "my PIN is 4242").status_code == 404
+    assert httpx.get(f"{evil_mock.url}/_mock/requests", timeout=5).json() == []
+    # Served in its own namespace all the same; its status says who has not accepted, and how to.
+    assert "model=lure-gpt" in reply(chat(stack, EVIL_KEY, "lure-chat"))
+    lure = {c["type"]: c for c in stack.status()["bindings"]["attacker/lure"]["conditions"]}  # type: ignore[index]
+    assert lure["Ready"]["status"] == "True"
+    assert (lure["GrantsAccepted"]["status"], lure["GrantsAccepted"]["reason"]) == ("False", "GrantNotAccepted")
+    assert "crdgol.io/accept-from: attacker" in lure["GrantsAccepted"]["message"]
 
 
 def test_metrics_name_the_qualified_tenant(stack: Stack) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import threading
 import time
@@ -28,11 +29,17 @@ import yaml
 
 from controller.app import Controller, ControllerSettings
 from controller.operator import operator_main
+from controller.workflow.cluster import ClusterWorkflowSettings
 from crdgol.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BINDINGS = "crdgol.io/v1alpha1/aimodelbindings"
 SECRETS = "v1/secrets"
+SPECS = "crdgol.io/v1alpha1/workflowspecs"
+RUNS = "crdgol.io/v1alpha1/workflowruns"
+JOBS = "batch/v1/jobs"
+PODS = "v1/pods"
+RESOURCES = {"AIModelBinding": BINDINGS, "Secret": SECRETS, "WorkflowSpec": SPECS, "WorkflowRun": RUNS, "Job": JOBS, "Pod": PODS}
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -89,11 +96,12 @@ def declare_resources(server: ApiServer) -> None:
                         subresources=set(version.get("subresources") or {}),
                     )
                 )
-    core = {"secrets": "Secret", "events": "Event", "namespaces": "Namespace"}
+    core = {"secrets": "Secret", "events": "Event", "namespaces": "Namespace", "pods": "Pod"}
     for plural, kind in core.items():
         server.resources[f"v1/{plural}"] = kmock.ResourceInfo(
             kind=kind, singular=kind.lower(), namespaced=plural != "namespaces", verbs=ALL_VERBS
         )
+    server.resources[JOBS] = kmock.ResourceInfo(kind="Job", singular="job", namespaced=True, verbs=ALL_VERBS, subresources={"status"})
     server.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=ALL_VERBS
     )
@@ -119,8 +127,17 @@ class Cluster:
             return body
 
     async def create(self, obj: dict[str, Any]) -> Any:
-        resource = BINDINGS if obj["kind"] == "AIModelBinding" else SECRETS
-        return await self._call("POST", self.path(resource, obj["metadata"]["namespace"]), json=obj)
+        resource = RESOURCES[obj["kind"]]
+        return await self._call("POST", self.path(resource, obj["metadata"].get("namespace") or "default"), json=obj)
+
+    async def patch_status(self, resource: str, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        return await self._call("PATCH", self.path(resource, namespace, name) + "/status", json={"status": status}, headers=headers)
+
+    def history(self, resource: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Every version the API server held of one object, oldest first."""
+        obj = self.server.objects[resource, namespace, name]
+        return [dict(v.raw) for v in obj.history if v is not None]
 
     async def patch(self, resource: str, namespace: str, name: str, patch: dict[str, Any]) -> Any:
         headers = {"Content-Type": "application/merge-patch+json"}
@@ -170,44 +187,56 @@ class Cluster:
         return [dict(obj) for (res, _ns, _n), obj in self.server.objects.items() if res == "v1/events" and not obj.deleted]
 
 
+@contextlib.asynccontextmanager
+async def operator_running(server: ApiServer, controller: Controller, workflows: ClusterWorkflowSettings | None = None) -> AsyncIterator[None]:
+    """The operator against ``server`` until the block ends.
+
+    kopf runs in its own thread and loop, as in production (and as kopf's KopfRunner does): on
+    stopping, kopf.operator cancels every task its loop gained since it started, which in a
+    shared loop would include pytest's own fixture tasks.
+    """
+    stop, ready = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+    connection = kopf.ConnectionInfo(server=str(server.url).rstrip("/"))
+
+    def run() -> None:
+        try:
+            asyncio.run(
+                operator_main(
+                    controller.settings,
+                    [],
+                    "",
+                    stop_flag=stop,
+                    ready_flag=ready,
+                    controller=controller,
+                    connection=connection,
+                    server_timeout=10,
+                    workflows=workflows,
+                )
+            )
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, name="kopf", daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 15)
+        assert not thread.is_alive(), "the operator did not stop"
+        assert not failures, failures
+
+
+def new_controller() -> Controller:
+    return Controller(ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0))
+
+
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
     async with ApiServer() as server, kmock.Server(server):
         declare_resources(server)
-        controller = Controller(
-            ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0)
-        )
-        # kopf runs in its own thread and loop, as in production (and as kopf's KopfRunner does):
-        # on stopping, kopf.operator cancels every task its loop gained since it started, which
-        # in a shared loop would include pytest's own fixture tasks.
-        stop, ready = threading.Event(), threading.Event()
-        failures: list[BaseException] = []
-        connection = kopf.ConnectionInfo(server=str(server.url).rstrip("/"))
-
-        def run() -> None:
-            try:
-                asyncio.run(
-                    operator_main(
-                        controller.settings,
-                        [],
-                        "",
-                        stop_flag=stop,
-                        ready_flag=ready,
-                        controller=controller,
-                        connection=connection,
-                        server_timeout=10,
-                    )
-                )
-            except BaseException as exc:
-                failures.append(exc)
-
-        thread = threading.Thread(target=run, name="kopf", daemon=True)
-        thread.start()
-        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
-        try:
+        controller = new_controller()
+        async with operator_running(server, controller):
             yield Cluster(server, controller)
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join, 15)
-            assert not thread.is_alive(), "the operator did not stop"
-            assert not failures, failures

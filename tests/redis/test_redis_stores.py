@@ -179,7 +179,7 @@ class TestRedisHistoryStore:
         return RedisHistoryStore(store_client, max_turns_cap=5, default_ttl_seconds=777)
 
     async def test_round_trip(self, history: RedisHistoryStore) -> None:
-        key = history_key("acme", "team-a/chat", "s1")
+        key = history_key("acme", "team-a/chat", "key:0123", "s1")
         assert await history.load(key, 10) == []
         await history.append(key, pair(1), 10, 60)
         await history.append(key, pair(2), 10, 60)
@@ -189,7 +189,7 @@ class TestRedisHistoryStore:
     async def test_trim_keeps_exactly_the_most_recent(
         self, history: RedisHistoryStore, redis_client: aioredis.Redis
     ) -> None:
-        key = history_key("acme", "b", "s")
+        key = history_key("acme", "b", "key:0123", "s")
         for i in range(4):
             await history.append(key, pair(i), 4, 60)
         assert await redis_client.llen(key) == 4
@@ -200,7 +200,7 @@ class TestRedisHistoryStore:
     async def test_the_store_cap_bounds_sessions(
         self, history: RedisHistoryStore, redis_client: aioredis.Redis
     ) -> None:
-        key = history_key("acme", "b", "s")
+        key = history_key("acme", "b", "key:0123", "s")
         for i in range(4):
             await history.append(key, pair(i), 0, 60)  # 0: the store's cap (5)
         assert await redis_client.llen(key) == 5
@@ -209,29 +209,31 @@ class TestRedisHistoryStore:
         assert len(await history.load(key, 0)) == 5
 
     async def test_ttl(self, history: RedisHistoryStore, redis_client: aioredis.Redis) -> None:
-        key = history_key("acme", "b", "s")
+        key = history_key("acme", "b", "key:0123", "s")
         await history.append(key, pair(1), 10, 60)
         assert 0 < await redis_client.ttl(key) <= 60
         await history.append(key, pair(2), 10, 0)  # 0: the default TTL
         assert 700 < await redis_client.ttl(key) <= 777
         await history.append(key, [], 10, 30)  # nothing to add still refreshes a live session
         assert 0 < await redis_client.ttl(key) <= 30
-        missing = history_key("acme", "b", "none")
+        missing = history_key("acme", "b", "key:0123", "none")
         await history.append(missing, [], 10, 30)  # ...and creates no session
         assert await redis_client.exists(missing) == 0
 
-    async def test_tenants_are_scoped_by_key(self, history: RedisHistoryStore) -> None:
-        acme = history_key("acme", "b", "same-session")
-        globex = history_key("globex", "b", "same-session")
+    async def test_tenants_and_callers_are_scoped_by_key(self, history: RedisHistoryStore) -> None:
+        acme = history_key("acme", "b", "key:0123", "same-session")
+        globex = history_key("globex", "b", "key:0123", "same-session")
+        colleague = history_key("acme", "b", "jwt:4567", "same-session")
         await history.append(acme, pair(1), 10, 60)
         await history.append(globex, pair(2), 10, 60)
         assert await history.load(acme, 10) == pair(1)
         assert await history.load(globex, 10) == pair(2)
+        assert await history.load(colleague, 10) == []
 
     async def test_foreign_entries_are_skipped(
         self, history: RedisHistoryStore, redis_client: aioredis.Redis
     ) -> None:
-        key = history_key("acme", "b", "s")
+        key = history_key("acme", "b", "key:0123", "s")
         await redis_client.rpush(key, b"not json", b'{"role": "user"}')
         await history.append(key, pair(1), 10, 60)
         assert await history.load(key, 10) == pair(1)

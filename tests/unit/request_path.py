@@ -34,6 +34,7 @@ from extproc.services import Services
 
 KEY = "sk-harness-key"
 OTHER_KEY = "sk-harness-other"
+COLLEAGUE_KEY = "sk-harness-colleague"  # another caller of KEY's tenant
 T0 = 1_800_000_000.0  # quota windows are epoch-aligned: a fixed wall clock keeps them still
 
 MANIFESTS = textwrap.dedent(f"""
@@ -46,6 +47,11 @@ MANIFESTS = textwrap.dedent(f"""
     kind: Secret
     metadata: {{name: other, namespace: ns, labels: {{crdgol.io/api-key: "true"}}, annotations: {{crdgol.io/tenant: globex}}}}
     stringData: {{key: {OTHER_KEY}}}
+    ---
+    apiVersion: v1
+    kind: Secret
+    metadata: {{name: colleague, namespace: ns, labels: {{crdgol.io/api-key: "true"}}, annotations: {{crdgol.io/tenant: acme}}}}
+    stringData: {{key: {COLLEAGUE_KEY}}}
     ---
     apiVersion: v1
     kind: Secret

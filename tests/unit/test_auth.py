@@ -164,7 +164,7 @@ class TestCredentialFromHeaders:
 class TestApiKeys:
     def test_a_known_api_key_is_accepted(self, auth: Authenticator) -> None:
         ident = auth.authenticate(API_KEY)
-        assert ident == Identity(ACME, "apikey:" + sha(API_KEY).hex()[:8], "api_key", {})
+        assert ident == Identity(ACME, "apikey:" + sha(API_KEY).hex()[:8], "api_key", {}, principal="key:" + sha(API_KEY).hex()[:32])
         assert ident.claims == {}
 
     def test_the_subject_never_contains_the_key(self, auth: Authenticator) -> None:

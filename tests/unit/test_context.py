@@ -1,4 +1,4 @@
-"""MCP context assembly: templates, profile hygiene, the token budget and body placement."""
+"""Context policy assembly: templates, profile hygiene, the token budget and body placement."""
 
 from __future__ import annotations
 

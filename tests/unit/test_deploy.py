@@ -191,7 +191,7 @@ def test_each_service_selects_its_deployments_pods_and_named_ports(service: str)
 
 def test_the_gateway_listens_on_8080_with_two_replicas() -> None:
     assert find("Deployment", "crdgol-gateway")["spec"]["replicas"] == 2
-    (port,) = find("Service", "crdgol-gateway")["spec"]["ports"]
+    (port,) = [p for p in find("Service", "crdgol-gateway")["spec"]["ports"] if p["name"] == "http"]
     assert port["port"] == 8080
     envoy = containers("crdgol-gateway")["envoy"]
     assert {p["name"]: p["containerPort"] for p in envoy["ports"]}[port["targetPort"]] == 8080
@@ -354,5 +354,10 @@ def test_only_gateway_pods_reach_the_controllers_control_plane_ports_and_metrics
     assert open_to["metrics"] == [{"anyone": True}]
     # The gateway takes client traffic and probes/scrapes on its named ports, nothing else.
     gateway_ports = {p["name"] for c in containers("crdgol-gateway").values() for p in c.get("ports", [])}
-    (rule,) = _ingress_to("gateway")
+    rule, egress = _ingress_to("gateway")
     assert "from" not in rule and {p["port"] for p in rule["ports"]} == {"http", "ready"} <= gateway_ports
+    # The egress listener (workflow http-request steps) only from the controller's pods.
+    controller_labels = find("Deployment", "crdgol-controller")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = egress["from"]
+    assert [p["port"] for p in egress["ports"]] == ["egress"] and "egress" in gateway_ports
+    assert set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"].items() <= controller_labels.items()

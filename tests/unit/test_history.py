@@ -40,19 +40,23 @@ def store(clock: Clock) -> MemoryHistoryStore:
 
 class TestHistoryKey:
     def test_the_key_is_injective_across_part_boundaries(self) -> None:
-        assert history_key("a:b", "c", "s") != history_key("a", "b:c", "s")
-        assert history_key("a", "b", "c:d") != history_key("a", "b:c", "d")
-        assert history_key("1:a", "", "s") != history_key("", "1:a", "s")
+        assert history_key("a:b", "c", "p", "s") != history_key("a", "b:c", "p", "s")
+        assert history_key("a", "b", "p", "c:d") != history_key("a", "b", "p:c", "d")
+        assert history_key("1:a", "", "p", "s") != history_key("", "1:a", "p", "s")
 
     @given(
-        st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(max_size=6)),
-        st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(max_size=6)),
+        st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(min_size=1, max_size=6), st.text(max_size=6)),
+        st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(min_size=1, max_size=6), st.text(max_size=6)),
     )
-    def test_distinct_triples_never_share_a_key(
-        self, a: tuple[str, str, str], b: tuple[str, str, str]
+    def test_distinct_tuples_never_share_a_key(
+        self, a: tuple[str, str, str, str], b: tuple[str, str, str, str]
     ) -> None:
         if a != b:
             assert history_key(*a) != history_key(*b)
+
+    def test_a_session_without_a_caller_has_no_key(self) -> None:
+        with pytest.raises(ValueError, match="principal"):
+            history_key("acme", "b", "", "s")
 
     def test_the_store_satisfies_the_protocol(self, store: MemoryHistoryStore) -> None:
         s: HistoryStore = store
@@ -80,10 +84,11 @@ class TestMemoryStore:
         await store.append("k", pair(2), 10, 60)
         assert await store.load("k", 10) == pair(1) + pair(2)
 
-    async def test_history_is_tenant_scoped(self, store: MemoryHistoryStore) -> None:
-        await store.append(history_key("acme", "b", "s1"), pair(1), 10, 60)
-        assert await store.load(history_key("globex", "b", "s1"), 10) == []
-        assert await store.load(history_key("acme", "b", "s1"), 10) == pair(1)
+    async def test_history_is_tenant_and_caller_scoped(self, store: MemoryHistoryStore) -> None:
+        await store.append(history_key("acme", "b", "key:01", "s1"), pair(1), 10, 60)
+        assert await store.load(history_key("globex", "b", "key:01", "s1"), 10) == []
+        assert await store.load(history_key("acme", "b", "jwt:02", "s1"), 10) == []
+        assert await store.load(history_key("acme", "b", "key:01", "s1"), 10) == pair(1)
 
     async def test_max_turns_trims_on_append_and_on_load(self, store: MemoryHistoryStore) -> None:
         for i in range(5):

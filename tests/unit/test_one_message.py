@@ -168,7 +168,8 @@ async def test_the_access_log_settles_by_the_charge_rule_from_a_body_time_record
     cluster = services.current.models["metered"][0].backends[0].cluster
     cases = [
         ({"input_tokens": 7.0, "output_tokens": 11.0}, 200, True, lambda d: d == Demand.used(7, 11, PRICE)),
-        (None, 503, False, lambda d: d is None),  # no provider byte came back: released
+        (None, 503, False, lambda d: d is None),  # Envoy's own reply, no provider reached: released
+        (None, 0, False, lambda d: d is not None and d.input_tokens > 0),  # the client left first: its reservation
         (None, 429, True, lambda d: d is not None and d.requests == 1 and d.input_tokens == 0),  # a provider's error
     ]
     for usage, status, upstream, charged in cases:
@@ -207,7 +208,8 @@ async def test_a_history_call_is_remembered_from_the_response_stream(services: S
     [rid] = store.reserved
     assert store.outcome(rid) == [Demand.used(7, 11, PRICE)]
     binding = services.current.models["history"][0]
-    turns = await services.history.load(history_key("ns/acme", binding.key, "s1"), 4)
+    principal = services.authenticator().authenticate(KEY).principal
+    turns = await services.history.load(history_key("ns/acme", binding.key, principal, "s1"), 4)
     assert [t.content for t in turns] == ["hello", "noted"]
 
 

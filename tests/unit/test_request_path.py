@@ -17,6 +17,7 @@ from extproc.quota import Demand, Price, cost_micros
 from extproc.services import Services
 from extproc.upstream import Attempt
 from tests.unit.request_path import (
+    COLLEAGUE_KEY,
     KEY,
     RecordingStore,
     Run,
@@ -130,10 +131,30 @@ async def test_a_complete_answer_is_charged_its_real_usage_once(services: Servic
     assert store.outcome(only_reservation(store)) == [Demand.used(7, 11, PRICE)]
 
 
-async def test_a_client_gone_before_any_response_byte_is_released(services: Services, store: RecordingStore) -> None:
+async def test_a_client_gone_before_any_response_byte_is_charged_its_reservation(services: Services, store: RecordingStore) -> None:
+    # extproc sent the request on; the client hung up while the provider worked on it (Envoy
+    # resets the upstream request: no usage ever comes back). Before: released, a free request.
     run = await drive(downstream(services), [request_headers(), request_body(chat()), response_headers()], cancel_after=2, services=services)
     assert run.cancelled
-    assert store.outcome(only_reservation(store)) == [None]
+    rid = only_reservation(store)
+    assert store.outcome(rid) == [store.reserved[rid].demand]
+
+
+async def test_a_stream_that_ends_before_the_request_left_extproc_reserves_nothing(services: Services, store: RecordingStore) -> None:
+    run = await drive(downstream(services), [request_headers(), request_body(chat())], cancel_after=1, services=services)
+    assert run.cancelled and not store.reserved
+
+
+async def test_envoys_upstream_timeout_is_charged_its_reservation(services: Services, store: RecordingStore) -> None:
+    # Envoy's own 504: the provider had the request and did not answer in time (it may still be
+    # generating, and bill it). A long non-streamed answer must not time out for free.
+    await drive(
+        downstream(services),
+        [request_headers(), request_body(chat()), response_headers(504, upstream=False), response_body(b"upstream request timeout")],
+        services=services,
+    )
+    rid = only_reservation(store)
+    assert store.outcome(rid) == [store.reserved[rid].demand]
 
 
 async def test_envoys_own_reply_never_reached_a_provider_and_is_released(services: Services, store: RecordingStore) -> None:
@@ -267,3 +288,58 @@ async def test_a_translated_answer_without_usage_is_not_charged_the_translators_
     await drive(downstream(services), msgs, services=services)
     rid = only_reservation(store)
     assert store.outcome(rid) == [store.reserved[rid].demand]
+
+
+# --- what a provider's answer cannot do -----------------------------------------------------------
+
+
+def tokens_by_backend(services: Services) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(services.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "crdgol_tokens_total":
+                out[sample.labels["backend"]] = out.get(sample.labels["backend"], 0.0) + sample.value
+    return out
+
+
+async def test_a_backend_tag_that_is_not_one_of_the_bindings_backends_is_not_billed(services: Services, store: RecordingStore) -> None:
+    # Envoy strips a provider's x-crdgol-* headers (tests/dataplane/test_gateway_upstream_trust.py);
+    # should one get through, extproc still bills only a backend of the binding that was called.
+    msgs = [request_headers(), request_body(chat()), response_headers(**{"x-crdgol-backend": "crdgol-be.ns.claude.c"}), response_body(openai_completion(3, 4))]
+    await drive(downstream(services), msgs, services=services)
+    assert tokens_by_backend(services) == {"crdgol-be.ns.metered.a": 7.0}
+    assert store.outcome(only_reservation(store)) == [Demand.used(3, 4, PRICE)]
+
+
+async def test_crdgol_headers_in_an_answer_never_reach_the_client(services: Services) -> None:
+    forged = {"x-crdgol-route": "ns.other", "x-crdgol-client-api": "anthropic", "x-crdgol-anything": "1"}
+    run = await drive(downstream(services), [request_headers(), request_body(chat()), response_headers(**forged), response_body(openai_completion())], services=services)
+    removed = set(run.responses[2].response_headers.response.header_mutation.remove_headers)
+    assert set(forged) <= removed
+
+
+# --- session history belongs to one caller --------------------------------------------------------
+
+
+async def _history_turn(services: Services, key: str, question: str, answer: str) -> bytes:
+    """One chat on the history binding in session "s1"; returns the body sent to the provider."""
+    run = await drive(
+        downstream(services),
+        [request_headers(key=key, **{"x-session-id": "s1"}), request_body(chat("history", messages=[{"role": "user", "content": question}])),
+         response_headers(), response_body(openai_completion(text=answer))],
+        services=services,
+    )
+    sent = run.body(1)
+    assert sent is not None
+    return sent
+
+
+async def test_another_caller_of_the_same_tenant_cannot_read_a_session_by_its_id(services: Services) -> None:
+    await _history_turn(services, KEY, "my PIN is 4921", "noted")
+    # Same tenant, same x-session-id, another key: a session of its own, empty.
+    assert b"4921" not in await _history_turn(services, COLLEAGUE_KEY, "what is my PIN?", "no idea")
+    # The session's owner still has it (and never sees the colleague's turn).
+    mine = await _history_turn(services, KEY, "what is my PIN?", "4921")
+    assert b"4921" in mine and b"no idea" not in mine

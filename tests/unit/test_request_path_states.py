@@ -4,8 +4,10 @@ Hypothesis opens many concurrent streams and advances them in random interleavin
 next message of its request (headers, body, an answer from a provider or from Envoy itself,
 streamed or buffered, with or without usage), or is cancelled (client gone, upstream reset, a
 timeout), or half-closed early. After every step the invariant is checked on the streams that
-have ended: a reservation is finished exactly once, released only when no provider answered, and
-never charged less than its reservation when an answer was cut short.
+have ended: a reservation is finished exactly once, released only when the request never left
+extproc or Envoy answered it itself, charged its reservation when the stream ended after the
+request went on but before any response, and never charged less than its reservation when an
+answer was cut short.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ PRICE = Price(1_000_000, 2_000_000)
 class Answer:
     """How the upstream side of one request goes, if Envoy gets that far."""
 
-    provider: bool  # False: Envoy's own reply (connect failure, no healthy upstream, timeout)
+    provider: bool  # False: Envoy's own reply (503: connect failure, no healthy upstream; 504 when status is 500: its upstream timeout)
     status: int
     streamed: bool
     with_usage: bool
@@ -69,6 +71,8 @@ def plan(model: str, answer: Answer) -> list[ep.ProcessingRequest]:
     """The messages Envoy would send for this request, in order."""
     msgs = [request_headers(), request_body(chat(model, stream=answer.streamed))]
     if not answer.provider:
+        if answer.status == 500:  # Envoy's upstream timeout: the provider had the request
+            return [*msgs, response_headers(504, "text/plain", upstream=False), response_body(b"upstream request timeout")]
         return [*msgs, response_headers(503, "text/plain", upstream=False), response_body(b"upstream connect error")]
     if answer.status != 200:
         return [*msgs, response_headers(answer.status), response_body(b'{"error": {"message": "provider says no"}}')]
@@ -102,6 +106,12 @@ class Stream:
     def answered_by_provider(self) -> bool:
         """extproc processed response headers that came from a provider."""
         return self.answer.provider and self.sent >= 3 and len(self.responses) >= 3
+
+    def abandoned(self) -> bool:
+        """extproc sent the request on (its body answered, not refused), and the stream ended
+        before extproc saw any response: the provider may be working on it."""
+        forwarded = len(self.responses) >= 2 and not self.responses[1].HasField("immediate_response")
+        return forwarded and len(self.responses) == 2
 
 
 class RequestPath(RuleBasedStateMachine):
@@ -216,6 +226,10 @@ class RequestPath(RuleBasedStateMachine):
             outcome = self.store.outcome(reservation.id)
             assert len(outcome) == 1, (stream.answer, outcome)
             [charged] = outcome
+            timed_out = not stream.answer.provider and stream.answer.status == 500 and len(stream.responses) >= 3
+            if stream.abandoned() or timed_out:
+                assert charged == reservation.demand, (stream.answer, stream.sent, charged)
+                continue
             if not stream.answered_by_provider():
                 assert charged is None, (stream.answer, stream.sent, charged)
                 continue

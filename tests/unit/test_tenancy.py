@@ -20,12 +20,16 @@ ISSUER = "https://login.example"
 NOW = 1_800_000_000.0
 
 
-def binding(namespace: str, name: str, model: str | None = None, **spec: Any) -> dict[str, Any]:
+def binding(namespace: str, name: str, model: str | None = None, accept: str = "", **spec: Any) -> dict[str, Any]:
+    """An AIModelBinding; ``accept``: the namespaces whose grants its namespace accepts."""
     backend = {"name": "a", "provider": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m"}
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if accept:
+        meta["annotations"] = {"crdgol.io/accept-from": accept}
     return {
         "apiVersion": "crdgol.io/v1alpha1",
         "kind": "AIModelBinding",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": meta,
         "spec": {"model": model or name, "backends": [backend], **spec},
     }
 
@@ -172,11 +176,11 @@ def test_an_identity_can_only_act_as_its_own_tenants() -> None:
 
 
 def test_the_callers_own_namespace_serves_a_model_name_before_any_other() -> None:
-    pol, result = policy([binding("aaa", "squat", model="chat", tenants=["team/*"]), binding("team", "chat")])
+    pol, result = policy([binding("aaa", "squat", model="chat", tenants=["team/*"]), binding("team", "chat", accept="aaa")])
     assert set(result.accepted) == {"aaa/squat", "team/chat"}
     assert pol.resolve("chat", ("team/acme",))[0].key == "team/chat"  # type: ignore[union-attr]
     # Only where the caller's namespace serves nothing does another's explicit grant apply.
-    pol2, _ = policy([binding("aaa", "squat", model="chat", tenants=["team/*"])])
+    pol2, _ = policy([binding("aaa", "squat", model="chat", tenants=["team/*"]), binding("team", "other", accept="aaa")])
     assert pol2.resolve("chat", ("team/acme",)) == (pol2.models["chat"][0], "team/acme")
 
 
@@ -192,7 +196,7 @@ def test_a_model_of_another_namespace_that_grants_nothing_is_invisible() -> None
 def test_conflicting_claims_are_refused_and_the_refused_binding_is_not_served() -> None:
     pol, result = policy(
         [
-            binding("team", "chat"),
+            binding("team", "chat", accept="x, y"),
             binding("team", "chat-2", model="chat"),  # same model, same namespace
             binding("x", "one", model="shared", tenants=["team/*"]),
             binding("y", "two", model="shared", tenants=["team/acme"]),  # both grant team's tenants
@@ -217,7 +221,7 @@ def test_quotas_and_history_key_on_the_qualified_tenant() -> None:
     from extproc.quota import quota_scope
 
     assert quota_scope("team/acme", "team/chat") != quota_scope("evil/acme", "team/chat")
-    assert history_key("team/acme", "team/chat", "s1") != history_key("evil/acme", "team/chat", "s1")
+    assert history_key("team/acme", "team/chat", "key:01", "s1") != history_key("evil/acme", "team/chat", "key:01", "s1")
 
 
 def test_api_key_hashes_in_the_snapshot_name_their_qualified_tenant() -> None:
@@ -255,7 +259,11 @@ def test_a_copied_public_jwks_cannot_capture_the_victims_callers() -> None:
     # The same through a grant: the platform grants "team/*" a model; the attacker serves the same
     # name in its own namespace. The victim's call must not land in the attacker's namespace either.
     pol2, _ = policy(
-        [binding("platform", "shared", model="gpt", tenants=["team/*"]), binding("aaa", "gpt", auth=auth_spec), binding("team", "x", auth=auth_spec)]
+        [
+            binding("platform", "shared", model="gpt", tenants=["team/*"]),
+            binding("aaa", "gpt", auth=auth_spec),
+            binding("team", "x", accept="platform", auth=auth_spec),
+        ]
     )
     reached, tenant = pol2.resolve("gpt", ident.tenants)
     assert reached is None or reached.namespace != "aaa" or not tenant, "the victim's request was routed to the attacker"
@@ -299,3 +307,105 @@ def test_a_shared_provider_credential_goes_only_to_the_hosts_its_owner_names() -
     # The owner's own bindings need no host list.
     own = binding("platform", "chat", backends=[{"provider": "openai", "endpoint": "http://x/v1", "model": "m", "credentialsRef": ref}])
     assert policy([own], [platform()])[1].accepted == ("platform/chat",)
+
+
+# --- a grant to another namespace needs that namespace's consent ----------------------------------
+
+
+def test_a_grant_the_grantee_never_accepted_is_not_in_force_and_the_status_says_who_must_accept() -> None:
+    from controller.state import ControllerState
+
+    state = ControllerState(RenderSettings(), clock=lambda: 1.0)
+    state.upsert_binding(binding("aaa", "squat", model="chat", tenants=["team/*", "acme"]))
+    state.upsert_secret(key_secret("team", "k", "alice", "sk-team"))
+    result = state.rebuild()
+    pol = compile_policy(result.snapshot)
+    # Still served to its own namespace; team's callers do not reach it.
+    assert result.accepted == ("aaa/squat",)
+    assert pol.resolve("chat", ("team/alice",)) == (None, "")
+    assert pol.resolve("chat", ("aaa/acme",))[1] == "aaa/acme"
+    status = state.status("aaa/squat")
+    assert status is not None and status.ready
+    [grant] = [c for c in status.conditions if c.type == "GrantsAccepted"]
+    assert (grant.status, grant.reason) == ("False", "GrantNotAccepted")
+    assert "namespace team" in grant.message and "crdgol.io/accept-from: aaa" in grant.message
+    # The grantee's API-key Secret accepts: the grant is in force and the condition goes away.
+    state.upsert_secret({**key_secret("team", "k", "alice", "sk-team"), "metadata": {**key_secret("team", "k", "alice", "sk-team")["metadata"], "annotations": {"crdgol.io/tenant": "alice", "crdgol.io/accept-from": "aaa"}}})
+    pol = compile_policy(state.rebuild().snapshot)
+    assert pol.resolve("chat", ("team/alice",))[1] == "team/alice"
+    status = state.status("aaa/squat")
+    assert status is not None and not [c for c in status.conditions if c.type == "GrantsAccepted"]
+
+
+def test_an_unaccepted_grant_cannot_squat_a_model_name_another_namespace_grants_with_consent() -> None:
+    # "aaa" sorts first and grants team's tenants the model the platform serves them; only the
+    # platform's grant is accepted by team, so it is the one in force (before: "aaa" won the name
+    # and the platform's binding was refused as a conflict, and team's prompts went to aaa).
+    pol, result = policy(
+        [
+            binding("aaa", "squat", model="gpt", tenants=["team/*"]),
+            binding("platform", "gpt", tenants=["team/*"]),
+            binding("team", "own", accept="platform"),
+        ]
+    )
+    assert set(result.accepted) == {"aaa/squat", "platform/gpt", "team/own"}
+    assert set(result.grant_problems) == {"aaa/squat"}
+    reached, tenant = pol.resolve("gpt", ("team/acme",))
+    assert reached is not None and reached.key == "platform/gpt" and tenant == "team/acme"
+
+
+@pytest.mark.parametrize("accept", ["*", "aaa", "other, aaa"])
+def test_a_namespace_accepts_grants_by_name_or_from_everyone(accept: str) -> None:
+    pol, result = policy([binding("aaa", "m", tenants=["team/*"]), binding("team", "own", accept=accept)])
+    assert not result.grant_problems
+    assert pol.resolve("m", ("team/acme",))[1] == "team/acme"
+
+
+def test_a_namespace_cannot_accept_on_anothers_behalf() -> None:
+    # aaa's own binding says team accepts aaa: an annotation speaks only for its own namespace.
+    _, result = policy([binding("aaa", "m", accept="aaa", tenants=["team/*"])])
+    assert result.grant_problems["aaa/m"].reason == "GrantNotAccepted"
+
+
+# --- what a refused caller is told ------------------------------------------------------------------
+
+
+async def _refusal(pol: Policy, credential: str, model: str) -> dict[str, Any]:
+    from extproc.policy import PolicyHolder
+    from extproc.services import Services
+    from tests.unit.request_path import chat, downstream, drive, request_body, request_headers
+
+    services = Services(policy=PolicyHolder(pol))
+    run = await drive(downstream(services), [request_headers(key=credential), request_body(chat(model))], services=services)
+    assert run.status() == 403, run.responses
+    return run.error()["error"]
+
+
+def _live_token(secret: str) -> str:
+    import time
+
+    return jwt.encode({"iss": ISSUER, "sub": "u", "tenant": "acme", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+
+
+async def test_an_ambiguous_credential_is_told_what_happened_without_naming_any_namespace() -> None:
+    shared = "shared-idp-secret-0123456789-01234567"
+    pol, _ = policy(
+        [binding("victim", "chat", auth=JWT), binding("attacker", "chat", auth=JWT)],
+        [hs_secret("victim", shared), hs_secret("attacker", shared)],
+    )
+    error = await _refusal(pol, _live_token(shared), "chat")
+    assert error["code"] == "ambiguous_credential"
+    assert "more than one namespace" in error["message"]
+    assert "victim" not in error["message"] and "attacker" not in error["message"]
+
+
+async def test_a_denied_caller_is_told_its_tenant_in_the_refusing_namespace_only() -> None:
+    shared = "shared-idp-secret-0123456789-01234567"
+    pol, _ = policy(
+        [binding("team", "chat", tenants=["bob"], auth=JWT), binding("elsewhere", "other", auth=JWT)],
+        [hs_secret("team", shared), hs_secret("elsewhere", shared)],
+    )
+    error = await _refusal(pol, _live_token(shared), "chat")
+    assert error["code"] == "model_not_allowed"
+    assert "team/acme may not call the model 'chat'" in error["message"]
+    assert "elsewhere" not in error["message"]

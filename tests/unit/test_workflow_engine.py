@@ -260,3 +260,14 @@ def test_any_dag_under_any_outcomes_respects_dependencies_runs_each_attempt_once
                 assert st_.phase == "Skipped"
         if not go and specs[name].when:
             assert st_.phase in ("Skipped", "Failed") or s.outcome == "Failed"
+
+
+def test_an_expression_sees_every_step_it_reads_however_it_reads_them() -> None:
+    from controller.workflow.expr import compile_expr
+
+    act = {"inputs": {"n": 2}, "steps": {"a": {"phase": "Succeeded", "outputs": 1}, "b-c": {"phase": "Skipped", "outputs": None}}, "run": {"name": "r", "phase": "Running"}, "params": {}}
+    assert compile_expr('steps.a.outputs + inputs.n').eval(act) == 3
+    assert compile_expr('steps["b-c"].phase').eval(act) == "Skipped"
+    assert compile_expr("size(steps)").eval(act) == 2  # not by name: the whole map
+    assert compile_expr('steps.exists(s, s == "b-c") && steps.a.outputs == 1').eval(act) is True
+    assert compile_expr('"steps.a" + run.name').eval(act) == "steps.ar"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -54,6 +55,38 @@ spec:
       type: ai-inference
       dependsOn: [first]
       aiInference: {binding: limited-model, prompt: "two"}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: AIModelBinding
+metadata: {name: one-at-a-time, namespace: default}
+spec:
+  model: one-at-a-time
+  tenants: [quickstart]
+  backends:
+    - {name: mock, provider: openai-compatible, endpoint: "http://127.0.0.1:8081/v1", model: mock-gpt, credentialsRef: {name: mock-provider, key: apiKey}}
+  quotas:
+    tenants:
+      quickstart: {concurrent: 1}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: WorkflowSpec
+metadata: {name: patient, namespace: default}
+spec:
+  steps:
+    - name: ask
+      type: ai-inference
+      retry: {limit: 4, backoff: {initial: 10ms, max: 20ms}}
+      aiInference: {binding: one-at-a-time, prompt: "patient"}
+---
+apiVersion: crdgol.io/v1alpha1
+kind: WorkflowSpec
+metadata: {name: impatient, namespace: default}
+spec:
+  steps:
+    - name: ask
+      type: ai-inference
+      retry: {limit: 2, backoff: {initial: 10ms, max: 20ms}}
+      aiInference: {binding: one-at-a-time, prompt: "impatient"}
 ---
 apiVersion: crdgol.io/v1alpha1
 kind: WorkflowSpec
@@ -182,6 +215,14 @@ def test_a_calm_ticket_is_drafted_and_posted_to_the_helpdesk_as_the_readme_shows
     classify = next(q for q in chats if q["body"]["messages"][-1]["content"].startswith("Classify the topic"))
     assert any('"sentiment":"neutral"' in str(m["content"]) for m in classify["body"]["messages"][:-1])
     assert status["tokens"]["total"] > 0 and step(status, "sentiment")["tokens"]["total"] > 0
+    # Each AI step's cost is its tokens at the binding's pricing (0.15 / 0.60 per million), rounded
+    # up to a micro-unit; the run's is their sum.
+    costs = []
+    for name in ("sentiment", "classify", "draft"):
+        t = step(status, name)["tokens"]
+        costs.append((t["input"] * 150_000 + t["output"] * 600_000 + 999_999) // 1_000_000)
+        assert step(status, name)["cost"] == f"0.{costs[-1]:06d}"
+    assert status["cost"] == f"0.{sum(costs):06d}" and "cost" not in step(status, "post-to-helpdesk")
 
 
 def test_an_urgent_ticket_pages_a_person_and_posts_no_draft(stack: Stack) -> None:
@@ -218,6 +259,66 @@ def test_a_tenant_over_its_quota_fails_the_ai_step_with_the_gateways_429(stack: 
     second = step(status, "second")
     assert status["phase"] == "Failed" and second["phase"] == "Failed"
     assert "answered 429" in second["message"] and ("quota" in second["message"].lower() or "limit" in second["message"].lower())
+
+
+class HeldCall:
+    """One chat call of the quickstart tenant held open upstream (the mock answers after
+    ``seconds``), taking the tenant's only concurrent slot on ``one-at-a-time`` meanwhile."""
+
+    def __init__(self, stack: Stack, seconds: float) -> None:
+        self.stack, self.seconds = stack, seconds
+        self.status: int | None = None
+        self.thread = threading.Thread(target=self._call, daemon=True)
+
+    def _call(self) -> None:
+        r = httpx.post(
+            f"{self.stack.url}/v1/chat/completions",
+            json={"model": "one-at-a-time", "messages": [{"role": "user", "content": "hold"}]},
+            headers={**H, "x-mock-latency-ms": str(int(self.seconds * 1000))},
+            timeout=30,
+        )
+        self.status = r.status_code
+
+    def __enter__(self) -> HeldCall:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not any(q["body"].get("messages", [{}])[-1].get("content") == "hold" for q in httpx.get(f"{self.stack.mock_url}/_mock/requests").json()):
+            assert time.monotonic() < deadline, "the held call did not reach the upstream"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(30)
+
+
+def test_a_step_refused_by_the_tenants_quota_is_retried_after_retry_after_and_succeeds(stack: Stack) -> None:
+    with HeldCall(stack, 1.5) as held:
+        started = time.monotonic()
+        status = wait_for(stack, start(stack, "patient")["name"])
+    assert held.status == 200
+    ask = step(status, "ask")
+    # Its 10 ms backoff alone would have spent all 5 attempts while the slot was taken: each
+    # retry waited for the gateway's Retry-After (1 s) instead.
+    assert status["phase"] == "Succeeded" and ask["attempts"] >= 2, status
+    assert time.monotonic() - started >= 1.0
+    chats = [q for q in httpx.get(f"{stack.mock_url}/_mock/requests").json() if q["path"] == "/v1/chat/completions"]
+    # The refused attempts never reached the upstream; the one that did carries its attempt number.
+    assert [q["headers"]["idempotency-key"] for q in chats if q["body"]["messages"][-1]["content"] == "patient"] == [
+        f"default/{status['name']}/ask/{ask['attempts']}"
+    ]
+
+
+def test_a_step_the_quota_keeps_refusing_fails_after_its_retries_with_the_gateways_reason(stack: Stack) -> None:
+    with HeldCall(stack, 6) as held:
+        started = time.monotonic()
+        status = wait_for(stack, start(stack, "impatient")["name"])
+        elapsed = time.monotonic() - started
+        assert held.status is None  # still held: the slot was taken throughout
+    ask = step(status, "ask")
+    assert status["phase"] == "Failed" and ask["phase"] == "Failed" and ask["attempts"] == 3
+    assert elapsed >= 2.0  # two waits of Retry-After (1 s), not two 10 ms backoffs
+    assert "answered 429" in ask["message"] and "quota exceeded" in ask["message"] and "(after 3 attempts)" in ask["message"]
+    assert "step 'ask' failed" in status["message"]
 
 
 def test_a_step_timeout_fails_the_step(stack: Stack) -> None:
@@ -314,6 +415,13 @@ def test_a_killed_controller_resumes_the_run_without_repeating_a_finished_step(s
     httpx.post(f"{stack.mock_url}/_mock/helpdesk/config", json={"delay_ms": 0})
     stack._spawn("controller", [str(a) for a in ctl.args])  # type: ignore[union-attr]
     wait_http(f"http://127.0.0.1:{stack.controller_port}/healthz", (200,), 30, stack.procs["controller"])
+    # Until it has read its records the engine says it is starting (503), never that the run is unknown.
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(f"{stack.url}/v1/workflows/runs/{run}", headers=H, timeout=30)).status_code == 503:
+        assert r.json()["error"]["code"] == "engine_starting" and r.headers["retry-after"] == "1"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 200, r.text
     status = wait_for(stack, run, timeout=30)
     assert status["phase"] == "Succeeded"
     keys = [q["headers"].get("idempotency-key") for q in httpx.get(f"{stack.mock_url}/_mock/requests").json() if q["path"] == "/v1/chat/completions"]
