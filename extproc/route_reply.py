@@ -59,6 +59,7 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
     # Envoy accounts from here on (the access log, or the response side's stream): this stream
     # ends with this answer, and its close must not release the reservation.
     call.finished = True
+    call.forwarded = True
     primary = binding.primary
     route: dict[str, str | float] = {
         ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if call.response_needs() else ""),
