@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: help setup proto run test test-unit test-dataplane test-workflows lint bench bench-quick bench-peers bench-workflows image clean
+.PHONY: help setup proto run test test-unit test-dataplane test-workflows lint bench bench-quick bench-peers bench-cache bench-workflows image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/result
 bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (needs wrk)
 	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.peers
+
+bench-cache: setup ## response cache: hit vs bare Envoy, added latency, semantic lookup -> benchmarks/results/cache.*
+	$(BIN)/python -m benchmarks.cache
 
 bench-workflows: setup ## 1,000 concurrent support-triage runs through the gateway -> benchmarks/results/workflows.json
 	$(BIN)/python -m benchmarks.workflows --runs 1000

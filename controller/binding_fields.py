@@ -153,4 +153,20 @@ BINDING_SPEC: Tree = {
         "on": None,
         "attempts": None,
     },
+    "cache": {
+        "mode": None,
+        "ttl": None,
+        "maxEntryBytes": None,
+        "scope": None,
+        "eligible": {
+            "streaming": None,
+            "nonStreaming": None,
+            "maxTemperature": None,
+        },
+        "semantic": {
+            "embeddingBinding": None,
+            "threshold": None,
+            "maxEntries": None,
+        },
+    },
 }

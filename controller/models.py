@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from controller.cache_spec import CacheSpec, parse_cache
 from controller.context_sources import McpSpec, parse_mcp
 from controller.fields import binding_problems
 from controller.health import HealthSpec, parse_health
@@ -176,6 +177,7 @@ class BindingSpec:
     retry: RetrySpec
     quotas: QuotasSpec = field(default_factory=QuotasSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
+    cache: CacheSpec | None = None
     # Namespaces whose grants this binding's namespace accepts (ACCEPT_ANNOTATION).
     accept_from: frozenset[str] = frozenset()
 
@@ -531,6 +533,7 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
         quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
         health=parse_health(spec.get("health")),
+        cache=parse_cache(spec.get("cache")),
         accept_from=_names(_dict(meta.get("annotations"), "metadata.annotations").get(ACCEPT_ANNOTATION)),
     )
 

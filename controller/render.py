@@ -32,6 +32,8 @@ import hashlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from controller.cache_spec import cache_pb
+from controller.cache_spec import check_references as check_cache_references
 from controller.context_sources import McpSourceSpec
 from controller.envoy_config import (
     CA_BUNDLE,
@@ -165,6 +167,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
                 input_per_mtok_micros=be.pricing.input_per_mtok_micros,
                 output_per_mtok_micros=be.pricing.output_per_mtok_micros,
                 direct=be is direct,
+                tls=be.endpoint.tls,
             )
         )
     c = b.context
@@ -201,6 +204,7 @@ def _binding_pb(b: BindingSpec, secrets: Mapping[str, SecretData], stamp: str, d
         context=context,
         route=route_id(b, stamp),
         quotas=quotas,
+        cache=cache_pb(b),
     )
 
 
@@ -408,7 +412,13 @@ def _render(
     stable = replace(settings, version=0, generated_at=0)
     ordered = sorted(bindings, key=lambda b: b.key)
     accepts = acceptances(ordered, secret_map.values())
+    by_key = {b.key: b for b in ordered}
     for b in ordered:
+        try:
+            check_cache_references(b, by_key)  # the only check that reads other bindings
+        except SpecError as exc:
+            problems[b.key] = exc
+            continue
         key = (id(b), _secret_values(b, secret_map), stable)
         pieces = cache.get(key, b) if cache is not None else None
         if pieces is None:

@@ -87,6 +87,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
 
     if not redis_url:
         return Services()
+    from extproc.cache import ResponseCache
     from extproc.quota_store import RedisQuotaStore
     from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
@@ -94,7 +95,11 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
     # One pipelined connection, replaced on the next call if it drops (a restarted Redis costs
     # the calls in flight, not the ones after).
     client = RedisClient.from_url(redis_url, connect_timeout=redis_timeout)
-    return Services(quotas=RedisQuotaStore(client, timeout=redis_timeout), history=RedisHistoryStore(client, timeout=redis_timeout))
+    return Services(
+        quotas=RedisQuotaStore(client, timeout=redis_timeout),
+        history=RedisHistoryStore(client, timeout=redis_timeout),
+        cache=ResponseCache.in_redis(client, redis_timeout),
+    )
 
 
 def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:
@@ -110,6 +115,11 @@ def _tls_files(what: str, cert: str, key: str, ca: str) -> TlsFiles | None:
 
 
 def cmd_extproc(args: argparse.Namespace) -> int:
+    # One BLAS thread for the semantic cache's vector scans (numpy reads this when first
+    # imported): a scan is small, and on a busy host a second BLAS thread that is not scheduled
+    # turns a 0.1 ms scan into milliseconds. Set here, at the entry point, before any import.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from crdgol.control_plane import ClientAuth, InsecureControlPlane, require_secure_client
     from extproc.capacity import Capacity, CapacitySettings
     from extproc.server import ServerSettings, serve

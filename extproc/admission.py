@@ -149,13 +149,15 @@ class Admission:
             self.services.store_warned_at = now
             log.warning("quota store unavailable (%s): applying the bindings' fail policies", type(exc).__name__)
 
-    async def admit(self, tenant: str, binding: Binding, doc: dict[str, Any], body_bytes: int) -> None:
+    async def admit(self, tenant: str, binding: Binding, doc: dict[str, Any], body_bytes: int, demand: Demand | None = None) -> None:
+        """Reserve the request's estimated demand (or ``demand``: a cache hit's is one request)."""
         rule = binding.quotas.rule_for(tenant)
         if rule is None or not rule.limits:
             return
         self.rule = rule
-        # ~4 bytes per token over the whole JSON body: an over-estimate, so reservations err high.
-        demand = estimate_demand(math.ceil(body_bytes / 4), _max_tokens(doc), rule.default_max_tokens, binding.max_price)
+        if demand is None:
+            # ~4 bytes per token over the whole JSON body: an over-estimate, so reservations err high.
+            demand = estimate_demand(math.ceil(body_bytes / 4), _max_tokens(doc), rule.default_max_tokens, binding.max_price)
         started = time.perf_counter()
         decision, self.reservation = await check(
             self.services.quotas,

@@ -30,6 +30,7 @@ from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
+from extproc.cache import CACHE_HEADER, CacheCall
 from extproc.errors import (
     BadRequest,
     Forbidden,
@@ -43,6 +44,7 @@ from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
 from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
+from extproc.quota import Demand
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
 from extproc.route_reply import headers_route, route_reply, settle_record
@@ -54,7 +56,7 @@ from extproc.services import (
     ROUTE_HEADER,
     Services,
 )
-from extproc.usage import Usage
+from extproc.usage import Usage, text_from_json
 
 log = logging.getLogger(__name__)
 
@@ -505,6 +507,7 @@ class Completion(ModelCall):
         self.client_wants_usage = False
         self.session = ""
         self.user_text = ""
+        self.cache: CacheCall | None = None  # the binding's response cache (extproc.cache)
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         reply = await super().request_headers(headers, end_of_stream)
@@ -544,7 +547,32 @@ class Completion(ModelCall):
         ctx = binding.context
         if ctx.active:
             doc = await self._inject(doc, binding)
+        if binding.cache is not None:
+            hit = await self._from_cache(doc, binding)
+            if hit is not None:
+                return hit
         return await self.forward(doc, binding)
+
+    async def _from_cache(self, doc: dict[str, Any], binding: Binding) -> Respond | None:
+        """Answer from the cache (keyed after context injection), charging one request, no tokens."""
+        assert self.identity is not None
+        self.cache = self.services.cache.open(
+            self.services.current, binding, self.api, self.identity.tenant, doc, self.headers,
+            stream=self.stream, include_usage=self.client_wants_usage,
+        )
+        hit = await self.cache.lookup() if self.cache is not None else None
+        if hit is None or self.cache is None:
+            return None
+        await self.admission.admit(self.identity.tenant, binding, doc, 0, demand=Demand(requests=1))
+        self.cache.served(hit)
+        self.status, self.answered, self.finished = 200, True, True
+        self.admission.finish(Outcome.ANSWERED, None, "")
+        m = self.services.metrics
+        m.record_duration(self.labels(), 200, self.services.clock() - self.started)
+        m.requests.labels(self.operation, "200").inc()
+        if binding.context.history.enabled and self.session:
+            await self._remember(text_from_json(self.api, hit.entry.body))
+        return Respond(200, hit.body, {**hit.headers, **self.admission.headers()})
 
     async def _inject(self, doc: dict[str, Any], binding: Binding) -> dict[str, Any]:
         assert self.identity is not None
@@ -600,16 +628,34 @@ class Completion(ModelCall):
         binding = self.binding
         if binding is not None and binding.context.history.enabled and self.session:
             return True  # the reply's text joins the session history
+        if self.cache is not None and self.cache.storing:
+            return True  # the answer is stored once complete
         # A stream whose forced usage chunk must be stripped for a client that did not ask.
         stream = "text/event-stream" in headers.get("content-type", "")
         return stream and self.api is Api.OPENAI and not self.client_wants_usage
 
+    async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
+        reply = await super().response_headers(headers, end_of_stream)
+        if self.cache is not None and isinstance(reply, Continue) and reply is not PASS:
+            reply.set_headers[CACHE_HEADER] = self.cache.state
+            if self.status != 200 or end_of_stream:
+                await self.cache.finish(self.status, False, None, None)  # nothing to store
+        return reply
+
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
+        if self.cache is not None and self.cache.storing:
+            self.cache.observe(out)
         if end_of_stream and not self.finished:
             reader = self.reader
             self.account(reader.usage if reader is not None else None, complete=reader is None or reader.complete)
             await self._remember(reader.text if reader is not None else "")
+        if end_of_stream and self.cache is not None and self.cache.storing:
+            reader, entry = self.reader, self.services.current.backends.get(self.backend)
+            await self.cache.finish(
+                self.status, reader is not None and reader.done, reader.usage if reader is not None else None,
+                entry[1].price if entry is not None else None,
+            )
         return PASS if out is body or out == body else Continue(body=out)
 
     async def _remember(self, reply_text: str) -> None:

@@ -111,6 +111,7 @@ class Backend:
     price: Price | None = None
     # The Envoy cluster that reaches it (the id plus the binding's stamp; see policy.proto).
     cluster: str = ""
+    tls: bool = False
 
     def __repr__(self) -> str:  # never print the credential
         return f"Backend(id={self.id!r}, api={self.api.value}, model={self.model!r}, host={self.host!r})"
@@ -133,6 +134,39 @@ class QuotaPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheRule:
+    """A binding's response cache (``extproc.cache``); see ``CachePolicy`` in policy.proto."""
+
+    ttl_seconds: int
+    max_entry_bytes: int
+    shared: bool = False
+    streaming: bool = True
+    non_streaming: bool = True
+    max_temperature: float | None = None
+    semantic: bool = False
+    embedding_binding: str = ""  # "namespace/name"
+    threshold: float = 0.95
+    max_entries: int = 1000
+
+
+def _cache_rule(c: pb.CachePolicy) -> CacheRule | None:
+    if not c.enabled:
+        return None
+    return CacheRule(
+        ttl_seconds=max(1, c.ttl_seconds),
+        max_entry_bytes=max(1, c.max_entry_bytes),
+        shared=c.shared,
+        streaming=c.streaming,
+        non_streaming=c.non_streaming,
+        max_temperature=c.max_temperature if c.HasField("max_temperature") else None,
+        semantic=c.semantic,
+        embedding_binding=c.embedding_binding,
+        threshold=c.threshold,
+        max_entries=max(1, c.max_entries),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     key: str  # "namespace/name"
     model: str
@@ -146,6 +180,7 @@ class Binding:
     primary: Backend | None = None
     # The dearest backend's price: what a reservation assumes before Envoy picks the backend.
     max_price: Price | None = None
+    cache: CacheRule | None = None
 
     @property
     def namespace(self) -> str:
@@ -189,6 +224,7 @@ class Policy:
     api_keys: dict[bytes, tuple[str, ...]]  # sha256(key) -> the qualified tenants it acts as
     jwt_providers: dict[str, tuple[JwtProvider, ...]]  # by issuer: one declaration per namespace
     generated_at: float = 0.0
+    bindings: dict[str, Binding] = field(default_factory=dict)  # by key ("namespace/name")
     # Tenants the policy names (API keys, bindings' tenant lists, quota entries): the only ones
     # that get a metrics label of their own (``metric_tenant``).
     known_tenants: frozenset[str] = frozenset()
@@ -382,6 +418,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
                     priority=be.priority,
                     price=_price(be),
                     cluster=be.cluster or be.id,
+                    tls=be.tls,
                 )
             )
         prices = [be_c.price for be_c in compiled_backends if be_c.price is not None]
@@ -403,6 +440,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             )
             if prices
             else None,
+            cache=_cache_rule(b.cache),
         )
         bindings[b.key] = binding
         models.setdefault(b.model, []).append(binding)
@@ -434,6 +472,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
         api_keys=api_keys,
         jwt_providers=providers,
         generated_at=float(snap.generated_at or time.time()),
+        bindings=bindings,
         known_tenants=frozenset(
             t
             for t in (

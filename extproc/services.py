@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from extproc.auth import Authenticator
+from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.mcp_sources import ContextSources
@@ -50,10 +51,12 @@ class Services:
     store_warned_at: float = float("-inf")
     history_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
+    cache: ResponseCache = field(default_factory=ResponseCache)
     # MCP sessions and cached reads for context policies (built from metrics and clock).
     context_sources: ContextSources = field(init=False)
 
     def __post_init__(self) -> None:
+        self.cache.attach(self.metrics.registry)
         self.context_sources = ContextSources(self.metrics, self.clock)
         self.policy.on_change.append(self.context_sources.policy_changed)
         self.context_sources.policy_changed(self.policy.current)
