@@ -47,7 +47,11 @@ NO_OP_HEADER = "x-crdgol-reroute"
 
 # The headers Envoy sends as attributes with the body (the rest of the request's headers are
 # not sent). Profile fields read from headers add their header names (``attributes``).
-READ_HEADERS = ("authorization", "x-api-key", "x-session-id", "content-type", "anthropic-version")
+# The response cache's request directive (extproc.cache_key reads it, with cache-control).
+BYPASS_HEADER = "x-crdgol-cache"
+READ_HEADERS = (
+    "authorization", "x-api-key", "x-session-id", "content-type", "anthropic-version", "cache-control", BYPASS_HEADER
+)
 _PATH, _METHOD, _ID = "request.path", "request.method", "request.id"
 # request.total_size - request.size: the request's header bytes, and how many headers it has
 # (the header limit check: extproc sees only a few of them).

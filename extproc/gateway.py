@@ -610,6 +610,7 @@ class Completion(ModelCall):
             ("history", binding is not None and binding.context.history.enabled and bool(self.session)),
             ("translation", primary is not None and primary.api is not self.api),
             ("usage chunk stripped", self.stream and self.api is Api.OPENAI and not self.client_wants_usage),
+            ("response cache", self.cache is not None),  # its x-crdgol-cache header; stored on a miss
         )
         return tuple(name for name, needed in needs if needed)
 
@@ -622,6 +623,10 @@ class Completion(ModelCall):
             out["session"] = self.session
             out["principal"] = self.identity.principal  # the session is this caller's own
             out["user_text"] = self.user_text
+        if self.cache is not None:
+            # The cache's part of this call (its key, what it may store) waits in this process for
+            # the response side; an answer that comes to another replica is not stored.
+            out["cache"] = self.services.handoffs.put(self.cache)
         return out
 
     def needs_body(self, headers: Headers) -> bool:

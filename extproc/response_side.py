@@ -20,6 +20,7 @@ from crdgol.request_path import STATE_NAMESPACE
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc.admission import decode_reservation
 from extproc.auth import Identity
+from extproc.cache import CacheCall
 from extproc.errors import GatewayError
 from extproc.gateway import Completion, Embeddings, ModelCall
 from extproc.phases import Handler, Headers, Reply, Respond
@@ -55,6 +56,8 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
         completion.client_wants_usage = _text(state, "include_usage") == "1"
         completion.session = _text(state, "session")
         completion.user_text = _text(state, "user_text")
+        handed = services.handoffs.take(_text(state, "cache")) if _text(state, "cache") else None
+        completion.cache = handed if isinstance(handed, CacheCall) else None
         call = completion
     tenant = _text(settle, "tenant")
     call.identity = Identity(tenants=(tenant,), subject="", method="", tenant=tenant, principal=_text(state, "principal"))
