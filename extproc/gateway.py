@@ -47,7 +47,7 @@ from extproc.policy import Api, Binding
 from extproc.quota import Demand
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
-from extproc.route_reply import headers_route, route_reply, settle_record
+from extproc.route_reply import cache_state, headers_route, route_reply, settle_record
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -624,9 +624,8 @@ class Completion(ModelCall):
             out["principal"] = self.identity.principal  # the session is this caller's own
             out["user_text"] = self.user_text
         if self.cache is not None:
-            # The cache's part of this call (its key, what it may store) waits in this process for
-            # the response side; an answer that comes to another replica is not stored.
-            out["cache"] = self.services.handoffs.put(self.cache)
+            # The cache's part of this call, for the response side (whichever replica it reaches).
+            out.update(cache_state(self.cache))
         return out
 
     def needs_body(self, headers: Headers) -> bool:

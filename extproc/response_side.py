@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
 
 from crdgol.request_path import STATE_NAMESPACE
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc.admission import decode_reservation
 from extproc.auth import Identity
 from extproc.cache import CacheCall
+from extproc.cache_key import CacheKey, Directives
 from extproc.errors import GatewayError
 from extproc.gateway import Completion, Embeddings, ModelCall
 from extproc.phases import Handler, Headers, Reply, Respond
-from extproc.policy import Api
+from extproc.policy import Api, Binding
 from extproc.services import Services
 
 
@@ -56,8 +58,7 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
         completion.client_wants_usage = _text(state, "include_usage") == "1"
         completion.session = _text(state, "session")
         completion.user_text = _text(state, "user_text")
-        handed = services.handoffs.take(_text(state, "cache")) if _text(state, "cache") else None
-        completion.cache = handed if isinstance(handed, CacheCall) else None
+        completion.cache = resume_cache(services, binding, api, state, stream=completion.stream, include_usage=completion.client_wants_usage)
         call = completion
     tenant = _text(settle, "tenant")
     call.identity = Identity(tenants=(tenant,), subject="", method="", tenant=tenant, principal=_text(state, "principal"))
@@ -70,6 +71,23 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
     call.started = services.clock() - max(0.0, services.wall() - _number(state, "started"))
     raw = _text(settle, "reservation")
     call.admission.reservation = decode_reservation(raw) if raw else None
+    return call
+
+
+def resume_cache(
+    services: Services, binding: Binding, api: Api, state: struct_pb2.Struct, *, stream: bool, include_usage: bool
+) -> CacheCall | None:
+    """The call's part in the response cache, from ``route_reply.cache_state`` (None: it had none).
+    A semantic cache embeds the question again when it stores the answer."""
+    rule = binding.cache
+    if rule is None or not _text(state, "cache_exact"):
+        return None
+    if services.cache.metrics is None:
+        services.cache.attach(CollectorRegistry())
+    key = CacheKey(_text(state, "cache_exact"), _text(state, "cache_partition"), _text(state, "cache_text"))
+    wish = Directives(lookup=_text(state, "cache_lookup") == "1", store=_text(state, "cache_store") == "1")
+    call = CacheCall(services.cache, services.current, binding, rule, api, key, wish, stream=stream, include_usage=include_usage)
+    call.state = _text(state, "cache_state") or call.state
     return call
 
 

@@ -29,6 +29,7 @@ from extproc.admission import encode_reservation
 from extproc.phases import Continue
 
 if TYPE_CHECKING:
+    from extproc.cache import CacheCall
     from extproc.gateway import ModelCall
     from extproc.policy import Binding
 
@@ -85,4 +86,17 @@ def headers_route(call: ModelCall, binding: Binding) -> dict[str, dict[str, str 
             CLIENT_API_KEY: call.api.value,
             BODY_API_KEY: (primary.api if primary is not None else call.api).value,
         }
+    }
+
+
+def cache_state(cache: CacheCall) -> dict[str, str | float]:
+    """What the response side needs to rebuild a call's part in the response cache
+    (``extproc.response_side.resume_cache``): its key, what the caller allowed, its header."""
+    return {
+        "cache_exact": cache.key.exact,
+        "cache_partition": cache.key.partition,
+        "cache_text": cache.key.text,
+        "cache_lookup": "1" if cache.wish.lookup else "",
+        "cache_store": "1" if cache.wish.store else "",
+        "cache_state": cache.state,
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,25 +34,6 @@ BACKEND_HEADER = "x-crdgol-backend"
 INTERNAL_HEADERS = (ROUTE_HEADER, CLIENT_API_HEADER, BODY_API_HEADER, BACKEND_HEADER)
 
 
-class Handoffs:
-    """Objects a request leaves for its response side, by token; bounded (oldest dropped first:
-    a response that never comes leaves its entry behind)."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self._items: dict[str, object] = {}
-
-    def put(self, item: object) -> str:
-        token = secrets.token_hex(8)
-        self._items[token] = item
-        while len(self._items) > self.limit:
-            del self._items[next(iter(self._items))]
-        return token
-
-    def take(self, token: str) -> object | None:
-        return self._items.pop(token, None)
-
-
 @dataclass
 class Services:
     policy: PolicyHolder = field(default_factory=PolicyHolder)
@@ -72,8 +52,6 @@ class Services:
     history_warned_at: float = float("-inf")
     _auth: tuple[int, Authenticator] | None = None
     cache: ResponseCache = field(default_factory=ResponseCache)
-    # What a one-message call leaves for its response side in this process (extproc.response_side).
-    handoffs: Handoffs = field(default_factory=lambda: Handoffs())
     # MCP sessions and cached reads for context policies (built from metrics and clock).
     context_sources: ContextSources = field(init=False)
 
