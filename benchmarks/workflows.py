@@ -18,6 +18,11 @@ benchmark waits until every one has ended. Figures (targets from issue 8):
 * **p99 created -> picked up** (reported, no target): ``crdgol_workflow_run_pickup_delay_seconds``,
   from a run being created to the engine starting it; with 1,000 runs posted at once this is the
   event loop's backlog.
+* **created -> first step started** (reported, no target): ``crdgol_workflow_run_first_start_delay_seconds``,
+  pickup plus the first step's ready -> start: what a user waits for, whichever figure holds it.
+* **the burst**: when the last start request was answered and the last run's first step started,
+  and the controller's CPU until then per run (what admitting a run costs, earlier runs' steps
+  included).
 * **controller RSS**: peak resident set (VmHWM) of the controller process (target < 300 MB).
 
 Results: ``<out>/workflows.json`` and ``<out>/workflows.md``. Loopback only; every process
@@ -37,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -64,8 +71,8 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def p99_ms(metrics_url: str, histogram: str = "crdgol_workflow_step_start_delay_seconds") -> float:
-    """The bound of the histogram bucket holding the 99th percentile, in ms."""
+def p99_ms(metrics_url: str, histogram: str = "crdgol_workflow_step_start_delay_seconds", q: float = 0.99) -> float:
+    """The bound of the histogram bucket holding the ``q`` quantile (the 99th percentile), in ms."""
     text = httpx.get(metrics_url, timeout=10).text
     buckets: list[tuple[float, float]] = []
     for fam in text_string_to_metric_families(text):
@@ -75,26 +82,43 @@ def p99_ms(metrics_url: str, histogram: str = "crdgol_workflow_step_start_delay_
         return float("nan")
     total = buckets[-1][1]
     for le, count in buckets:
-        if count >= 0.99 * total:
+        if count >= q * total:
             return le * 1000
     return float("inf")
 
 
-def ended_runs(metrics_url: str) -> float:
+def counter(metrics_url: str, sample: str, phases: tuple[str, ...] = ()) -> float:
+    """Sum of a sample's values (``phases``: only those of these run phases)."""
     text = httpx.get(metrics_url, timeout=10).text
     return sum(
         s.value
         for fam in text_string_to_metric_families(text)
-        if fam.name == "crdgol_workflow_runs"
         for s in fam.samples
-        if s.labels.get("phase") in ("Succeeded", "Failed", "Cancelled")
+        if s.name == sample and (not phases or s.labels.get("phase") in phases)
     )
 
 
-async def drive(url: str, metrics_url: str, runs: int) -> float:
-    """Start ``runs`` runs at once; seconds until the controller counts them all ended. Waiting
-    reads the controller's metrics (cheap), not the run API, so it adds little to its CPU."""
+def ended_runs(metrics_url: str) -> float:
+    return counter(metrics_url, "crdgol_workflow_runs", ("Succeeded", "Failed", "Cancelled"))
+
+
+@dataclass
+class Timeline:
+    posted: float = 0.0  # every start request answered (201)
+    admitted: float = 0.0  # every run's first step started
+    admitted_cpu: float = 0.0  # controller CPU seconds until then
+    ended: float = 0.0  # every run ended
+
+
+async def drive(url: str, metrics_url: str, runs: int, cpu: Callable[[], float]) -> Timeline:
+    """Start ``runs`` runs at once; seconds until every first step started and until the
+    controller counts them all ended. Waiting reads the controller's metrics (cheap), not the
+    run API, so it adds little to its CPU."""
     before = ended_runs(metrics_url)
+    first = "crdgol_workflow_run_first_start_delay_seconds_count"
+    admitted_before = counter(metrics_url, first)
+    out = Timeline()
+    cpu0 = cpu()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200), headers=HEADERS) as http:
 
         async def start(i: int) -> None:
@@ -104,9 +128,14 @@ async def drive(url: str, metrics_url: str, runs: int) -> float:
 
         started = time.perf_counter()
         await asyncio.gather(*(start(i) for i in range(runs)))
+        out.posted = time.perf_counter() - started
+        while await asyncio.to_thread(counter, metrics_url, first) - admitted_before < runs:
+            await asyncio.sleep(0.05)
+        out.admitted, out.admitted_cpu = time.perf_counter() - started, cpu() - cpu0
         while await asyncio.to_thread(ended_runs, metrics_url) - before < runs:
             await asyncio.sleep(0.1)
-        return time.perf_counter() - started
+        out.ended = time.perf_counter() - started
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--profile", default="", help="also record the controller with py-spy into this file (raw collapsed stacks)")
+    p.add_argument("--profile-seconds", type=int, default=0, help="with --profile: record only the first N seconds (the burst of new runs); default: the whole run")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="crdgol-wfbench-"))
     folder = tmp / "support-triage"
@@ -129,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_url = f"http://127.0.0.1:{stack.controller_port}/metrics"
         spy = None
         if args.profile:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o", args.profile, "-f", "raw", "-r", "200", "--nonblocking"])
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o", args.profile, "-f", "raw", "-r", "200", "--nonblocking", *(["-d", str(args.profile_seconds)] if args.profile_seconds else [])])
             time.sleep(1.0)
             cpu0 = cpu_seconds(pid)
-        elapsed = asyncio.run(drive(stack.url, metrics_url, args.runs))
+        timeline = asyncio.run(drive(stack.url, metrics_url, args.runs, lambda: cpu_seconds(pid)))
+        elapsed = timeline.ended
         cpu = cpu_seconds(pid) - cpu0
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -148,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ms_per_step": round(cpu * 1000 / max(1, steps), 3),
             "p99_start_delay_ms": p99_ms(metrics_url),
             "p99_pickup_delay_ms": p99_ms(metrics_url, "crdgol_workflow_run_pickup_delay_seconds"),
+            "p50_pickup_delay_ms": p99_ms(metrics_url, "crdgol_workflow_run_pickup_delay_seconds", 0.5),
+            "p99_first_start_delay_ms": p99_ms(metrics_url, "crdgol_workflow_run_first_start_delay_seconds"),
+            # The burst: every run created, then every run's first step started; the controller's
+            # CPU until then, per run, is what admitting one run costs (API request, journal,
+            # pickup, first call), and runs / that rate is the floor of the last run's wait.
+            "all_posted_s": round(timeline.posted, 3),
+            "all_first_steps_started_s": round(timeline.admitted, 3),
+            "admission_cpu_ms_per_run": round(timeline.admitted_cpu * 1000 / args.runs, 3),
+            "p50_first_start_delay_ms": p99_ms(metrics_url, "crdgol_workflow_run_first_start_delay_seconds", 0.5),
             "controller_rss_mb": round(peak_rss_mb(pid), 1),
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -172,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| p99 ready -> start (ms, bucket bound) | {result['p99_start_delay_ms']} | <= {TARGETS['p99_start_delay_ms']:g} |",
         f"| controller peak RSS (MB) | {result['controller_rss_mb']} | < {TARGETS['controller_rss_mb']:g} |",
         f"| p99 run created -> picked up (ms, bucket bound) | {result['p99_pickup_delay_ms']} | (no target) |",
+        f"| p50 run created -> picked up (ms, bucket bound) | {result['p50_pickup_delay_ms']} | (no target) |",
+        f"| p99 run created -> first step started (ms, bucket bound) | {result['p99_first_start_delay_ms']} | (no target) |",
+        f"| p50 run created -> first step started (ms, bucket bound) | {result['p50_first_start_delay_ms']} | (no target) |",
+        f"| controller CPU to admit one run (ms: API request, journal, pickup, first call) | {result['admission_cpu_ms_per_run']} | (no target) |",
+        f"| all runs created / all first steps started (s after the first request) | {result['all_posted_s']} / {result['all_first_steps_started_s']} | (no target) |",
         "",
         f"{result['succeeded']} of {result['runs']} runs succeeded; {result['steps']} steps in {result['seconds']} s; {result['cpu']}, {result['cores']} cores, load average {result['load_average']} at the start.",
         "",

@@ -1,7 +1,8 @@
 """Envoy's access log on the gateway listener: one JSON line per request (``crdgol.access_log``).
 
 ``access_logs(target)`` is the listener's ``access_log`` list: ``"-"`` writes to Envoy's stdout,
-any other value is a file path, ``""`` turns the log off. The line's fields and the metadata
+any other value is a file path, ``""`` turns the log off. ``usage_filters``: the listener runs
+Envoy's usage filters, and the line's token counts come from them. The line's fields and the metadata
 namespace extproc fills are defined once in ``crdgol.access_log``.
 """
 
@@ -16,23 +17,23 @@ from crdgol.access_log import json_format
 STDOUT = "-"
 
 
-def log_format() -> Json:
-    return {"json_format": json_format()}
+def log_format(usage_filters: bool = False) -> Json:
+    return {"json_format": json_format(usage_filters=usage_filters)}
 
 
-def access_logs(target: str) -> list[Json]:
+def access_logs(target: str, *, usage_filters: bool = False) -> list[Json]:
     if not target:
         return []
     if target == STDOUT:
         logger = {
             "name": "envoy.access_loggers.stdout",
-            "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=log_format()),
+            "typed_config": typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=log_format(usage_filters)),
         }
     else:
         logger = {
             "name": "envoy.access_loggers.file",
             "typed_config": typed(
-                "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=target, log_format=log_format()
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=target, log_format=log_format(usage_filters)
             ),
         }
     return [logger]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import grpc
@@ -24,6 +24,7 @@ from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from controller.binding_usage import UsageBook, refresh_usage
 from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
 from controller.health import backend_health
@@ -42,7 +43,11 @@ from crdgol.control_plane import (
     private_socket,
     server_credentials,
 )
+from crdgol.pb import policy_pb2 as pb
 from crdgol.pb import policy_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from controller.run_tracing import RunTracer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,10 @@ class ControllerSettings:
     retire_after: float = 10.0
     # How often file mode reads backend health from Envoy's admin API (0 = never).
     health_interval: float = 1.0
+    # Bindings' status.usage on a cluster (controller.binding_usage): over this many seconds,
+    # written at most every usage_interval seconds.
+    usage_window: float = 3600.0
+    usage_interval: float = 30.0
 
 
 class ControllerMetrics:
@@ -87,7 +96,8 @@ class Controller:
         self.settings = settings
         self.state = ControllerState(settings.render, clock=clock)
         self.xds = XdsServer(authorizer(settings.auth))
-        self.policy = PolicyServer(authorizer(settings.auth))
+        self.usage = UsageBook(settings.usage_window)
+        self.policy = PolicyServer(authorizer(settings.auth), on_report=self._on_report)
         self.metrics = ControllerMetrics()
         self.problems: dict[str, str] = {}  # file-level problems (file mode)
         self._server: grpc.aio.Server | None = None
@@ -96,8 +106,28 @@ class Controller:
         self._nacks_seen = 0
         self._encoder = Encoder()
         self.workflows = WorkflowHost(settings.workflows, WorkflowMetrics(self.metrics.registry)) if settings.workflows else None
+        # Each workflow run a trace (controller.run_tracing), in file mode here and on a cluster by
+        # the operator's runner; the SDK is loaded only when tracing is on.
+        self.run_tracer: RunTracer | None = None
+        self._stop_tracing: Callable[[], None] | None = None
+        if settings.render.tracing.enabled:
+            from controller.run_tracing import RunTracer
+            from crdgol import tracing
+
+            tracer, self._stop_tracing = tracing.start(settings.render.tracing)
+            self.run_tracer = RunTracer(tracer)
+        if self.workflows is not None:
+            self.workflows.runner.tracer = self.run_tracer
         self._live: RenderResult | None = None  # the render whose policy extproc was given
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _on_report(self, report: pb.UsageReport) -> None:
+        """An extproc replica's report: its usage, and (on a cluster) its Envoy's backend health."""
+        self.usage.record(report)
+        if report.health:  # replicas beside an Envoy they can read (file mode reads it itself)
+            health = self.usage.health()
+            if health != self.state.backend_health:
+                self.state.backend_health = health  # written to status at the next status sync
 
     async def publish(self) -> RenderResult:
         """Render the current state and hand any new version to Envoy and extproc."""
@@ -283,20 +313,31 @@ class Controller:
             await self._server.stop(2)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._stop_tracing is not None:
+            await asyncio.to_thread(self._stop_tracing)  # flushes the spans still batched
 
     async def run_file_mode(self, folder: Path, stop: asyncio.Event) -> None:
         reader = FolderReader(folder)
-        health_at = 0.0
+        health_at = usage_at = 0.0
         while not stop.is_set():
             if self.settings.health_interval and time.monotonic() - health_at >= self.settings.health_interval:
                 health_at = time.monotonic()
                 await self.refresh_health()
+            if time.monotonic() - usage_at >= self.settings.usage_interval:  # extproc's reports
+                usage_at = time.monotonic()
+                if refresh_usage(self.state, self.usage):
+                    self.write_status()
             if reader.changed():
                 bindings, secrets, others = reader.read()
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
                 sources_before = dict(self.state.result.source_problems) if self.state.result else {}
+                if self.workflows is not None and self.state.result is None:
+                    # A (re)started controller's first config keeps the run API's route, which
+                    # Envoy had from the previous one: without it a run's status would be a 404
+                    # "no route" until the workflows are synced below.
+                    self.state.extras = self.workflows.extras()
                 await self.publish()
                 if self.state.result is not None:
                     for where, what in self.state.result.source_problems.items():

@@ -57,6 +57,7 @@ BINDING_SPEC: Tree = {
                 "namespace": None,
             },
             "jwks": None,
+            "jwksUri": None,
         },
     },
     "quotas": {

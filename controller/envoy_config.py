@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.access_logs import access_logs
 from controller.envoy_json import (
@@ -29,6 +29,7 @@ from controller.one_message import (
     one_message,
     response_filter,
 )
+from controller.tracing_config import gateway_tracing
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import (
@@ -38,6 +39,7 @@ from crdgol.replies import (
     MAX_REQUEST_HEADERS,
 )
 from crdgol.request_path import ROUTE_NAMESPACE, STATE_NAMESPACE, attributes, credential_secret
+from crdgol.tracing import TracingSettings
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
@@ -118,6 +120,8 @@ class RenderSettings:
     sds_dir: str = ""
     # Header names context profiles read (sent to extproc with the body; ``request_path.attributes``).
     profile_headers: tuple[str, ...] = ()
+    # OpenTelemetry traces (controller.tracing_config); off by default.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -421,12 +425,14 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
     )
     if settings.access_log:
         # Beside the usage log (when rendered), never instead of it: quotas settle from that one.
-        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log)]
+        hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log, usage_filters=settings.usage_log)]
         # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata,
         # in addition to the namespaces extproc already writes (the settle marker).
         ext = hcm["http_filters"][0]["typed_config"]
         received = ext.setdefault("metadata_options", {}).setdefault("receiving_namespaces", {}).setdefault("untyped", [])
         received.append(ACCESS_NAMESPACE)
+    if settings.tracing.enabled:
+        hcm["tracing"] = gateway_tracing()
     return {
         "name": "crdgol-gateway",
         "address": socket_address(settings.listen_host, settings.listen_port),

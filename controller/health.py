@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.spec_parsing import SpecError, as_dict, int_in, parse_duration
+from crdgol.envoy_health import (
+    BackendHealth as BackendHealth,  # re-exported: file mode reads it here
+)
+from crdgol.envoy_health import backend_health as backend_health
 
 Json = dict[str, Any]
 
@@ -149,36 +153,4 @@ def cluster_health(h: HealthSpec, host: str) -> Json:
                 "http_health_check": {"path": a.path, "host": host},
             }
         ]
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class BackendHealth:
-    healthy: bool
-    reason: str  # "" when healthy; "ejected" (outlier detection), "failed_check", "no_host"
-
-
-def backend_health(clusters_json: Json) -> dict[str, BackendHealth]:
-    """Envoy admin ``/clusters?format=json`` -> verdict per cluster name.
-
-    A host is unhealthy when any failure flag is set: ``failed_outlier_check`` (ejected),
-    ``failed_active_health_check``, or an EDS status other than HEALTHY/UNKNOWN.
-    """
-    out: dict[str, BackendHealth] = {}
-    for cluster in clusters_json.get("cluster_statuses", []):
-        name = str(cluster.get("name", ""))
-        hosts = cluster.get("host_statuses", [])
-        verdict = BackendHealth(False, "no_host")
-        for host in hosts:
-            hs = host.get("health_status", {})
-            if hs.get("failed_outlier_check"):
-                verdict = BackendHealth(False, "ejected")
-            elif hs.get("failed_active_health_check"):
-                verdict = BackendHealth(False, "failed_check")
-            elif hs.get("eds_health_status", "HEALTHY") not in ("HEALTHY", "UNKNOWN"):
-                verdict = BackendHealth(False, "unhealthy")
-            else:
-                verdict = BackendHealth(True, "")
-                break
-        out[name] = verdict
     return out

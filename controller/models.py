@@ -26,6 +26,7 @@ from controller.spec_parsing import as_list as _list
 from controller.spec_parsing import int_in as _int
 from controller.spec_parsing import parse_duration as parse_duration
 from crdgol import tenancy
+from crdgol.jwks_url import jwks_url_problem
 
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
@@ -152,6 +153,7 @@ class JwtSpec:
     tenant_claim: str
     hs256_secret: SecretRef | None
     jwks: str
+    jwks_uri: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,8 +448,13 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
         import json
 
         jwks = json.dumps(jwks, sort_keys=True)
-    if bool(secret) == bool(jwks):
-        raise SpecError("InvalidAuth", f"{what}: give exactly one of hs256SecretRef or jwks")
+    jwks_uri = str(j.get("jwksUri") or "")
+    if [bool(secret), bool(jwks), bool(jwks_uri)].count(True) != 1:
+        raise SpecError("InvalidAuth", f"{what}: give exactly one of hs256SecretRef, jwks or jwksUri")
+    if jwks_uri:
+        problem = jwks_url_problem(jwks_uri)
+        if problem:
+            raise SpecError("InvalidAuth", f"{what}.jwksUri: {problem}")
     audiences = j.get("audiences") or []
     return JwtSpec(
         name=str(j.get("name") or issuer),
@@ -456,6 +463,7 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
         tenant_claim=str(j.get("tenantClaim") or "tenant"),
         hs256_secret=secret,
         jwks=str(jwks),
+        jwks_uri=jwks_uri,
     )
 
 

@@ -50,6 +50,7 @@ import aiohttp
 import kopf
 
 from controller.app import Controller, ControllerSettings
+from controller.binding_usage import keep_usage_fresh
 from controller.models import GROUP, VERSION, SpecError, parse_binding
 from controller.state import BindingStatus, ControllerState
 from controller.workflow.cluster import ClusterWorkflows, ClusterWorkflowSettings
@@ -328,11 +329,14 @@ class Operator:
         self.publish = Batcher(self._publish_and_sync, options.batch_delay)
         self._secrets_seen: set[str] = set()  # Secrets the state holds (from events or reads)
         self._resync: asyncio.Task[None] | None = None
+        self._usage: asyncio.Task[None] | None = None
         self.workflows = (
             ClusterWorkflows(options.workflows, controller.state, self.client.request, self.publish, WorkflowMetrics(controller.metrics.registry))
             if options.workflows is not None
             else None
         )
+        if self.workflows is not None:
+            self.workflows.runner.tracer = controller.run_tracer  # None unless tracing is on
 
     @property
     def state(self) -> ControllerState:
@@ -407,13 +411,19 @@ class Operator:
 
     async def start(self) -> None:
         await self.controller.start()
+        if self.workflows is not None:
+            await self.workflows.serve_api()
         self._resync = asyncio.create_task(self._resync_loop(), name="crdgol status resync")
+        # status.usage from the extproc replicas' reports, refreshed at most every usage_interval.
+        settings = self.controller.settings
+        self._usage = asyncio.create_task(keep_usage_fresh(self.state, self.controller.usage, settings.usage_interval, self.publish))
 
     async def stop(self) -> None:
-        if self._resync is not None:
-            self._resync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resync
+        for task in (self._resync, self._usage):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.workflows is not None:
             await self.workflows.close()
         await self.publish.close()

@@ -1,6 +1,7 @@
 """The policy stream: every extproc replica subscribes and receives each new snapshot.
 
-A subscriber says which version it holds; it gets the current snapshot at once if that is newer,
+Replicas also report their usage and their Envoy's backend health here (``Report``), for the
+bindings' status. A subscriber says which version it holds; it gets the current snapshot at once if that is newer,
 then every later one. Snapshots carry secrets (provider keys, HS256 secrets), so a subscriber that
 has not proved who it is (``crdgol.control_plane``: a Unix socket's file permissions, or a client
 certificate) is refused with PERMISSION_DENIED before anything is sent.
@@ -22,8 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class PolicyServer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        authorize: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
+        on_report: Callable[[pb.UsageReport], None] = lambda _r: None,
+    ) -> None:
         self.snapshot: pb.PolicySnapshot | None = None
+        self._on_report = on_report
         self.subscribers = 0
         self.refused = 0
         self._authorize = authorize or authorizer(ServerAuth())
@@ -60,3 +66,13 @@ class PolicyServer(pb_grpc.PolicyServiceServicer):
                 yield snap
         finally:
             self.subscribers -= 1
+
+    async def Report(self, request: pb.UsageReport, context: grpc.aio.ServicerContext) -> pb.ReportAck:
+        """An extproc replica's usage and health (``controller.binding_usage``), same proof as Subscribe."""
+        denied = self._authorize(context)
+        if denied is not None:
+            self.refused += 1
+            log.warning("usage report from %s refused: %s", context.peer(), denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an authorized control-plane client")
+        self._on_report(request)
+        return pb.ReportAck()

@@ -68,6 +68,7 @@ from controller.models import (
 )
 from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
+from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 from crdgol.request_path import credential_secret
@@ -271,6 +272,7 @@ def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtPro
                 hs256_secret=secret.encode(),
                 jwks_json=j.jwks,
                 namespace=b.namespace,
+                jwks_uri=j.jwks_uri,
             )
         )
     return out
@@ -459,6 +461,8 @@ def _render(
         jwt_providers=claims.providers(),
     )
     clusters: list[Json] = list(extras.clusters)
+    if settings.tracing.enabled:
+        clusters.append(collector_cluster(settings.tracing, settings.ca_bundle))
     routes = list(extras.routes)
     injected: list[Json] = []
     for _, pieces in served:

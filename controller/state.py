@@ -55,6 +55,8 @@ class BindingStatus:
     backends: int = 0
     # Backend name -> "healthy" | "ejected" | "failed_check" | ..., as Envoy last reported it.
     health: tuple[tuple[str, str], ...] = ()
+    # status.usage (controller.binding_usage), as items; () when nothing was reported.
+    usage: tuple[tuple[str, Any], ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -69,6 +71,8 @@ class BindingStatus:
         }
         if self.health:
             doc["backendHealth"] = dict(self.health)
+        if self.usage:
+            doc["usage"] = dict(self.usage)
         return doc
 
 
@@ -95,6 +99,8 @@ class ControllerState:
     extras: EnvoyExtras = field(default_factory=EnvoyExtras)
     # Envoy's verdict per backend cluster (admin /clusters), when the controller can read it.
     backend_health: dict[str, BackendHealth] = field(default_factory=dict)
+    # Each binding's status.usage from the extproc replicas' reports (controller.binding_usage).
+    binding_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
     _clusters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
@@ -135,6 +141,10 @@ class ControllerState:
 
     def delete_secret(self, namespace: str, name: str) -> None:
         self._secrets.pop(f"{namespace}/{name}", None)
+
+    def secrets_in(self, namespace: str) -> list[SecretData]:
+        """The Secrets of ``namespace`` the state holds (API-key labelled or named by a binding)."""
+        return [s for s in self._secrets.values() if s.namespace == namespace]
 
     def replace_all(self, bindings: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
         """Make the state exactly these resources (file mode: the folder is the whole truth)."""
@@ -248,6 +258,7 @@ class ControllerState:
             model=spec.model if spec else "",
             backends=len(spec.backends) if spec else 0,
             health=health,
+            usage=tuple(sorted(self.binding_usage.get(key, {}).items())),
         )
 
     def _health(self, key: str) -> tuple[tuple[str, str], ...]:
@@ -259,6 +270,10 @@ class ControllerState:
                 return ()
             out.append((name, "healthy" if verdict.healthy else verdict.reason))
         return tuple(out)
+
+    def binding_keys(self) -> list[str]:
+        """Every binding the state holds (``namespace/name``), sorted."""
+        return sorted(self._bindings)
 
     def statuses(self) -> dict[str, BindingStatus]:
         out = {}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from crdgol.usage_log import INPUT_TOKENS, OUTPUT_TOKENS, USAGE_NAMESPACE
+
 # Dynamic metadata namespace extproc writes and Envoy's access log reads.
 NAMESPACE = "crdgol"
 
@@ -53,9 +55,20 @@ ENVOY_FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def json_format() -> dict[str, Any]:
-    """Envoy's ``json_format`` for the access log: Envoy's fields, then extproc's metadata."""
+# Token counts Envoy's own usage filters read from the response (``crdgol.usage_log``), when
+# the listener has them: they see every answer, including those extproc settles from the usage
+# log without reading the body, whose line would otherwise have no tokens.
+USAGE_FIELDS = (INPUT_TOKENS, OUTPUT_TOKENS)
+
+
+def json_format(*, usage_filters: bool = False) -> dict[str, Any]:
+    """Envoy's ``json_format`` for the access log: Envoy's fields, then extproc's metadata.
+
+    With ``usage_filters`` (the listener runs Envoy's usage filters), the token fields read the
+    usage namespace those filters write, whoever settled the request.
+    """
     fmt: dict[str, Any] = {key: op for key, op, _ in ENVOY_FIELDS}
     for key in EXTPROC_FIELDS:
-        fmt[key] = f"%DYNAMIC_METADATA({NAMESPACE}:{key})%"
+        namespace = USAGE_NAMESPACE if usage_filters and key in USAGE_FIELDS else NAMESPACE
+        fmt[key] = f"%DYNAMIC_METADATA({namespace}:{key})%"
     return fmt

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -18,10 +19,21 @@ from crdgol import __version__, logs
 
 if TYPE_CHECKING:
     from crdgol.control_plane import TlsFiles
+    from crdgol.tracing import TracingSettings
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _tracing(args: argparse.Namespace, service: str) -> TracingSettings:
+    """Tracing settings from ``--otlp-endpoint`` and the ``OTEL_*`` variables; exits on a bad one."""
+    from crdgol.tracing import TracingError, settings_from
+
+    try:
+        return settings_from(os.environ, str(args.otlp_endpoint), service)
+    except TracingError as exc:
+        raise SystemExit(f"crdgol: tracing: {exc}") from None
 
 
 def _run_async(coro: object) -> None:
@@ -49,7 +61,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     result = render(
         manifests.bindings,
         manifests.secrets,
-        RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port, sds_dir=str(sds_dir)),
+        RenderSettings(
+            listen_port=args.port,
+            extproc_port=args.extproc_port,
+            admin_port=args.admin_port,
+            tracing=_tracing(args, "crdgol-controller"),
+            sds_dir=str(sds_dir),
+        ),
     )
     write_sds_files(sds_dir, result.secrets)
     for where, problem in {**manifests.problems, **result.problems}.items():
@@ -145,16 +163,31 @@ def cmd_extproc(args: argparse.Namespace) -> int:
         policy_server=args.policy_server,
         policy_auth=policy_auth,
         socket=args.socket,
+        report_interval=args.report_interval,
+        envoy_admin=args.envoy_admin,
     )
     capacity = CapacitySettings(max_streams=args.max_streams, max_body_bytes=args.max_body_mib * 1024 * 1024, shed_lag=args.shed_lag_ms / 1000)
+    tracing = _tracing(args, "crdgol-extproc")
+    tracer, shutdown = None, None
+    if tracing.enabled:  # the SDK is loaded only on this path
+        from crdgol import tracing as otel
+        from extproc.tracing import CallTracer
+
+        sdk_tracer, shutdown = otel.start(tracing)
+        tracer = CallTracer(sdk_tracer)
 
     async def main() -> None:
         services = build_services(args.redis_url, args.redis_timeout)
         assert isinstance(services, Services)
         services.capacity = Capacity(capacity)
+        services.tracer = tracer
         await serve(settings, services)
 
-    _run_async(main())
+    try:
+        _run_async(main())
+    finally:
+        if shutdown is not None:
+            shutdown()  # flushes the spans still batched
     return 0
 
 
@@ -163,6 +196,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controller.render import RenderSettings
     from crdgol.control_plane import InsecureControlPlane, ServerAuth, require_secure_server
 
+    # The workflow engine makes many short-lived objects per step: CPython's default gen-0
+    # threshold (700 allocations) collected every few steps, and full passes over 1,000 live runs
+    # stalled the loop 50-200 ms. Fewer, larger collections cut the controller's CPU per step
+    # ~10% in benchmarks/workflows.py (RESULTS.md); objects loaded at start-up are not rescanned.
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
     tls = _tls_files("--tls-*", args.tls_cert, args.tls_key, args.tls_client_ca)
     auth = ServerAuth(tls=tls, client_names=tuple(args.tls_client_name))
     tcp = [f"{args.host}:{port}" for port, sock in ((args.xds_port, args.xds_socket), (args.policy_port, args.policy_socket)) if not sock]
@@ -181,6 +220,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         access_log="" if args.access_log == "off" else args.access_log,
         admin_socket=args.admin_socket,
+        tracing=_tracing(args, "crdgol-controller"),
     )
     workflows = None
     if args.manifests:
@@ -205,6 +245,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         manifests=Path(args.manifests) if args.manifests else None,
         status_file=Path(args.status_file) if args.status_file else None,
+        usage_window=args.usage_window,
+        usage_interval=args.usage_interval,
     )
     if settings.manifests is not None:
         _run_async(serve_file_mode(settings))
@@ -225,12 +267,24 @@ def cmd_controller(args: argparse.Namespace) -> int:
         from controller.workflow.cluster import ClusterWorkflowSettings
         from controller.workflow.egress import WorkflowEnvoySettings
 
+        api_host, api_port = _api_address(args.workflow_api_address, args.workflow_api_port)
         cluster_workflows = ClusterWorkflowSettings(
             gateway_url=args.workflow_gateway,
             egress_url=args.workflow_egress,
-            egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port),
+            egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port, api_host=api_host, api_port=api_port),
+            api_listen_port=args.workflow_api_port,
         )
     return int(run_operator(settings, namespaces=args.namespace, peering=args.peering, workflows=cluster_workflows))
+
+
+def _api_address(address: str, listen_port: int) -> tuple[str, int]:
+    """``--workflow-api-address``: where Envoy reaches the run API (empty: loopback, its port)."""
+    if not address:
+        return "127.0.0.1", listen_port
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--workflow-api-address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -281,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"crdgol {__version__}")
     p.add_argument("--log-level", default=_env("CRDGOL_LOG_LEVEL", "info"), help="debug|info|warning (env CRDGOL_LOG_LEVEL)")
     p.add_argument("--log-format", default=_env("CRDGOL_LOG_FORMAT", "text"), help="text|json: json writes one object per line (env CRDGOL_LOG_FORMAT; `up` passes it to its children)")
+    p.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (default: the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set or OTEL_TRACES_EXPORTER=none; "
+        "OTEL_SERVICE_NAME names the process; `up` passes it to its children)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the standalone gateway (Envoy + extproc + mock upstream) from a folder of manifests")
@@ -325,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--grace", type=float, default=10.0, help="seconds to drain open streams on shutdown (default 10)")
     ext.add_argument("--max-streams", type=int, default=4096, help="gateway requests processed at once; more get 503 gateway_overloaded (default 4096)")
     ext.add_argument("--max-body-mib", type=int, default=64, help="MiB of request and response bodies held at once; a request body beyond gets 503 (default 64)")
+    ext.add_argument("--report-interval", type=float, default=float(_env("CRDGOL_REPORT_INTERVAL", "10")), help="seconds between reports of usage and backend health to the controller's policy server, for the bindings' status (default 10; 0 = never; env CRDGOL_REPORT_INTERVAL)")
+    ext.add_argument("--envoy-admin", default=_env("CRDGOL_ENVOY_ADMIN", ""), help="Envoy's admin URL beside this extproc (e.g. http://127.0.0.1:9901): its backend health goes into the reports (env CRDGOL_ENVOY_ADMIN)")
     ext.add_argument("--shed-lag-ms", type=float, default=500.0, help="refuse new requests with 503 while the event loop runs this late (default 500 ms)")
     ext.set_defaults(func=cmd_extproc)
 
@@ -354,8 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--egress-port", type=int, default=0, help="port of Envoy's egress listener for http-request steps (default 0: none)")
     ctl.add_argument("--egress-host", default="127.0.0.1", help="on a cluster: address the egress listener binds in the gateway's Envoy (default 127.0.0.1)")
     ctl.add_argument("--workflow-gateway", default=_env("CRDGOL_WORKFLOW_GATEWAY", ""), help="on a cluster: run WorkflowSpecs and WorkflowRuns, their AI steps calling the gateway listener at this URL, e.g. http://crdgol-gateway.crdgol-system.svc:8080 (env CRDGOL_WORKFLOW_GATEWAY; unset: workflows are not run)")
+    ctl.add_argument("--workflow-api-port", type=int, default=int(_env("CRDGOL_WORKFLOW_API_PORT", "0")), help="on a cluster: serve the workflow run API (/v1/workflows/..., routed to by the gateway's Envoy) on this port (env CRDGOL_WORKFLOW_API_PORT; default 0: off)")
+    ctl.add_argument("--workflow-api-address", default=_env("CRDGOL_WORKFLOW_API_ADDRESS", ""), help="on a cluster: HOST:PORT where the gateway's Envoy reaches the run API, e.g. crdgol-controller.crdgol-system.svc:8091 (env CRDGOL_WORKFLOW_API_ADDRESS; default 127.0.0.1 and --workflow-api-port)")
     ctl.add_argument("--workflow-egress", default=_env("CRDGOL_WORKFLOW_EGRESS", ""), help="on a cluster: URL of the gateway's egress listener, as http-request steps reach it (env CRDGOL_WORKFLOW_EGRESS)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
+    ctl.add_argument("--usage-window", type=float, default=3600.0, help="each binding's status.usage covers this many seconds (default 3600)")
+    ctl.add_argument("--usage-interval", type=float, default=float(_env("CRDGOL_USAGE_INTERVAL", "30")), help="refresh each binding's status.usage (from extproc's reports) at most this often, in seconds (default 30, env CRDGOL_USAGE_INTERVAL)")
     ctl.add_argument("--admin-socket", default="", help="Envoy's admin API is on this Unix socket instead (file mode reads backend health there)")
     ctl.set_defaults(func=cmd_controller)
 
@@ -388,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is cmd_up:
         # The stack's children (controller, extproc, mock) are crdgol commands too: same format.
         os.environ["CRDGOL_LOG_FORMAT"] = str(args.log_format)
+        if args.otlp_endpoint:  # checked here, then given to the children the standard way
+            os.environ.update(_tracing(args, "crdgol").environment())
     return int(args.func(args))
 
 

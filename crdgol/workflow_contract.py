@@ -15,3 +15,9 @@ TENANT_HEADER = "x-crdgol-workflow-tenant"
 # Names the step an egress request belongs to (its route carries the step's timeout and retries).
 STEP_HEADER = "x-crdgol-workflow-step"
 IDEMPOTENCY_HEADER = "idempotency-key"
+# The SHA-256 (hex) of the API key the caller sent, set by extproc (removed for a JWT caller, so a
+# client cannot send one): on a cluster the run API finds the Secret holding that key.
+KEY_DIGEST_HEADER = "x-crdgol-workflow-key-digest"
+# On a cluster the run API listens on TCP: Envoy's route to it adds this header with the
+# controller's token, and the API serves nothing without it.
+API_TOKEN_HEADER = "x-crdgol-workflow-api-token"

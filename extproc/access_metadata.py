@@ -7,7 +7,10 @@ twice at most:
 * when extproc refuses the request (the reply is an immediate response): who asked, for what,
   and the error code, so a 401/403/404/429 line still says as much as extproc knew;
 * when the response ended (``finish``, called from the call's accounting): the full record --
-  tenant, binding, backend, provider, models, tokens, cost, policy version.
+  tenant, binding, backend, provider, models, tokens, cost, policy version;
+* or, for an answer whose usage Envoy's usage log settles (``settled_elsewhere``), with the
+  response headers: the same without tokens and cost (the line's tokens then come from Envoy's
+  usage filters).
 
 A successful request therefore pays for one metadata message, not one per phase. Keys and the
 namespace are ``crdgol.access_log``'s. Nothing here reads a header or a body: no credential and
@@ -28,6 +31,7 @@ from extproc.quota import cost_micros
 if TYPE_CHECKING:
     from extproc.gateway import ModelCall
     from extproc.phases import Reply
+    from extproc.policy import Backend
     from extproc.usage import Usage
 
 _MICROS = 1_000_000
@@ -60,14 +64,7 @@ class AccessRecord:
         """The response ended (or was cut): build the full record and record spend and latency."""
         if self.sent_final or self.pending is not None:
             return
-        fields = request_fields(call, self.error)
-        policy = call.services.current
-        entry = policy.backends.get(call.backend) if call.backend else None
-        backend = entry[1] if entry is not None else None
-        if backend is not None:
-            fields["backend"] = backend.id
-            fields["provider"] = backend.api.value
-            fields["model_served"] = call.response_model()
+        fields, backend = answer_fields(call, self.error)
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens
@@ -76,6 +73,13 @@ class AccessRecord:
             fields["cost"] = cost
             self._measure(call, usage, cost)
         self.pending = fields
+
+    def settled_elsewhere(self, call: ModelCall) -> None:
+        """The answer's usage is settled from Envoy's usage log, not here: send what is known now
+        (who, which backend). Its token counts reach the line from Envoy's usage filters
+        (``crdgol.access_log.json_format``); its cost, which needs them, is left out."""
+        if not self.sent_final and self.pending is None:
+            self.pending = answer_fields(call, self.error)[0]
 
     def _measure(self, call: ModelCall, usage: Usage, cost: float) -> None:
         m = call.services.metrics
@@ -99,6 +103,18 @@ class AccessRecord:
 def streamed(call: ModelCall) -> bool:
     """Whether the answer is a stream (server-sent events) extproc reads as it passes."""
     return call.reader is not None and call.reader.stream is not None
+
+
+def answer_fields(call: ModelCall, error: str) -> tuple[dict[str, Any], Backend | None]:
+    """``request_fields`` plus the backend that answered (and that backend, for its price)."""
+    fields = request_fields(call, error)
+    entry = call.services.current.backends.get(call.backend) if call.backend else None
+    backend = entry[1] if entry is not None else None
+    if backend is not None:
+        fields["backend"] = backend.id
+        fields["provider"] = backend.api.value
+        fields["model_served"] = call.response_model()
+    return fields, backend
 
 
 def request_fields(call: ModelCall, error: str) -> dict[str, Any]:

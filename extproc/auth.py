@@ -8,6 +8,12 @@ Contract
   not depend on the request (API-key table, JWKS parsed into key objects by ``kid``), so
   ``authenticate`` is a SHA-256 and a dict lookup for API keys, and one signature check per JWT
   (then an LRU hit until the token expires).
+* An issuer may name a ``jwksUri`` instead of inline keys: its keys come from the process-wide
+  ``extproc.jwks.JwksCache``. ``authenticate`` never waits: when that issuer's keys are not there
+  yet, or the token names a ``kid`` they lack, it raises ``KeysPending``; the async caller
+  (``Services.authenticate``) waits for the refresh that allows and asks again with
+  ``final=True``, which refuses instead (401 for an unknown kid, 503 when the key server was
+  never reached).
 * Every refusal is ``Unauthenticated`` with a message the caller can act on. No message or log line
   ever contains the presented key or token: they are credentials, and error bodies and logs leave
   the trust boundary.
@@ -46,16 +52,16 @@ from typing import Any
 
 import jwt
 import orjson
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from crdgol import tenancy
-from extproc.errors import Unauthenticated
+from extproc.errors import GatewayError, Unauthenticated, Unavailable
+from extproc.jwks import JwksCache, parse_jwks
 from extproc.policy import JwtProvider, Policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Authenticator", "Identity", "credential_from_headers", "jwt_principal", "lookup_claim"]
+__all__ = ["Authenticator", "Identity", "KeysPending", "credential_from_headers", "jwt_principal", "lookup_claim"]
 
 _EMPTY_CLAIMS: Mapping[str, object] = MappingProxyType({})
 
@@ -125,6 +131,15 @@ def credential_from_headers(authorization: str | None, x_api_key: str | None) ->
     raise Unauthenticated(_MISSING)
 
 
+class KeysPending(Exception):
+    """A token needs remote keys that are not (yet) in the cache: ``(uri, kid)`` pairs to refresh
+    (``kid`` None: the key set was never fetched)."""
+
+    def __init__(self, wanted: tuple[tuple[str, str | None], ...]) -> None:
+        super().__init__("JWKS refresh needed")
+        self.wanted = wanted
+
+
 @dataclass(frozen=True, slots=True)
 class _Verifier:
     """One JWT provider, precompiled: the only algorithm it accepts and its key material."""
@@ -136,6 +151,7 @@ class _Verifier:
     audiences: tuple[str, ...]
     tenant_claim: str
     namespace: str  # its tokens act as tenants of this namespace only
+    jwks_uri: str = ""  # keys from this URL (extproc.jwks) instead of rsa_keys
 
 
 class Authenticator:
@@ -152,8 +168,10 @@ class Authenticator:
         clock: Callable[[], float] = time.time,
         leeway: float = 30.0,
         cache_size: int = 10_000,
+        jwks: JwksCache | None = None,
     ) -> None:
         self._clock = clock
+        self._jwks = jwks
         self._leeway = float(leeway)
         self._cache_size = max(0, cache_size)
         # digest -> (digest, tenant): keeping the stored digest lets authenticate() confirm the
@@ -173,7 +191,24 @@ class Authenticator:
 
     # ------------------------------------------------------------------ construction
 
+    def remote_jwks(self) -> tuple[str, ...]:
+        """The JWKS URLs this policy's issuers name (to fetch ahead of the first token)."""
+        return tuple(sorted({v.jwks_uri for vs in self._verifiers.values() for v in vs if v.jwks_uri}))
+
     def _compile_provider(self, p: JwtProvider) -> _Verifier:
+        if p.jwks_uri:
+            if self._jwks is None:
+                self._problem(f"JWT provider {p.name!r} ({p.issuer}): a jwksUri, but no key fetcher")
+            return _Verifier(
+                issuer=p.issuer,
+                algorithm="RS256" if self._jwks is not None else "",
+                hmac_key=b"",
+                rsa_keys=MappingProxyType({}),
+                audiences=tuple(p.audiences),
+                tenant_claim=p.tenant_claim or "tenant",
+                namespace=p.namespace,
+                jwks_uri=p.jwks_uri,
+            )
         rsa_keys: dict[str, RSAPublicKey] = {}
         if p.jwks_json:
             try:
@@ -212,8 +247,9 @@ class Authenticator:
 
     # ------------------------------------------------------------------ hot path
 
-    def authenticate(self, credential: str) -> Identity:
-        """Return the caller's identity or raise ``Unauthenticated``."""
+    def authenticate(self, credential: str, *, final: bool = False) -> Identity:
+        """Return the caller's identity or raise ``Unauthenticated`` (``Unavailable`` when an
+        issuer's remote keys could never be fetched). Raises ``KeysPending`` unless ``final``."""
         if not credential:
             raise Unauthenticated(_MISSING)
         if len(credential) > MAX_CREDENTIAL_LENGTH:
@@ -238,13 +274,13 @@ class Authenticator:
             )
 
         if _JWT_SHAPE.fullmatch(credential):
-            return self._authenticate_jwt(credential, digest)
+            return self._authenticate_jwt(credential, digest, final)
         raise Unauthenticated(
             "invalid API key: it is not known to this gateway (it may have been revoked or "
             "rotated); check the key you are sending or ask your administrator for a new one"
         )
 
-    def _authenticate_jwt(self, token: str, digest: bytes) -> Identity:
+    def _authenticate_jwt(self, token: str, digest: bytes, final: bool) -> Identity:
         now = self._clock()
         cached = self._jwt_cache.get(digest)
         if cached is not None:
@@ -267,12 +303,19 @@ class Authenticator:
         # Each namespace that declares the issuer verifies with its own keys; the token acts as a
         # tenant of every namespace whose declaration accepts it, and of no other.
         accepted: list[tuple[_Verifier, dict[str, Any], str, float]] = []
-        first_error: Unauthenticated | None = None
+        first_error: GatewayError | None = None
+        pending: list[tuple[str, str | None]] = []
         for verifier in verifiers:
             try:
-                accepted.append((verifier, *self._verify(verifier, token, header, now)))
-            except Unauthenticated as exc:
+                accepted.append((verifier, *self._verify(verifier, token, header, now, final)))
+            except KeysPending as exc:
+                pending.extend(exc.wanted)
+            except (Unauthenticated, Unavailable) as exc:
                 first_error = first_error or exc
+        if pending:
+            # Even when another namespace accepted: the identity (cached until the token expires)
+            # must hold every tenant the token acts as, so wait for the missing keys once.
+            raise KeysPending(tuple(pending))
         if not accepted:
             assert first_error is not None
             raise first_error
@@ -292,7 +335,7 @@ class Authenticator:
         return identity
 
     def _verify(
-        self, verifier: _Verifier, token: str, header: Mapping[str, Any], now: float
+        self, verifier: _Verifier, token: str, header: Mapping[str, Any], now: float, final: bool
     ) -> tuple[dict[str, Any], str, float]:
         """One declaration's verdict on a token: (claims, tenant name, exp) or ``Unauthenticated``."""
         if not verifier.algorithm:
@@ -310,8 +353,10 @@ class Authenticator:
         key: bytes | RSAPublicKey
         if verifier.algorithm == "HS256":
             key = verifier.hmac_key
+        elif verifier.jwks_uri:
+            key = self._remote_key(verifier, header.get("kid"), final)
         else:
-            key = _pick_rsa_key(verifier, header.get("kid"))
+            key = _pick_rsa_key(verifier.rsa_keys, header.get("kid"))
 
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -375,6 +420,20 @@ class Authenticator:
             )
         return claims, tenant, exp
 
+    def _remote_key(self, verifier: _Verifier, kid: object, final: bool) -> RSAPublicKey:
+        assert self._jwks is not None  # a remote verifier has an algorithm only with a cache
+        keys = self._jwks.keys(verifier.jwks_uri)
+        if keys is None:
+            if not final:
+                raise KeysPending(((verifier.jwks_uri, None),))
+            raise Unavailable(
+                "the identity provider's signing keys could not be fetched yet; retry shortly",
+                code="jwks_unavailable",
+            )
+        if isinstance(kid, str) and kid and kid not in keys and not final:
+            raise KeysPending(((verifier.jwks_uri, kid),))
+        return _pick_rsa_key(keys, kid)
+
     def _cache_put(self, digest: bytes, expires_at: float, identity: Identity) -> None:
         if self._cache_size == 0:
             return
@@ -404,8 +463,7 @@ def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return _b64url_json(head), _b64url_json(payload)
 
 
-def _pick_rsa_key(verifier: _Verifier, kid: object) -> RSAPublicKey:
-    keys = verifier.rsa_keys
+def _pick_rsa_key(keys: Mapping[str, RSAPublicKey], kid: object) -> RSAPublicKey:
     if isinstance(kid, str) and kid:
         key = keys.get(kid)
         if key is None:
@@ -422,44 +480,12 @@ def _pick_rsa_key(verifier: _Verifier, kid: object) -> RSAPublicKey:
 
 
 def _parse_jwks(text: str) -> dict[str, RSAPublicKey]:
-    """Parse a JWKS (or a single JWK) into RSA public keys by kid. Raises ValueError."""
+    """Parse an inline JWKS (or a single JWK) into RSA public keys by kid. Raises ValueError."""
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc.msg})") from None
-    if isinstance(doc, dict) and "keys" in doc:
-        jwks = doc["keys"]
-    elif isinstance(doc, dict) and "kty" in doc:
-        jwks = [doc]
-    else:
-        raise ValueError("expected an object with a 'keys' array")
-    if not isinstance(jwks, list):
-        raise ValueError("'keys' is not an array")
-    out: dict[str, RSAPublicKey] = {}
-    for i, jwk in enumerate(jwks):
-        if not isinstance(jwk, dict):
-            raise ValueError(f"key #{i} is not an object")
-        # Skip keys that are not RS256 signing keys rather than failing the whole set: real JWKS
-        # documents often mix encryption keys or other algorithms in.
-        if jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig":
-            continue
-        if jwk.get("alg", "RS256") != "RS256":
-            continue
-        try:
-            key = RSAAlgorithm.from_jwk(jwk)
-        except (jwt.InvalidKeyError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"key #{i} is not a valid RSA JWK ({type(exc).__name__})") from None
-        # A JWK that carries private parameters still verifies with its public half; never keep
-        # private material around longer than needed.
-        if isinstance(key, RSAPrivateKey):
-            key = key.public_key()
-        kid = jwk.get("kid", "")
-        if not isinstance(kid, str):
-            raise ValueError(f"key #{i} has a non-string 'kid'")
-        if kid in out:
-            raise ValueError(f"duplicate kid {kid!r}")
-        out[kid] = key
-    return out
+    return parse_jwks(doc)
 
 
 def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:

@@ -56,6 +56,7 @@ from extproc.services import (
     ROUTE_HEADER,
     Services,
 )
+from extproc.tracing import CallSpan, step
 from extproc.usage import Usage, text_from_json
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,11 @@ UPSTREAM_TIMING = "x-envoy-upstream-service-time"
 class Downstream(Handler):
     """Picks the endpoint strategy from the first message, then delegates to it."""
 
-    def __init__(self, services: Services, *, usage_log: bool = False) -> None:
+    def __init__(self, services: Services, *, usage_log: bool = False, traceparent: str = "", tracestate: str = "") -> None:
         self.services = services
         self.usage_log = usage_log
         self.inner: Handler = Handler()
+        self.traceparent, self.tracestate = traceparent, tracestate
         # The request headers extproc reads, when they came as attributes with the body (the
         # one-message path, ``crdgol.request_path``) instead of in a message of their own.
         self.attributes: Headers | None = None
@@ -85,6 +87,8 @@ class Downstream(Handler):
         self.inner = choose(self.services, headers.get(":method", ""), headers.get(":path", ""))
         if isinstance(self.inner, ModelCall):
             self.inner.usage_log = self.usage_log
+            if self.services.tracer is not None:
+                self.inner.trace = self.services.tracer.start(self.traceparent, self.tracestate, self.inner.operation)
         check_request_headers(headers)  # refused in the chosen endpoint's error shape
         return await self.inner.request_headers(headers, end_of_stream)
 
@@ -159,9 +163,9 @@ class Refuse(Handler):
         return r
 
 
-def authenticate(services: Services, headers: Headers) -> Identity:
+async def authenticate(services: Services, headers: Headers) -> Identity:
     credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-    return services.authenticator().authenticate(credential)
+    return await services.authenticate(credential)
 
 
 class Models(Handler):
@@ -171,7 +175,7 @@ class Models(Handler):
         self.services = services
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
-        ident = authenticate(self.services, headers)
+        ident = await authenticate(self.services, headers)
         policy = self.services.current
         data = [
             {"id": b.model, "object": "model", "created": int(policy.generated_at), "owned_by": b.namespace}
@@ -218,10 +222,13 @@ class ModelCall(Handler):
         # stream (``extproc.response_side``), where ``resumed`` is set.
         self.one_message = False
         self.resumed = False
+        self.trace: CallSpan | None = None  # this call's span, when tracing is on (extproc.tracing)
 
     def error_reply(self, exc: GatewayError) -> Respond:
         self.services.metrics.rejections.labels(exc.code).inc()
         self.access.error = exc.code
+        if self.trace is not None:
+            self.trace.end(self, None, exc.code, exc.status)
         body = exc.to_body(anthropic=self.api is Api.ANTHROPIC)
         return Respond(exc.status, body, {"content-type": "application/json", **exc.headers()})
 
@@ -229,7 +236,8 @@ class ModelCall(Handler):
         ctype = headers.get("content-type", "")
         if not ctype.lower().startswith("application/json"):
             raise UnsupportedMediaType(f"send the request body as application/json, not {ctype or 'no content type'!r}")
-        self.identity = authenticate(self.services, headers)
+        with step(self.trace, "crdgol.authenticate"):
+            self.identity = await authenticate(self.services, headers)
         if end_of_stream:
             raise BadRequest("the request body is empty: send a JSON object")
         self.headers = headers
@@ -291,7 +299,8 @@ class ModelCall(Handler):
             set_headers.update(targets)
             set_headers[BODY_API_HEADER] = primary.api.value
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
-        await self.admission.admit(self.identity.tenant, binding, doc, len(body))
+        with step(self.trace, "crdgol.admission"):
+            await self.admission.admit(self.identity.tenant, binding, doc, len(body))
         if self.one_message:
             return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
@@ -366,6 +375,8 @@ class ModelCall(Handler):
             outcome = Outcome.CUT_SHORT
         self.admission.finish(outcome, usage, self.backend)
         self.access.finish(self, usage)
+        if self.trace is not None:
+            self.trace.end(self, usage)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
         m.record_duration(labels, self.status, self.services.clock() - self.started)
@@ -451,8 +462,13 @@ class ModelCall(Handler):
         """Settle from the access-log entry instead of the body: mark the request for it."""
         self.deferred = True
         self.finished = True  # this stream accounts nothing more; the log entry does
+        self.access.settled_elsewhere(self)
         if not self.resumed:  # (a resumed request's record is already there, from its body reply)
-            reply.dynamic_metadata = {SETTLE_NAMESPACE: settle_record(self)}
+            record = settle_record(self)
+            tracer = self.services.tracer
+            if tracer is not None and self.trace is not None:  # its span ends when the entry arrives
+                record["trace"] = tracer.park(self)
+            reply.dynamic_metadata = {SETTLE_NAMESPACE: record}
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -480,6 +496,8 @@ class ModelCall(Handler):
             abandoned = self.forwarded and not self.status
             self.status = self.status or 499
             self.account(self.seen_usage(), complete=False, abandoned=abandoned)
+        if self.trace is not None and not self.deferred:  # a deferred one ends with its log entry
+            self.trace.end(self, None, "stream_closed")  # ended by now, unless closed before a decision
 
 
 class Embeddings(ModelCall):
@@ -490,7 +508,8 @@ class Embeddings(ModelCall):
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
         doc = self.parse(body)
-        binding = self.select(doc)
+        with step(self.trace, "crdgol.route"):
+            binding = self.select(doc)
         if any(b.api is Api.ANTHROPIC for b in binding.backends):
             raise BadRequest(f"the model {self.request_model!r} does not support embeddings", code="unsupported_operation")
         if "input" not in doc:
@@ -534,7 +553,8 @@ class Completion(ModelCall):
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
         doc = self.parse(body)
-        binding = self.select(doc)
+        with step(self.trace, "crdgol.route"):
+            binding = self.select(doc)
         messages = self._validate(doc)
         self.stream = bool(doc.get("stream"))
         self.user_text = last_user_text(messages)
@@ -546,10 +566,13 @@ class Completion(ModelCall):
                 doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         ctx = binding.context
         if ctx.active:
-            doc = await self._inject(doc, binding)
+            with step(self.trace, "crdgol.context"):
+                doc = await self._inject(doc, binding)
         if binding.cache is not None:
             hit = await self._from_cache(doc, binding)
             if hit is not None:
+                if self.trace is not None:
+                    self.trace.end(self, None)  # answered from the cache
                 return hit
         return await self.forward(doc, binding)
 

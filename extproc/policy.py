@@ -201,6 +201,8 @@ class JwtProvider:
     jwks_json: str
     # The declaring binding's namespace: its tokens act as tenants of this namespace only.
     namespace: str = ""
+    # Where the RS256 keys are fetched from (extproc.jwks), instead of ``jwks_json``.
+    jwks_uri: str = ""
 
     def __repr__(self) -> str:
         return f"JwtProvider(name={self.name!r}, issuer={self.issuer!r}, namespace={self.namespace!r})"
@@ -463,6 +465,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             hs256_secret=p.hs256_secret,
             jwks_json=p.jwks_json,
             namespace=p.namespace,
+            jwks_uri=p.jwks_uri,
         )
         providers[p.issuer] = (*providers.get(p.issuer, ()), provider)
     return Policy(

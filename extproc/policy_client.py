@@ -25,7 +25,8 @@ from extproc.services import Services
 log = logging.getLogger(__name__)
 
 
-def _channel(target: str, auth: ClientAuth) -> grpc.aio.Channel:
+def channel(target: str, auth: ClientAuth) -> grpc.aio.Channel:
+    """A channel to the controller: plain on a Unix socket, mutual TLS over TCP when configured."""
     if is_unix_target(target) or auth.tls is None:
         return grpc.aio.insecure_channel(target)
     options = [("grpc.ssl_target_name_override", auth.server_name)] if auth.server_name else []
@@ -40,13 +41,14 @@ async def follow(
     name = f"{socket.gethostname()}:{id(services):x}"
     while True:
         try:
-            async with _channel(target, auth or ClientAuth()) as channel:
-                stub = pb_grpc.PolicyServiceStub(channel)  # type: ignore[no-untyped-call]
+            async with channel(target, auth or ClientAuth()) as ch:
+                stub = pb_grpc.PolicyServiceStub(ch)  # type: ignore[no-untyped-call]
                 call = stub.Subscribe(pb.SubscribeRequest(have_version=services.current.version, subscriber=name))
                 async for snap in call:
                     backoff = initial_backoff
                     if services.policy.offer(snap):
                         services.metrics.policy_version.set(snap.version)
+                        services.authenticator()  # built now: remote JWKS fetched before the first token
         except asyncio.CancelledError:
             raise
         except OSError as exc:

@@ -62,8 +62,17 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
     call.finished = True
     call.forwarded = True
     primary = binding.primary
+    needs = call.response_needs()
+    settle = settle_record(call)
+    if not needs:
+        # Settled from the access log: what the access log learns from extproc goes now, and a
+        # traced call's span ends when the entry arrives (as for ``ModelCall.defer``).
+        call.access.settled_elsewhere(call)
+        tracer = call.services.tracer
+        if tracer is not None and call.trace is not None:
+            settle["trace"] = tracer.park(call)
     route: dict[str, str | float] = {
-        ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if call.response_needs() else ""),
+        ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if needs else ""),
         CLIENT_API_KEY: call.api.value,
         BODY_API_KEY: (primary.api if primary is not None else call.api).value,
         **call.admission.headers(),
@@ -73,7 +82,7 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
         # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
         remove_headers=[NO_OP_HEADER],
         clear_route_cache=True,
-        dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle_record(call), STATE_NAMESPACE: call.state()},
+        dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle, STATE_NAMESPACE: call.state()},
     )
 
 

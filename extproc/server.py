@@ -51,6 +51,10 @@ class ServerSettings:
     policy_server: str = ""  # host:port (mutual TLS) or unix:PATH of the controller's policy stream
     policy_auth: ClientAuth = field(default_factory=ClientAuth)
     socket: str = ""  # also listen on this Unix domain socket (Envoy on the same host); with port 0, only there
+    # Usage and backend health to the controller, for the bindings' status (extproc.usage_report):
+    # every report_interval seconds (0 = never), health from Envoy's admin at envoy_admin ("" = none).
+    report_interval: float = 10.0
+    envoy_admin: str = ""
 
 
 class _Failing(Handler):
@@ -72,7 +76,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.services.metrics.handler_errors.inc()
 
     def handler_for(self, context: grpc.aio.ServicerContext) -> tuple[str, Handler]:
-        backend = ""
+        backend = traceparent = tracestate = ""
         usage_log = False
         for key, value in context.invocation_metadata() or ():
             if key == BACKEND_METADATA:
@@ -81,8 +85,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 usage_log = True
             elif key == RESPONSE_STREAM_METADATA:
                 return "response", ResponseStream(self.services)
+            elif key == "traceparent":  # Envoy's span for this stream (tracing on)
+                traceparent = value if isinstance(value, str) else value.decode()
+            elif key == "tracestate":
+                tracestate = value if isinstance(value, str) else value.decode()
         if not backend:
-            return "downstream", Downstream(self.services, usage_log=usage_log)
+            return "downstream", Downstream(self.services, usage_log=usage_log, traceparent=traceparent, tracestate=tracestate)
         try:
             return "upstream", Attempt(self.services, backend)
         except GatewayError as exc:
@@ -112,6 +120,7 @@ def load_policy_file(services: Services, path: Path) -> None:
     snap.ParseFromString(path.read_bytes())
     if services.policy.offer(snap):
         services.metrics.policy_version.set(snap.version)
+        services.authenticator()  # built now: remote JWKS fetched before the first token
 
 
 async def _metrics_app(services: Services, port: int, host: str) -> web.AppRunner:
@@ -156,11 +165,17 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    follower = None
+    follower = reporter = None
     if settings.policy_server:
         from extproc.policy_client import follow
 
         follower = asyncio.create_task(follow(services, settings.policy_server, settings.policy_auth))
+        if settings.report_interval > 0:
+            from extproc.usage_report import report_forever
+
+            reporter = asyncio.create_task(
+                report_forever(services, settings.policy_server, settings.policy_auth, interval=settings.report_interval, envoy_admin=settings.envoy_admin)
+            )
         # Bind nothing before a policy is in force: meanwhile Envoy cannot connect and fails closed
         # with a 503, where an empty policy would tell a good key it is unknown (401).
         while services.current.version == 0 and not stop.is_set():
@@ -190,8 +205,9 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, load_policy_file, services, settings.policy_file)
     await stop.wait()
-    if follower is not None:
-        follower.cancel()
+    for task in (follower, reporter):
+        if task is not None:
+            task.cancel()
     log.info("extproc draining open streams (up to %.0fs)", settings.grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace)

@@ -12,14 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 
-from extproc.auth import Authenticator
+from extproc.auth import Authenticator, Identity, KeysPending
 from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
+from extproc.jwks import JwksCache
 from extproc.mcp_sources import ContextSources
 from extproc.metrics import Metrics
 from extproc.policy import Policy, PolicyHolder
 from extproc.quota_store import MemoryQuotaStore, QuotaStore
+from extproc.tracing import CallTracer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class Services:
     # When the last "quota store unavailable" line was logged (they are rate limited).
     store_warned_at: float = float("-inf")
     history_warned_at: float = float("-inf")
+    # Remote JWT keys, fetched and cached for the life of the process (policy versions share them).
+    jwks: JwksCache = field(default_factory=JwksCache)
+    # Spans for model calls; None = tracing off (the request path then builds none).
+    tracer: CallTracer | None = None
     _auth: tuple[int, Authenticator] | None = None
     cache: ResponseCache = field(default_factory=ResponseCache)
     # MCP sessions and cached reads for context policies (built from metrics and clock).
@@ -78,6 +84,17 @@ class Services:
         policy = self.policy.current
         cached = self._auth
         if cached is None or cached[0] != policy.version:
-            cached = (policy.version, Authenticator(policy))
+            cached = (policy.version, Authenticator(policy, jwks=self.jwks))
             self._auth = cached
+            self.jwks.prefetch(cached[1].remote_jwks())
         return cached[1]
+
+    async def authenticate(self, credential: str) -> Identity:
+        """The caller's identity; waits (bounded) only when a JWT needs remote keys refreshed."""
+        auth = self.authenticator()
+        try:
+            return auth.authenticate(credential)
+        except KeysPending as pending:
+            for uri, kid in pending.wanted:
+                await self.jwks.refresh(uri, kid=kid)
+            return auth.authenticate(credential, final=True)

@@ -165,6 +165,9 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
     took = entry.common_properties.time_to_last_downstream_tx_byte
     m.record_duration(labels, status, took.seconds + took.nanos / 1e9)
     m.requests.labels(labels.operation, str(status)).inc()
+    token = text("trace")
+    if token and services.tracer is not None:
+        services.tracer.settle(token, usage, status)
     return True
 
 

@@ -8,9 +8,10 @@ gateway's usual JSON shape, before anything reaches the controller.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
-from crdgol.workflow_contract import PREFIX, ROUTE, TENANT_HEADER
+from crdgol.workflow_contract import KEY_DIGEST_HEADER, PREFIX, ROUTE, TENANT_HEADER
 from extproc.auth import credential_from_headers
 from extproc.errors import MethodNotAllowed, NotFound
 from extproc.phases import Continue, Handler, Headers, Reply
@@ -45,14 +46,24 @@ def choose(services: Services, method: str, path: str) -> Handler:
 
 
 class WorkflowRuns(Handler):
-    """Authenticate, then route to the controller's run API with the caller's tenant."""
+    """Authenticate, then route to the controller's run API with the caller's tenants and the
+    digest of its API key; its credential is not forwarded."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-        identity = self.services.authenticator().authenticate(credential)
+        identity = await self.services.authenticate(credential)
         # Every tenant the credential may act as (qualified names hold no ','); the controller
         # picks the one of the workflow's namespace.
-        return Continue(set_headers={ROUTE_HEADER: ROUTE, TENANT_HEADER: ",".join(identity.tenants)}, clear_route_cache=True)
+        set_headers = {ROUTE_HEADER: ROUTE, TENANT_HEADER: ",".join(identity.tenants)}
+        # On a cluster a run calls with the key its caller sent, named by the Secret holding it:
+        # the controller finds that Secret by the key's digest (the key itself goes no further).
+        # Set or removed here, never the client's own value.
+        remove = ["authorization", "x-api-key"]
+        if identity.method == "api_key":
+            set_headers[KEY_DIGEST_HEADER] = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()
+        else:
+            remove.append(KEY_DIGEST_HEADER)
+        return Continue(set_headers=set_headers, remove_headers=remove, clear_route_cache=True)

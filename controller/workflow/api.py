@@ -1,27 +1,34 @@
 """The run API the gateway forwards ``/v1/workflows/...`` to (after extproc authenticated the caller).
 
-Reachable only through Envoy: on a Unix socket (mode 0600) in the standalone stack. The caller's
-tenants (comma-separated, qualified) come from ``TENANT_HEADER``, which extproc sets; a request
-without it is refused. A caller sees only its own tenants' runs (another tenant's run is a 404, as if it did not exist). Errors are the
-gateway's JSON shape ``{"error": {"message", "type", "code"}}``.
+Reachable only through Envoy: on a Unix socket (mode 0600) in the standalone stack; on a cluster
+on a TCP port whose requests must carry the per-controller token Envoy's route adds
+(``API_TOKEN_HEADER``). The caller's tenants (comma-separated, qualified) come from
+``TENANT_HEADER`` and the digest of the API key it called with from ``KEY_DIGEST_HEADER``, both
+set by extproc; a request without tenants is refused. A caller sees only its own tenants' runs
+(another tenant's run is a 404, as if it did not exist). Errors are the gateway's JSON shape
+``{"error": {"message", "type", "code"}}``.
+
+Where runs live is a ``RunBackend``: the file-mode engine (``host.FileRuns``) or WorkflowRun
+resources on a cluster (``cluster_api.ClusterRuns``).
 """
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from controller.models import SpecError
-from controller.workflow.engine import RunState
-from controller.workflow.status import run_status
 from crdgol import tenancy
-from crdgol.workflow_contract import TENANT_HEADER
+from crdgol.workflow_contract import API_TOKEN_HEADER, KEY_DIGEST_HEADER, TENANT_HEADER
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def error(status: int, type_: str, code: str, message: str) -> web.Response:
@@ -32,31 +39,66 @@ def ok(status: int, body: Any) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-class RunApi:
-    """What the API needs from the workflow host."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, as extproc authenticated it: the qualified tenants its credential acts
+    as, and the SHA-256 (hex) of the API key it sent ("" for a JWT)."""
 
-    def __init__(
-        self,
-        start: Callable[[str, str, dict[str, Any], str], RunState],
-        get: Callable[[str], RunState | None],
-        runs: Callable[[], list[RunState]],
-        cancel: Callable[[str], Awaitable[RunState | None]],
-        ready: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self._start, self._get, self._runs, self._cancel, self._ready = start, get, runs, cancel, ready
+    tenants: frozenset[str]
+    key_digest: str = ""
+
+
+class BackendUnavailable(Exception):
+    """Where runs are kept cannot be reached (the API server failed): a 502/503 to the caller."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class RunBackend(Protocol):
+    """Where runs are started, read and cancelled. Status documents are ``status.run_status``'s shape."""
+
+    def ready(self) -> bool:
+        """False until the recorded runs are known (the API answers 503 meanwhile)."""
+
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+        """Start a run of ``namespace/workflow`` as ``tenant``. ``LookupError``: no such workflow
+        there; ``SpecError``: it cannot run (refused, no API key): a 409."""
+
+    async def read(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
+        """The run's status, None unless it exists and belongs to one of the caller's tenants."""
+
+    async def runs(self, caller: Caller) -> list[dict[str, Any]]:
+        """The caller's tenants' runs, oldest first."""
+
+    async def cancel(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
+        """Cancel the caller's run; its status after, None as for ``read``."""
+
+
+class RunApi:
+    def __init__(self, backend: RunBackend, token: str = "") -> None:
+        self.backend, self.token = backend, token
 
     @web.middleware
-    async def _starting(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # On a TCP port only requests Envoy's route forwarded (it adds the token) are served: the
+        # tenant header is trusted, so nothing else may set it.
+        if self.token and not hmac.compare_digest(request.headers.get(API_TOKEN_HEADER, "").encode(), self.token.encode()):
+            return error(403, "permission_error", "not_through_gateway", "the workflow run API is served only through the gateway")
         # Until the recorded runs are loaded a run would look unknown (404) and a workflow missing:
         # say the engine is starting instead, which clients retry.
-        if not self._ready():
+        if not self.backend.ready():
             r = error(503, "api_error", "engine_starting", "the workflow engine is starting; retry in a moment")
             r.headers["Retry-After"] = "1"
             return r
-        return await handler(request)
+        try:
+            return await handler(request)
+        except BackendUnavailable as exc:
+            return error(exc.status, "api_error", "workflow_store_unavailable", exc.message)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024, middlewares=[self._starting])
+        app = web.Application(client_max_size=1024 * 1024, middlewares=[self._guard])
         app.router.add_post("/v1/workflows/{name}/runs", self.create)
         app.router.add_get("/v1/workflows/runs", self.list)
         app.router.add_get("/v1/workflows/runs/{run}", self.read)
@@ -64,12 +106,16 @@ class RunApi:
         return app
 
     @staticmethod
-    def _tenants(request: web.Request) -> frozenset[str]:
-        return frozenset(t for t in request.headers.get(TENANT_HEADER, "").split(",") if t)
+    def _caller(request: web.Request) -> Caller | None:
+        tenants = frozenset(t for t in request.headers.get(TENANT_HEADER, "").split(",") if t)
+        if not tenants:
+            return None
+        digest = request.headers.get(KEY_DIGEST_HEADER, "")
+        return Caller(tenants, digest if _DIGEST.fullmatch(digest) else "")
 
     async def create(self, request: web.Request) -> web.Response:
-        tenants = self._tenants(request)
-        if not tenants:
+        caller = self._caller(request)
+        if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
         try:
             body = orjson.loads(await request.read() or b"{}")
@@ -81,42 +127,37 @@ class RunApi:
         # several), and the run acts as the caller's tenant there: no namespace can start another's
         # workflow, whose steps would act on that namespace's behalf (its helpdesk, its prompts).
         missing = LookupError(f"no WorkflowSpec {request.match_info['name']!r}")
-        for tenant in sorted(tenants):
+        for tenant in sorted(caller.tenants):
             try:
-                state = self._start(tenancy.namespace_of(tenant), request.match_info["name"], body.get("inputs", {}), tenant)
+                doc = await self.backend.start(caller, tenancy.namespace_of(tenant), request.match_info["name"], body.get("inputs", {}), tenant)
             except LookupError as exc:
                 missing = exc
                 continue
             except SpecError as exc:
                 return error(409, "invalid_request_error", exc.reason, exc.message)
-            return ok(201, run_status(state))
+            return ok(201, doc)
         return error(404, "not_found_error", "workflow_not_found", str(missing.args[0]))
 
-    def _own(self, request: web.Request) -> RunState | web.Response:
-        tenants = self._tenants(request)
-        if not tenants:
+    async def _own(self, request: web.Request, act: Callable[[Caller, str, str], Awaitable[dict[str, Any] | None]]) -> web.Response:
+        caller = self._caller(request)
+        if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
         name = request.match_info["run"]
-        found = (self._get(f"{tenancy.namespace_of(t)}/{name}") for t in sorted(tenants)) if _NAME.fullmatch(name) else iter(())
-        state = next((s for s in found if s is not None and s.tenant in tenants), None)
-        if state is None:
-            return error(404, "not_found_error", "run_not_found", f"no workflow run {name!r}")
-        return state
+        if _NAME.fullmatch(name):
+            for namespace in sorted({tenancy.namespace_of(t) for t in caller.tenants}):
+                doc = await act(caller, namespace, name)
+                if doc is not None:
+                    return ok(200, doc)
+        return error(404, "not_found_error", "run_not_found", f"no workflow run {name!r}")
 
     async def read(self, request: web.Request) -> web.Response:
-        state = self._own(request)
-        return state if isinstance(state, web.Response) else ok(200, run_status(state))
+        return await self._own(request, self.backend.read)
 
     async def list(self, request: web.Request) -> web.Response:
-        tenants = self._tenants(request)
-        if not tenants:
+        caller = self._caller(request)
+        if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
-        runs = sorted((r for r in self._runs() if r.tenant in tenants), key=lambda r: r.created_at)
-        return ok(200, {"runs": [run_status(r) for r in runs]})
+        return ok(200, {"runs": await self.backend.runs(caller)})
 
     async def delete(self, request: web.Request) -> web.Response:
-        state = self._own(request)
-        if isinstance(state, web.Response):
-            return state
-        after = await self._cancel(state.key)
-        return ok(200, run_status(after or state))
+        return await self._own(request, self.backend.cancel)

@@ -29,21 +29,29 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import aiohttp
 import kopf
+from aiohttp import web
 
 from controller.models import API_KEY_LABEL, GROUP, VERSION, SpecError, parse_secret
 from controller.render import EnvoyExtras
 from controller.state import ControllerState
 from controller.workflow.accept import CompiledWorkflow, accept
+from controller.workflow.api import RunApi
 from controller.workflow.calls import CallTarget
+from controller.workflow.cluster_api import ClusterRuns
 from controller.workflow.cost import prices_by_model
-from controller.workflow.egress import WorkflowEnvoySettings, egress_resources
+from controller.workflow.egress import (
+    WorkflowEnvoySettings,
+    api_route_and_cluster,
+    egress_resources,
+)
 from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import RUN_LABEL, JobRunner, Request
@@ -63,6 +71,10 @@ class ClusterWorkflowSettings:
     egress_url: str = ""  # Envoy's egress listener, as http-request steps reach it
     # The egress listener rendered into the gateway's Envoy (port 0: none).
     egress: WorkflowEnvoySettings = field(default_factory=WorkflowEnvoySettings)
+    # The run API (``/v1/workflows/...`` through the gateway): where it listens (port 0: off).
+    # Envoy reaches it at ``egress.api_host:api_port`` (the controller's Service).
+    api_listen_host: str = "0.0.0.0"
+    api_listen_port: int = 0
     recheck_interval: float = 5.0  # how often specs are accepted again (bindings change)
     retry_delay: float = 5.0  # a run waiting for its spec or Secret tries again after this
 
@@ -158,7 +170,13 @@ class ClusterWorkflows:
         metrics: WorkflowMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if settings.api_listen_port and not settings.egress.api_token:
+            # Envoy's route to the run API adds this token; the API serves nothing without it
+            # (it trusts the tenant header). Per process: the route comes from this controller.
+            settings = replace(settings, egress=replace(settings.egress, api_token=secrets.token_urlsafe(32)))
         self.settings, self.state, self.request, self.publish, self.clock = settings, state, request, publish, clock
+        self.cancelled: set[str] = set()  # runs cancelled over the API before this engine started them
+        self._api_site: web.AppRunner | None = None
         self.accepted: dict[str, CompiledWorkflow] = {}
         self.refused: dict[str, SpecError] = {}
         self._spec_status: dict[str, tuple[int, str, str, str]] = {}  # key -> (generation, status, reason, message)
@@ -244,11 +262,13 @@ class ClusterWorkflows:
         await self._egress_changed()
 
     async def _egress_changed(self) -> None:
-        """Publish the egress listener when the accepted specs' targets changed."""
-        if not self.settings.egress.egress_port:
+        """Publish the egress listener (when the accepted specs' targets changed) and the route
+        to the run API."""
+        if not self.settings.egress.egress_port and not self.settings.api_listen_port:
             return
         listeners, clusters = egress_resources(self.accepted.values(), self.settings.egress)
-        extras = EnvoyExtras(listeners=tuple(listeners), clusters=tuple(clusters))
+        routes, api_clusters = api_route_and_cluster(self.settings.egress) if self.settings.api_listen_port else ([], [])
+        extras = EnvoyExtras(routes=tuple(routes), listeners=tuple(listeners), clusters=tuple(clusters + api_clusters))
         if extras == self._egress:
             return
         self._egress = extras
@@ -263,7 +283,7 @@ class ClusterWorkflows:
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         key = f"{namespace}/{name}"
         status = dict(body.get("status") or {})
-        if status.get("phase") in RUN_DONE or self.runner.get(key) is not None:
+        if status.get("phase") in RUN_DONE or self.runner.get(key) is not None or key in self.cancelled:
             return
         self._uids[key] = str(meta.get("uid") or "")
         self._refs[key] = _ref(body, "WorkflowRun")
@@ -294,6 +314,8 @@ class ClusterWorkflows:
             await self._refuse(key, found, final=False, keep_phase=bool(status.get("steps")))
             raise kopf.TemporaryError(f"{found.reason}: {found.message}", delay=self.settings.retry_delay)
         api_key, tenant = found
+        if key in self.cancelled or self.runner.get(key) is not None:  # cancelled (or started) while the Secret was read
+            return
         self._keys[key] = api_key
         ref = f"{namespace}/{secret_ref.name}/{secret_ref.key}"
         if status.get("steps"):
@@ -346,6 +368,31 @@ class ClusterWorkflows:
         self.recorder.gone.add(key)
         self._gone(key)
 
+    # --- the run API (``cluster_api.ClusterRuns``) -------------------------------------------------
+
+    def workflow_state(self, namespace: str, name: str) -> SpecError | bool | None:
+        key = f"{namespace}/{name}"
+        return True if key in self.accepted else self.refused.get(key)
+
+    def live(self, key: str) -> RunState | None:
+        return self.runner.get(key)
+
+    async def cancel_live(self, key: str) -> RunState | None:
+        return await self.runner.cancel(key, "cancelled over the API")
+
+    def cancel_before_start(self, key: str) -> None:
+        self.cancelled.add(key)
+
+    async def serve_api(self) -> None:
+        """Open the run API on its TCP port (when configured) and publish Envoy's route to it."""
+        if not self.settings.api_listen_port:
+            return
+        backend = ClusterRuns(self, self.request, self.state.secrets_in, self.clock)
+        self._api_site = web.AppRunner(RunApi(backend, self.settings.egress.api_token).app(), access_log=None)
+        await self._api_site.setup()
+        await web.TCPSite(self._api_site, self.settings.api_listen_host, self.settings.api_listen_port, backlog=1024).start()
+        await self._egress_changed()
+
     def _gone(self, key: str) -> None:
         """The run's resource was deleted: stop it (its Jobs are deleted with it)."""
         if self.runner.get(key) is not None:
@@ -354,6 +401,7 @@ class ClusterWorkflows:
             task.add_done_callback(self._tasks.discard)
         for d in (self._keys, self._uids, self._refs):
             d.pop(key, None)
+        self.cancelled.discard(key)
 
     def _announce(self, before: RunState, after: RunState) -> None:
         """Events for the run's step transitions and its end."""
@@ -421,4 +469,5 @@ class ClusterWorkflows:
         for task in list(self._tasks):
             task.cancel()
         await self.runner.close()
-
+        if self._api_site is not None:
+            await self._api_site.cleanup()

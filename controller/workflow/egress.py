@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.envoy_config import (
     CA_BUNDLE,
@@ -23,7 +23,7 @@ from controller.envoy_config import (
     typed,
 )
 from controller.workflow.accept import CompiledWorkflow
-from crdgol.workflow_contract import ROUTE, STEP_HEADER
+from crdgol.workflow_contract import API_TOKEN_HEADER, ROUTE, STEP_HEADER
 
 EGRESS_LISTENER = "crdgol-egress"
 API_CLUSTER = "crdgol-workflows"
@@ -37,6 +37,8 @@ class WorkflowEnvoySettings:
     api_socket: str = ""
     api_host: str = "127.0.0.1"
     api_port: int = 0
+    # On a cluster (TCP): the token the route adds and the run API requires (see ``api``).
+    api_token: str = field(default="", repr=False)
     ca_bundle: str = CA_BUNDLE
     default_timeout: float = 30.0
 
@@ -160,11 +162,15 @@ def api_route_and_cluster(settings: WorkflowEnvoySettings) -> tuple[list[Json], 
     if not settings.api_socket and not settings.api_port:
         return [], []
     address = {"pipe": {"path": settings.api_socket}} if settings.api_socket else socket_address(settings.api_host, settings.api_port)
-    route = {
+    route: Json = {
         "name": "crdgol-workflow-api",
         "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": ROUTE}}]},
         "route": {"cluster": API_CLUSTER, "timeout": "30s"},
     }
+    if settings.api_token:
+        route["request_headers_to_add"] = [
+            {"header": {"key": API_TOKEN_HEADER, "value": settings.api_token}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ]
     cluster = {
         "name": API_CLUSTER,
         "type": "STATIC",
@@ -172,4 +178,6 @@ def api_route_and_cluster(settings: WorkflowEnvoySettings) -> tuple[list[Json], 
         "circuit_breakers": _BREAKERS,
         "load_assignment": {"cluster_name": API_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     }
+    if not settings.api_socket and not is_ip(settings.api_host):  # a Service name on a cluster
+        cluster.update(type="STRICT_DNS", dns_lookup_family="V4_PREFERRED")
     return [route], [cluster]

@@ -21,7 +21,7 @@ from aiohttp import web
 from controller.models import API_KEY_LABEL, TENANT_ANNOTATION, SecretData, SpecError, parse_secret
 from controller.render import EnvoyExtras
 from controller.workflow.accept import CompiledWorkflow, accept
-from controller.workflow.api import RunApi
+from controller.workflow.api import Caller, RunApi
 from controller.workflow.calls import CallTarget
 from controller.workflow.cost import BackendPrice
 from controller.workflow.egress import (
@@ -32,6 +32,7 @@ from controller.workflow.egress import (
 from controller.workflow.engine import RunState
 from controller.workflow.runner import Runner, RunStore, WorkflowMetrics
 from controller.workflow.spec import parse_run, parse_workflow
+from controller.workflow.status import run_status
 from crdgol import tenancy
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,11 @@ class WorkflowHost:
                         return v
         return None
 
+    @property
+    def resumed(self) -> bool:
+        """Whether the runs recorded before a restart are loaded (the first ``sync`` did it)."""
+        return self._resumed
+
     # --- the run API ----------------------------------------------------------------------------
 
     def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> RunState:
@@ -166,7 +172,7 @@ class WorkflowHost:
         return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
 
     async def serve_api(self) -> None:
-        api = RunApi(self.start_from_api, self.runner.get, self.runner.all, self.runner.cancel, lambda: self._resumed)
+        api = RunApi(FileRuns(self))
         self._runner_site = web.AppRunner(api.app(), access_log=None)
         await self._runner_site.setup()
         e = self.settings.envoy
@@ -200,3 +206,35 @@ class WorkflowHost:
             "refused": {k: {"reason": p.reason, "message": p.message} for k, p in self.problems.items()},
             "runs": {r.key: r.phase for r in self.runner.all()},
         }
+
+
+class FileRuns:
+    """The run API's ``RunBackend`` in file mode: the runs of this controller's engine."""
+
+    def __init__(self, host: WorkflowHost) -> None:
+        self.host = host
+
+    def ready(self) -> bool:
+        return self.host.resumed
+
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+        return run_status(self.host.start_from_api(namespace, workflow, inputs, tenant))
+
+    def _own(self, caller: Caller, namespace: str, name: str) -> RunState | None:
+        state = self.host.runner.get(f"{namespace}/{name}")
+        return state if state is not None and state.tenant in caller.tenants else None
+
+    async def read(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
+        state = self._own(caller, namespace, name)
+        return run_status(state) if state is not None else None
+
+    async def runs(self, caller: Caller) -> list[dict[str, Any]]:
+        mine = sorted((r for r in self.host.runner.all() if r.tenant in caller.tenants), key=lambda r: r.created_at)
+        return [run_status(r) for r in mine]
+
+    async def cancel(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
+        state = self._own(caller, namespace, name)
+        if state is None:
+            return None
+        after = await self.host.runner.cancel(state.key)
+        return run_status(after or state)

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -48,6 +48,9 @@ from controller.workflow.engine import (
     new_run,
 )
 
+if TYPE_CHECKING:
+    from controller.run_tracing import RunTracer
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +66,13 @@ class WorkflowMetrics:
         self.pickup_delay = Histogram(
             "crdgol_workflow_run_pickup_delay_seconds",
             "From a run being created (or resumed) to the engine starting it (its first steps become ready then).",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.first_start_delay = Histogram(
+            "crdgol_workflow_run_first_start_delay_seconds",
+            "From a run being created (or resumed) to its first step attempt starting: pickup plus that step's ready -> start.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0),
             registry=r,
         )
         self.start_delay = Histogram(
@@ -170,6 +179,8 @@ class _Live:
     calls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     timers: set[asyncio.TimerHandle] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    since: float | None = None  # when it was created (or resumed), until its first attempt starts
+    span: Any = None  # the run's span, when tracing is on (controller.run_tracing)
 
 
 class Runner:
@@ -199,6 +210,7 @@ class Runner:
         self.containers, self.on_transition, self.keep_finished = containers, on_transition, keep_finished
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
+        self.tracer: RunTracer | None = None  # set when tracing is on
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -240,10 +252,13 @@ class Runner:
         self._launch(replace(state, steps=steps), wf)
 
     def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
-        live = _Live(state, wf)
+        since = self.clock()
+        live = _Live(state, wf, since=since)
+        if self.tracer is not None:
+            live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
         self._count(state.workflow, state.phase, +1)
-        self._spawn(live, self._pick_up(live, self.clock()))
+        self._spawn(live, self._pick_up(live, since))
 
     async def _pick_up(self, live: _Live, since: float) -> None:
         """The run's first transition: its steps without dependencies become ready now, when
@@ -352,12 +367,17 @@ class Runner:
         live.calls.clear()
         for timer in live.timers:
             timer.cancel()
+        if self.tracer is not None:
+            self.tracer.run_finished(live.span, live.state)
         live.done.set()
 
     async def _attempt(self, live: _Live, call: Call) -> StepSucceeded | StepFailed:
         """One attempt, from its start (when the ready -> start delay is taken) to its outcome."""
         self.metrics.start_delay.observe(max(0.0, self.clock() - call.ready_at))
-        started = time.perf_counter()
+        if live.since is not None:
+            self.metrics.first_start_delay.observe(max(0.0, self.clock() - live.since))
+            live.since = None
+        started, started_ns = time.perf_counter(), time.time_ns()
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
@@ -392,6 +412,8 @@ class Runner:
         finally:
             self.metrics.in_flight.dec()
         outcome = "succeeded" if isinstance(event, StepSucceeded) else "failed"
+        if self.tracer is not None:
+            self.tracer.step_finished(live.span, call, event, started_ns)
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]

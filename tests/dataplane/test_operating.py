@@ -9,6 +9,7 @@ wrote.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -113,7 +114,7 @@ def obs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     state = tmp_path_factory.mktemp("state")
     access_log = state / "access.log"
     stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=state, access_log=str(access_log), mock_args=("--require-key", PROVIDER_KEY, "--chunk-delay-ms", "10"),
-        env={"CRDGOL_LOG_FORMAT": "json"}))
+        env={"CRDGOL_LOG_FORMAT": "json", "CRDGOL_REPORT_INTERVAL": "0.5", "CRDGOL_USAGE_INTERVAL": "0.5"}))
     _manifests(folder, flaky.url, stack.mock_url)
     try:
         stack.start()
@@ -139,6 +140,22 @@ def test_a_streamed_fallen_back_request_gets_one_line_with_who_what_where_and_co
     assert line["policy_version"] == obs.stack.policy_version()
     assert 0 <= line["ttfb_ms"] <= line["duration_ms"]
     assert line["error"] is None and line["response_flags"] == "-"
+
+
+def test_a_non_streamed_answer_settled_from_the_usage_log_still_has_who_where_and_its_tokens(obs: Observed) -> None:
+    rid = f"obs-{uuid.uuid4()}"
+    r = obs.chat(stream=False, request_id=rid)
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    line = obs.line(rid)
+    assert (line["tenant"], line["binding"], line["backend"], line["provider"]) == (
+        "team-a/acme", "team-a/obs", "crdgol-be.team-a.obs.rescue", "anthropic"
+    )
+    assert line["attempts"] == 2 and line["status"] == 200
+    # The tokens the client was told about, read by Envoy's usage filters (extproc never saw the body).
+    assert (line["input_tokens"], line["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert line["cost"] is None  # computed when the usage log settles it: in crdgol_spend_total, not here
 
 
 def test_spend_and_streaming_latency_are_exported_per_tenant_binding_and_backend(obs: Observed) -> None:
@@ -173,6 +190,32 @@ def test_spend_and_streaming_latency_are_exported_per_tenant_binding_and_backend
         final = figures()
     assert final[0] > after[0]
     assert final[1:] == after[1:]
+
+
+def test_the_bindings_status_says_what_it_served_and_cost_from_extprocs_reports(obs: Observed) -> None:
+    def usage() -> dict[str, Any]:
+        doc = httpx.get(f"http://127.0.0.1:{obs.stack.controller_port}/status", timeout=10).json()
+        return dict(doc["bindings"]["team-a/obs"].get("usage") or {})
+
+    def spent() -> float:
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in obs.metrics().splitlines() if ln.startswith("crdgol_spend_total{"))
+
+    before = usage().get("requests", 0)
+    assert obs.chat(stream=False).status_code == 200
+    # The status follows /metrics within a report and a refresh (0.5 s each here).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        u = usage()
+        if u.get("requests", 0) >= before + 1 and math.isclose(float(u["spend"]), spent(), abs_tol=1e-6):
+            break
+        time.sleep(0.2)
+    assert u["requests"] >= before + 1 and u["inputTokens"] > 0 and u["outputTokens"] > 0
+    assert math.isclose(float(u["spend"]), spent(), abs_tol=1e-6) and float(u["spend"]) > 0
+    # extproc reads its Envoy's verdict on each backend from the admin API, as it does in a pod.
+    from extproc.usage_report import envoy_health
+
+    verdicts = {h.cluster.rsplit(".", 1)[0]: h for h in asyncio.run(envoy_health(f"http://127.0.0.1:{obs.stack.admin_port}"))}
+    assert verdicts["crdgol-be.team-a.obs.rescue"].healthy
 
 
 def test_a_refused_request_is_logged_with_the_reason_and_without_the_key(obs: Observed) -> None:

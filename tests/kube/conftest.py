@@ -230,7 +230,7 @@ async def operator_running(server: ApiServer, controller: Controller, workflows:
 
 
 def new_controller() -> Controller:
-    return Controller(ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0))
+    return Controller(ControllerSettings(xds_port=free_port(), policy_port=free_port(), metrics_port=0, usage_interval=0.3))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,28 @@ async def test_a_client_without_the_credential_gets_no_policy_and_no_config(mtls
         assert status == (grpc.StatusCode.PERMISSION_DENIED if who == "stranger" else grpc.StatusCode.UNAVAILABLE)
     assert mtls.policy.subscribers == 0
     assert not mtls.xds.nodes
+
+
+async def report(target: str, files: TlsFiles | None) -> grpc.StatusCode | None:
+    """How a usage report (claiming 1000 requests for a binding) ends."""
+    usage = pb.BackendUsage(binding="team-a/chat", backend="b", requests=1000)
+    async with _channel(target, files) as channel:
+        try:
+            await pb_grpc.PolicyServiceStub(channel).Report(pb.UsageReport(reporter="r", started_at=time.time(), usage=[usage]), timeout=5)  # type: ignore[no-untyped-call]
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return None
+
+
+@pytest.mark.parametrize("who", ["plaintext", "forged", "stranger"])
+async def test_only_the_gateways_certificate_may_report_usage_for_the_status(mtls: Controller, pki: Pki, who: str) -> None:
+    files = {"plaintext": None, "forged": pki.forged, "stranger": pki.stranger}[who]
+    status = await report(f"localhost:{mtls.settings.policy_port}", files)
+    assert status == (grpc.StatusCode.PERMISSION_DENIED if who == "stranger" else grpc.StatusCode.UNAVAILABLE)
+    assert mtls.usage.usage("team-a/chat") is None
+    assert await report(f"localhost:{mtls.settings.policy_port}", pki.client) is None
+    usage = mtls.usage.usage("team-a/chat")
+    assert usage is not None and usage.requests == 1000
 
 
 async def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(mtls: Controller, pki: Pki, tmp_path: Path) -> None:

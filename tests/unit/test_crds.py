@@ -169,6 +169,7 @@ FULL_BINDING: Json = binding(
             {"name": "corp", "issuer": "https://idp.example.com", "audiences": ["crdgol"], "tenantClaim": "org", "hs256SecretRef": {"name": "jwt", "key": "secret"}},
             {"issuer": "https://other.example.com", "jwks": {"keys": [{"kty": "RSA", "kid": "1", "n": "abc", "e": "AQAB"}]}},
             {"issuer": "https://third.example.com", "jwks": '{"keys": []}'},
+            {"issuer": "https://fourth.example.com", "jwksUri": "https://fourth.example.com/.well-known/jwks.json"},
         ]
     },
     quotas={
@@ -298,6 +299,7 @@ def test_a_binding_using_every_field_is_accepted_by_both_the_schema_and_the_cont
     parsed = parse_binding(FULL_BINDING)
     assert [b.name for b in parsed.backends] == ["primary", "secondary", "claude"]
     assert parsed.jwt[0].hs256_secret is not None and parsed.jwt[1].jwks
+    assert parsed.jwt[3].jwks_uri == "https://fourth.example.com/.well-known/jwks.json" and not parsed.jwt[3].jwks
     assert parsed.retry.attempts == 10 and parsed.per_try_timeout == 0.5
 
 
@@ -383,6 +385,7 @@ INVALID: list[tuple[str, Json, str, bool]] = [
     ("knowledge-text", {"context": {"knowledge": [{"title": "x"}]}}, "context.knowledge.0", True),
     ("profile-name", {"context": {"profile": [{"header": "x-team"}]}}, "context.profile.0", True),
     ("jwt-issuer", {"auth": {"jwt": [{"jwks": "{}"}]}}, "auth.jwt.0", True),
+    ("jwks-uri-scheme", {"auth": {"jwt": [{"issuer": "i", "jwksUri": "ftp://idp/keys"}]}}, "auth.jwt.0.jwksUri", True),
     ("tenants-type", {"tenants": "acme"}, "tenants", True),
     ("unknown-field", {"backend": []}, "spec: Additional properties", False),
     ("pricing-decimal", {"backends": [_backend(pricing={"inputPerMillion": "2,50", "outputPerMillion": "1"})]}, "backends.0.pricing.inputPerMillion", False),
@@ -441,7 +444,7 @@ def test_cel_rules_state_what_the_schema_alone_cannot() -> None:
     assert "size(self.backends) >= 1" in got
     assert "self.backends.all(b, !has(b.name) || self.backends.exists_one(o, has(o.name) && o.name == b.name))" in got
     assert "(has(self.claim) && self.claim != '') != (has(self.header) && self.header != '')" in got
-    assert "has(self.hs256SecretRef) != has(self.jwks)" in got
+    assert "[has(self.hs256SecretRef), has(self.jwks), has(self.jwksUri)].filter(x, x).size() == 1" in got
     assert any("self.backends.all(b, has(b.pricing))" in r and "budget" in r for r in got)
     assert any(r.startswith("self.matches(") and "tenant|date|model|user" in r for r in got)
 

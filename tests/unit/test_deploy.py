@@ -171,7 +171,9 @@ def test_the_controller_serves_the_ports_its_service_names() -> None:
     assert controller["image"] == CRDGOL_IMAGE
     assert controller["command"] == ["crdgol"] and controller["args"][0] == "controller"
     ports = {p["name"]: p["containerPort"] for p in controller["ports"]}
-    assert ports == {"grpc-xds": 18000, "grpc-policy": 18001, "metrics": 9103}
+    assert ports == {"grpc-xds": 18000, "grpc-policy": 18001, "metrics": 9103, "workflow-api": 8091}
+    assert int(flag(controller["args"], "--workflow-api-port")) == 8091
+    assert flag(controller["args"], "--workflow-api-address") == "crdgol-controller.crdgol-system.svc:8091"
     assert int(flag(controller["args"], "--xds-port")) == 18000
     assert int(flag(controller["args"], "--policy-port")) == 18001
     assert int(flag(controller["args"], "--metrics-port")) == 9103
@@ -345,8 +347,8 @@ def test_only_gateway_pods_reach_the_controllers_control_plane_ports_and_metrics
         for port in rule["ports"]:
             assert port["port"] in controller_ports
             open_to.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
-    assert set(open_to) == {"grpc-xds", "grpc-policy", "metrics"}
-    for name in ("grpc-xds", "grpc-policy"):
+    assert set(open_to) == {"grpc-xds", "grpc-policy", "metrics", "workflow-api"}
+    for name in ("grpc-xds", "grpc-policy", "workflow-api"):
         (peer,) = open_to[name]
         assert set(peer) == {"podSelector"}  # these pods, in this namespace; nothing else
         assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()

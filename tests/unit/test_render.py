@@ -135,9 +135,18 @@ def test_two_bindings_claiming_one_model_conflict() -> None:
     assert result.problems["ns/c"].reason == "ModelConflict"
 
 
+def test_an_issuers_jwks_url_reaches_extproc_in_the_policy() -> None:
+    url = "https://login.example.com/.well-known/jwks.json"
+    b = _binding(auth={"jwt": [{"issuer": "https://login.example.com", "jwksUri": url}]})
+    (provider,) = render([parse_binding(b)], [], RenderSettings()).snapshot.jwt_providers
+    assert (provider.jwks_uri, provider.jwks_json, provider.namespace) == (url, "", "ns")
+
+
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
+        ({"auth": {"jwt": [{"issuer": "i", "jwksUri": "http://idp.example.com/jwks"}]}}, "InvalidAuth"),
+        ({"auth": {"jwt": [{"issuer": "i", "jwksUri": "https://idp/jwks", "jwks": "{}"}]}}, "InvalidAuth"),
         ({"backends": []}, "NoBackends"),
         ({"model": "bad model name!"}, "InvalidModel"),
         ({"backends": [{"name": "a", "provider": "azure", "endpoint": "https://x", "model": "g"}]}, "InvalidProvider"),

@@ -60,3 +60,19 @@ def test_the_gateway_config_with_the_workflow_resources_is_accepted_by_envoy(tmp
     config.write_text(json.dumps(result.envoy))
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_on_a_cluster_the_run_api_route_adds_the_controllers_token_and_resolves_its_service() -> None:
+    from controller.workflow.egress import API_CLUSTER, api_route_and_cluster
+    from crdgol.workflow_contract import API_TOKEN_HEADER
+
+    settings = WorkflowEnvoySettings(api_host="crdgol-controller.crdgol-system.svc", api_port=8091, api_token="s3cret-token")
+    (route,), (cluster,) = api_route_and_cluster(settings)
+    assert route["route"]["cluster"] == API_CLUSTER
+    assert route["request_headers_to_add"] == [
+        {"header": {"key": API_TOKEN_HEADER, "value": "s3cret-token"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+    assert "s3cret-token" not in repr(settings)
+    (_,), (local,) = api_route_and_cluster(WorkflowEnvoySettings(api_socket="/tmp/x.sock"))
+    assert local["type"] == "STATIC"
