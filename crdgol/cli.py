@@ -68,9 +68,10 @@ def cmd_render(args: argparse.Namespace) -> int:
             tracing=_tracing(args, "crdgol-controller"),
             sds_dir=str(sds_dir),
         ),
+        mcp_servers=manifests.mcp_servers,
     )
     write_sds_files(sds_dir, result.secrets)
-    for where, problem in {**manifests.problems, **result.problems}.items():
+    for where, problem in {**manifests.problems, **result.problems, **{f"MCPServer {k}": v for k, v in result.mcp.problems.items()}}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
     for where, message in result.source_problems.items():
         print(f"crdgol render: {where}: {message}", file=sys.stderr)
