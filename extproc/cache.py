@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -206,8 +207,15 @@ class ResponseCache:
     coalesce_wait: float = COALESCE_WAIT
     flights: Flights[Entry] = field(init=False)
 
+    # A semantic miss's question vector, from the request side to the response side that stores
+    # the answer (one-message path): by key, bounded, oldest dropped first. On another replica, or
+    # once dropped, the response side embeds the question again.
+    pending_vectors: OrderedDict[str, Vector] = field(init=False)
+    PENDING_VECTORS = 1024
+
     def __post_init__(self) -> None:
         self.flights = Flights(self.coalesce_wait)
+        self.pending_vectors = OrderedDict()
 
     @staticmethod
     def in_redis(client: RedisClient, timeout: float) -> ResponseCache:
@@ -346,6 +354,10 @@ class CacheCall:
         if self.flight is not None or not self.cache.flights.is_open(self.key.exact):
             return None
         entry = await self.cache.flights.follow(self.key.exact)
+        if entry is None:
+            # The time ran out: the leader's answer may have been stored by another replica
+            # (its response side went there), so look once more before going to the provider.
+            entry = await self._get(self.key.exact)
         self.m.coalesced.labels(self.binding.key, "served" if entry is not None else "upstream").inc()
         if entry is None:
             self._lead()  # the next identical misses wait for this one's answer
@@ -355,6 +367,24 @@ class CacheCall:
         if self.flight is not None:
             self.cache.flights.land(self.flight, entry)
             self.flight = None
+
+    def hand_off(self) -> None:
+        """This call's response is handled on another stream (the one-message path's response
+        side, ``adopt``): its flight stays open for that stream to land, or for its timer."""
+        self.flight = None
+        if self.vector is not None and self.storing:
+            pending = self.cache.pending_vectors
+            pending[self.key.exact] = self.vector
+            while len(pending) > self.cache.PENDING_VECTORS:
+                pending.popitem(last=False)
+
+    def adopt(self) -> None:
+        """Take over the open flight of this call's key in this process (the response side of a
+        call that led it; on another replica there is none, and followers there time out)."""
+        if self.wish.store and self.flight is None:
+            self.flight = self.cache.flights.open_flight(self.key.exact)
+        if self.vector is None:
+            self.vector = self.cache.pending_vectors.pop(self.key.exact, None)
 
     def abandon(self) -> None:
         """The request ended without ``finish`` (refused, or its response never came): any

@@ -50,6 +50,11 @@ class Flights(Generic[T]):
     def is_open(self, key: str) -> bool:
         return key in self._open
 
+    def open_flight(self, key: str) -> Flight[T] | None:
+        """The open flight of ``key``, for a leader's response handled by another stream (the
+        one-message path's response side) to land."""
+        return self._open.get(key)
+
     def lead(self, key: str) -> Flight[T] | None:
         if self.wait <= 0 or key in self._open:
             return None

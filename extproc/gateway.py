@@ -325,6 +325,11 @@ class ModelCall(Handler):
         """The one-message answer (``extproc.route_reply``)."""
         return route_reply(self, binding, body)
 
+    def route_response_headers(self) -> dict[str, str]:
+        """Response headers Envoy sets from the route metadata on the one-message path
+        (``request_path.ROUTE_RESPONSE_HEADERS``): no response side needed for them."""
+        return self.admission.headers()
+
     def state(self) -> dict[str, str | float]:
         """What the response side needs that the settle record does not carry."""
         return {"started": self.services.wall() - (self.services.clock() - self.started)}
@@ -636,7 +641,8 @@ class Completion(ModelCall):
             ("history", binding is not None and binding.context.history.enabled and bool(self.session)),
             ("translation", primary is not None and primary.api is not self.api),
             ("usage chunk stripped", self.stream and self.api is Api.OPENAI and not self.client_wants_usage),
-            ("response cache", self.cache is not None),  # its x-crdgol-cache header; stored on a miss
+            # A miss to store; the x-crdgol-cache header of any other comes from the route metadata.
+            ("response cache", self.cache is not None and self.cache.storing),
         )
         return tuple(name for name, needed in needs if needed)
 
@@ -652,6 +658,13 @@ class Completion(ModelCall):
         if self.cache is not None:
             # The cache's part of this call, for the response side (whichever replica it reaches).
             out.update(cache_state(self.cache))
+            self.cache.hand_off()  # the response side lands its flight (extproc.cache_flight)
+        return out
+
+    def route_response_headers(self) -> dict[str, str]:
+        out = super().route_response_headers()
+        if self.cache is not None:
+            out[CACHE_HEADER] = self.cache.state
         return out
 
     def needs_body(self, headers: Headers) -> bool:

@@ -394,8 +394,12 @@ def test_identical_misses_at_the_same_time_reach_the_provider_once(stack: Stack)
     with ThreadPoolExecutor(6) as pool:
         first = pool.submit(post, stack, "cached", q, ACME, slow)
         wait_until_the_provider_has(stack, q)
+        started = time.monotonic()
         others = [pool.submit(post, stack, "cached", q, ACME, slow) for _ in range(5)]
         results = [first.result(), *(o.result() for o in others)]
+        waited = time.monotonic() - started
+    # Served as soon as the first one's answer was stored, not when the 5 s wait ran out.
+    assert waited < 4.0
     assert [r.status_code for r in results] == [200] * 6
     assert [r.headers[CACHE_HEADER] for r in results] == ["miss"] + ["hit"] * 5
     assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1
@@ -515,3 +519,44 @@ def test_a_semantic_lookups_embeddings_call_is_charged_to_the_callers_tenant(sta
     assert embeddings_calls(stack.mock_url) == calls
     assert metric(stack, "crdgol_cache_errors_total", stage="embedding_quota") > refused
     assert embed_directly(stack, ACME).status_code == 429
+
+
+# --- what a cached call costs extproc (the one-message path) ---------------------------------------
+
+
+def ext_proc_cost(stack: Stack, text: str, headers: dict[str, str] | None = None) -> tuple[httpx.Response, dict[str, int]]:
+    """One call and the ext_proc messages and streams Envoy spent on it (its own statistics)."""
+
+    def stats() -> dict[str, int]:
+        raw = httpx.get(f"http://127.0.0.1:{stack.admin_port}/stats?filter=ext_proc", timeout=5).text
+        out: dict[str, int] = {}
+        for line in raw.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit() and (name.endswith("stream_msgs_sent") or name.endswith("streams_started")):
+                kind = "response" if ".ext_proc.response." in name else "request"
+                key = f"{kind}.{name.rsplit('.', 1)[1]}"
+                out[key] = out.get(key, 0) + int(value)
+        return out
+
+    before = stats()
+    r = post(stack, "cached", text, headers=headers)
+    time.sleep(0.1)  # Envoy counts a stream's last message after the client has its answer
+    after = stats()
+    return r, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_a_hit_costs_one_message_and_only_a_miss_to_store_opens_the_response_side(stack: Stack) -> None:
+    q = marker()
+    miss, used = ext_proc_cost(stack, q)
+    assert miss.headers[CACHE_HEADER] == "miss" and used["request.stream_msgs_sent"] == 1
+    assert used["response.streams_started"] == 1  # its answer is read, to be stored
+    hit, used = ext_proc_cost(stack, q)
+    assert hit.headers[CACHE_HEADER] == "hit" and hit.json() == miss.json()
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}  # answered from the body message
+    # Nothing to store: the response passes Envoy alone, and the header still says what happened.
+    bypass, used = ext_proc_cost(stack, q, {CACHE_HEADER: "bypass"})
+    assert bypass.headers[CACHE_HEADER] == "bypass" and bypass.status_code == 200
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}
+    private, used = ext_proc_cost(stack, marker(), {"cache-control": "no-store"})
+    assert private.headers[CACHE_HEADER] == "miss" and private.status_code == 200
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}
