@@ -1,7 +1,8 @@
 """On a cluster Envoy's admin shares the gateway pod's loopback with extproc, whose MCP client
-POSTs to whatever URL a binding names (an MCP client's first request is a POST): the admin the
-deploy bootstrap configures must answer reads only, so that a binding author in any namespace
-cannot stop, drain or fail the gateway every namespace shares. Real Envoy, the deploy
+POSTs to whatever URL a binding names (an MCP client's first request is a POST), and with the
+egress listener workflow http-request steps go through: the admin the deploy bootstrap configures
+must answer harmless reads only, so that a binding or workflow author in any namespace cannot
+stop, drain or fail the gateway every namespace shares, nor read its config. Real Envoy, the deploy
 ConfigMap's admin block, and the real MCP client extproc uses."""
 
 from __future__ import annotations
@@ -63,5 +64,13 @@ async def test_an_mcp_source_naming_the_admin_cannot_stop_drain_or_fail_the_gate
 def test_the_reads_the_deployment_relies_on_still_answer(admin: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, _ = admin
     # extproc's --envoy-admin (backend health), the :19001 route Prometheus scrapes, and the probe.
-    for path in ("/clusters?format=json", "/stats/prometheus", "/ready", "/stats?filter=server", "/config_dump"):
+    for path in ("/clusters?format=json", "/stats/prometheus", "/ready", "/stats?filter=server"):
         assert httpx.get(url + path, timeout=5).status_code == 200, path
+
+
+def test_the_config_which_holds_the_run_apis_token_is_not_readable(admin: tuple[str, subprocess.Popen[bytes]]) -> None:
+    # A workflow http-request step reaches the pod's loopback through the egress listener, and
+    # its output (the answer's body) lands in the run's status.
+    url, _ = admin
+    for path in ("/config_dump", "/config_dump?include_eds", "/listeners?format=json", "/runtime"):
+        assert httpx.get(url + path, timeout=5).status_code == 403, path
