@@ -28,6 +28,7 @@ from controller.binding_usage import UsageBook, refresh_usage
 from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
 from controller.health import backend_health
+from controller.mcp_servers import KIND as MCP_SERVER_KIND
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
@@ -183,8 +184,10 @@ class Controller:
     async def _send_envoy(self, version: int, routes: list[Json], clusters: list[Json]) -> bool:
         """Clusters, the listener (routes by RDS) and the route table, as one xDS version."""
         rs = self.settings.render
-        # Plus any listener of its own the workflow engine adds (the egress listener).
-        listeners = [listener(rs, [], rds=True), *self.state.extras.listeners]
+        # Plus any listener of its own the workflow engine adds (the egress listener), and the
+        # MCPServer views' internal listeners.
+        mcp = self.state.result.mcp.listeners if self.state.result is not None else ()
+        listeners = [listener(rs, [], rds=True), *self.state.extras.listeners, *mcp]
         tables = [route_configuration(rs, routes)]
         try:
             # Encoding a large config takes a while: keep the event loop serving meanwhile.
@@ -234,6 +237,10 @@ class Controller:
             # resources crdgol cannot serve (an unknown crdgol.io kind), with what is wrong.
             "sources": dict(self.state.result.source_problems) if self.state.result else {},
             "envoy": {n: {"acked": dict(s.acked), "lastNack": s.last_nack} for n, s in self.xds.nodes.items()},
+            "mcpServers": {
+                k: s.to_k8s(now)
+                for k, s in self.state.mcp.statuses(self.state.result.mcp if self.state.result else None, self.state.version).items()
+            },
             **({"workflows": self.workflows.status_doc()} if self.workflows is not None else {}),
         }
 
@@ -326,6 +333,7 @@ class Controller:
                 self.problems = dict(reader.problems)
                 before = {k: (s.conditions) for k, s in self.state.statuses().items()}
                 self.state.replace_all(bindings, secrets)
+                self.state.mcp.replace_all([d for d in others if d.get("kind") == MCP_SERVER_KIND])
                 sources_before = dict(self.state.result.source_problems) if self.state.result else {}
                 if self.workflows is not None and self.state.result is None:
                     # A (re)started controller's first config keeps the run API's route, which

@@ -439,6 +439,12 @@ def extproc_cluster(settings: RenderSettings) -> Json:
 
 XDS_CLUSTER = "crdgol-xds"
 
+# Lets listeners be in-process (internal) ones: MCPServer views are (controller.mcp_render).
+INTERNAL_LISTENER_EXTENSION: Json = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": typed("envoy.extensions.bootstrap.internal_listener.v3.InternalListener"),
+}
+
 
 def admin_address(settings: RenderSettings) -> Json:
     """Where Envoy's admin API listens: its Unix socket (owner only) if set, else loopback TCP."""
@@ -468,6 +474,8 @@ def ads_bootstrap(
         "node": {"id": node_id, "cluster": "crdgol"},
         "admin": {"address": admin_address(settings)},
         "overload_manager": overload_manager(settings.max_connections),
+        # MCPServer views are internal listeners (controller.mcp_render), served over LDS.
+        "bootstrap_extensions": [INTERNAL_LISTENER_EXTENSION],
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from controller.mcp_servers import KIND as MCP_SERVER_KIND
+from controller.mcp_servers import McpServerSpec, parse_mcp_server
 from controller.models import (
     API_VERSION,
     BindingSpec,
@@ -33,6 +35,7 @@ class Manifests:
     others: tuple[dict[str, Any], ...] = ()
     # Problems by "file" or "namespace/name": what is wrong and why.
     problems: dict[str, SpecError] = field(default_factory=dict)
+    mcp_servers: tuple[McpServerSpec, ...] = ()
 
 
 def yaml_problem(exc: Exception) -> str:
@@ -56,6 +59,7 @@ def load_folder(folder: Path) -> Manifests:
     bindings: list[BindingSpec] = []
     secrets: list[SecretData] = []
     others: list[dict[str, Any]] = []
+    mcp_servers: list[McpServerSpec] = []
     problems: dict[str, SpecError] = {}
     for path in manifest_files(folder):
         try:
@@ -79,8 +83,10 @@ def load_folder(folder: Path) -> Manifests:
                     secrets.append(parse_secret(doc))
                 elif kind == "AIModelBinding" and api == API_VERSION:
                     bindings.append(parse_binding(doc))
+                elif kind == MCP_SERVER_KIND and api == API_VERSION:
+                    mcp_servers.append(parse_mcp_server(doc))
                 elif api == API_VERSION:
                     others.append(doc)
             except SpecError as exc:
                 problems[ident] = exc
-    return Manifests(tuple(bindings), tuple(secrets), tuple(others), problems)
+    return Manifests(tuple(bindings), tuple(secrets), tuple(others), problems, tuple(mcp_servers))

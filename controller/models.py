@@ -31,7 +31,7 @@ from crdgol.jwks_url import jwks_url_problem
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun")  # every kind of the crdgol.io group
+KINDS = ("AIModelBinding", "WorkflowSpec", "WorkflowRun", "MCPServer")  # every kind of the crdgol.io group
 
 API_KEY_LABEL = "crdgol.io/api-key"
 TENANT_ANNOTATION = "crdgol.io/tenant"

@@ -51,6 +51,7 @@ import kopf
 
 from controller.app import Controller, ControllerSettings
 from controller.binding_usage import keep_usage_fresh
+from controller.mcp_operator import McpServerHandlers
 from controller.models import GROUP, VERSION, SpecError, parse_binding
 from controller.state import BindingStatus, ControllerState
 from controller.workflow.cluster import ClusterWorkflows, ClusterWorkflowSettings
@@ -326,6 +327,7 @@ class Operator:
         self.options = options
         self.client = KubeClient()
         self.status = StatusWriter(controller.state, self.client)
+        self.mcp_servers = McpServerHandlers(controller.state, self.client.request, self.publish_later)
         self.publish = Batcher(self._publish_and_sync, options.batch_delay)
         self._secrets_seen: set[str] = set()  # Secrets the state holds (from events or reads)
         self._resync: asyncio.Task[None] | None = None
@@ -345,6 +347,10 @@ class Operator:
     async def _publish_and_sync(self) -> None:
         await self.controller.publish()
         await self.status.sync()
+        await self.mcp_servers.sync()
+
+    async def publish_later(self) -> None:
+        await self.publish()
 
     async def _resync_loop(self) -> None:
         while True:
@@ -476,6 +482,8 @@ class Operator:
         async def binding_deleted(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
             if event.get("type") == "DELETED":
                 await self.binding_gone(namespace or "default", name)
+
+        self.mcp_servers.register(registry)
 
         def secret_filter(body: kopf.Body, **_: Any) -> bool:
             return self.watches_secret(body)

@@ -51,6 +51,8 @@ from controller.envoy_config import (
     route_id,
     socket_address,
 )
+from controller.mcp_render import INTERNAL_LISTENER_EXTENSION, McpRender, render_mcp
+from controller.mcp_servers import McpServerSpec
 from controller.models import (
     SHARE_ANNOTATION,
     SHARE_HOSTS_ANNOTATION,
@@ -98,6 +100,9 @@ class RenderResult:
     # Other sources that contribute nothing, by "Kind namespace/name" (an API-key Secret whose
     # tenant annotation is not a tenant name), with what is wrong.
     source_problems: dict[str, str] = field(default_factory=dict)
+    # MCPServers: their Envoy resources (also in ``listeners``/``clusters``/``routes``), problems
+    # and the namespaces that reach each (controller.mcp_render).
+    mcp: McpRender = field(default_factory=McpRender)
     # Served bindings whose grant to some other namespace is not in force (not accepted there).
     grant_problems: dict[str, SpecError] = field(default_factory=dict)
 
@@ -292,14 +297,16 @@ def render(
     settings: RenderSettings,
     cache: RenderCache | None = None,
     extras: EnvoyExtras | None = None,
+    mcp_servers: Iterable[McpServerSpec] = (),
 ) -> RenderResult:
-    """Render every binding that can be served; the rest are reported in ``problems``."""
+    """Render every binding (and MCPServer) that can be served; the rest are reported in
+    ``problems`` (``mcp.problems``)."""
     # The render allocates hundreds of thousands of small objects and frees none of them: the
     # cyclic garbage collector would only re-scan them (a third of the time at 5,000 bindings).
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _render(bindings, secrets, settings, cache, extras or EnvoyExtras())
+        return _render(bindings, secrets, settings, cache, extras or EnvoyExtras(), mcp_servers)
     finally:
         if enabled:
             gc.enable()
@@ -377,6 +384,7 @@ def _render(
     settings: RenderSettings,
     cache: RenderCache | None = None,
     extras: EnvoyExtras = EnvoyExtras(),
+    mcp_servers: Iterable[McpServerSpec] = (),
 ) -> RenderResult:
     secret_map = {s.key: s for s in secrets}
     problems: dict[str, SpecError] = {}
@@ -433,20 +441,26 @@ def _render(
         api_keys=_api_keys((secret_map[k] for k in sorted(secret_map)), source_problems),
         jwt_providers=claims.providers(),
     )
-    clusters: list[Json] = list(extras.clusters)
+    mcp = render_mcp(mcp_servers, secret_map, settings, _resolve)
+    snapshot.mcp_tool_servers.extend(mcp.servers)
+    snapshot.mcp_tool_views.extend(mcp.views)
+    clusters: list[Json] = [*extras.clusters, *mcp.clusters]
     if settings.tracing.enabled:
         clusters.append(collector_cluster(settings.tracing, settings.ca_bundle))
-    routes = list(extras.routes)
+    routes = [*extras.routes, *mcp.routes]
     for _, pieces in served:
         routes.append(pieces.route)
         clusters.extend(pieces.clusters)
-    listeners = [listener(settings, routes), *extras.listeners]
+    listeners = [listener(settings, routes), *extras.listeners, *mcp.listeners]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
         "overload_manager": overload_manager(settings.max_connections),
         "static_resources": {"listeners": listeners, "clusters": [extproc_cluster(settings), *clusters]},
     }
+    if mcp.listeners:
+        # MCP views run on internal listeners (controller.mcp_render).
+        envoy["bootstrap_extensions"] = [INTERNAL_LISTENER_EXTENSION]
     return RenderResult(
         envoy=envoy,
         snapshot=snapshot,
@@ -456,6 +470,7 @@ def _render(
         problems=problems,
         accepted=tuple(b.key for b, _ in served),
         source_problems=source_problems,
+        mcp=mcp,
         grant_problems=grant_problems,
     )
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.health import BackendHealth
+from controller.mcp_status import McpServerBook
 from controller.models import BindingSpec, SecretData, SpecError, parse_binding, parse_secret
 from controller.render import EnvoyExtras, RenderCache, RenderResult, RenderSettings, render
 
@@ -103,6 +104,8 @@ class ControllerState:
     binding_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
     _clusters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # MCPServers, and their status (controller.mcp_status).
+    mcp: McpServerBook = field(default_factory=McpServerBook)
 
     def __post_init__(self) -> None:
         # Versions must keep rising across controller restarts and leader changes, or extproc (which
@@ -178,7 +181,7 @@ class ControllerState:
             refs = spec.secret_refs()
             if any(r is not None and r.namespace == namespace and r.name == name for r in refs):
                 out.append(key)
-        return out
+        return out + self.mcp.references(namespace, name)
 
     def watches_secret(self, obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
@@ -194,7 +197,12 @@ class ControllerState:
         specs = [e.good for e in self._bindings.values() if e.good is not None]
         candidate = self.version + 1
         result = render(
-            specs, self._secrets.values(), replace(self.settings, version=candidate, generated_at=int(self.clock())), self._cache, self.extras
+            specs,
+            self._secrets.values(),
+            replace(self.settings, version=candidate, generated_at=int(self.clock())),
+            self._cache,
+            self.extras,
+            mcp_servers=self.mcp.specs(),
         )
         if self.result is not None and _same(result, self.result):
             return self.result

@@ -61,8 +61,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         manifests.bindings,
         manifests.secrets,
         RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port, tracing=_tracing(args, "crdgol-controller")),
+        mcp_servers=manifests.mcp_servers,
     )
-    for where, problem in {**manifests.problems, **result.problems}.items():
+    for where, problem in {**manifests.problems, **result.problems, **{f"MCPServer {k}": v for k, v in result.mcp.problems.items()}}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
     for where, message in result.source_problems.items():
         print(f"crdgol render: {where}: {message}", file=sys.stderr)

@@ -184,8 +184,8 @@ class Stack:
     def render(self) -> RenderResult:
         """What the controller will serve for the folder as it is now (for the start-up summary)."""
         manifests = load_folder(self.settings.manifests)
-        result = render(manifests.bindings, manifests.secrets, self.render_settings)
-        self.problems = {**manifests.problems, **result.problems}
+        result = render(manifests.bindings, manifests.secrets, self.render_settings, mcp_servers=manifests.mcp_servers)
+        self.problems = {**manifests.problems, **result.problems, **{f"MCPServer {k}": v for k, v in result.mcp.problems.items()}}
         self.result = result
         return result
 

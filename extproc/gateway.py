@@ -23,7 +23,7 @@ from crdgol import logs, tenancy
 from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as context_policy
-from extproc import translate_errors, workflows
+from extproc import mcp_gateway, translate_errors, workflows
 from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome, encode_reservation
 from extproc.attempt import rewrite_body, target_headers
@@ -112,6 +112,8 @@ def choose(services: Services, method: str, raw_path: str) -> Handler:
     path = raw_path.split("?", 1)[0].rstrip("/") or "/"
     if workflows.handles(path):
         return workflows.choose(services, method, path)
+    if mcp_gateway.handles(path):
+        return mcp_gateway.choose(services, method)
     allowed = _ENDPOINTS.get(path)
     if allowed is None:
         return Refuse(NotFound(f"unknown path {path}: the gateway serves {', '.join(sorted(_ENDPOINTS))}", code="unknown_url"))

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from extproc.capacity import Capacity
+from extproc.mcp_metrics import ToolCallMetrics
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 # The GenAI semantic conventions' advised buckets, with a finer start for fast local upstreams.
@@ -136,6 +137,8 @@ class Metrics:
             ["tenant", "binding", "limit"],
             registry=r,
         )
+        # MCP tool calls through /mcp (extproc.mcp_gateway).
+        self.mcp = ToolCallMetrics(r)
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
         self._capacity_watched = False
 

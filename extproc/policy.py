@@ -13,11 +13,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
 from extproc.quota import Limit, Price, Window, normalize_limits
 from extproc.quota_store import FailPolicy
+
+if TYPE_CHECKING:
+    from extproc.mcp_policy import McpPolicy
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +230,8 @@ class Policy:
     api_keys: dict[bytes, tuple[str, ...]]  # sha256(key) -> the qualified tenants it acts as
     jwt_providers: dict[str, tuple[JwtProvider, ...]]  # by issuer: one declaration per namespace
     generated_at: float = 0.0
+    # MCP tool servers behind /mcp (None: none).
+    mcp: McpPolicy | None = None
     bindings: dict[str, Binding] = field(default_factory=dict)  # by key ("namespace/name")
     # Tenants the policy names (API keys, bindings' tenant lists, quota entries): the only ones
     # that get a metrics label of their own (``metric_tenant``).
@@ -328,6 +334,11 @@ def _limit(q: pb.QuotaLimit) -> Limit:
 
 def _quota_rule(q: pb.Quota) -> QuotaRule:
     return QuotaRule(normalize_limits(_limit(x) for x in q.limits), q.default_max_tokens or 1024)
+
+
+def quota_policy(q: pb.QuotaPolicy) -> QuotaPolicy:
+    """A quota policy as extproc applies it (bindings and MCP tool servers alike)."""
+    return _quota_policy(q)
 
 
 def _quota_policy(q: pb.QuotaPolicy) -> QuotaPolicy:
@@ -475,6 +486,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
         api_keys=api_keys,
         jwt_providers=providers,
         generated_at=float(snap.generated_at or time.time()),
+        mcp=_compile_mcp(snap),
         bindings=bindings,
         known_tenants=frozenset(
             t
@@ -486,6 +498,12 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             if not t.endswith(tenancy.SEPARATOR + tenancy.WILDCARD)
         ),
     )
+
+
+def _compile_mcp(snap: pb.PolicySnapshot) -> McpPolicy:
+    from extproc.mcp_policy import compile_mcp  # it builds on this module's quota policy
+
+    return compile_mcp(snap)
 
 
 class PolicyHolder:

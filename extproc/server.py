@@ -23,11 +23,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crdgol.control_plane import ClientAuth, private_socket
+from crdgol.mcp_contract import LIST_METADATA as MCP_LIST_METADATA
+from crdgol.mcp_contract import SERVER_METADATA as MCP_SERVER_METADATA
 from crdgol.pb import policy_pb2 as pb
 from crdgol.usage_log import USAGE_LOG_METADATA
 from extproc import phases
 from extproc.errors import GatewayError
 from extproc.gateway import Downstream
+from extproc.mcp_gateway import ServerCredential, ToolListFilter
 from extproc.phases import Handler, Headers, Reply
 from extproc.services import Services
 from extproc.upstream import Attempt
@@ -76,6 +79,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         backend = traceparent = tracestate = ""
         usage_log = False
         for key, value in context.invocation_metadata() or ():
+            if key == MCP_SERVER_METADATA:
+                # The upstream filter of an MCP server's cluster: that server's credential.
+                return "mcp-server", ServerCredential(self.services, value if isinstance(value, str) else value.decode())
+            if key == MCP_LIST_METADATA:
+                return "mcp-list", ToolListFilter(self.services)
             if key == BACKEND_METADATA:
                 backend = value if isinstance(value, str) else value.decode()
             elif key == USAGE_LOG_METADATA:

@@ -87,7 +87,7 @@ def test_the_kustomization_lists_every_manifest_and_nothing_else() -> None:
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(str(p.relative_to(DEPLOY)) for p in MANIFESTS)
     # CRDs and the namespace first, for tools that apply in order.
-    assert listed[:4] == ["crds/aimodelbindings.yaml", "crds/workflowspecs.yaml", "crds/workflowruns.yaml", "namespace.yaml"]
+    assert listed[:5] == ["crds/aimodelbindings.yaml", "crds/workflowspecs.yaml", "crds/workflowruns.yaml", "crds/mcpservers.yaml", "namespace.yaml"]
 
 
 def test_namespaced_objects_live_in_crdgol_system() -> None:
@@ -244,7 +244,7 @@ def _allowed(rules: list[Json], group: str, resource: str) -> set[str]:
 def test_the_controller_may_do_what_it_needs_and_no_more() -> None:
     rules = find("ClusterRole", "crdgol-controller")["rules"]
     crds = [o for _, o in OBJECTS if o["kind"] == "CustomResourceDefinition" and o["spec"]["group"] == "crdgol.io"]
-    assert len(crds) == 3
+    assert len(crds) == 4
     for crd in crds:
         plural = crd["spec"]["names"]["plural"]
         assert _allowed(rules, "crdgol.io", plural) == {"get", "list", "watch", "patch"}

@@ -21,8 +21,8 @@ GOLDEN = ROOT / "envoy" / "golden"
 
 def rendered(folder: Path) -> str:
     m = load_folder(folder)
-    result = render(m.bindings, m.secrets, RenderSettings())
-    assert not m.problems and not result.problems, (m.problems, result.problems)
+    result = render(m.bindings, m.secrets, RenderSettings(), mcp_servers=m.mcp_servers)
+    assert not m.problems and not result.problems and not result.mcp.problems, (m.problems, result.problems, result.mcp.problems)
     return json.dumps(result.envoy, indent=2, sort_keys=True) + "\n"
 
 

@@ -1,0 +1,277 @@
+"""A tool call through the gateway's /mcp vs the same call straight to the MCP server.
+
+    .venv/bin/python -m benchmarks.mcp_tools [--calls 400] [--out benchmarks/results]
+
+One real MCP server (the official SDK's MCPServer, streamable HTTP, an ``add`` tool) on loopback;
+the gateway (controller, extproc, Envoy: ``crdgol.stack.Stack``) serving it as an MCPServer twice,
+once without and once with a credential (which adds extproc's upstream ext_proc on the server's
+cluster). One MCP client session per path (the SDK's ClientSession), calls one at a time (c1),
+the paths interleaved call by call so drift hits all alike. Reports p50/p90/p99 per path and the
+added latency (gateway minus direct, per percentile) in ``mcp_tools.json``/``.md``.
+
+Two reference paths split the cost: ``envoy_proxy``, a plain Envoy HTTP proxy in front of the
+server (what any proxy adds), and ``envoy_only``, the gateway's rendered Envoy config run
+statically without its ext_proc (the /mcp route pinned to the view, the tenant header added by the
+route): what Envoy's internal listener and mcp_router add, apart from what extproc adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from controller.manifests import load_folder
+from controller.render import RenderSettings, render
+from crdgol.mcp_contract import TENANT_HEADER, view_route
+from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
+
+TOKEN = "bench-server-token"
+KEY = "sk-bench-mcp"
+
+SERVER = textwrap.dedent(
+    """
+    import sys, uvicorn
+    from mcp.server.mcpserver import MCPServer
+    app = MCPServer("bench", log_level="WARNING")
+
+    @app.tool()
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    inner = app.streamable_http_app()
+    token = sys.argv[2]
+
+    async def asgi(scope, receive, send):
+        # Accepts requests without a credential or with the right one (both setups share it).
+        auth = dict(scope.get("headers") or []).get(b"authorization")
+        if scope["type"] == "http" and auth not in (None, ("Bearer " + token).encode()):
+            await send({"type": "http.response.start", "status": 401, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await inner(scope, receive, send)
+
+    uvicorn.run(asgi, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    """
+)
+
+
+def manifests(folder: Path, url: str) -> None:
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "bench-key", "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": "bench"}},
+            "stringData": {"key": KEY},
+        },
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-token"}, "stringData": {"token": TOKEN}},
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "plain"}, "spec": {"url": url, "toolPrefix": "plain"}},
+        {
+            "apiVersion": "crdgol.io/v1alpha1",
+            "kind": "MCPServer",
+            "metadata": {"name": "keyed"},
+            "spec": {"url": url, "toolPrefix": "keyed", "credentialsRef": {"name": "bench-token", "key": "token"}},
+        },
+    ]
+    (folder / "mcp.yaml").write_text("---\n".join(json.dumps(d) + "\n" for d in docs))
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int) -> dict[str, Any]:
+    """The gateway's rendered config without its ext_proc: /mcp goes straight to the view. Plus,
+    on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds)."""
+    m = load_folder(folder)
+    config = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port), mcp_servers=m.mcp_servers).envoy
+    gateway = config["static_resources"]["listeners"][0]
+    proxy = json.loads(json.dumps(gateway))
+    proxy["name"], proxy["address"]["socket_address"]["port_value"] = "plain-proxy", proxy_port
+    (server_cluster,) = [c["name"] for c in config["static_resources"]["clusters"] if c["name"].startswith("crdgol-mcp.default.default.plain.")]
+    proxy_hcm = proxy["filter_chains"][0]["filters"][0]["typed_config"]
+    proxy_hcm["http_filters"] = [f for f in proxy_hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    proxy_hcm["access_log"] = []
+    proxy_hcm["route_config"] = {"virtual_hosts": [{"name": "p", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": server_cluster, "timeout": "0s"}}]}]}
+    config["static_resources"]["listeners"].append(proxy)
+    hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["access_log"] = []
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        if route["name"] == view_route("default"):
+            route["match"] = {"path": "/mcp"}
+            route["request_headers_to_add"] = [{"header": {"key": TENANT_HEADER, "value": "default/bench"}}]
+    return config
+
+
+async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
+    paths = {
+        "direct": (urls["direct"], "add", ""),
+        "envoy_proxy": (urls["envoy_proxy"], "add", ""),
+        "envoy_only": (urls["envoy_only"], "plain__add", ""),
+        "gateway": (urls["gateway"], "plain__add", KEY),
+        "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+    }
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    sessions: dict[str, ClientSession] = {}
+    stacks = []
+    try:
+        for name, (url, _, key) in paths.items():
+            http = create_mcp_http_client(headers={"authorization": f"Bearer {key}"} if key else None)
+            cm = streamable_http_client(url, http_client=http)
+            read, write = await cm.__aenter__()
+            s = ClientSession(read, write)
+            await s.__aenter__()
+            await s.initialize()
+            stacks.append((cm, s))
+            sessions[name] = s
+        for i in range(warmup + calls):
+            for name, (_, tool, _) in paths.items():
+                t0 = time.perf_counter()
+                result = await sessions[name].call_tool(tool, {"a": i, "b": 1})
+                elapsed = time.perf_counter() - t0
+                if result.is_error or result.structured_content != {"result": i + 1}:
+                    raise RuntimeError(f"{name}: a wrong answer {result}")
+                if i >= warmup:
+                    times[name].append(elapsed * 1000)
+    finally:
+        for cm, s in reversed(stacks):
+            await s.__aexit__(None, None, None)
+            await cm.__aexit__(None, None, None)
+    return times
+
+
+async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
+    """The same calls as raw HTTP (httpx, one keep-alive connection per path, the body read whole):
+    the client's own MCP parsing (SSE or JSON) left out of the figures."""
+    import httpx
+
+    paths = {
+        "direct": (urls["direct"], "add", ""),
+        "envoy_proxy": (urls["envoy_proxy"], "add", ""),
+        "envoy_only": (urls["envoy_only"], "plain__add", ""),
+        "gateway": (urls["gateway"], "plain__add", KEY),
+        "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+    }
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    clients: dict[str, tuple[httpx.AsyncClient, dict[str, str]]] = {}
+    try:
+        for name, (url, _, key) in paths.items():
+            http = httpx.AsyncClient(timeout=30)
+            headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}
+            r = await http.post(url, json=init, headers=headers)
+            r.raise_for_status()
+            headers["mcp-session-id"] = r.headers["mcp-session-id"]
+            headers["mcp-protocol-version"] = "2025-06-18"
+            (await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)).raise_for_status()
+            clients[name] = (http, headers)
+        for i in range(warmup + calls):
+            for name, (url, tool, _) in paths.items():
+                http, headers = clients[name]
+                body = {"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": {"a": i, "b": 1}}}
+                t0 = time.perf_counter()
+                r = await http.post(url, json=body, headers=headers)
+                elapsed = time.perf_counter() - t0
+                if r.status_code != 200 or f'"result":{i + 1}' not in r.text.replace(" ", ""):
+                    raise RuntimeError(f"{name}: a wrong answer {r.status_code} {r.text[:200]}")
+                if i >= warmup:
+                    times[name].append(elapsed * 1000)
+    finally:
+        for http, _ in clients.values():
+            await http.aclose()
+    return times
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=400)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = Path(tempfile.mkdtemp(prefix="crdgol-bench-mcp-"))
+    manifests(folder, f"http://127.0.0.1:{port}/mcp")
+    stack = Stack(StackSettings(manifests=folder, mock_port=None, quiet=True, envoy_concurrency=1, access_log="off"))
+    bare_port, proxy_port = free_port(), free_port()
+    (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(envoy_only_config(folder, bare_port, proxy_port, free_port())))
+    bare = None
+    try:
+        time.sleep(1.0)
+        stack.start()
+        bare = subprocess.Popen(
+            [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-envoy-only.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{bare_port}/mcp", (400, 404, 405, 406, 415), 20, bare)
+        urls = {
+            "direct": f"http://127.0.0.1:{port}/mcp",
+            "envoy_proxy": f"http://127.0.0.1:{proxy_port}/mcp",
+            "envoy_only": f"http://127.0.0.1:{bare_port}/mcp",
+            "gateway": f"{stack.url}/mcp",
+        }
+        times = asyncio.run(measure(urls, args.calls, args.warmup))
+        http_times = asyncio.run(measure_http(urls, args.calls, args.warmup))
+    finally:
+        if bare is not None:
+            stop_process(bare)
+        stack.stop()
+        server.terminate()
+        server.wait(10)
+    summary: dict[str, Any] = {"calls": args.calls, "unit": "ms", "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+    text = f"# MCP tool call through /mcp vs direct ({args.calls} calls per path, c1, interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
+    for client, results in (("sdk", times), ("http", http_times)):
+        part = summarize(results)
+        summary[client] = part
+        text += f"\n## {'the SDK ClientSession' if client == 'sdk' else 'raw HTTP (httpx)'}\n\n" + table(part)
+    summary["target_added_p50_ms"] = 2.0
+    summary["meets_target"] = all(summary[c][f"added_{n}"]["p50"] <= 2.0 for c in ("sdk", "http") for n in ("gateway", "gateway_credential"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mcp_tools.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "mcp_tools.md").write_text(text)
+    print(text)
+    return 0 if summary["meets_target"] else 1
+
+
+PATHS = ("direct", "envoy_proxy", "envoy_only", "gateway", "gateway_credential")
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, values in times.items():
+        out[name] = {f"p{q}": round(pct(values, q), 3) for q in (50, 90, 99)} | {"mean": round(statistics.fmean(values), 3)}
+    for name in PATHS[1:]:
+        out[f"added_{name}"] = {q: round(out[name][q] - out["direct"][q], 3) for q in ("p50", "p90", "p99")}
+    return out
+
+
+def table(part: dict[str, Any]) -> str:
+    rows = [
+        "| path | p50 ms | p90 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        *(f"| {n} | {part[n]['p50']} | {part[n]['p90']} | {part[n]['p99']} |" for n in PATHS),
+        *(f"| added over direct: {n} | {part['added_' + n]['p50']} | {part['added_' + n]['p90']} | {part['added_' + n]['p99']} |" for n in PATHS[1:]),
+    ]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
