@@ -81,6 +81,8 @@ def reserved_address(host: str, *, loopback: bool) -> str:
         address = ipaddress.ip_address(bare)
     except ValueError:
         return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
     if address.is_link_local or address.is_multicast or address.is_unspecified:
         return f"{host} is a link-local, multicast or unspecified address"
     if loopback and address.is_loopback:

@@ -12,7 +12,7 @@ from tests.unit.test_mcp_servers import server
 
 @pytest.mark.parametrize(
     "url",
-    ["http://169.254.169.254/latest/meta-data/iam/security-credentials/x", "http://[fe80::a9fe:a9fe]/mcp", "http://0.0.0.0:9901/mcp"],
+    ["http://169.254.169.254/latest/meta-data/iam/security-credentials/x", "http://[fe80::a9fe:a9fe]/mcp", "http://0.0.0.0:9901/mcp", "http://[::ffff:169.254.169.254]/mcp"],
 )
 def test_an_mcp_server_url_on_a_reserved_address_is_refused(url: str) -> None:
     with pytest.raises(SpecError) as refused:

@@ -24,6 +24,7 @@ def _spec(url: str) -> dict[str, object]:
         "http://[fe80::1]/x",
         "http://0.0.0.0:9901/config_dump",
         "http://224.0.0.1/x",
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",
     ],
 )
 def test_link_local_multicast_and_unspecified_hosts_are_refused_everywhere(url: str) -> None:
@@ -34,7 +35,7 @@ def test_link_local_multicast_and_unspecified_hosts_are_refused_everywhere(url: 
         assert "step 'call'" in err.value.message
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9901/stats", "http://localhost:9102/metrics", "http://[::1]:8090/x", "http://127.1.2.3/x"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9901/stats", "http://localhost:9102/metrics", "http://[::1]:8090/x", "http://127.1.2.3/x", "http://[::ffff:127.0.0.1]:9901/stats"])
 def test_the_gateway_pods_own_loopback_is_refused_on_a_cluster_and_allowed_in_file_mode(url: str) -> None:
     with pytest.raises(SpecError) as err:
         accept(parse_workflow(_spec(url)), {})
