@@ -619,6 +619,8 @@ class Completion(ModelCall):
         today = self.services.today()
         sources: list[context_policy.FetchedSource] = []
         if ctx.mcp_sources:
+            # A tenant over its quota is refused before the servers are read, not after.
+            await self.admission.refuse_if_spent(self.identity.tenant, binding)
             # May refuse the request (a source whose fail policy is refuse): a GatewayError.
             variables = context_policy.source_variables(
                 ctx, self.identity, self.headers, model=binding.model, today=today, session=self.session
