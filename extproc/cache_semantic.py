@@ -261,12 +261,18 @@ def embedding_backend(binding: Binding) -> Backend:
     return min(binding.backends, key=lambda b: b.priority)
 
 
+# An embeddings answer for one input is a few tens of KiB of floats; far past that is a hostile or
+# broken backend, read no further.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
 class Embedder:
     """Embeddings over HTTP from extproc itself (one aiohttp session per process)."""
 
-    def __init__(self, timeout: float = 2.0, max_text_chars: int = 32_000) -> None:
+    def __init__(self, timeout: float = 2.0, max_text_chars: int = 32_000, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.timeout = timeout
         self.max_text_chars = max_text_chars
+        self.max_answer_bytes = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
 
     async def embed(self, backend: Backend, text: str) -> Embedding:
@@ -277,9 +283,9 @@ class Embedder:
         headers = {"content-type": "application/json", **dict(backend.auth_headers)}
         try:
             async with self._session.post(url, data=body, headers=headers) as rsp:
-                raw = await rsp.read()
                 if rsp.status != 200:
                     raise EmbeddingFailed(f"the embeddings backend answered {rsp.status}", status=rsp.status)
+                raw = await self._bounded_read(rsp)
             doc = orjson.loads(raw)
             usage = doc.get("usage")
             tokens = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
@@ -289,6 +295,20 @@ class Embedder:
             raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}", sent=False) from None
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}") from None
+
+    async def _bounded_read(self, rsp: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, refused past ``max_answer_bytes``: the backend is a binding author's,
+        and this process is every tenant's."""
+        if rsp.content_length is not None and rsp.content_length > self.max_answer_bytes:
+            raise EmbeddingFailed(f"the embeddings answer is over {self.max_answer_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in rsp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_answer_bytes:
+                raise EmbeddingFailed(f"the embeddings answer is over {self.max_answer_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
         """Close the HTTP session (its pooled connections): at shutdown."""

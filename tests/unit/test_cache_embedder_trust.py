@@ -1,9 +1,6 @@
 """The semantic cache's embeddings call, from extproc itself (which every tenant shares), to the
 backend of a binding's author: its answer must not fill extproc's memory. Real HTTP over
-loopback (which reads about 1.2 GB in the call's 2 s today).
-
-Reported to the cache owner, not fixed here (extproc/cache*.py is theirs today): strict xfail,
-so the marker must go when the fix lands."""
+loopback (an unbounded read took in about 1.2 GB in the call's 2 s)."""
 
 from __future__ import annotations
 
@@ -64,7 +61,6 @@ def backend(port: int, prefix: str) -> Backend:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="review2 finding for extproc/cache_semantic.py: Embedder reads the whole answer")
 async def test_an_embeddings_answer_without_end_is_not_read_past_a_bound(server: Server) -> None:
     embedder = Embedder(timeout=2.0)
     try:
