@@ -89,11 +89,13 @@ def preflight(running: hz.Running, setup: sc.Setup, bodies: dict[str, Path]) -> 
             reply = r.json()["choices"][0]["message"]["content"]
             if "messages=1 " in reply or "messages=2 " in reply:
                 raise RuntimeError(f"{setup.name}: session history was not injected: {reply[:200]}")
-    if (
-        running.metrics_url
-        and not (hz.metric_total(running.metrics_url, "crdgol_tokens_total") or 0) > 0
-    ):
-        raise RuntimeError(f"{setup.name}: usage accounting recorded no tokens")
+    if running.metrics_url:
+        # Usage read by Envoy arrives over the access log in batches (every 20 ms, later under load).
+        deadline = time.monotonic() + 3.0
+        while not (hz.metric_total(running.metrics_url, "crdgol_tokens_total") or 0) > 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{setup.name}: usage accounting recorded no tokens")
+            time.sleep(0.05)
 
 
 # --- one scenario ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +157,9 @@ class Controller:
         old = self._live
         routes = {str(r["name"]): r for r in (old.routes if old else ())} | {str(r["name"]): r for r in result.routes}
         clusters = {str(c["name"]): c for c in (old.clusters if old else ())} | {str(c["name"]): c for c in result.clusters}
-        if not await self._send_envoy(version, list(routes.values()), list(clusters.values())):
+        secrets = {str(c["name"]): c for c in (old.secrets if old else ())} | {str(c["name"]): c for c in result.secrets}
+        headers = tuple(sorted({*(old.profile_headers if old else ()), *result.profile_headers}))
+        if not await self._send_envoy(version, list(routes.values()), list(clusters.values()), list(secrets.values()), headers):
             return
         if not await self.xds.wait_all_acked(version, self.settings.ack_timeout):
             log.warning("Envoy has not ACKed config version %d in %.0fs; publishing the policy anyway", version, self.settings.ack_timeout)
@@ -177,13 +179,17 @@ class Controller:
         await asyncio.sleep(self.settings.retire_after)
         async with self._lock:
             if self._live is live:
-                await self._send_envoy(self.state.reserve_version(), list(live.routes), list(live.clusters))
+                await self._send_envoy(
+                    self.state.reserve_version(), list(live.routes), list(live.clusters), list(live.secrets), live.profile_headers
+                )
                 self._observe()
                 self.write_status()
 
-    async def _send_envoy(self, version: int, routes: list[Json], clusters: list[Json]) -> bool:
-        """Clusters, the listener (routes by RDS) and the route table, as one xDS version."""
-        rs = self.settings.render
+    async def _send_envoy(
+        self, version: int, routes: list[Json], clusters: list[Json], secrets: list[Json], profile_headers: tuple[str, ...]
+    ) -> bool:
+        """Secrets, clusters, the listener (routes by RDS) and the route table, as one xDS version."""
+        rs = replace(self.settings.render, profile_headers=profile_headers)
         # Plus any listener of its own the workflow engine adds (the egress listener), and the
         # MCPServer views' internal listeners.
         mcp = self.state.result.mcp.listeners if self.state.result is not None else ()
@@ -191,7 +197,7 @@ class Controller:
         tables = [route_configuration(rs, routes)]
         try:
             # Encoding a large config takes a while: keep the event loop serving meanwhile.
-            snap = await asyncio.to_thread(self._encoder.snapshot, version, listeners, clusters, tables)
+            snap = await asyncio.to_thread(self._encoder.snapshot, version, listeners, clusters, tables, secrets)
         except Exception:  # a render Envoy's protos reject must not take the controller down
             log.exception("config version %d does not serialise; keeping version %s", version, self.xds.snapshot and self.xds.snapshot.version)
             return False

@@ -21,6 +21,14 @@ from controller.envoy_json import typed as typed
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from controller.one_message import (
+    NO_RESPONSE_SIDE,
+    buffer_filter,
+    credential_injector,
+    model_path_routes,
+    one_message,
+    response_filter,
+)
 from controller.tracing_config import gateway_tracing
 from controller.usage_filters import usage_access_log, usage_filters
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
@@ -30,6 +38,7 @@ from crdgol.replies import (
     MAX_REQUEST_HEADER_BYTES,
     MAX_REQUEST_HEADERS,
 )
+from crdgol.request_path import ROUTE_NAMESPACE, STATE_NAMESPACE, attributes, credential_secret
 from crdgol.tracing import TracingSettings
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
@@ -101,6 +110,16 @@ class RenderSettings:
     # from every response body, as the Istio config has it.
     usage_log: bool = True
     usage_log_flush_ms: int = 20
+    # Model calls cost one ext_proc message (``crdgol.request_path``): extproc gets the body alone,
+    # Envoy routes on the metadata it answers with and injects provider credentials itself. Needs
+    # the usage log. Off: request headers, body and response headers all go to extproc.
+    one_message: bool = True
+    # Where the provider credentials' SDS secrets come from: "" = the ADS stream (the controller
+    # serves them, over the authenticated control plane), else files in this folder (a static
+    # config: ``crdgol render`` writes them, mode 0600).
+    sds_dir: str = ""
+    # Header names context profiles read (sent to extproc with the body; ``request_path.attributes``).
+    profile_headers: tuple[str, ...] = ()
     # OpenTelemetry traces (controller.tracing_config); off by default.
     tracing: TracingSettings = field(default_factory=TracingSettings)
 
@@ -176,7 +195,13 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
         # Usage reaches extproc over the access log: it may skip response bodies it does not need,
         # and marks a request whose usage it settles from the log entry.
         grpc["initial_metadata"] = [{"key": USAGE_LOG_METADATA, "value": "1"}]
-        extra["metadata_options"] = {"receiving_namespaces": {"untyped": [SETTLE_NAMESPACE]}}
+        received = [SETTLE_NAMESPACE]
+        if one_message(settings):
+            # The body reply names the route and carries what the response side needs.
+            received += [ROUTE_NAMESPACE, STATE_NAMESPACE]
+            # The header values extproc reads travel with the body (model paths skip the headers).
+            extra["request_attributes"] = attributes(settings.profile_headers)
+        extra["metadata_options"] = {"receiving_namespaces": {"untyped": received}}
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": typed(
@@ -225,7 +250,7 @@ _INTERNAL_REQUEST_HEADERS = ("x-crdgol-route", "x-crdgol-client-api", "x-crdgol-
 _STRIP_INTERNAL_RESPONSE_HEADERS: Json = {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_HEADER_PREFIX}}}
 
 
-def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[Json]:
+def upstream_filters(name: str, direct: bool, settings: RenderSettings, injector: Json | None = None) -> list[Json]:
     codec = {
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
@@ -241,7 +266,8 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings) -> list[
     if not direct:
         # Answers pass the filters in reverse: stripped first, then tagged by the attempt's filter.
         return [ext_proc_filter(settings, backend=name), strip, codec]
-    return [strip, codec]
+    # The first backend's provider credential, set by Envoy (one-message path).
+    return [strip, *([injector] if injector is not None else []), codec]
 
 
 def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, stamp: str, direct: bool = False) -> Json:
@@ -261,7 +287,14 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, s
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http_protocol_options": {}},
-                http_filters=upstream_filters(name, direct, settings),
+                http_filters=upstream_filters(
+                    name,
+                    direct,
+                    settings,
+                    credential_injector(credential_secret(backend_id(b, be)), be, settings.sds_dir)
+                    if direct and be.credentials and one_message(settings)
+                    else None,
+                ),
             )
         },
         **cluster_health(b.health, ep.host),
@@ -338,6 +371,8 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": "no route for this request"}},
     }
+    if one_message(settings):
+        not_found["typed_per_filter_config"] = NO_RESPONSE_SIDE
     return {
         "name": ROUTE_CONFIG,
         "virtual_hosts": [
@@ -345,7 +380,7 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
                 "name": "gateway",
                 "domains": ["*"],
                 "request_body_buffer_limit": settings.max_request_bytes,
-                "routes": [*routes, not_found],
+                "routes": [*routes, *(model_path_routes() if one_message(settings) else []), not_found],
             }
         ],
     }
@@ -368,6 +403,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         **routing,
         http_filters=[
             ext_proc_filter(settings, backend=None),
+            *([buffer_filter(settings), response_filter(settings, EXTPROC_CLUSTER)] if one_message(settings) else []),
             *(usage_filters() if settings.usage_log else []),
             {"name": "envoy.filters.http.router", "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")},
         ],

@@ -84,6 +84,9 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
                "the request was not received in time: send the headers within {headers_s} s and the whole request "
                "within {request_s} s"),
     LocalReply(_status("EQ", 404), 404, False, "not_found_error", "not_found", "the gateway has no route for this request"),
+    # A model call that reached the router without extproc's answer: it had no body to send.
+    LocalReply(_cel("response.code == 400 && response.code_details == 'direct_response'"), 400, False,
+               "invalid_request_error", "invalid_request", "the request body is empty: send a JSON object"),
     LocalReply(_status("EQ", 400), 400, False, "invalid_request_error", "bad_request",
                "the request is not valid HTTP (%RESPONSE_CODE_DETAILS%)"),
     LocalReply(_status("EQ", 502), 502, False, "server_error", "bad_gateway",

@@ -16,7 +16,10 @@ How a request flows through what this renders:
   told which backend it is by gRPC initial metadata, which rewrites the model name, swaps in the
   provider credential and translates between the OpenAI and Anthropic APIs; a binding's single
   first-priority backend is rewritten by the downstream filter instead.
-* credentials never appear in the Envoy resources: they travel only in the policy snapshot.
+* credentials never appear in the Envoy config: they travel in the policy snapshot (for the
+  fallback attempts' filters) and, for a binding's first backend on the one-message path
+  (``crdgol.request_path``), as SDS secrets (``RenderResult.secrets``) that the controller serves
+  over the authenticated ADS stream or ``crdgol render`` writes to 0600 files.
 
 The Envoy resources themselves are built by ``controller.envoy_config``; this module assembles
 them with the policy snapshot and caches each binding's share (``RenderCache``).
@@ -65,10 +68,12 @@ from controller.models import (
     SecretRef,
     SpecError,
 )
+from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import credential_secret
 
 _PROVIDER = {"openai": pb.OPENAI, "anthropic": pb.ANTHROPIC, "openai-compatible": pb.OPENAI_COMPATIBLE}
 
@@ -105,6 +110,19 @@ class RenderResult:
     mcp: McpRender = field(default_factory=McpRender)
     # Served bindings whose grant to some other namespace is not in force (not accepted there).
     grant_problems: dict[str, SpecError] = field(default_factory=dict)
+    # SDS ``Secret`` resources (provider credentials Envoy injects): served over ADS or written
+    # to 0600 files, never part of ``envoy``; kept out of repr.
+    secrets: tuple[Json, ...] = field(default=(), repr=False)
+    # Header names context profiles read: the listener sends them to extproc with the body.
+    profile_headers: tuple[str, ...] = ()
+
+
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def sds_secret(name: str, value: str) -> Json:
+    """An SDS generic secret (the credential injector's header value)."""
+    return {"@type": _SECRET_TYPE, "name": name, "generic_secret": {"secret": {"inline_string": value}}}
 
 
 def _resolve(ref: SecretRef, secrets: Mapping[str, SecretData], what: str, namespace: str, endpoint: Endpoint | None = None) -> str:
@@ -319,8 +337,9 @@ class _Pieces:
     spec: BindingSpec
     binding: pb.Binding
     jwts: tuple[pb.JwtProvider, ...]
-    route: Json
+    routes: tuple[Json, ...]
     clusters: tuple[Json, ...]
+    secrets: tuple[Json, ...]
     foreign: frozenset[str]  # other namespaces it grants tenants of (controller.ownership)
 
 
@@ -368,12 +387,20 @@ def _secret_values(b: BindingSpec, secrets: Mapping[str, SecretData]) -> tuple[t
 def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderSettings) -> _Pieces:
     direct = direct_backend(b)
     stamp = binding_stamp(b, direct)
+    binding = _binding_pb(b, secrets, stamp, direct)
+    lean = one_message(settings)
+    injected = tuple(
+        sds_secret(credential_secret(be_pb.id), credential_value(be, be_pb.api_key))
+        for be, be_pb in zip(b.backends, binding.backends, strict=True)
+        if lean and be is direct and be.credentials and be_pb.api_key
+    )
     return _Pieces(
         spec=b,
-        binding=_binding_pb(b, secrets, stamp, direct),
+        binding=binding,
         jwts=tuple(_jwt_pb(b, secrets)),
-        route=binding_route(b, stamp),
+        routes=tuple(metadata_routes(binding_route(b, stamp), direct)) if lean else (binding_route(b, stamp),),
         clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
+        secrets=injected,
         foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),
     )
 
@@ -448,10 +475,13 @@ def _render(
     if settings.tracing.enabled:
         clusters.append(collector_cluster(settings.tracing, settings.ca_bundle))
     routes = [*extras.routes, *mcp.routes]
+    injected: list[Json] = []
     for _, pieces in served:
-        routes.append(pieces.route)
+        routes.extend(pieces.routes)
         clusters.extend(pieces.clusters)
-    listeners = [listener(settings, routes), *extras.listeners, *mcp.listeners]
+        injected.extend(pieces.secrets)
+    profile_headers = tuple(sorted({p.header.lower() for b, _ in served for p in b.context.profile if p.header}))
+    listeners = [listener(replace(settings, profile_headers=profile_headers), routes), *extras.listeners, *mcp.listeners]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -472,6 +502,8 @@ def _render(
         source_problems=source_problems,
         mcp=mcp,
         grant_problems=grant_problems,
+        secrets=tuple(injected),
+        profile_headers=profile_headers,
     )
 
 

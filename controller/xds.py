@@ -1,8 +1,9 @@
 """The ADS server Envoy's bootstrap points at (state-of-the-world, xDS v3).
 
-It serves two resource types, clusters (CDS) and listeners (LDS, with the route table inline).
-On every change it sends clusters first, then listeners, so a route never names a cluster Envoy
-does not have yet. Each response has a version and a nonce; a request echoing the nonce is an
+It serves clusters (CDS), listeners (LDS), route tables (RDS) and the provider credentials the
+clusters inject (SDS: ``Secret`` resources, only over this authenticated stream, never in a
+config file). On every change it sends secrets first, then clusters, then listeners, so a
+cluster never waits for a secret and a route never names a cluster Envoy does not have yet. Each response has a version and a nonce; a request echoing the nonce is an
 ACK, or a NACK when it carries ``error_detail``. A NACKed version is reported (log, metric, and
 ``last_nack``) and not resent; Envoy keeps serving the last version it accepted. A stream from a
 peer that has not proved who it is (``crdgol.control_plane``) is refused before anything is sent.
@@ -23,15 +24,24 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 (registers the Any type)
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401 (the usage access log)
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2  # noqa: F401 (the response filter)
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2  # noqa: F401
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2  # noqa: F401
+from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import (
+    secret_pb2,
+    tls_pb2,  # noqa: F401
+)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 from google.protobuf import any_pb2, json_format
 from xds.type.v3 import typed_struct_pb2  # noqa: F401 (sse_to_metadata, missing from xds-protos, goes as a TypedStruct)
 
@@ -43,7 +53,8 @@ log = logging.getLogger(__name__)
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-ORDER = (CDS, LDS, RDS)
+SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+ORDER = (SDS, CDS, LDS, RDS)
 
 
 # RetryPolicy.refresh_cluster_on_retry (Envoy 1.39+) is newer than the pinned xds-protos, so it is
@@ -141,6 +152,7 @@ class Encoder:
         listeners: Sequence[dict[str, Any]],
         clusters: Sequence[dict[str, Any]],
         route_configs: Sequence[dict[str, Any]] = (),
+        secrets: Sequence[dict[str, Any]] = (),
     ) -> XdsSnapshot:
         cluster_cache: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
         route_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
@@ -150,6 +162,7 @@ class Encoder:
                 CDS: tuple(self.cluster(c, cluster_cache) for c in clusters),
                 LDS: tuple(self.listener(listener, route_cache) for listener in listeners),
                 RDS: tuple(self.route_config(rc, route_cache) for rc in route_configs),
+                SDS: tuple(to_any({k: v for k, v in secret.items() if k != "@type"}, secret_pb2.Secret) for secret in secrets),
             },
         )
         # Keep only what this snapshot uses, so the caches never outgrow the config.
@@ -239,6 +252,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         out: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
         sent: dict[str, tuple[int, str]] = {}  # type -> (version, nonce) last sent
         wanted: set[str] = set()
+        asked: dict[str, tuple[str, ...]] = {}
         node = NodeState()
         node_id = ""
 
@@ -254,6 +268,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         continue
                     wanted.add(t)
                     last = sent.get(t)
+                    # Secrets are asked for by name, one more with each cluster that injects one: a
+                    # request naming a new one is answered at once, even when it also ACKs.
+                    names = tuple(sorted(req.resource_names))
+                    more = t == SDS and names != asked.get(t, names)
+                    asked[t] = names
                     if last is not None and req.response_nonce == last[1]:
                         if req.HasField("error_detail") and req.error_detail.code != 0:
                             self.nacks += 1
@@ -266,10 +285,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                             node.acked[t] = last[0]
                             async with self._acked:
                                 self._acked.notify_all()
-                        continue
+                        if not more:
+                            continue
                     # A first request, or one from a reconnected Envoy: send what we have.
                     snap = self.snapshot
-                    if snap is not None and (last is None or last[0] < snap.version or req.version_info != str(snap.version)):
+                    if snap is not None and (more or last is None or last[0] < snap.version or req.version_info != str(snap.version)):
                         await out.put(self._response(t, snap, sent))
             finally:
                 await out.put(None)
@@ -279,7 +299,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             while True:
                 snap = await self._next(seen)
                 seen = snap.version
-                for t in ORDER:  # clusters before listeners
+                for t in ORDER:  # secrets, then clusters, then listeners
                     if t in wanted:
                         await out.put(self._response(t, snap, sent))
 

@@ -57,12 +57,20 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
         sys.stdout.write(to_yaml(render_mesh(manifests.bindings, manifests.secrets, MeshSettings(namespace=args.mesh_namespace))))
         return 1 if args.strict and manifests.problems else 0
+    sds_dir = Path(args.secrets_dir).resolve()
     result = render(
         manifests.bindings,
         manifests.secrets,
-        RenderSettings(listen_port=args.port, extproc_port=args.extproc_port, admin_port=args.admin_port, tracing=_tracing(args, "crdgol-controller")),
+        RenderSettings(
+            listen_port=args.port,
+            extproc_port=args.extproc_port,
+            admin_port=args.admin_port,
+            tracing=_tracing(args, "crdgol-controller"),
+            sds_dir=str(sds_dir),
+        ),
         mcp_servers=manifests.mcp_servers,
     )
+    write_sds_files(sds_dir, result.secrets)
     for where, problem in {**manifests.problems, **result.problems, **{f"MCPServer {k}": v for k, v in result.mcp.problems.items()}}.items():
         print(f"crdgol render: {where}: {problem.reason}: {problem.message}", file=sys.stderr)
     for where, message in result.source_problems.items():
@@ -75,6 +83,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(json.dumps(result.envoy, indent=2, sort_keys=True) + "\n")
     return 1 if args.strict and (manifests.problems or result.problems or result.source_problems) else 0
+
+
+def write_sds_files(folder: Path, secrets: tuple[dict[str, object], ...]) -> None:
+    """The provider credentials a static config injects, as SDS files only the owner can read."""
+    if not secrets:
+        return
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    for secret in secrets:
+        path = folder / f"{secret['name']}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"resources": [secret]}, f)
+        path.chmod(0o600)
+    print(f"crdgol render: {len(secrets)} provider credential(s) written to {folder} (mode 0600)", file=sys.stderr)
 
 
 def build_services(redis_url: str, redis_timeout: float) -> object:
@@ -342,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--extproc-port", type=int, default=9002, help="extproc gRPC port in the rendered config")
     render.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered config")
     render.add_argument("--output", choices=("json", "yaml"), default="json", help="output format (default json)")
+    render.add_argument("--secrets-dir", default="crdgol-sds", help="where the provider credentials Envoy injects are written as SDS files, mode 0600 (default ./crdgol-sds); the config only names them")
     render.add_argument("--strict", action="store_true", help="exit 1 if any manifest is refused")
     render.add_argument("--mesh", action="store_true", help="print Istio manifests (EnvoyFilter, ServiceEntry, DestinationRule) that make every sidecar apply crdgol to provider hosts")
     render.add_argument("--mesh-namespace", default="istio-system", help="namespace of the mesh manifests (default istio-system: mesh-wide)")

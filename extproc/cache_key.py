@@ -28,13 +28,14 @@ from typing import Any
 
 import orjson
 
+from crdgol import request_path
 from extproc.policy import Api, Binding, CacheRule
 
 __all__ = ["BYPASS_HEADER", "CacheKey", "Directives", "directives", "eligible", "make_key"]
 
 # Request header a caller sets to skip the cache (value "bypass"); the response header of the same
 # name says what the cache did: hit, miss or bypass.
-BYPASS_HEADER = "x-crdgol-cache"
+BYPASS_HEADER = request_path.BYPASS_HEADER  # a request directive; extproc also reads it on the one-message path
 _FRAMING = ("model", "stream", "stream_options")
 _VERSION = 1  # bump when the material changes: old entries then simply stop matching
 

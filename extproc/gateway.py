@@ -18,14 +18,16 @@ import logging
 from typing import Any
 
 import orjson
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from crdgol import logs, tenancy
 from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
+from crdgol.request_path import attribute_headers
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as context_policy
 from extproc import mcp_gateway, translate_errors, workflows
 from extproc.access_metadata import AccessRecord
-from extproc.admission import Admission, Outcome, encode_reservation
+from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.cache import CACHE_HEADER, CacheCall
@@ -45,6 +47,7 @@ from extproc.policy import Api, Binding
 from extproc.quota import Demand
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
+from extproc.route_reply import cache_state, headers_route, route_reply, settle_record
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -69,6 +72,15 @@ class Downstream(Handler):
         self.usage_log = usage_log
         self.inner: Handler = Handler()
         self.traceparent, self.tracestate = traceparent, tracestate
+        # The request headers extproc reads, when they came as attributes with the body (the
+        # one-message path, ``crdgol.request_path``) instead of in a message of their own.
+        self.attributes: Headers | None = None
+
+    def start(self, first: ep.ProcessingRequest) -> None:
+        if first.WhichOneof("request") == "request_body" and first.attributes:
+            fields = first.attributes["envoy.filters.http.ext_proc"].fields
+            values = {k: v.string_value if v.HasField("string_value") else v.number_value for k, v in fields.items()}
+            self.attributes = Headers(attribute_headers(values))
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
@@ -81,6 +93,15 @@ class Downstream(Handler):
         return await self.inner.request_headers(headers, end_of_stream)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        if self.attributes is not None:
+            # The body is the stream's first message: decide on its headers first, as if they had
+            # come on their own (a refusal ends the request here).
+            headers, self.attributes = self.attributes, None
+            early = await self.request_headers(headers, False)
+            if isinstance(early, Respond):
+                return early
+            if isinstance(self.inner, ModelCall):
+                self.inner.one_message = True
         return await self.inner.request_body(body, end_of_stream)
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
@@ -198,6 +219,11 @@ class ModelCall(Handler):
         # A provider's error status: its body is rebuilt, mapped and sanitized (translate_errors).
         self.upstream_error = 0
         self.access = AccessRecord()  # what the access log learns from extproc
+        # One message per request (``crdgol.request_path``): the body reply names the route in
+        # dynamic metadata, and the response, if it needs extproc, comes on the response filter's
+        # stream (``extproc.response_side``), where ``resumed`` is set.
+        self.one_message = False
+        self.resumed = False
         self.trace: CallSpan | None = None  # this call's span, when tracing is on (extproc.tracing)
 
     def error_reply(self, exc: GatewayError) -> Respond:
@@ -277,9 +303,30 @@ class ModelCall(Handler):
             remove = [h for h in ("authorization", "x-api-key") if h in self.headers and h not in targets]
         with step(self.trace, "crdgol.admission"):
             await self.admission.admit(self.identity.tenant, binding, doc, len(body))
+        if self.one_message:
+            return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
         self.forwarded = True
-        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
+        # The route by header (the Istio config) and by metadata (the gateway's own config).
+        return Continue(
+            set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=headers_route(self, binding)
+        )
+
+    def response_needs(self) -> tuple[str, ...]:
+        """Why this request's response must pass through extproc (empty: it need not).
+
+        Decided once the body is read; the binding's response route is taken when this is not
+        empty. A new need (a response to store, say) is one more entry here.
+        """
+        return ()
+
+    def route_reply(self, binding: Binding, body: bytes) -> Continue:
+        """The one-message answer (``extproc.route_reply``)."""
+        return route_reply(self, binding, body)
+
+    def state(self) -> dict[str, str | float]:
+        """What the response side needs that the settle record does not carry."""
+        return {"started": self.services.wall() - (self.services.clock() - self.started)}
 
     def labels(self) -> RequestLabels:
         return RequestLabels(
@@ -386,6 +433,9 @@ class ModelCall(Handler):
             self.account(None, complete=True)
         elif reply.response_body_mode is None and self.usage_log:
             return self.defer(reply)
+        if self.resumed:
+            # This stream accounts for the request: the access-log entry must not settle it again.
+            reply.dynamic_metadata = {SETTLE_NAMESPACE: {"handled": "1"}}
         return reply
 
     def answering_backend(self, headers: Headers) -> str | None:
@@ -415,11 +465,12 @@ class ModelCall(Handler):
         self.deferred = True
         self.finished = True  # this stream accounts nothing more; the log entry does
         self.access.settled_elsewhere(self)
-        record = settle_record(self)
-        tracer = self.services.tracer
-        if tracer is not None and self.trace is not None:  # its span ends when the entry arrives
-            record["trace"] = tracer.park(self)
-        reply.dynamic_metadata = {SETTLE_NAMESPACE: record}
+        if not self.resumed:  # (a resumed request's record is already there, from its body reply)
+            record = settle_record(self)
+            tracer = self.services.tracer
+            if tracer is not None and self.trace is not None:  # its span ends when the entry arrives
+                record["trace"] = tracer.park(self)
+            reply.dynamic_metadata = {SETTLE_NAMESPACE: record}
         return reply
 
     def client_bytes(self, body: bytes, end_of_stream: bool) -> bytes:
@@ -449,24 +500,6 @@ class ModelCall(Handler):
             self.account(self.seen_usage(), complete=False, abandoned=abandoned)
         if self.trace is not None and not self.deferred:  # a deferred one ends with its log entry
             self.trace.end(self, None, "stream_closed")  # ended by now, unless closed before a decision
-
-
-def settle_record(call: ModelCall) -> dict[str, str | float]:
-    """What the access-log consumer needs to settle and count ``call`` (``extproc.usage_log``)."""
-    r = call.admission.reservation
-    labels = call.labels()
-    return {
-        "reservation": encode_reservation(r) if r is not None and not call.admission.done else "",
-        "tenant": labels.tenant,
-        "binding": labels.binding,
-        "backend": labels.backend,
-        "operation": labels.operation,
-        "request_model": labels.request_model,
-        "response_model": labels.response_model,
-        # The model an answer names is the provider's only when no fallback attempt's filter
-        # translated it (that filter writes the alias the client called).
-        "provider_names_model": "1" if call.answer_in_backend_api() else "",
-    }
 
 
 class Embeddings(ModelCall):
@@ -595,6 +628,30 @@ class Completion(ModelCall):
         if self.api is Api.OPENAI:
             return context_policy.apply_openai(doc, inj)
         return context_policy.apply_anthropic(doc, inj)
+
+    def response_needs(self) -> tuple[str, ...]:
+        binding, primary = self.binding, self.binding.primary if self.binding is not None else None
+        needs = (
+            ("history", binding is not None and binding.context.history.enabled and bool(self.session)),
+            ("translation", primary is not None and primary.api is not self.api),
+            ("usage chunk stripped", self.stream and self.api is Api.OPENAI and not self.client_wants_usage),
+            ("response cache", self.cache is not None),  # its x-crdgol-cache header; stored on a miss
+        )
+        return tuple(name for name, needed in needs if needed)
+
+    def state(self) -> dict[str, str | float]:
+        out = super().state()
+        out["stream"] = "1" if self.stream else ""
+        out["include_usage"] = "1" if self.client_wants_usage else ""
+        binding = self.binding
+        if self.session and binding is not None and binding.context.history.enabled and self.identity is not None:
+            out["session"] = self.session
+            out["principal"] = self.identity.principal  # the session is this caller's own
+            out["user_text"] = self.user_text
+        if self.cache is not None:
+            # The cache's part of this call, for the response side (whichever replica it reaches).
+            out.update(cache_state(self.cache))
+        return out
 
     def needs_body(self, headers: Headers) -> bool:
         binding = self.binding

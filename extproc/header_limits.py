@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from crdgol.replies import MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
+from crdgol.request_path import HEADER_BYTES, HEADER_COUNT
 from extproc.errors import HeadersTooLarge
 
 
@@ -20,9 +21,13 @@ def check_request_headers(headers: Mapping[str, str]) -> None:
     Size counts names and values as Envoy does (pseudo-headers included). Repeated headers arrive
     merged, so the count can be lower than on the wire; Envoy's codec limit bounds that case.
     """
-    if len(headers) > MAX_REQUEST_HEADERS:
-        raise HeadersTooLarge(f"the request has {len(headers)} headers: at most {MAX_REQUEST_HEADERS} are accepted")
-    size = sum(len(k) + len(v) for k, v in headers.items())
+    # On the one-message path only a few headers are sent; Envoy counts and measures them all.
+    counted = headers.get(HEADER_COUNT)
+    count = int(counted) if counted is not None and counted.isdigit() else len(headers)
+    if count > MAX_REQUEST_HEADERS:
+        raise HeadersTooLarge(f"the request has {count} headers: at most {MAX_REQUEST_HEADERS} are accepted")
+    sent = headers.get(HEADER_BYTES)
+    size = int(sent) if sent is not None and sent.isdigit() else sum(len(k) + len(v) for k, v in headers.items())
     if size > MAX_REQUEST_HEADER_BYTES:
         raise HeadersTooLarge(
             f"the request headers are {size} bytes: at most {MAX_REQUEST_HEADER_BYTES // 1024} KiB are accepted"

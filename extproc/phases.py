@@ -92,6 +92,10 @@ class Handler:
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
         return PASS
 
+    def start(self, first: ep.ProcessingRequest) -> None:
+        """Called with the stream's first message before it is dispatched: what Envoy sends once
+        per stream (request attributes, forwarded metadata) is there."""
+
     def resolved(self) -> Handler:
         """The handler for the rest of the stream (a dispatcher returns the strategy it chose)."""
         return self
@@ -185,6 +189,25 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
         return _PASS_PB[phase]
     if isinstance(reply, Respond):
         return _immediate(reply)
+    resp = _to_pb(phase, reply)
+    if reply.dynamic_metadata:
+        _set_metadata(resp, reply.dynamic_metadata)
+    return resp
+
+
+def _set_metadata(resp: ep.ProcessingResponse, metadata: dict[str, dict[str, str | float]]) -> None:
+    # Field by field: Struct.update's generic conversion cost ~10 µs more per request (measured).
+    outer = resp.dynamic_metadata.fields
+    for namespace, fields in metadata.items():
+        inner = outer[namespace].struct_value.fields
+        for key, value in fields.items():
+            if isinstance(value, str):
+                inner[key].string_value = value
+            else:
+                inner[key].number_value = value
+
+
+def _to_pb(phase: str, reply: Continue) -> ep.ProcessingResponse:
     common = _common(reply)
     match phase:
         case "request_headers":
@@ -198,8 +221,6 @@ def to_pb(phase: str, reply: Reply) -> ep.ProcessingResponse:
             resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
             if reply.response_body_mode is not None:
                 resp.mode_override.response_body_mode = reply.response_body_mode
-            if reply.dynamic_metadata:
-                resp.dynamic_metadata.update(reply.dynamic_metadata)
             return resp
         case "response_body":
             return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
@@ -265,6 +286,8 @@ async def run(
             if phase is None:
                 continue
             count += 1
+            if count == 1:
+                handler.start(req)
             held = 0
             try:
                 try:

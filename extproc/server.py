@@ -1,7 +1,8 @@
 """The extproc gRPC server: Envoy's ExternalProcessor service, gRPC health, /metrics.
 
-Each ext_proc stream is one HTTP request (downstream filter) or one upstream attempt (upstream
-filter, identified by the ``x-crdgol-backend`` gRPC metadata). Shutdown is graceful: health turns
+Each ext_proc stream is one HTTP request (downstream filter), one upstream attempt (upstream
+filter, identified by the ``x-crdgol-backend`` gRPC metadata) or the response side of a
+one-message request (the response filter, ``x-crdgol-response``; ``extproc.response_side``). Shutdown is graceful: health turns
 NOT_SERVING, new streams are refused, open ones get ``grace`` seconds to finish.
 """
 
@@ -26,12 +27,14 @@ from crdgol.control_plane import ClientAuth, private_socket
 from crdgol.mcp_contract import LIST_METADATA as MCP_LIST_METADATA
 from crdgol.mcp_contract import SERVER_METADATA as MCP_SERVER_METADATA
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import RESPONSE_STREAM_METADATA
 from crdgol.usage_log import USAGE_LOG_METADATA
 from extproc import phases
 from extproc.errors import GatewayError
 from extproc.gateway import Downstream
 from extproc.mcp_gateway import ServerCredential, ToolListFilter
 from extproc.phases import Handler, Headers, Reply
+from extproc.response_side import ResponseStream
 from extproc.services import Services
 from extproc.upstream import Attempt
 from extproc.usage_log import UsageLog
@@ -88,6 +91,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 backend = value if isinstance(value, str) else value.decode()
             elif key == USAGE_LOG_METADATA:
                 usage_log = True
+            elif key == RESPONSE_STREAM_METADATA:
+                return "response", ResponseStream(self.services)
             elif key == "traceparent":  # Envoy's span for this stream (tracing on)
                 traceparent = value if isinstance(value, str) else value.decode()
             elif key == "tracestate":

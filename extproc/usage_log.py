@@ -6,12 +6,17 @@ Contract
   request's entry to extproc, batched per worker (``controller.usage_filters.usage_access_log``).
 * Only entries that carry ``crdgol.settle`` metadata are acted on: extproc set it in its answer
   to the response headers of a request whose body it did not ask for
-  (``extproc.gateway.ModelCall.defer``). It names the reservation and the metric labels.
+  (``extproc.gateway.ModelCall.defer``), or, on the one-message path, in its answer to the
+  request body (then without the backend, which the entry's upstream cluster names). It names the
+  reservation and the metric labels. An entry marked ``handled`` was accounted for by the
+  response side's stream (``extproc.response_side``) and is skipped.
 * The usage is what Envoy's native filters read from the response into ``crdgol.usage``; the
   charge rule (``extproc.admission``) applies unchanged: a request that ended cleanly with a usage
   block is charged exactly that; one cut short (client gone, upstream reset, a timeout: Envoy's
-  response flags) or without usage is charged at least its reservation. A deferred request was
-  answered by a provider by construction (its 200 response headers came from upstream).
+  response flags) or without usage is charged at least its reservation; a provider's error is
+  charged the error charge; a request no provider answered (no upstream byte received) is
+  charged its reservation when the client left first or Envoy's upstream timeout ended it, and
+  released when Envoy answered it itself without reaching a provider (a failed connection).
 * Each entry is handled once: Envoy logs each downstream request once, and the store's settle is
   idempotent by reservation id. An entry that never arrives (extproc down when Envoy flushed)
   leaves the reservation charged at its estimate; its concurrency slot frees at the store's TTL.
@@ -87,6 +92,22 @@ def cut_short(entry: al.HTTPAccessLogEntry) -> bool:
     return any(getattr(flags, name) for name in _CUT)
 
 
+def outcome(entry: al.HTTPAccessLogEntry, complete: bool, *, answered: bool) -> Outcome:
+    """The charge rule from the log entry: was a provider's answer received, and how did it end.
+
+    ``answered``: known to be (the record was written with a provider's 200 response headers).
+    """
+    status = entry.response.response_code.value
+    if not answered and not entry.common_properties.HasField("time_to_first_upstream_rx_byte"):
+        # No byte came back from a provider. The request went on (extproc admitted it): charged
+        # if the client left before any response (no status) or Envoy's upstream timeout ended it
+        # (504), released if Envoy answered it itself without reaching one (a failed connection).
+        return Outcome.ABANDONED if status in (0, 504) else Outcome.NOT_ANSWERED
+    if not 200 <= status < 300:
+        return Outcome.PROVIDER_ERROR
+    return Outcome.ANSWERED if complete else Outcome.CUT_SHORT
+
+
 def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
     """Settle and count one deferred request from its log entry; False if it was not one."""
     md = entry.common_properties.metadata.filter_metadata
@@ -98,19 +119,29 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         v = fields.get(key)
         return v.string_value if v is not None else ""
 
+    if text("handled"):
+        return False  # the response side's stream accounted for it (extproc.response_side)
     found = md.get(USAGE_NAMESPACE)
     usage = usage_of(found)
     complete = not cut_short(entry) and usage is not None and usage.input_tokens > 0
     last_event = found.fields.get(LAST_EVENT) if found is not None else None
     if last_event is not None and last_event.string_value != STREAM_COMPLETE:
         complete = False  # an Anthropic stream that stopped before message_stop: usage not final
-    backend = text("backend") or entry.common_properties.upstream_cluster
+    # A record written with the response headers names the backend; one written with the body
+    # reply (one-message path) does not: the cluster that answered does.
+    written_late = bool(text("backend"))
+    served = services.current.backends.get(text("backend") or entry.common_properties.upstream_cluster)
+    backend = text("backend") or (served[1].id if served is not None else entry.common_properties.upstream_cluster)
     reservation = decode_reservation(text("reservation")) if text("reservation") else None
     if reservation is not None:
         admission = Admission(services)
         admission.reservation = reservation
-        admission.finish(Outcome.ANSWERED if complete else Outcome.CUT_SHORT, usage, backend)
-    reported = found.fields.get(RESPONSE_MODEL) if found is not None and text("provider_names_model") else None
+        admission.finish(outcome(entry, complete, answered=written_late), usage, backend)
+    names_model = text("provider_names_model") == "1" or (
+        not written_late and served is not None and served[1].api.value == text("api")
+    )
+    reported = found.fields.get(RESPONSE_MODEL) if found is not None and names_model else None
+    configured = text("response_model") or (served[1].model if served is not None and not written_late else "")
     labels = RequestLabels(
         tenant=text("tenant"),
         binding=text("binding"),
@@ -118,7 +149,7 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         operation=text("operation"),
         request_model=text("request_model"),
         # The model the provider said answered (the native filters read it), else the backend's.
-        response_model=metric_model(reported.string_value if reported is not None else "", text("response_model")),
+        response_model=metric_model(reported.string_value if reported is not None else "", configured),
     )
     m = services.metrics
     if usage is not None:

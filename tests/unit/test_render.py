@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from controller.manifests import load_folder
 from controller.models import SpecError, parse_binding
 from controller.render import RenderSettings, render
+from crdgol.cli import write_sds_files
 from crdgol.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,9 +22,13 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir())
 GOLDEN = ROOT / "envoy" / "golden"
 
 
+# Golden configs name the provider credentials' SDS files relative to where Envoy runs.
+SDS_DIR = "sds"
+
+
 def rendered(folder: Path) -> str:
     m = load_folder(folder)
-    result = render(m.bindings, m.secrets, RenderSettings(), mcp_servers=m.mcp_servers)
+    result = render(m.bindings, m.secrets, RenderSettings(sds_dir=SDS_DIR), mcp_servers=m.mcp_servers)
     assert not m.problems and not result.problems and not result.mcp.problems, (m.problems, result.problems, result.mcp.problems)
     return json.dumps(result.envoy, indent=2, sort_keys=True) + "\n"
 
@@ -39,18 +46,46 @@ def test_every_example_renders_to_its_golden_file(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("folder", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_golden_file_is_accepted_by_envoy(folder: Path) -> None:
+def test_every_golden_file_is_accepted_by_envoy(folder: Path, tmp_path: Path) -> None:
     golden = GOLDEN / f"{folder.name}.json"
-    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(golden), "--log-level", "error"], capture_output=True, text=True, timeout=60)
+    m = load_folder(folder)
+    write_sds_files(tmp_path / SDS_DIR, render(m.bindings, m.secrets, RenderSettings(sds_dir=SDS_DIR)).secrets)
+    proc = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(golden), "--log-level", "error"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_no_secret_reaches_the_envoy_config() -> None:
     m = load_folder(ROOT / "examples" / "quickstart")
-    out = json.dumps(render(m.bindings, m.secrets, RenderSettings()).envoy)
+    result = render(m.bindings, m.secrets, RenderSettings())
+    out = json.dumps(result.envoy) + json.dumps(result.listeners) + json.dumps(result.clusters) + json.dumps(result.routes)
     for s in m.secrets:
         for value in s.data.values():
             assert value not in out
+    # The provider credential Envoy injects is an SDS secret, served apart from the config.
+    assert result.secrets
+
+
+def test_crdgol_render_writes_the_injected_credentials_owner_only(tmp_path: Path) -> None:
+    folder = tmp_path / "sds"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crdgol.cli", "render", "--manifests", str(ROOT / "examples" / "quickstart"), "--secrets-dir", str(folder)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = list(folder.iterdir())
+    assert files and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    values = [json.loads(f.read_text())["resources"][0]["generic_secret"]["secret"]["inline_string"] for f in files]
+    assert all(v.startswith("Bearer ") and v[7:] and v[7:] not in proc.stdout for v in values)
+    for f in files:
+        assert str(f) in proc.stdout  # the config names the file, never its content
+    cfg = tmp_path / "envoy.json"
+    cfg.write_text(proc.stdout)
+    check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(cfg), "--log-level", "error"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def _binding(**spec: object) -> dict[str, object]:

@@ -11,6 +11,7 @@ import pytest
 from controller.manifests import load_folder
 from controller.render import RenderSettings, render
 from controller.tracing_config import COLLECTOR_CLUSTER
+from crdgol.cli import write_sds_files
 from crdgol.stack import envoy_binary
 from crdgol.tracing import TracingError, TracingSettings, settings_from
 
@@ -57,7 +58,9 @@ def test_envoy_gets_a_tracer_and_a_collector_cluster_only_when_tracing_is_on(tmp
     m = load_folder(ROOT / "examples" / "quickstart")
     off = render(m.bindings, m.secrets, RenderSettings()).envoy
     assert "tracing" not in json.dumps(off) and COLLECTOR_CLUSTER not in json.dumps(off)
-    on = render(m.bindings, m.secrets, RenderSettings(tracing=TracingSettings("https://otel.example:4317", "x"))).envoy
+    traced = render(m.bindings, m.secrets, RenderSettings(tracing=TracingSettings("https://otel.example:4317", "x"), sds_dir=str(tmp_path)))
+    write_sds_files(tmp_path, traced.secrets)  # the provider credentials the static config names
+    on = traced.envoy
     hcm = on["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     provider = hcm["tracing"]["provider"]
     assert provider["name"] == "envoy.tracers.opentelemetry"

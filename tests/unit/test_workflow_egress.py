@@ -17,6 +17,7 @@ from controller.workflow.egress import (
     egress_resources,
 )
 from controller.workflow.spec import parse_workflow
+from crdgol.cli import write_sds_files
 from crdgol.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,9 @@ def test_the_gateway_config_with_the_workflow_resources_is_accepted_by_envoy(tmp
     routes, api = api_route_and_cluster(SETTINGS)
     extras = EnvoyExtras(routes=tuple(routes), listeners=tuple(listeners), clusters=tuple(clusters + api))
     config = tmp_path / "envoy.json"
-    config.write_text(json.dumps(render(m.bindings, m.secrets, RenderSettings(), extras=extras).envoy))
+    result = render(m.bindings, m.secrets, RenderSettings(sds_dir=str(tmp_path)), extras=extras)
+    write_sds_files(tmp_path, result.secrets)  # the provider credentials the static config names
+    config.write_text(json.dumps(result.envoy))
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

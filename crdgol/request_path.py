@@ -1,0 +1,102 @@
+"""What Envoy and extproc agree on for the one-message request path.
+
+A model call (``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/embeddings``) costs extproc
+one ext_proc message when nothing but the decision needs it: Envoy holds the request (the buffer
+filter) and sends extproc only the body, with the request header values it reads as ext_proc
+request attributes (``ATTRIBUTES``; ``attribute_headers`` turns them back into headers). extproc
+answers with the rewritten body and ``ROUTE_NAMESPACE`` dynamic metadata naming the binding's
+route; Envoy then does the rest natively, per binding, from the rendered config:
+
+* the route (matched on ``ROUTE_KEY``) rewrites host and path for the binding's first backend,
+  removes the caller's credential and sets the internal headers a fallback attempt's filter reads
+  from the metadata; the first backend's cluster injects the provider credential from an SDS
+  secret (``credential_secret``), so no secret is in the config and none crosses the body reply;
+* the rate-limit headers come from the same metadata (``RATELIMIT_HEADERS``);
+* usage is read by the native filters and settled from the access log (``crdgol.usage_log``).
+
+The response is extproc's business only when the request needs it (session history, a
+translated answer, a stream whose usage chunk is stripped): extproc then picks the binding's
+second route (``ROUTE_KEY`` with ``RESPONSE_SUFFIX``), on which the response filter
+(``RESPONSE_FILTER``) sends the response headers, with the request's state as forwarded metadata
+(``STATE_NAMESPACE``). On every other route that filter runs only for a response that is not a
+2xx (a provider error to map and sanitize, or Envoy's own reply for a request extproc admitted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+ROUTE_NAMESPACE = "crdgol.route"
+ROUTE_KEY = "route"
+RESPONSE_SUFFIX = "~r"
+# A call that names a session (``SESSION_HEADER``) goes the way of the headers instead: extproc
+# gets its headers, body and response on one stream and names the route with this suffix.
+HEADERS_SUFFIX = "~h"
+SESSION_HEADER = "x-session-id"
+# Route metadata keys the route turns into the internal request headers for a fallback attempt.
+CLIENT_API_KEY = "client_api"
+BODY_API_KEY = "body_api"
+# The request state the response filter's stream starts from (a request on a response route).
+STATE_NAMESPACE = "crdgol.state"
+RESPONSE_FILTER = "crdgol.response"
+# gRPC initial metadata of the response filter's streams (so extproc knows what a stream is).
+RESPONSE_STREAM_METADATA = "x-crdgol-response"
+# Header extproc removes in a body reply so Envoy honours its clear_route_cache (Envoy ignores
+# clear_route_cache in a body reply that carries no header mutation; the headers are not there).
+NO_OP_HEADER = "x-crdgol-reroute"
+
+# The headers Envoy sends as attributes with the body (the rest of the request's headers are
+# not sent). Profile fields read from headers add their header names (``attributes``).
+# The response cache's request directive (extproc.cache_key reads it, with cache-control).
+BYPASS_HEADER = "x-crdgol-cache"
+READ_HEADERS = (
+    "authorization", "x-api-key", "x-session-id", "content-type", "anthropic-version", "cache-control", BYPASS_HEADER
+)
+_PATH, _METHOD, _ID = "request.path", "request.method", "request.id"
+# request.total_size - request.size: the request's header bytes, and how many headers it has
+# (the header limit check: extproc sees only a few of them).
+_TOTAL, _SIZE, _COUNT = "request.total_size", "request.size", "size(request.headers)"
+HEADER_BYTES = "x-crdgol-header-bytes"
+HEADER_COUNT = "x-crdgol-header-count"
+
+RATELIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
+)
+
+MODEL_PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/embeddings")
+
+
+def header_attribute(name: str) -> str:
+    return f"request.headers['{name}']"
+
+
+def attributes(extra_headers: tuple[str, ...] = ()) -> list[str]:
+    """The CEL attribute expressions the downstream filter sends with the first message."""
+    names = dict.fromkeys([*READ_HEADERS, *(h.lower() for h in extra_headers)])
+    return [*(header_attribute(h) for h in names), _PATH, _METHOD, _ID, _TOTAL, _SIZE, _COUNT]
+
+
+def attribute_headers(values: Mapping[str, str | float]) -> dict[str, str]:
+    """Attribute values (expression -> value) as the request headers they stand for."""
+    out: dict[str, str] = {}
+    prefix, suffix = "request.headers['", "']"
+    for expr, value in values.items():
+        if expr.startswith(prefix) and expr.endswith(suffix):
+            out[expr[len(prefix) : -len(suffix)]] = str(value)
+    if _PATH in values:
+        out[":path"] = str(values[_PATH])
+    if _METHOD in values:
+        out[":method"] = str(values[_METHOD])
+    if _ID in values:
+        out["x-request-id"] = str(values[_ID])
+    total, size, count = values.get(_TOTAL), values.get(_SIZE), values.get(_COUNT)
+    if isinstance(total, float) and isinstance(size, float):
+        out[HEADER_BYTES] = str(int(total - size))
+    if isinstance(count, float):
+        out[HEADER_COUNT] = str(int(count))
+    return out
+
+
+def credential_secret(backend_id: str) -> str:
+    """The SDS secret name of a backend's provider credential (the header value to inject)."""
+    return f"crdgol-credential.{backend_id}"
