@@ -43,15 +43,20 @@ from controller.envoy_config import (
 from controller.envoy_json import Json, duration, typed, typed_struct
 from controller.mcp_servers import McpServerSpec
 from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecError
+from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
 from crdgol import tenancy
 from crdgol.mcp_contract import (
     LIST_FILTER_HEADER,
+    LIST_KEY,
     LIST_METADATA,
+    MCP_PATH,
     SERVER_METADATA,
     TENANT_HEADER,
+    TENANT_KEY,
     view_route,
 )
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import ROUTE_KEY, ROUTE_NAMESPACE
 
 Resolve = Callable[[SecretRef, Mapping[str, SecretData], str, str, Endpoint | None], str]
 
@@ -259,6 +264,10 @@ def _view_cluster(view: str) -> Json:
     }
 
 
+def _metadata_value(key: str) -> str:
+    return f"%DYNAMIC_METADATA({ROUTE_NAMESPACE}:{key})%"
+
+
 def _view_route(view: str, members: list[McpServerSpec], settings: RenderSettings) -> Json:
     route = view_route(view)
     out: Json = {
@@ -273,7 +282,35 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
             name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
             for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
         }
+    if one_message(settings):
+        # extproc names the view in dynamic metadata (its answer to the body sets no header), and
+        # the route sets the tenant and the list mark from it, after removing whatever of them,
+        # and of the client's credential, the client sent (Envoy removes before it adds).
+        out["match"] = {
+            "prefix": "/",
+            "dynamic_metadata": [{"filter": ROUTE_NAMESPACE, "path": [{"key": ROUTE_KEY}], "value": {"string_match": {"exact": route}}}],
+        }
+        out["request_headers_to_remove"] = ["authorization", "x-api-key", ROUTE_HEADER, TENANT_HEADER, LIST_FILTER_HEADER]
+        out["request_headers_to_add"] = [
+            # An empty value (no list mark) adds no header.
+            {"header": {"key": h, "value": _metadata_value(k)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for h, k in ((TENANT_HEADER, TENANT_KEY), (LIST_FILTER_HEADER, LIST_KEY))
+        ]
+        # The answer is the MCP server's (or mcp_router's): nothing for the response filter.
+        out["typed_per_filter_config"] = {**out.get("typed_per_filter_config", {}), **NO_RESPONSE_SIDE}
     return out
+
+
+def _body_only_route() -> Json:
+    """``POST /mcp`` before extproc has answered: extproc gets the body alone, with the caller's
+    credential and content type as request attributes (one message); its answer names the view.
+    A request still here at the router was never answered by extproc: it had no body (400)."""
+    return {
+        "name": "crdgol-mcp",
+        "match": {"safe_regex": {"regex": f"{MCP_PATH}/?"}, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+        "direct_response": {"status": 400, "body": {"inline_string": "the request body is empty: send one JSON-RPC message"}},
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": BODY_ONLY, **NO_RESPONSE_SIDE},
+    }
 
 
 def render_mcp(
@@ -323,6 +360,9 @@ def render_mcp(
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))
         for s in members:
             reach.setdefault(s.key, []).append(view)
+    if routes and one_message(settings):
+        # After the views' routes: a request extproc answered matches its view first.
+        routes.append(_body_only_route())
     return McpRender(
         routes=tuple(routes),
         listeners=tuple(listeners),
