@@ -13,6 +13,16 @@ Two reference paths split the cost: ``envoy_proxy``, a plain Envoy HTTP proxy in
 server (what any proxy adds), and ``envoy_only``, the gateway's rendered Envoy config run
 statically without its ext_proc (the /mcp route pinned to the view, the tenant header added by the
 route): what Envoy's internal listener and mcp_router add, apart from what extproc adds.
+
+An A/B of the request path, interleaved like the rest: ``gateway`` is the gateway as it runs (one
+ext_proc message per /mcp request: the body, with the caller's credential as request attributes),
+``gateway_two_messages`` the same render with ``one_message`` off (request headers, then body: the
+path before), a second Envoy on the same extproc and policy.
+
+``null_extproc`` is the floor of any decision in a Python ext_proc server: ``envoy_only`` plus the
+gateway's ext_proc filter (body only, with the same request attributes) to a gRPC server
+(``grpc.aio``, like extproc, in a process of its own, on a Unix socket) that answers each message
+at once with no change: one stream, one message, nothing decided.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +45,9 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from controller.envoy_config import grpc_cluster
 from controller.manifests import load_folder
+from controller.one_message import BODY_ONLY
 from controller.render import RenderSettings, render
 from crdgol.mcp_contract import TENANT_HEADER, view_route
 from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
@@ -69,6 +82,32 @@ SERVER = textwrap.dedent(
 )
 
 
+# A do-nothing ext_proc server (grpc.aio, as extproc): every message answered at once, unchanged.
+NULL_EXTPROC = textwrap.dedent(
+    """
+    import asyncio, sys, grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    class Null(ep_grpc.ExternalProcessorServicer):
+        async def Process(self, requests, context):
+            async for req in requests:
+                kind = req.WhichOneof("request")
+                yield ep.ProcessingResponse(**{kind: ep.HeadersResponse() if kind.endswith("headers") else ep.BodyResponse()}) \
+                    if not kind.endswith("trailers") else ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
+
+    async def main():
+        server = grpc.aio.server()
+        ep_grpc.add_ExternalProcessorServicer_to_server(Null(), server)
+        server.add_insecure_port("unix:" + sys.argv[1])
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+    """
+)
+
+
 def manifests(folder: Path, url: str) -> None:
     docs: list[dict[str, Any]] = [
         {
@@ -94,9 +133,11 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int) -> dict[str, Any]:
+def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int, null_port: int, null_socket: str) -> dict[str, Any]:
     """The gateway's rendered config without its ext_proc: /mcp goes straight to the view. Plus,
-    on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds)."""
+    on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds), and
+    on ``null_port`` the same as ``port`` with the gateway's ext_proc filter, body only, to the
+    do-nothing server on ``null_socket``."""
     m = load_folder(folder)
     config = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port), mcp_servers=m.mcp_servers).envoy
     gateway = config["static_resources"]["listeners"][0]
@@ -108,14 +149,33 @@ def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int)
     proxy_hcm["access_log"] = []
     proxy_hcm["route_config"] = {"virtual_hosts": [{"name": "p", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": server_cluster, "timeout": "0s"}}]}]}
     config["static_resources"]["listeners"].append(proxy)
+    null = json.loads(json.dumps(gateway))
+    null["name"], null["address"]["socket_address"]["port_value"] = "null-extproc", null_port
+    config["static_resources"]["listeners"].append(null)
+    config["static_resources"]["clusters"].append(grpc_cluster("null-extproc", [{"pipe": {"path": null_socket}}]))
     hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     hcm["access_log"] = []
-    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        if route["name"] == view_route("default"):
-            route["match"] = {"path": "/mcp"}
-            route["request_headers_to_add"] = [{"header": {"key": TENANT_HEADER, "value": "default/bench"}}]
+    null_hcm = null["filter_chains"][0]["filters"][0]["typed_config"]
+    null_hcm["access_log"] = []
+    for f in null_hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            # As the gateway's /mcp route has it: the body alone, the headers as attributes.
+            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "null-extproc"
+            f["typed_config"]["processing_mode"] = BODY_ONLY["overrides"]["processing_mode"]
+    for h in (hcm, null_hcm):
+        for route in h["route_config"]["virtual_hosts"][0]["routes"]:
+            if route["name"] == view_route("default"):
+                route["match"] = {"path": "/mcp"}
+                route["request_headers_to_add"] = [{"header": {"key": TENANT_HEADER, "value": "default/bench"}}]
     return config
+
+
+def two_message_config(stack: Stack, folder: Path, port: int, admin_port: int) -> dict[str, Any]:
+    """The stack's render with ``one_message`` off, on ``port``, against the stack's extproc."""
+    m = load_folder(folder)
+    settings = replace(stack.render_settings, listen_port=port, admin_port=admin_port, admin_socket="", one_message=False)
+    return render(m.bindings, m.secrets, settings, mcp_servers=m.mcp_servers).envoy
 
 
 async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
@@ -125,6 +185,8 @@ async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, li
         "envoy_only": (urls["envoy_only"], "plain__add", ""),
         "gateway": (urls["gateway"], "plain__add", KEY),
         "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+        "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
+        "null_extproc": (urls["null_extproc"], "plain__add", ""),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     sessions: dict[str, ClientSession] = {}
@@ -166,6 +228,8 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
         "envoy_only": (urls["envoy_only"], "plain__add", ""),
         "gateway": (urls["gateway"], "plain__add", KEY),
         "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+        "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
+        "null_extproc": (urls["null_extproc"], "plain__add", ""),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     clients: dict[str, tuple[httpx.AsyncClient, dict[str, str]]] = {}
@@ -210,12 +274,23 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="crdgol-bench-mcp-"))
     manifests(folder, f"http://127.0.0.1:{port}/mcp")
     stack = Stack(StackSettings(manifests=folder, mock_port=None, quiet=True, envoy_concurrency=1, access_log="off"))
-    bare_port, proxy_port = free_port(), free_port()
-    (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(envoy_only_config(folder, bare_port, proxy_port, free_port())))
-    bare = None
+    bare_port, proxy_port, null_port = free_port(), free_port(), free_port()
+    null_socket = str(folder.parent / f"{folder.name}-null.sock")
+    config = envoy_only_config(folder, bare_port, proxy_port, free_port(), null_port, null_socket)
+    (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(config))
+    null = subprocess.Popen([sys.executable, "-c", NULL_EXTPROC, null_socket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bare = two = None
     try:
         time.sleep(1.0)
         stack.start()
+        two_port = free_port()
+        (folder.parent / f"{folder.name}-two.json").write_text(json.dumps(two_message_config(stack, folder, two_port, free_port())))
+        two = subprocess.Popen(
+            [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-two.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401,), 20, two)
         bare = subprocess.Popen(
             [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-envoy-only.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
             stdout=subprocess.DEVNULL,
@@ -227,12 +302,15 @@ def main() -> int:
             "envoy_proxy": f"http://127.0.0.1:{proxy_port}/mcp",
             "envoy_only": f"http://127.0.0.1:{bare_port}/mcp",
             "gateway": f"{stack.url}/mcp",
+            "gateway_two_messages": f"http://127.0.0.1:{two_port}/mcp",
+            "null_extproc": f"http://127.0.0.1:{null_port}/mcp",
         }
         times = asyncio.run(measure(urls, args.calls, args.warmup))
         http_times = asyncio.run(measure_http(urls, args.calls, args.warmup))
     finally:
-        if bare is not None:
-            stop_process(bare)
+        for proc in (bare, two, null):
+            if proc is not None:
+                stop_process(proc)
         stack.stop()
         server.terminate()
         server.wait(10)
@@ -251,7 +329,7 @@ def main() -> int:
     return 0 if summary["meets_target"] else 1
 
 
-PATHS = ("direct", "envoy_proxy", "envoy_only", "gateway", "gateway_credential")
+PATHS = ("direct", "envoy_proxy", "envoy_only", "null_extproc", "gateway", "gateway_credential", "gateway_two_messages")
 
 
 def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
