@@ -21,7 +21,7 @@ path before), a second Envoy on the same extproc and policy.
 
 ``null_extproc`` is the floor of any decision in a Python ext_proc server: ``envoy_only`` plus the
 gateway's ext_proc filter (body only, with the same request attributes) to a gRPC server
-(``grpc.aio``, like extproc, in a process of its own, on a Unix socket) that answers each message
+(``grpc.aio`` on uvloop, like extproc, in a process of its own, on a Unix socket) that answers each message
 at once with no change: one stream, one message, nothing decided.
 """
 
@@ -85,7 +85,7 @@ SERVER = textwrap.dedent(
 # A do-nothing ext_proc server (grpc.aio, as extproc): every message answered at once, unchanged.
 NULL_EXTPROC = textwrap.dedent(
     """
-    import asyncio, sys, grpc
+    import sys, grpc, uvloop
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
@@ -103,7 +103,7 @@ NULL_EXTPROC = textwrap.dedent(
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    uvloop.run(main())  # as extproc runs
     """
 )
 

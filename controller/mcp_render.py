@@ -74,6 +74,9 @@ class McpRender:
     problems: dict[str, SpecError] = field(default_factory=dict)
     # Served ones -> the namespaces whose tenants reach them (their status ``views``).
     reach: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # One-message path: (SDS secret name, header value) of each server credential Envoy injects;
+    # ``render`` serves them as SDS secrets with the model backends' (never in the config).
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 def _credential(s: McpServerSpec, secrets: Mapping[str, SecretData], resolve: Resolve) -> str:
@@ -144,6 +147,37 @@ def _ext_proc(settings: RenderSettings, metadata: tuple[str, str], *, response: 
     }
 
 
+def credential_secret(s: McpServerSpec) -> str:
+    """The SDS secret name of a server's credential (the header value Envoy injects)."""
+    return f"crdgol-mcp-credential.{s.namespace}.{s.name}"
+
+
+def _credential_injector(s: McpServerSpec, settings: RenderSettings) -> Json:
+    """Sets the server's credential on each of its requests from its SDS secret (over ADS, or
+    from its file in ``settings.sds_dir``): no ext_proc stream per server request."""
+    secret = credential_secret(s)
+    sds: Json = (
+        {"path_config_source": {"path": f"{settings.sds_dir}/{secret}.json"}, "resource_api_version": "V3"}
+        if settings.sds_dir
+        else {"ads": {}, "resource_api_version": "V3"}
+    )
+    return {
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            overwrite=True,
+            credential={
+                "name": "envoy.http.injected_credentials.generic",
+                "typed_config": typed(
+                    "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                    credential={"name": secret, "sds_config": sds},
+                    header=s.credentials_header,
+                ),
+            },
+        ),
+    }
+
+
 def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings: RenderSettings) -> Json:
     name = _cluster_name(view, s)
     ep = s.endpoint
@@ -166,8 +200,13 @@ def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings:
                             mutations={"request_mutations": [{"remove": h} for h in strip]},
                         ),
                     },
-                    # extproc sets the server's credential on each of its requests.
-                    *([_ext_proc(settings, (SERVER_METADATA, s.key), response=False)] if has_credential else []),
+                    # Envoy sets the server's credential on each of its requests (one-message
+                    # path: from an SDS secret; else extproc does, on a stream per request).
+                    *(
+                        [_credential_injector(s, settings) if one_message(settings) else _ext_proc(settings, (SERVER_METADATA, s.key), response=False)]
+                        if has_credential
+                        else []
+                    ),
                     {"name": "envoy.filters.http.upstream_codec", "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
                 ],
             )
@@ -371,4 +410,7 @@ def render_mcp(
         views=tuple(view_pbs),
         problems=problems,
         reach={k: tuple(v) for k, v in reach.items()},
+        credentials=tuple((credential_secret(s), credentials[s.key]) for s in ok if s.key in served and credentials[s.key])
+        if one_message(settings)
+        else (),
     )

@@ -329,8 +329,18 @@ async def test_a_tool_call_costs_extproc_one_message(env: Env) -> None:
     assert r.status_code == 200 and "alpha:one" in r.text
     used = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     # The gateway filter only, one message (the body, the headers as attributes); no tools/list
-    # filter (enabled on tools/list only) and no credential filter (alpha has no credential).
+    # filter (enabled on tools/list only).
     assert used == {"http.crdgol": 1}, used
+    # A server with a credential: Envoy injects it (SDS), no ext_proc stream on its cluster.
+    async with httpx.AsyncClient() as http:
+        before = ext_proc_messages(env)
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "beta__echo", "arguments": {"text": "two"}}}
+        r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid})
+        time.sleep(0.1)
+        after = ext_proc_messages(env)
+    assert r.status_code == 200 and "beta:two" in r.text
+    assert {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == {"http.crdgol": 1}
+    assert env.beta.seen()[-1]["authorization"] == f"Bearer {BETA_TOKEN}"
 
 
 async def test_internal_headers_a_client_sends_have_no_effect(env: Env) -> None:
