@@ -49,6 +49,7 @@ from controller.envoy_config import grpc_cluster
 from controller.manifests import load_folder
 from controller.one_message import BODY_ONLY
 from controller.render import RenderSettings, render
+from crdgol.cli import write_sds_files
 from crdgol.mcp_contract import TENANT_HEADER, view_route
 from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
 
@@ -139,7 +140,11 @@ def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int,
     on ``null_port`` the same as ``port`` with the gateway's ext_proc filter, body only, to the
     do-nothing server on ``null_socket``."""
     m = load_folder(folder)
-    config = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port), mcp_servers=m.mcp_servers).envoy
+    # The injected server credential from an SDS file (a static config has no ADS to serve it).
+    sds = folder.parent / f"{folder.name}-sds"
+    result = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port, sds_dir=str(sds)), mcp_servers=m.mcp_servers)
+    write_sds_files(sds, result.secrets)
+    config = result.envoy
     gateway = config["static_resources"]["listeners"][0]
     proxy = json.loads(json.dumps(gateway))
     proxy["name"], proxy["address"]["socket_address"]["port_value"] = "plain-proxy", proxy_port
