@@ -31,6 +31,7 @@ from controller.one_message import (
 )
 from controller.tracing_config import gateway_tracing
 from controller.usage_filters import usage_access_log, usage_filters
+from crdgol.access_log import CLUSTER_NAMESPACE
 from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.replies import (
     CODEC_HEADER_HEADROOM,
@@ -298,6 +299,16 @@ def backend_cluster(b: BindingSpec, be: BackendSpec, settings: RenderSettings, s
             )
         },
         **cluster_health(b.health, ep.host),
+        # What the access log says about the backend that answered (crdgol.access_log).
+        "metadata": {
+            "filter_metadata": {
+                CLUSTER_NAMESPACE: {
+                    "backend": backend_id(b, be),
+                    "provider": "anthropic" if be.provider == "anthropic" else "openai",
+                    "model_served": be.model,
+                }
+            }
+        },
     }
     if ep.tls:
         cluster["transport_socket"] = {

@@ -61,6 +61,13 @@ ENVOY_FIELDS: tuple[tuple[str, str, str], ...] = (
 USAGE_FIELDS = (INPUT_TOKENS, OUTPUT_TOKENS)
 
 
+# Fields the answering cluster's own metadata carries (``CLUSTER_NAMESPACE``): known to Envoy
+# whichever way the request went, also when extproc never learnt which backend answered (a call
+# settled from the usage log on the one-message path).
+CLUSTER_NAMESPACE = "crdgol.cluster"
+CLUSTER_FIELDS = ("backend", "provider", "model_served")
+
+
 def json_format(*, usage_filters: bool = False) -> dict[str, Any]:
     """Envoy's ``json_format`` for the access log: Envoy's fields, then extproc's metadata.
 
@@ -71,4 +78,6 @@ def json_format(*, usage_filters: bool = False) -> dict[str, Any]:
     for key in EXTPROC_FIELDS:
         namespace = USAGE_NAMESPACE if usage_filters and key in USAGE_FIELDS else NAMESPACE
         fmt[key] = f"%DYNAMIC_METADATA({namespace}:{key})%"
+    for key in CLUSTER_FIELDS:
+        fmt[key] = f"%CLUSTER_METADATA({CLUSTER_NAMESPACE}:{key})%"
     return fmt

@@ -61,16 +61,17 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
     # ends with this answer, and its close must not release the reservation.
     call.finished = True
     call.forwarded = True
+    call.deferred = True  # its span too ends with its access-log entry, not with this stream
     primary = binding.primary
     needs = call.response_needs()
     settle = settle_record(call)
     if not needs:
-        # Settled from the access log: what the access log learns from extproc goes now, and a
-        # traced call's span ends when the entry arrives (as for ``ModelCall.defer``).
+        # Settled from the access log: what the access log learns from extproc goes now.
         call.access.settled_elsewhere(call)
-        tracer = call.services.tracer
-        if tracer is not None and call.trace is not None:
-            settle["trace"] = tracer.park(call)
+    tracer = call.services.tracer
+    if tracer is not None and call.trace is not None:
+        # This stream ends here: the call's span ends when its access-log entry arrives.
+        settle["trace"] = tracer.park(call)
     route: dict[str, str | float] = {
         ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if needs else ""),
         CLIENT_API_KEY: call.api.value,

@@ -77,10 +77,13 @@ class CallTracer:
                 oldest.trace.end(oldest, None)
         return token
 
-    def settle(self, token: str, usage: Usage | None, status: int) -> None:
+    def settle(self, token: str, usage: Usage | None, status: int, backend: str = "") -> None:
+        """End the parked call's span; ``backend``: the one that answered, when the call did not
+        learn it (a call settled from the usage log on the one-message path)."""
         call = self._parked.pop(token, None)
         if call is not None and call.trace is not None:
             call.status = status or call.status
+            call.backend = call.backend or backend
             call.trace.end(call, usage)
 
 

@@ -119,8 +119,15 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
         v = fields.get(key)
         return v.string_value if v is not None else ""
 
+    token = text("trace")
     if text("handled"):
-        return False  # the response side's stream accounted for it (extproc.response_side)
+        # The response side's stream accounted for it (extproc.response_side); a traced call's
+        # span still ends here, with what Envoy saw.
+        if token and services.tracer is not None:
+            served = services.current.backends.get(entry.common_properties.upstream_cluster)
+            usage = usage_of(md.get(USAGE_NAMESPACE))
+            services.tracer.settle(token, usage, entry.response.response_code.value, served[1].id if served is not None else "")
+        return False
     found = md.get(USAGE_NAMESPACE)
     usage = usage_of(found)
     complete = not cut_short(entry) and usage is not None and usage.input_tokens > 0
@@ -165,9 +172,8 @@ def settle_entry(services: Services, entry: al.HTTPAccessLogEntry) -> bool:
     took = entry.common_properties.time_to_last_downstream_tx_byte
     m.record_duration(labels, status, took.seconds + took.nanos / 1e9)
     m.requests.labels(labels.operation, str(status)).inc()
-    token = text("trace")
     if token and services.tracer is not None:
-        services.tracer.settle(token, usage, status)
+        services.tracer.settle(token, usage, status, backend)
     return True
 
 
