@@ -3,8 +3,10 @@
 How a request to ``/mcp`` flows through what this renders:
 
 * the gateway listener's ext_proc (extproc) authenticates the caller, reads the JSON-RPC message,
-  decides (tool permissions, the tool-call quota) and names the caller's *view* with the
-  ``x-crdgol-route`` header, like a binding's route;
+  decides (tool permissions, the tool-call quota) and names the caller's *view*, like a binding's
+  route: on the one-message path (``crdgol.request_path``) ``POST /mcp`` sends it the body alone
+  (``_body_only_route``) and the view is named in dynamic metadata, whose route sets the tenant
+  header; otherwise by the ``x-crdgol-route`` header;
 * a view is one per namespace whose tenants may reach any MCPServer: a route on the gateway
   listener to an Envoy **internal listener** whose filter chain is Envoy's own ``mcp`` filter (it
   parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and
@@ -15,15 +17,16 @@ How a request to ``/mcp`` flows through what this renders:
   gateway's ``router``: the internal listener gives it a chain of its own, in-process;
 * each (view, server) pair has a cluster. ``mcp_router`` builds every request to a server afresh,
   without the client's headers, so a credential cannot ride along from the gateway filter: a
-  server with a credential gets an upstream ext_proc filter on its cluster, told which server it
-  is by gRPC metadata, and extproc sets that server's credential (and only that one) on each of
-  its requests. A native filter first strips the gateway's internal headers and any client
+  server with a credential gets Envoy's credential injector on its cluster, from an SDS secret
+  (one-message path), or else an upstream ext_proc filter, told which server it is by gRPC
+  metadata, with which extproc sets that server's credential (and only that one). A native filter first strips the gateway's internal headers and any client
   credential, should a later ``mcp_router`` forward them.
 
 A view holds its own namespace's servers that grant its tenants anything first (by name), then other
 namespaces' that grant them (by key); a server whose prefix is taken in a view is left out of that
-view, and refused outright (``PrefixConflict``) when that happens in its own namespace. Nothing here
-holds a secret: credentials go only into the policy snapshot.
+view, and refused outright (``PrefixConflict``) when that happens in its own namespace. No Envoy
+resource here holds a secret: credentials go into the policy snapshot and, for the injector, into
+``McpRender.credentials`` (served as SDS secrets, apart from the config).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """``/mcp``: MCP tool servers served through the gateway, with the callers' API keys and JWTs.
 
 extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
-``controller.mcp_render``). Per request:
+``controller.mcp_render``). A ``POST /mcp`` costs one ext_proc message (``crdgol.request_path``):
+the body, with the headers read below as request attributes; the headers step then runs on those,
+its header changes left to the view's route (the body answer names the view, the tenant and the
+list mark in dynamic metadata, ``_forward``). Other methods come with their headers. Per request:
 
 * **headers**: the caller authenticates like any model caller (401 otherwise) and reaches its
   namespace's view; the client's credential and any ``x-crdgol-*`` header it sent are removed.
@@ -14,7 +17,8 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
   JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent tool-call quota is 429
   with ``Retry-After``. Then the request goes on to the view, with the tenant (which
   ``mcp_router`` binds the MCP session to) in an internal header; a server's credential is set on
-  its own requests by ``ServerCredential`` (below). ``initialize``, ``tools/list`` and
+  its own requests by Envoy from an SDS secret (one-message path) or by ``ServerCredential``
+  (below). ``initialize``, ``tools/list`` and
   ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
   features the gateway does not federate (resources, prompts) are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
