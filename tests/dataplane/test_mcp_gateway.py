@@ -362,3 +362,16 @@ async def test_internal_headers_a_client_sends_have_no_effect(env: Env) -> None:
             headers={**hdrs, "authorization": f"Bearer {KEYS['intern']}", "mcp-session-id": init_i.headers["mcp-session-id"], "x-crdgol-mcp-list": ""},
         )
     assert listed.status_code == 200 and "beta__echo" in listed.text and "beta__wipe" not in listed.text
+
+
+async def test_other_methods_and_an_empty_body_are_refused(env: Env) -> None:
+    auth = {"authorization": f"Bearer {KEYS['analyst']}", "accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient() as http:
+        got = await http.get(env.url, headers=auth)
+        assert got.status_code == 405 and got.headers["allow"] == "POST" and got.json()["error"]["code"] == -32600
+        assert (await http.get(env.url, headers={"accept": "application/json"})).status_code == 401
+        # No body: nothing for extproc to decide on, and nothing reaches a server.
+        before = len(env.alpha.seen()) + len(env.beta.seen())
+        empty = await http.post(env.url, headers={**auth, "content-type": "application/json"})
+        assert empty.status_code == 400 and "body is empty" in empty.text
+        assert len(env.alpha.seen()) + len(env.beta.seen()) == before
