@@ -331,11 +331,13 @@ async def test_a_tool_call_costs_extproc_one_message(env: Env) -> None:
     # The gateway filter only, one message (the body, the headers as attributes); no tools/list
     # filter (enabled on tools/list only).
     assert used == {"http.crdgol": 1}, used
-    # A server with a credential: Envoy injects it (SDS), no ext_proc stream on its cluster.
+    # A server with a credential: Envoy injects it (SDS), no ext_proc stream on its cluster. The
+    # client's copies of the internal headers are dropped (no list filter, the analyst's session).
     async with httpx.AsyncClient() as http:
         before = ext_proc_messages(env)
         call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "beta__echo", "arguments": {"text": "two"}}}
-        r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid})
+        forged = {"x-crdgol-mcp-list": "1", "x-crdgol-mcp-tenant": "default/intern"}
+        r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid, **forged})
         time.sleep(0.1)
         after = ext_proc_messages(env)
     assert r.status_code == 200 and "beta:two" in r.text
