@@ -31,6 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -42,13 +43,29 @@ from extproc.policy import Backend, Binding
 from extproc.quota_store import bounded
 from extproc.redis_client import RedisClient, Script
 
-__all__ = ["Embedder", "EmbeddingFailed", "MemoryVectorStore", "RedisVectorStore", "VectorIndex", "VectorStore", "unit"]
+__all__ = ["Embedder", "Embedding", "EmbeddingFailed", "MemoryVectorStore", "RedisVectorStore", "VectorIndex", "VectorStore", "unit"]
 
 Vector = npt.NDArray[np.float32]
 
 
 class EmbeddingFailed(Exception):
-    """The embeddings backend could not give a vector (the lookup misses)."""
+    """The embeddings backend could not give a vector (the lookup misses).
+
+    ``status``: the backend's HTTP status when it answered with an error (0: it did not answer
+    one). ``sent``: the request may have reached the backend (everything but a failed connect),
+    so the caller's quota is charged for it (``extproc.cache_charge``).
+    """
+
+    def __init__(self, message: str, *, status: int = 0, sent: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.sent = sent
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vector: Vector
+    input_tokens: int  # the backend's usage block (0: it reported none)
 
 
 def unit(values: Any) -> Vector:
@@ -252,7 +269,7 @@ class Embedder:
         self.max_text_chars = max_text_chars
         self._session: aiohttp.ClientSession | None = None
 
-    async def embed(self, backend: Backend, text: str) -> Vector:
+    async def embed(self, backend: Backend, text: str) -> Embedding:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         url = f"{'https' if backend.tls else 'http'}://{backend.host}{backend.path_prefix}/v1/embeddings"
@@ -262,12 +279,19 @@ class Embedder:
             async with self._session.post(url, data=body, headers=headers) as rsp:
                 raw = await rsp.read()
                 if rsp.status != 200:
-                    raise EmbeddingFailed(f"the embeddings backend answered {rsp.status}")
+                    raise EmbeddingFailed(f"the embeddings backend answered {rsp.status}", status=rsp.status)
             doc = orjson.loads(raw)
-            return unit(doc["data"][0]["embedding"])
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            usage = doc.get("usage")
+            tokens = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+            tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+            return Embedding(unit(doc["data"][0]["embedding"]), tokens)
+        except aiohttp.ClientConnectorError as exc:
+            raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}", sent=False) from None
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}") from None
 
     async def aclose(self) -> None:
+        """Close the HTTP session (its pooled connections): at shutdown."""
         if self._session is not None:
             await self._session.close()
+            self._session = None
