@@ -13,6 +13,16 @@ Two reference paths split the cost: ``envoy_proxy``, a plain Envoy HTTP proxy in
 server (what any proxy adds), and ``envoy_only``, the gateway's rendered Envoy config run
 statically without its ext_proc (the /mcp route pinned to the view, the tenant header added by the
 route): what Envoy's internal listener and mcp_router add, apart from what extproc adds.
+
+An A/B of the request path, interleaved like the rest: ``gateway`` is the gateway as it runs (one
+ext_proc message per /mcp request: the body, with the caller's credential as request attributes),
+``gateway_two_messages`` the same render with ``one_message`` off (request headers, then body: the
+path before), a second Envoy on the same extproc and policy.
+
+``null_extproc`` is the floor of any decision in a Python ext_proc server: ``envoy_only`` plus the
+gateway's ext_proc filter (body only, with the same request attributes) to a gRPC server
+(``grpc.aio`` on uvloop, like extproc, in a process of its own, on a Unix socket) that answers each message
+at once with no change: one stream, one message, nothing decided.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +45,11 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from controller.envoy_config import grpc_cluster
 from controller.manifests import load_folder
+from controller.one_message import BODY_ONLY
 from controller.render import RenderSettings, render
+from crdgol.cli import write_sds_files
 from crdgol.mcp_contract import TENANT_HEADER, view_route
 from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
 
@@ -69,6 +83,32 @@ SERVER = textwrap.dedent(
 )
 
 
+# A do-nothing ext_proc server (grpc.aio, as extproc): every message answered at once, unchanged.
+NULL_EXTPROC = textwrap.dedent(
+    """
+    import sys, grpc, uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    class Null(ep_grpc.ExternalProcessorServicer):
+        async def Process(self, requests, context):
+            async for req in requests:
+                kind = req.WhichOneof("request")
+                yield ep.ProcessingResponse(**{kind: ep.HeadersResponse() if kind.endswith("headers") else ep.BodyResponse()}) \
+                    if not kind.endswith("trailers") else ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
+
+    async def main():
+        server = grpc.aio.server()
+        ep_grpc.add_ExternalProcessorServicer_to_server(Null(), server)
+        server.add_insecure_port("unix:" + sys.argv[1])
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(main())  # as extproc runs
+    """
+)
+
+
 def manifests(folder: Path, url: str) -> None:
     docs: list[dict[str, Any]] = [
         {
@@ -94,11 +134,17 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int) -> dict[str, Any]:
+def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int, null_port: int, null_socket: str) -> dict[str, Any]:
     """The gateway's rendered config without its ext_proc: /mcp goes straight to the view. Plus,
-    on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds)."""
+    on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds), and
+    on ``null_port`` the same as ``port`` with the gateway's ext_proc filter, body only, to the
+    do-nothing server on ``null_socket``."""
     m = load_folder(folder)
-    config = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port), mcp_servers=m.mcp_servers).envoy
+    # The injected server credential from an SDS file (a static config has no ADS to serve it).
+    sds = folder.parent / f"{folder.name}-sds"
+    result = render(m.bindings, m.secrets, RenderSettings(listen_port=port, admin_port=admin_port, sds_dir=str(sds)), mcp_servers=m.mcp_servers)
+    write_sds_files(sds, result.secrets)
+    config = result.envoy
     gateway = config["static_resources"]["listeners"][0]
     proxy = json.loads(json.dumps(gateway))
     proxy["name"], proxy["address"]["socket_address"]["port_value"] = "plain-proxy", proxy_port
@@ -108,14 +154,33 @@ def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int)
     proxy_hcm["access_log"] = []
     proxy_hcm["route_config"] = {"virtual_hosts": [{"name": "p", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": server_cluster, "timeout": "0s"}}]}]}
     config["static_resources"]["listeners"].append(proxy)
+    null = json.loads(json.dumps(gateway))
+    null["name"], null["address"]["socket_address"]["port_value"] = "null-extproc", null_port
+    config["static_resources"]["listeners"].append(null)
+    config["static_resources"]["clusters"].append(grpc_cluster("null-extproc", [{"pipe": {"path": null_socket}}]))
     hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     hcm["access_log"] = []
-    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        if route["name"] == view_route("default"):
-            route["match"] = {"path": "/mcp"}
-            route["request_headers_to_add"] = [{"header": {"key": TENANT_HEADER, "value": "default/bench"}}]
+    null_hcm = null["filter_chains"][0]["filters"][0]["typed_config"]
+    null_hcm["access_log"] = []
+    for f in null_hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            # As the gateway's /mcp route has it: the body alone, the headers as attributes.
+            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "null-extproc"
+            f["typed_config"]["processing_mode"] = BODY_ONLY["overrides"]["processing_mode"]
+    for h in (hcm, null_hcm):
+        for route in h["route_config"]["virtual_hosts"][0]["routes"]:
+            if route["name"] == view_route("default"):
+                route["match"] = {"path": "/mcp"}
+                route["request_headers_to_add"] = [{"header": {"key": TENANT_HEADER, "value": "default/bench"}}]
     return config
+
+
+def two_message_config(stack: Stack, folder: Path, port: int, admin_port: int) -> dict[str, Any]:
+    """The stack's render with ``one_message`` off, on ``port``, against the stack's extproc."""
+    m = load_folder(folder)
+    settings = replace(stack.render_settings, listen_port=port, admin_port=admin_port, admin_socket="", one_message=False)
+    return render(m.bindings, m.secrets, settings, mcp_servers=m.mcp_servers).envoy
 
 
 async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
@@ -125,6 +190,8 @@ async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, li
         "envoy_only": (urls["envoy_only"], "plain__add", ""),
         "gateway": (urls["gateway"], "plain__add", KEY),
         "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+        "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
+        "null_extproc": (urls["null_extproc"], "plain__add", ""),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     sessions: dict[str, ClientSession] = {}
@@ -166,6 +233,8 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
         "envoy_only": (urls["envoy_only"], "plain__add", ""),
         "gateway": (urls["gateway"], "plain__add", KEY),
         "gateway_credential": (urls["gateway"], "keyed__add", KEY),
+        "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
+        "null_extproc": (urls["null_extproc"], "plain__add", ""),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     clients: dict[str, tuple[httpx.AsyncClient, dict[str, str]]] = {}
@@ -199,6 +268,41 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
     return times
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_cpu(urls: dict[str, str], pids: dict[str, int], rounds: int, calls: int) -> dict[str, dict[str, float]]:
+    """extproc's and Envoy's CPU per tool call (µs), one vs two messages: blocks of ``calls`` raw
+    HTTP calls per path, alternated ``rounds`` times (the median block counts). The access log of a
+    block is settled before its CPU is read (its flush interval is 20 ms)."""
+    import httpx
+
+    paths = {"gateway": pids["envoy"], "gateway_two_messages": pids["envoy_two"]}
+    per: dict[str, dict[str, list[float]]] = {n: {"extproc": [], "envoy": []} for n in paths}
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}
+    async with httpx.AsyncClient(timeout=30) as http:
+        sessions = {}
+        for name in paths:
+            r = await http.post(urls[name], json=init, headers=headers)
+            sessions[name] = {**headers, "mcp-session-id": r.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+        for _ in range(rounds):
+            for name, envoy_pid in paths.items():
+                await asyncio.sleep(0.2)
+                e0, v0 = cpu_seconds(pids["extproc"]), cpu_seconds(envoy_pid)
+                for i in range(calls):
+                    body = {"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": "plain__add", "arguments": {"a": i, "b": 1}}}
+                    r = await http.post(urls[name], json=body, headers=sessions[name])
+                    r.raise_for_status()
+                await asyncio.sleep(0.2)
+                per[name]["extproc"].append((cpu_seconds(pids["extproc"]) - e0) / calls * 1e6)
+                per[name]["envoy"].append((cpu_seconds(envoy_pid) - v0) / calls * 1e6)
+    return {n: {k: round(statistics.median(v)) for k, v in d.items()} for n, d in per.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=400)
@@ -210,12 +314,23 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="crdgol-bench-mcp-"))
     manifests(folder, f"http://127.0.0.1:{port}/mcp")
     stack = Stack(StackSettings(manifests=folder, mock_port=None, quiet=True, envoy_concurrency=1, access_log="off"))
-    bare_port, proxy_port = free_port(), free_port()
-    (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(envoy_only_config(folder, bare_port, proxy_port, free_port())))
-    bare = None
+    bare_port, proxy_port, null_port = free_port(), free_port(), free_port()
+    null_socket = str(folder.parent / f"{folder.name}-null.sock")
+    config = envoy_only_config(folder, bare_port, proxy_port, free_port(), null_port, null_socket)
+    (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(config))
+    null = subprocess.Popen([sys.executable, "-c", NULL_EXTPROC, null_socket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bare = two = None
     try:
         time.sleep(1.0)
         stack.start()
+        two_port = free_port()
+        (folder.parent / f"{folder.name}-two.json").write_text(json.dumps(two_message_config(stack, folder, two_port, free_port())))
+        two = subprocess.Popen(
+            [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-two.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401,), 20, two)
         bare = subprocess.Popen(
             [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-envoy-only.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
             stdout=subprocess.DEVNULL,
@@ -227,12 +342,17 @@ def main() -> int:
             "envoy_proxy": f"http://127.0.0.1:{proxy_port}/mcp",
             "envoy_only": f"http://127.0.0.1:{bare_port}/mcp",
             "gateway": f"{stack.url}/mcp",
+            "gateway_two_messages": f"http://127.0.0.1:{two_port}/mcp",
+            "null_extproc": f"http://127.0.0.1:{null_port}/mcp",
         }
         times = asyncio.run(measure(urls, args.calls, args.warmup))
         http_times = asyncio.run(measure_http(urls, args.calls, args.warmup))
+        pids = {"extproc": stack.pid("extproc"), "envoy": stack.pid("envoy"), "envoy_two": two.pid}
+        cpu = asyncio.run(measure_cpu(urls, pids, rounds=5, calls=200))
     finally:
-        if bare is not None:
-            stop_process(bare)
+        for proc in (bare, two, null):
+            if proc is not None:
+                stop_process(proc)
         stack.stop()
         server.terminate()
         server.wait(10)
@@ -242,6 +362,9 @@ def main() -> int:
         part = summarize(results)
         summary[client] = part
         text += f"\n## {'the SDK ClientSession' if client == 'sdk' else 'raw HTTP (httpx)'}\n\n" + table(part)
+    summary["cpu_us_per_call"] = cpu
+    text += "\n## CPU per tool call (µs, median of 5 alternated blocks of 200 raw HTTP calls)\n\n| path | extproc | Envoy |\n|---|---:|---:|\n"
+    text += "".join(f"| {n} | {c['extproc']} | {c['envoy']} |\n" for n, c in cpu.items())
     summary["target_added_p50_ms"] = 2.0
     summary["meets_target"] = all(summary[c][f"added_{n}"]["p50"] <= 2.0 for c in ("sdk", "http") for n in ("gateway", "gateway_credential"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +374,7 @@ def main() -> int:
     return 0 if summary["meets_target"] else 1
 
 
-PATHS = ("direct", "envoy_proxy", "envoy_only", "gateway", "gateway_credential")
+PATHS = ("direct", "envoy_proxy", "envoy_only", "null_extproc", "gateway", "gateway_credential", "gateway_two_messages")
 
 
 def summarize(times: dict[str, list[float]]) -> dict[str, Any]:

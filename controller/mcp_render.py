@@ -3,8 +3,10 @@
 How a request to ``/mcp`` flows through what this renders:
 
 * the gateway listener's ext_proc (extproc) authenticates the caller, reads the JSON-RPC message,
-  decides (tool permissions, the tool-call quota) and names the caller's *view* with the
-  ``x-crdgol-route`` header, like a binding's route;
+  decides (tool permissions, the tool-call quota) and names the caller's *view*, like a binding's
+  route: on the one-message path (``crdgol.request_path``) ``POST /mcp`` sends it the body alone
+  (``_body_only_route``) and the view is named in dynamic metadata, whose route sets the tenant
+  header; otherwise by the ``x-crdgol-route`` header;
 * a view is one per namespace whose tenants may reach any MCPServer: a route on the gateway
   listener to an Envoy **internal listener** whose filter chain is Envoy's own ``mcp`` filter (it
   parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and
@@ -15,9 +17,9 @@ How a request to ``/mcp`` flows through what this renders:
   gateway's ``router``: the internal listener gives it a chain of its own, in-process;
 * each (view, server) pair has a cluster. ``mcp_router`` builds every request to a server afresh,
   without the client's headers, so a credential cannot ride along from the gateway filter: a
-  server with a credential gets an upstream ext_proc filter on its cluster, told which server it
-  is by gRPC metadata, and extproc sets that server's credential (and only that one) on each of
-  its requests. A native filter first strips the gateway's internal headers and any client
+  server with a credential gets Envoy's credential injector on its cluster, from an SDS secret
+  (one-message path), or else an upstream ext_proc filter, told which server it is by gRPC
+  metadata, with which extproc sets that server's credential (and only that one). A native filter first strips the gateway's internal headers and any client
   credential, should a later ``mcp_router`` forward them.
 
 A view holds its own namespace's servers that grant its tenants anything first (by name), then other
@@ -25,8 +27,9 @@ namespaces' that grant them (by key) and that the view's namespace accepts grant
 (``crdgol.io/accept-from``, as for bindings: ``controller.ownership``; otherwise any namespace
 could put its tools, descriptions and all, in front of another's agents, and receive their
 arguments); a server whose prefix is taken in a view is left out of that view, and refused
-outright (``PrefixConflict``) when that happens in its own namespace. Nothing here
-holds a secret: credentials go only into the policy snapshot.
+outright (``PrefixConflict``) when that happens in its own namespace. No Envoy resource here
+holds a secret: credentials go into the policy snapshot and, for the injector, into
+``McpRender.credentials`` (served as SDS secrets, apart from the config).
 """
 
 from __future__ import annotations
@@ -46,15 +49,20 @@ from controller.envoy_config import (
 from controller.envoy_json import Json, duration, typed, typed_struct
 from controller.mcp_servers import McpServerSpec
 from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecError
+from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
 from crdgol import tenancy
 from crdgol.mcp_contract import (
     LIST_FILTER_HEADER,
+    LIST_KEY,
     LIST_METADATA,
+    MCP_PATH,
     SERVER_METADATA,
     TENANT_HEADER,
+    TENANT_KEY,
     view_route,
 )
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import ROUTE_KEY, ROUTE_NAMESPACE
 
 Resolve = Callable[[SecretRef, Mapping[str, SecretData], str, str, Endpoint | None], str]
 
@@ -72,6 +80,9 @@ class McpRender:
     problems: dict[str, SpecError] = field(default_factory=dict)
     # Served ones -> the namespaces whose tenants reach them (their status ``views``).
     reach: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # One-message path: (SDS secret name, header value) of each server credential Envoy injects;
+    # ``render`` serves them as SDS secrets with the model backends' (never in the config).
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 def _credential(s: McpServerSpec, secrets: Mapping[str, SecretData], resolve: Resolve) -> str:
@@ -142,6 +153,37 @@ def _ext_proc(settings: RenderSettings, metadata: tuple[str, str], *, response: 
     }
 
 
+def credential_secret(s: McpServerSpec) -> str:
+    """The SDS secret name of a server's credential (the header value Envoy injects)."""
+    return f"crdgol-mcp-credential.{s.namespace}.{s.name}"
+
+
+def _credential_injector(s: McpServerSpec, settings: RenderSettings) -> Json:
+    """Sets the server's credential on each of its requests from its SDS secret (over ADS, or
+    from its file in ``settings.sds_dir``): no ext_proc stream per server request."""
+    secret = credential_secret(s)
+    sds: Json = (
+        {"path_config_source": {"path": f"{settings.sds_dir}/{secret}.json"}, "resource_api_version": "V3"}
+        if settings.sds_dir
+        else {"ads": {}, "resource_api_version": "V3"}
+    )
+    return {
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            overwrite=True,
+            credential={
+                "name": "envoy.http.injected_credentials.generic",
+                "typed_config": typed(
+                    "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                    credential={"name": secret, "sds_config": sds},
+                    header=s.credentials_header,
+                ),
+            },
+        ),
+    }
+
+
 def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings: RenderSettings) -> Json:
     name = _cluster_name(view, s)
     ep = s.endpoint
@@ -164,8 +206,13 @@ def _server_cluster(view: str, s: McpServerSpec, has_credential: bool, settings:
                             mutations={"request_mutations": [{"remove": h} for h in strip]},
                         ),
                     },
-                    # extproc sets the server's credential on each of its requests.
-                    *([_ext_proc(settings, (SERVER_METADATA, s.key), response=False)] if has_credential else []),
+                    # Envoy sets the server's credential on each of its requests (one-message
+                    # path: from an SDS secret; else extproc does, on a stream per request).
+                    *(
+                        [_credential_injector(s, settings) if one_message(settings) else _ext_proc(settings, (SERVER_METADATA, s.key), response=False)]
+                        if has_credential
+                        else []
+                    ),
                     {"name": "envoy.filters.http.upstream_codec", "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
                 ],
             )
@@ -262,6 +309,10 @@ def _view_cluster(view: str) -> Json:
     }
 
 
+def _metadata_value(key: str) -> str:
+    return f"%DYNAMIC_METADATA({ROUTE_NAMESPACE}:{key})%"
+
+
 def _view_route(view: str, members: list[McpServerSpec], settings: RenderSettings) -> Json:
     route = view_route(view)
     out: Json = {
@@ -276,7 +327,35 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
             name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
             for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
         }
+    if one_message(settings):
+        # extproc names the view in dynamic metadata (its answer to the body sets no header), and
+        # the route sets the tenant and the list mark from it, after removing whatever of them,
+        # and of the client's credential, the client sent (Envoy removes before it adds).
+        out["match"] = {
+            "prefix": "/",
+            "dynamic_metadata": [{"filter": ROUTE_NAMESPACE, "path": [{"key": ROUTE_KEY}], "value": {"string_match": {"exact": route}}}],
+        }
+        out["request_headers_to_remove"] = ["authorization", "x-api-key", ROUTE_HEADER, TENANT_HEADER, LIST_FILTER_HEADER]
+        out["request_headers_to_add"] = [
+            # An empty value (no list mark) adds no header.
+            {"header": {"key": h, "value": _metadata_value(k)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for h, k in ((TENANT_HEADER, TENANT_KEY), (LIST_FILTER_HEADER, LIST_KEY))
+        ]
+        # The answer is the MCP server's (or mcp_router's): nothing for the response filter.
+        out["typed_per_filter_config"] = {**out.get("typed_per_filter_config", {}), **NO_RESPONSE_SIDE}
     return out
+
+
+def _body_only_route() -> Json:
+    """``POST /mcp`` before extproc has answered: extproc gets the body alone, with the caller's
+    credential and content type as request attributes (one message); its answer names the view.
+    A request still here at the router was never answered by extproc: it had no body (400)."""
+    return {
+        "name": "crdgol-mcp",
+        "match": {"safe_regex": {"regex": f"{MCP_PATH}/?"}, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+        "direct_response": {"status": 400, "body": {"inline_string": "the request body is empty: send one JSON-RPC message"}},
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": BODY_ONLY, **NO_RESPONSE_SIDE},
+    }
 
 
 def render_mcp(
@@ -337,6 +416,9 @@ def render_mcp(
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))
         for s in members:
             reach.setdefault(s.key, []).append(view)
+    if routes and one_message(settings):
+        # After the views' routes: a request extproc answered matches its view first.
+        routes.append(_body_only_route())
     return McpRender(
         routes=tuple(routes),
         listeners=tuple(listeners),
@@ -345,4 +427,7 @@ def render_mcp(
         views=tuple(view_pbs),
         problems=problems,
         reach={k: tuple(v) for k, v in reach.items()},
+        credentials=tuple((credential_secret(s), credentials[s.key]) for s in ok if s.key in served and credentials[s.key])
+        if one_message(settings)
+        else (),
     )

@@ -165,25 +165,30 @@ def buffer_filter(settings: RenderSettings) -> Json:
     }
 
 
+# The per-route override of the gateway's ext_proc filter that sends it the request body alone
+# (with the request attributes), and nothing of the response.
+BODY_ONLY = typed(
+    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+    overrides={
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "NONE",
+            "response_trailer_mode": "SKIP",
+        }
+    },
+)
+
+
 def model_path_routes() -> list[Json]:
     """The model-call paths before extproc has answered: extproc gets the body alone (one message).
 
     A request still on one of these routes when it reaches the router was never answered by
     extproc: it had no body to send. It gets a 400, never a provider.
     """
-    body_only = typed(
-        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        overrides={
-            "processing_mode": {
-                "request_header_mode": "SKIP",
-                "request_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            }
-        },
-    )
+    body_only = BODY_ONLY
     paths = {"safe_regex": {"regex": "/v1/(chat/completions|messages|embeddings)/?"}}
     post = {"name": ":method", "string_match": {"exact": "POST"}}
     empty = {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}}

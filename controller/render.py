@@ -480,6 +480,7 @@ def _render(
         routes.extend(pieces.routes)
         clusters.extend(pieces.clusters)
         injected.extend(pieces.secrets)
+    injected.extend(sds_secret(name, value) for name, value in mcp.credentials)
     profile_headers = tuple(sorted({p.header.lower() for b, _ in served for p in b.context.profile if p.header}))
     listeners = [listener(replace(settings, profile_headers=profile_headers), routes), *extras.listeners, *mcp.listeners]
     envoy: Json = {

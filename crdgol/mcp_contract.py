@@ -24,6 +24,12 @@ SERVER_METADATA = "x-crdgol-mcp-server"
 # tools the tenant may not call. Every other request's answer streams past extproc untouched.
 LIST_FILTER_HEADER = "x-crdgol-mcp-list"
 LIST_METADATA = "x-crdgol-mcp-list"
+# One message per /mcp request (``crdgol.request_path``): extproc gets the body alone and cannot
+# set headers in its answer, so it names the view, the tenant and the list mark as dynamic
+# metadata (``crdgol.request_path.ROUTE_NAMESPACE``, the view under ``ROUTE_KEY``), and the
+# view's route turns these keys into TENANT_HEADER and LIST_FILTER_HEADER.
+TENANT_KEY = "mcp_tenant"
+LIST_KEY = "mcp_list"
 
 
 def view_route(namespace: str) -> str:

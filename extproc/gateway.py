@@ -101,7 +101,7 @@ class Downstream(Handler):
             early = await self.request_headers(headers, False)
             if isinstance(early, Respond):
                 return early
-            if isinstance(self.inner, ModelCall):
+            if isinstance(self.inner, ModelCall | mcp_gateway.ToolGateway):
                 self.inner.one_message = True
         return await self.inner.request_body(body, end_of_stream)
 

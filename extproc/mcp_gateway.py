@@ -1,7 +1,10 @@
 """``/mcp``: MCP tool servers served through the gateway, with the callers' API keys and JWTs.
 
 extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
-``controller.mcp_render``). Per request:
+``controller.mcp_render``). A ``POST /mcp`` costs one ext_proc message (``crdgol.request_path``):
+the body, with the headers read below as request attributes; the headers step then runs on those,
+its header changes left to the view's route (the body answer names the view, the tenant and the
+list mark in dynamic metadata, ``_forward``). Other methods come with their headers. Per request:
 
 * **headers**: the caller authenticates like any model caller (401 otherwise) and reaches its
   namespace's view; the client's credential and any ``x-crdgol-*`` header it sent are removed.
@@ -14,7 +17,8 @@ extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
   JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent tool-call quota is 429
   with ``Retry-After``. Then the request goes on to the view, with the tenant (which
   ``mcp_router`` binds the MCP session to) in an internal header; a server's credential is set on
-  its own requests by ``ServerCredential`` (below). ``initialize``, ``tools/list`` and
+  its own requests by Envoy from an SDS secret (one-message path) or by ``ServerCredential``
+  (below). ``initialize``, ``tools/list`` and
   ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
   features the gateway does not federate (resources, prompts) are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
@@ -40,11 +44,14 @@ import orjson
 from crdgol import tenancy
 from crdgol.mcp_contract import (
     LIST_FILTER_HEADER,
+    LIST_KEY,
     MCP_PATH,
     TENANT_HEADER,
+    TENANT_KEY,
     quota_key,
 )
 from crdgol.replies import INTERNAL_HEADER_PREFIX
+from crdgol.request_path import NO_OP_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
 from extproc.admission import QuotaExceeded, ratelimit_headers
 from extproc.auth import credential_from_headers
 from extproc.errors import (
@@ -144,6 +151,9 @@ class ToolGateway(Handler):
         self.tenant = ""
         self.tool_label = ""
         self.metrics = services.metrics.mcp
+        # One message (``crdgol.request_path``): the headers came as attributes with the body,
+        # the answer to which can set no header; the view's route sets them from the metadata.
+        self.one_message = False
 
     @property
     def tenant_label(self) -> str:
@@ -227,12 +237,23 @@ class ToolGateway(Handler):
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
 
     def _forward(self, view: View, body: bytes) -> Continue:
-        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view."""
+        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view.
+
+        The view, the tenant and the list mark go as dynamic metadata (the gateway's own config
+        routes on it, and its route sets the headers from it, replacing any a client sent) and,
+        when extproc saw the headers, as headers too (a config that routes on the header)."""
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
+        route: dict[str, str | float] = {ROUTE_KEY: view.route, TENANT_KEY: self.tenant}
+        if self.method == "tools/list":
+            route[LIST_KEY] = "1"
+        metadata = {ROUTE_NAMESPACE: route}
+        if self.one_message:
+            # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
+            return Continue(body=body, remove_headers=[NO_OP_HEADER], clear_route_cache=True, dynamic_metadata=metadata)
         set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
         if self.method == "tools/list":
             set_headers[LIST_FILTER_HEADER] = "1"
-        return Continue(set_headers=set_headers, body=body, clear_route_cache=True)
+        return Continue(set_headers=set_headers, body=body, clear_route_cache=True, dynamic_metadata=metadata)
 
     async def _tool_call(self, msg: dict[str, Any], view: View) -> Reply:
         params = msg.get("params")

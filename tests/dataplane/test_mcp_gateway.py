@@ -299,3 +299,81 @@ async def test_a_server_that_is_down_does_not_take_the_others_down(tmp_path: Pat
     finally:
         stack.stop()
         alpha.stop()
+
+
+def ext_proc_messages(env: Env) -> dict[str, int]:
+    """Envoy's count of messages sent to extproc, per ext_proc filter: the gateway's, a view's
+    tools/list filter, a server cluster's credential filter (by stat prefix)."""
+    text_ = httpx.get(f"http://127.0.0.1:{env.stack.admin_port}/stats?filter=ext_proc", timeout=5).text
+    out: dict[str, int] = {}
+    for line in text_.splitlines():
+        name, _, value = line.partition(": ")
+        if name.endswith(".stream_msgs_sent") and value.strip().isdigit():
+            where = name.removesuffix(".stream_msgs_sent").removesuffix(".ext_proc")
+            out[where] = int(value)
+    return out
+
+
+async def test_a_tool_call_costs_extproc_one_message(env: Env) -> None:
+    hdrs = {"authorization": f"Bearer {KEYS['analyst']}", "accept": "application/json, text/event-stream", "content-type": "application/json"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(env.url, json=init, headers=hdrs)
+        sid = r.headers["mcp-session-id"]
+        before = ext_proc_messages(env)
+        # Spaced JSON: what goes on is extproc's re-written (shorter) body, its length set anew.
+        body = b'{ "jsonrpc" : "2.0",  "id" : 2, "method" : "tools/call",  "params" : { "name" : "alpha__echo", "arguments" : { "text" : "one" } } }'
+        r = await http.post(env.url, content=body, headers={**hdrs, "mcp-session-id": sid})
+        time.sleep(0.1)  # Envoy counts a stream's last message after the client has its answer
+        after = ext_proc_messages(env)
+    assert r.status_code == 200 and "alpha:one" in r.text
+    used = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    # The gateway filter only, one message (the body, the headers as attributes); no tools/list
+    # filter (enabled on tools/list only).
+    assert used == {"http.crdgol": 1}, used
+    # A server with a credential: Envoy injects it (SDS), no ext_proc stream on its cluster. The
+    # client's copies of the internal headers are dropped (no list filter, the analyst's session).
+    async with httpx.AsyncClient() as http:
+        before = ext_proc_messages(env)
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "beta__echo", "arguments": {"text": "two"}}}
+        forged = {"x-crdgol-mcp-list": "1", "x-crdgol-mcp-tenant": "default/intern"}
+        r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid, **forged})
+        time.sleep(0.1)
+        after = ext_proc_messages(env)
+    assert r.status_code == 200 and "beta:two" in r.text
+    assert {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == {"http.crdgol": 1}
+    assert env.beta.seen()[-1]["authorization"] == f"Bearer {BETA_TOKEN}"
+
+
+async def test_internal_headers_a_client_sends_have_no_effect(env: Env) -> None:
+    """The tenant a session is bound to, and the tools/list mark, come from extproc alone."""
+    hdrs = {"accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(env.url, json=init, headers={**hdrs, "authorization": f"Bearer {KEYS['analyst']}"})
+        sid = r.headers["mcp-session-id"]
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "alpha__visits", "arguments": {}}}
+        # The intern claims to be the analyst that owns the session: still refused.
+        forged = {**hdrs, "authorization": f"Bearer {KEYS['intern']}", "mcp-session-id": sid, "x-crdgol-mcp-tenant": "default/analyst"}
+        assert (await http.post(env.url, json=call, headers=forged)).status_code == 403
+        # A tools/list without the mark it claims still lists only what the intern may call.
+        init_i = await http.post(env.url, json=init, headers={**hdrs, "authorization": f"Bearer {KEYS['intern']}"})
+        listed = await http.post(
+            env.url,
+            json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+            headers={**hdrs, "authorization": f"Bearer {KEYS['intern']}", "mcp-session-id": init_i.headers["mcp-session-id"], "x-crdgol-mcp-list": ""},
+        )
+    assert listed.status_code == 200 and "beta__echo" in listed.text and "beta__wipe" not in listed.text
+
+
+async def test_other_methods_and_an_empty_body_are_refused(env: Env) -> None:
+    auth = {"authorization": f"Bearer {KEYS['analyst']}", "accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient() as http:
+        got = await http.get(env.url, headers=auth)
+        assert got.status_code == 405 and got.headers["allow"] == "POST" and got.json()["error"]["code"] == -32600
+        assert (await http.get(env.url, headers={"accept": "application/json"})).status_code == 401
+        # No body: nothing for extproc to decide on, and nothing reaches a server.
+        before = len(env.alpha.seen()) + len(env.beta.seen())
+        empty = await http.post(env.url, headers={**auth, "content-type": "application/json"})
+        assert empty.status_code == 400 and "body is empty" in empty.text
+        assert len(env.alpha.seen()) + len(env.beta.seen()) == before

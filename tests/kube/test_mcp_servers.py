@@ -44,6 +44,10 @@ async def test_an_mcp_server_is_served_its_secret_read_and_its_status_written(cl
     snap = cluster.controller.policy.snapshot
     assert snap is not None
     assert [(s.key, s.credential_value) for s in snap.mcp_tool_servers] == [("default/tools", "Bearer tok-1")]
+    # And the SDS secret Envoy's credential injector on the server's cluster reads (over ADS).
+    result = cluster.controller.state.result
+    assert result is not None
+    assert [x["generic_secret"]["secret"]["inline_string"] for x in result.secrets if x["name"] == "crdgol-mcp-credential.default.tools"] == ["Bearer tok-1"]
 
     # A second server with the same prefix (later by name: the first by name keeps it) is refused
     # with a reason; deleting the first serves it.

@@ -128,11 +128,24 @@ def test_a_missing_credential_secret_refuses_the_server() -> None:
     assert not result.snapshot.mcp_tool_views
 
 
-def test_the_credential_is_in_the_policy_only_and_its_cluster_asks_extproc_for_it() -> None:
+def test_the_credential_is_never_in_the_config_and_its_cluster_injects_it() -> None:
     result = rendered(server(credentialsRef={"name": "crm-token", "key": "token"}))
     assert "tok-3141592653" not in json.dumps(result.envoy)
     (s,) = result.snapshot.mcp_tool_servers
     assert (s.credential_header, s.credential_value) == ("authorization", "Bearer tok-3141592653")
+    (cluster,) = [c for c in result.clusters if c["name"].startswith("crdgol-mcp.default.default.crm.")]
+    filters = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+    # One message per request: Envoy injects it from an SDS secret, served apart from the config.
+    injected = filters[1]["typed_config"]["credential"]["typed_config"]
+    assert injected["header"] == "authorization" and injected["credential"]["name"] == "crdgol-mcp-credential.default.crm"
+    (secret,) = [x for x in result.secrets if x["name"] == "crdgol-mcp-credential.default.crm"]
+    assert secret["generic_secret"]["secret"]["inline_string"] == "Bearer tok-3141592653"
+
+
+def test_without_one_message_the_credential_cluster_asks_extproc_for_it() -> None:
+    objs = [server(credentialsRef={"name": "crm-token", "key": "token"})]
+    result = render([], [parse_secret(TOKEN)], RenderSettings(one_message=False), mcp_servers=[parse_mcp_server(o) for o in objs])
+    assert "tok-3141592653" not in json.dumps(result.envoy) and not result.secrets
     (cluster,) = [c for c in result.clusters if c["name"].startswith("crdgol-mcp.default.default.crm.")]
     filters = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
     meta = filters[1]["typed_config"]["grpc_service"]["initial_metadata"]
@@ -197,6 +210,31 @@ async def test_an_allowed_call_goes_to_the_tenants_view_with_the_tenant_and_no_c
     removed = set(out[0].request_headers.response.header_mutation.remove_headers)
     assert {"authorization", "x-crdgol-mcp-tenant"} <= removed  # a spoofed tenant is dropped too
     assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default", TENANT_HEADER: "default/intern"}
+
+
+def body_first(doc: object, key: str | None) -> ep.ProcessingRequest:
+    """A /mcp body as Envoy sends it on the one-message path: the headers as request attributes."""
+    values = {"request.headers['content-type']": "application/json", "request.path": "/mcp", "request.method": "POST"}
+    if key:
+        values["request.headers['authorization']"] = f"Bearer {key}"
+    req = body_msg(doc)
+    req.attributes["envoy.filters.http.ext_proc"].update(values)
+    return req
+
+
+async def test_one_message_names_the_view_and_tenant_in_metadata_and_sets_no_header(services: Services) -> None:
+    (out,) = await drive(services, body_first({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, KEYS["intern"]))
+    mutation = out.request_body.response.header_mutation
+    # Envoy drops header changes from a body reply here: the view's route sets them from this.
+    assert not mutation.set_headers and out.request_body.response.clear_route_cache
+    route = dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    assert route == {"route": "crdgol-mcp.default", "mcp_tenant": "default/intern", "mcp_list": "1"}
+    (out,) = await drive(services, body_first(call("crm__lookup"), KEYS["intern"]))
+    assert "mcp_list" not in dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    status, body = refusal(await drive(services, body_first(call("crm__delete", rid=5), KEYS["intern"])))
+    assert status == 403 and body["id"] == 5
+    status, body = refusal(await drive(services, body_first(call("crm__lookup"), None)))
+    assert status == 401 and body["error"]["code"] == -32001
 
 
 async def test_a_tool_the_tenant_may_not_call_is_a_403_json_rpc_error_with_its_id(services: Services) -> None:

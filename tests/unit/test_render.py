@@ -49,7 +49,7 @@ def test_every_example_renders_to_its_golden_file(folder: Path) -> None:
 def test_every_golden_file_is_accepted_by_envoy(folder: Path, tmp_path: Path) -> None:
     golden = GOLDEN / f"{folder.name}.json"
     m = load_folder(folder)
-    write_sds_files(tmp_path / SDS_DIR, render(m.bindings, m.secrets, RenderSettings(sds_dir=SDS_DIR)).secrets)
+    write_sds_files(tmp_path / SDS_DIR, render(m.bindings, m.secrets, RenderSettings(sds_dir=SDS_DIR), mcp_servers=m.mcp_servers).secrets)
     proc = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(golden), "--log-level", "error"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
@@ -66,6 +66,16 @@ def test_no_secret_reaches_the_envoy_config() -> None:
             assert value not in out
     # The provider credential Envoy injects is an SDS secret, served apart from the config.
     assert result.secrets
+
+
+def test_no_mcp_server_credential_reaches_the_envoy_config() -> None:
+    m = load_folder(ROOT / "examples" / "mcp-tools")
+    result = render(m.bindings, m.secrets, RenderSettings(), mcp_servers=m.mcp_servers)
+    out = json.dumps(result.envoy)
+    values = [v for s in m.secrets for v in s.data.values() if not s.name.endswith("-key")]
+    assert values and not [v for v in values if v in out]
+    # Envoy injects it from an SDS secret, served apart from the config.
+    assert [s for s in result.secrets if any(v in json.dumps(s) for v in values)]
 
 
 def test_crdgol_render_writes_the_injected_credentials_owner_only(tmp_path: Path) -> None:
