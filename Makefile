@@ -60,7 +60,7 @@ bench-workflows: setup ## 1,000 concurrent support-triage runs through the gatew
 	$(BIN)/python -m benchmarks.workflows --runs 1000
 
 IMAGE ?= ghcr.io/crdgol/crdgol:0.1.0
-image: ## build the crdgol image that deploy/ names (needs docker or podman with a running daemon)
+image: ## build the crdgol image that deploy/ names (podman, no daemon needed, or docker)
 	@runtime=$$(command -v podman || command -v docker) || { echo "no container runtime: install podman (apt-get install podman) or docker"; exit 1; }; \
 	$$runtime build -t $(IMAGE) .
 
