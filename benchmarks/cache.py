@@ -6,6 +6,10 @@ Issue 13's figures, each taken A/B in the same minute on the same machine:
   cache (1 KB prompt, non-streaming) and against bare Envoy proxying the mock upstream (no
   ext_proc); target >= 0.6x.
 * **added p50, c1**: the cache hit's p50 minus bare Envoy's p50 at one connection; target <= 1 ms.
+* **what a hit costs**, from the c16 hit runs: the ext_proc messages and streams Envoy spent per
+  hit (its own statistics) and the CPU extproc and Envoy spent per hit (``/proc``). On this
+  shared machine bare Envoy's own rate moves by 2x between runs minutes apart (its mock competes
+  for the cores), so these per-request figures are the steadier comparison between two builds.
 * **semantic lookup beyond the embedding call**: a semantic hit (exact miss, embedding, vector
   scan over 1,000 stored questions, entry read) at c1 against an exact hit at c1; extproc's own
   histograms split that difference into the embeddings call and the rest (the scan and the read);
@@ -48,6 +52,29 @@ def headers() -> dict[str, str]:
 def wrk(url: str, body: Path, connections: int, seconds: float) -> hz.WrkResult:
     argv = hz.wrk_argv(url + sc.CHAT_PATH, body, headers(), connections=connections, duration=seconds)
     return hz.run_wrk(argv, timeout=seconds + 60)
+
+
+def costed(gw: hz.Gateway, body: Path, connections: int, seconds: float) -> tuple[hz.WrkResult, dict[str, float | None]]:
+    """A wrk run against the gateway, and what each request cost: ext_proc messages and streams,
+    and extproc's and Envoy's CPU (µs)."""
+    cpu0 = {name: hz.sample(pid) for name, pid in gw.pids.items()}
+    n0 = hz.extproc_counts(gw.admin_url)
+    res = wrk(gw.url, body, connections, seconds)
+    n1 = hz.extproc_counts(gw.admin_url)
+    cpu1 = {name: hz.sample(pid) for name, pid in gw.pids.items()}
+    n = max(1, res.requests)
+
+    def cpu_us(prefix: str) -> float | None:
+        spent = [(b.cpu_s - a.cpu_s) for k, a in cpu0.items() if k.startswith(prefix) and a and (b := cpu1.get(k))]
+        return round(1e6 * sum(spent) / n, 1) if spent else None
+
+    cost: dict[str, float | None] = {
+        "messages": round((n1.messages - n0.messages) / n, 3) if n0 and n1 else None,
+        "streams": round((n1.streams - n0.streams) / n, 3) if n0 and n1 else None,
+        "extproc_cpu_us": cpu_us("extproc"),
+        "envoy_cpu_us": cpu_us("envoy"),
+    }
+    return res, cost
 
 
 def histogram(metrics_url: str, name: str) -> tuple[float, float, dict[float, float]]:
@@ -127,6 +154,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| semantic lookup beyond the embeddings call, p50 bucket | <= {s['semantic_search_p50_at_most_ms']} ms | <= 2 ms |",
         f"| semantic hit p50 - exact hit p50 at c1 (embeddings call included) | {s['semantic_added_p50_ms']} ms | - |",
         f"| embeddings call (mock), mean | {s['semantic_embedding_call_mean_ms']} ms | - |",
+        f"| a hit's ext_proc messages; streams (c16) | {s['hit_messages']}; {s['hit_streams']} | - |",
+        f"| a hit's CPU, extproc; Envoy (c16) | {s['hit_extproc_cpu_us']}; {s['hit_envoy_cpu_us']} µs | - |",
         "",
         "| round | hit c16 rps | bare c16 rps | ratio | hit c1 p50 ms | bare c1 p50 ms |",
         "|---|---:|---:|---:|---:|---:|",
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--envoy-concurrency", type=int, default=1)
     p.add_argument("--out", default=str(sc.HERE / "results"))
+    p.add_argument("--no-semantic", dest="semantic", action="store_false", help="only the exact hit figures (a shorter A/B)")
     args = p.parse_args(argv)
     state = Path(tempfile.mkdtemp(prefix="crdgol-bench-cache-"))
     body = sc.write_json(state / "exact.json", sc.chat_body(1024))
@@ -167,21 +197,26 @@ def main(argv: list[str] | None = None) -> int:
                 if i % 2:
                     order.reverse()
                 for name, url in order:
-                    res = wrk(url, body, c, args.seconds)
+                    if name == "hit" and c == 16:
+                        res, row["hit_cost_c16"] = costed(gw, body, c, args.seconds)
+                    else:
+                        res = wrk(url, body, c, args.seconds)
                     if res.errors:
                         raise RuntimeError(f"{name} c{c}: {res.errors} errors\n{res.raw}")
                     row[f"{name}_c{c}"] = {"rps": res.rps, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms}
             row["ratio_c16"] = round(row["hit_c16"]["rps"] / row["bare_c16"]["rps"], 3)
             row["added_p50_c1_ms"] = ms(row["hit_c1"]["p50_ms"] - row["bare_c1"]["p50_ms"])
             say(f"round {i + 1}: c16 hit {row['hit_c16']['rps']:.0f} rps vs bare {row['bare_c16']['rps']:.0f} rps "
-                f"= {row['ratio_c16']}x; c1 p50 hit {row['hit_c1']['p50_ms']} ms vs bare {row['bare_c1']['p50_ms']} ms")
+                f"= {row['ratio_c16']}x; c1 p50 hit {row['hit_c1']['p50_ms']} ms vs bare {row['bare_c1']['p50_ms']} ms; "
+                f"hit cost {row['hit_cost_c16']}")
             rounds.append(row)
 
-        say(f"semantic: storing {STORED_QUESTIONS} answers")
-        probe = semantic_probe(gw, state)
+        sem_rounds: list[dict[str, Any]] = []
+        if args.semantic:
+            say(f"semantic: storing {STORED_QUESTIONS} answers")
+            probe = semantic_probe(gw, state)
         assert gw.metrics_url is not None
-        sem_rounds = []
-        for i in range(args.rounds):
+        for i in range(args.rounds if args.semantic else 0):
             e0 = histogram(gw.metrics_url, "crdgol_cache_embedding_seconds")
             s0 = histogram(gw.metrics_url, "crdgol_cache_semantic_search_seconds")
             semantic = wrk(gw.url, probe, 1, args.seconds)
@@ -218,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "semantic_search_mean_ms": med(sem_rounds, "search_mean_ms"),
         "semantic_search_p50_at_most_ms": med(sem_rounds, "search_p50_at_most_ms"),
         "stored_questions": STORED_QUESTIONS,
+        **{f"hit_{k}": med([r["hit_cost_c16"] for r in rounds], k) for k in ("messages", "streams", "extproc_cpu_us", "envoy_cpu_us")},
     }
     result = {"machine": hz.machine_info(args.envoy_concurrency, 1), "summary": summary, "rounds": rounds, "semantic_rounds": sem_rounds}
     out = Path(args.out)

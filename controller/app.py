@@ -32,7 +32,7 @@ from controller.mcp_servers import KIND as MCP_SERVER_KIND
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
-from controller.workflow.cost import prices_by_model
+from controller.workflow.cost import prices_by_namespace
 from controller.workflow.host import WorkflowHost, WorkflowSettings
 from controller.workflow.runner import WorkflowMetrics
 from controller.xds import Encoder, XdsServer
@@ -355,7 +355,7 @@ class Controller:
                     # Workflows name bindings: accept them against what is served, then add
                     # their Envoy resources (egress listener, run API route).
                     served = {b.key: b.model for b in self.state.result.snapshot.bindings}
-                    self.workflows.sync(others, secrets, served, prices_by_model(self.state.result.snapshot.bindings))
+                    self.workflows.sync(others, secrets, served, prices_by_namespace(self.state.result.snapshot.bindings))
                     self.state.extras = self.workflows.extras()
                     await self.publish()
                 for key, st in self.state.statuses().items():

@@ -18,12 +18,11 @@ The credential is resolved by the render into the policy snapshot only.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from controller.spec_parsing import SpecError, parse_duration
+from controller.spec_parsing import SpecError, parse_duration, reserved_address
 from controller.spec_parsing import as_dict as _dict
 from controller.spec_parsing import as_list as _list
 from controller.spec_parsing import int_in as _int
@@ -108,12 +107,9 @@ def _url(raw: object, what: str) -> tuple[str, str, int]:
         raise SpecError("InvalidContext", f"{what}: put credentials in credentialsRef, not in the URL; no query or fragment")
     if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in parts.path):
         raise SpecError("InvalidContext", f"{what}: the path may not hold spaces or control characters")
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        address = None
-    if address is not None and (address.is_link_local or address.is_multicast or address.is_unspecified):
-        raise SpecError("InvalidContext", f"{what}: {parts.hostname} is a link-local, multicast or unspecified address")
+    reserved = reserved_address(parts.hostname, loopback=False)
+    if reserved:
+        raise SpecError("InvalidContext", f"{what}: {reserved}")
     return text, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 

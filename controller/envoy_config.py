@@ -244,7 +244,11 @@ def direct_backend(b: BindingSpec) -> BackendSpec | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-_INTERNAL_REQUEST_HEADERS = ("x-crdgol-route", "x-crdgol-client-api", "x-crdgol-body-api")
+# Nothing under crdgol's prefix leaves for a provider: neither the internal headers (a fallback
+# attempt's filter has read them, before this one) nor what a caller sent itself (the cache's
+# ``x-crdgol-cache`` directive, or any other ``x-crdgol-*``). A provider learns nothing of how the
+# gateway works, and no request header of the gateway's can be echoed back by one.
+_STRIP_INTERNAL_REQUEST_HEADERS: Json = {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_HEADER_PREFIX}}}
 # A provider's answer never carries crdgol's own headers on: whatever it sends under the prefix
 # (above all ``x-crdgol-backend``, which names the backend a request is billed as) is removed as
 # the answer enters Envoy, before extproc or the client sees it.
@@ -256,10 +260,10 @@ def upstream_filters(name: str, direct: bool, settings: RenderSettings, injector
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": typed("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
     }
-    mutations: Json = {"response_mutations": [_STRIP_INTERNAL_RESPONSE_HEADERS]}
-    if direct:
-        # The request was already rewritten downstream; only crdgol's own headers must not leave.
-        mutations["request_mutations"] = [{"remove": h} for h in _INTERNAL_REQUEST_HEADERS]
+    mutations: Json = {
+        "request_mutations": [_STRIP_INTERNAL_REQUEST_HEADERS],
+        "response_mutations": [_STRIP_INTERNAL_RESPONSE_HEADERS],
+    }
     strip = {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": typed("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", mutations=mutations),

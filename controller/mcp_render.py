@@ -21,8 +21,11 @@ How a request to ``/mcp`` flows through what this renders:
   credential, should a later ``mcp_router`` forward them.
 
 A view holds its own namespace's servers that grant its tenants anything first (by name), then other
-namespaces' that grant them (by key); a server whose prefix is taken in a view is left out of that
-view, and refused outright (``PrefixConflict``) when that happens in its own namespace. Nothing here
+namespaces' that grant them (by key) and that the view's namespace accepts grants from
+(``crdgol.io/accept-from``, as for bindings: ``controller.ownership``; otherwise any namespace
+could put its tools, descriptions and all, in front of another's agents, and receive their
+arguments); a server whose prefix is taken in a view is left out of that view, and refused
+outright (``PrefixConflict``) when that happens in its own namespace. Nothing here
 holds a secret: credentials go only into the policy snapshot.
 """
 
@@ -277,9 +280,15 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
 
 
 def render_mcp(
-    specs: Iterable[McpServerSpec], secrets: Mapping[str, SecretData], settings: RenderSettings, resolve: Resolve
+    specs: Iterable[McpServerSpec],
+    secrets: Mapping[str, SecretData],
+    settings: RenderSettings,
+    resolve: Resolve,
+    accepts: Mapping[str, frozenset[str]] | None = None,
 ) -> McpRender:
-    """Every MCPServer that can be served, federated per namespace view; the rest in ``problems``."""
+    """Every MCPServer that can be served, federated per namespace view; the rest in ``problems``.
+    ``accepts``: namespace -> the namespaces whose grants it accepts (``ownership.acceptances``)."""
+    accepted_by = accepts or {}
     problems: dict[str, SpecError] = {}
     credentials: dict[str, str] = {}
     ordered = sorted(specs, key=lambda s: s.key)
@@ -293,7 +302,12 @@ def render_mcp(
         ok.append(s)
     views: dict[str, list[McpServerSpec]] = {}
     for view in sorted({tenancy.namespace_of(p) for s in ok for p in s.tenants}):
-        reaching = [s for s in ok if any(tenancy.namespace_of(p) == view for p in s.tenants)]
+        reaching = [
+            s
+            for s in ok
+            if any(tenancy.namespace_of(p) == view for p in s.tenants)
+            and (s.namespace == view or {s.namespace, tenancy.WILDCARD} & accepted_by.get(view, frozenset()))
+        ]
         # Its own namespace's servers first: no other namespace can take a prefix from its owner.
         reaching.sort(key=lambda s: (s.namespace != view, s.key))
         taken: dict[str, McpServerSpec] = {}

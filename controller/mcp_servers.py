@@ -31,7 +31,7 @@ from controller.models import _quotas as parse_quotas
 from controller.models import _secret_ref as parse_secret_ref
 from controller.models import _tenant as parse_tenant
 from controller.models import _tenants as parse_tenants
-from controller.spec_parsing import SpecError, parse_duration
+from controller.spec_parsing import SpecError, parse_duration, reserved_address
 from controller.spec_parsing import as_dict as _dict
 from controller.spec_parsing import as_list as _list
 from crdgol import tenancy
@@ -122,6 +122,10 @@ def _parse(obj: dict[str, Any]) -> McpServerSpec:
         raise SpecError("InvalidSpec", f"metadata.namespace: {namespace!r} must be a DNS label")
     spec = _dict(obj.get("spec"), "spec")
     endpoint = parse_endpoint(spec.get("url"), "spec.url")
+    reserved = reserved_address(endpoint.host, loopback=False)
+    if reserved:
+        # Its answers reach the caller, path and all: not the cloud metadata service.
+        raise SpecError("InvalidEndpoint", f"spec.url: {reserved}")
     # parse_endpoint keeps a path prefix for the model APIs (and drops a trailing /v1): the MCP
     # endpoint is the URL's whole path.
     path = "/" + str(spec.get("url")).split("://", 1)[1].partition("/")[2].rstrip("/")

@@ -20,12 +20,12 @@ from crdgol.request_path import (
     BODY_API_KEY,
     CLIENT_API_KEY,
     HEADERS_SUFFIX,
-    RATELIMIT_HEADERS,
     RESPONSE_FILTER,
     RESPONSE_STREAM_METADATA,
     RESPONSE_SUFFIX,
     ROUTE_KEY,
     ROUTE_NAMESPACE,
+    ROUTE_RESPONSE_HEADERS,
     SESSION_HEADER,
     STATE_NAMESPACE,
 )
@@ -240,7 +240,7 @@ def metadata_routes(base: Json, direct: BackendSpec | None) -> list[Json]:
         "request_headers_to_add": add,
         "response_headers_to_add": [
             {"header": {"key": h, "value": _metadata_header(h)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-            for h in RATELIMIT_HEADERS
+            for h in ROUTE_RESPONSE_HEADERS
         ],
     }
 

@@ -469,7 +469,7 @@ def _render(
         api_keys=_api_keys((secret_map[k] for k in sorted(secret_map)), source_problems),
         jwt_providers=claims.providers(),
     )
-    mcp = render_mcp(mcp_servers, secret_map, settings, _resolve)
+    mcp = render_mcp(mcp_servers, secret_map, settings, _resolve, accepts)
     snapshot.mcp_tool_servers.extend(mcp.servers)
     snapshot.mcp_tool_views.extend(mcp.views)
     clusters: list[Json] = [*extras.clusters, *mcp.clusters]

@@ -6,6 +6,7 @@ to fix, with the field's path. Nothing here knows a particular resource.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -65,3 +66,25 @@ def as_list(raw: object, what: str) -> list[Any]:
     if not isinstance(raw, list):
         raise SpecError("InvalidSpec", f"{what}: must be a list")
     return raw
+
+
+def reserved_address(host: str, *, loopback: bool) -> str:
+    """Why the gateway must not call ``host`` on a resource author's behalf ("" when it may): a
+    link-local address (cloud metadata services live there and answer with the node's
+    credentials), multicast or unspecified (0.0.0.0 reaches the local host), and with ``loopback``
+    also the loopback addresses and ``localhost`` (the gateway pod's own Envoy admin, extproc).
+    Literal addresses only: a DNS name is not resolved here."""
+    bare = host.strip("[]")
+    if loopback and bare.lower() == "localhost":
+        return f"{host} is the gateway's own host"
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    if address.is_link_local or address.is_multicast or address.is_unspecified:
+        return f"{host} is a link-local, multicast or unspecified address"
+    if loopback and address.is_loopback:
+        return f"{host} is a loopback address: on a cluster that is the gateway pod itself"
+    return ""

@@ -11,7 +11,8 @@ route; Envoy then does the rest natively, per binding, from the rendered config:
   removes the caller's credential and sets the internal headers a fallback attempt's filter reads
   from the metadata; the first backend's cluster injects the provider credential from an SDS
   secret (``credential_secret``), so no secret is in the config and none crosses the body reply;
-* the rate-limit headers come from the same metadata (``RATELIMIT_HEADERS``);
+* the rate-limit headers (and the cache's ``x-crdgol-cache``) come from the same metadata
+  (``ROUTE_RESPONSE_HEADERS``);
 * usage is read by the native filters and settled from the access log (``crdgol.usage_log``).
 
 The response is extproc's business only when the request needs it (session history, a
@@ -62,6 +63,9 @@ HEADER_COUNT = "x-crdgol-header-count"
 RATELIMIT_HEADERS = tuple(
     f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
 )
+# Response headers the binding's routes set from the route metadata (empty: not set), so a call
+# needs no response side for them: the rate-limit headers and the cache's hit/miss/bypass.
+ROUTE_RESPONSE_HEADERS = (*RATELIMIT_HEADERS, BYPASS_HEADER)
 
 MODEL_PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/embeddings")
 

@@ -42,7 +42,7 @@ import orjson
 from extproc.errors import RateLimited
 from extproc.policy import Binding, QuotaRule
 from extproc.quota import Decision, Demand, Limit, Price, estimate_demand, quota_scope
-from extproc.quota_store import Reservation, check, finish
+from extproc.quota_store import Reservation, StoreUnavailable, check, finish, fits
 from extproc.services import Services
 from extproc.usage import Usage
 
@@ -179,6 +179,24 @@ class Admission:
                 m.quota_limit.labels(tenant, binding.key, name).set(decision.limits.get(name, 0))
         if not decision.allowed:
             self.done = True
+            raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
+
+    async def refuse_if_spent(self, tenant: str, binding: Binding) -> None:
+        """Raise ``QuotaExceeded`` now if not even a one-request demand fits: a read of the store,
+        nothing reserved. For work ``admit`` cannot come before (context read from MCP servers
+        shapes the body whose size it reserves), so a tenant over its limits costs those servers
+        nothing. A store that fails is left to ``admit`` and its fail policy."""
+        rule = binding.quotas.rule_for(tenant)
+        if rule is None or not rule.limits:
+            return
+        now = self.services.wall()
+        try:
+            used = await self.services.quotas.usage(quota_scope(tenant, binding.key), rule.limits, now)
+        except (StoreUnavailable, TimeoutError):
+            return
+        decision = fits(rule.limits, used, Demand(requests=1), now)
+        if not decision.allowed:
+            self.decision, self.done = decision, True
             raise QuotaExceeded(decision.limit, decision.retry_after, ratelimit_headers(decision))
 
     def headers(self) -> dict[str, str]:

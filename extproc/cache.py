@@ -16,6 +16,15 @@
    complete: status 200, a whole JSON body (or a stream that ended cleanly), not an error, not
    cut short, within ``maxEntryBytes``.
 
+Identical misses in flight at once are coalesced (``extproc.cache_flight``): the first that will
+store its answer leads and goes to the provider; the others wait, at most ``coalesce_wait``
+seconds, for the answer it stores, and are served it as a hit (in their own form, streamed or
+not); if the leader fails, stores nothing or the time runs out, they go to the provider.
+
+A semantic lookup's embeddings call is made for the caller: it is charged to the caller's tenant
+on the embeddings binding's quotas (``EmbeddingMeter``; ``extproc.cache_charge``). A tenant
+that has no quota left there gets no semantic lookup (its request misses), not a refusal.
+
 The fail policy of a cache is always "miss": a store or embeddings failure is counted
 (``crdgol_cache_errors``), logged at most every 10 s, and the request goes to the provider.
 Metric labels are binding keys and fixed words only.
@@ -25,13 +34,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from extproc.cache_flight import Flight, Flights
 from extproc.cache_key import BYPASS_HEADER, CacheKey, Directives, directives, eligible, make_key
 from extproc.cache_replay import StreamAssembler, replay
 from extproc.cache_store import CacheStore, MemoryCacheStore, RedisCacheStore
@@ -42,9 +53,9 @@ from extproc.redis_client import RedisClient
 from extproc.usage import Usage
 
 if TYPE_CHECKING:
-    from extproc.cache_semantic import Embedder, Vector, VectorStore
+    from extproc.cache_semantic import Embedder, EmbeddingFailed, Vector, VectorStore
 
-__all__ = ["CACHE_HEADER", "CacheCall", "CacheMetrics", "Hit", "ResponseCache"]
+__all__ = ["CACHE_HEADER", "CacheCall", "CacheMetrics", "EmbeddingMeter", "Hit", "ResponseCache"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,13 @@ class CacheMetrics:
             "crdgol_cache_embedding_seconds",
             "Time of the embeddings call of a semantic lookup.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "crdgol_cache_coalesced",
+            "Misses that waited for an identical request in flight, by outcome (served: its stored answer; "
+            "upstream: it stored none in time, so the request went to the provider).",
+            ["binding", "outcome"],
             registry=r,
         )
         self._bound: dict[str, BindingCounters] = {}
@@ -158,6 +176,23 @@ def _embedder() -> Embedder:
     return Embedder()
 
 
+class EmbeddingCharge(Protocol):
+    def settle(self, tokens: int, failure: EmbeddingFailed | None) -> None:
+        """The call ended: ``tokens`` the backend reported using, or the ``failure``."""
+
+
+class EmbeddingMeter(Protocol):
+    """Charges a semantic lookup's embeddings call to the caller (``extproc.cache_charge``)."""
+
+    async def reserve(self, binding: Binding, text: str) -> EmbeddingCharge | None:
+        """Reserve the call on ``binding``'s quotas; None: over quota, so no call is made."""
+
+
+# How long a miss waits for an identical request in flight to store its answer (the provider's
+# time for one answer, typically; a follower waits no longer than going there itself would take).
+COALESCE_WAIT = 5.0
+
+
 @dataclass
 class ResponseCache:
     store: CacheStore = field(default_factory=MemoryCacheStore)
@@ -169,6 +204,18 @@ class ResponseCache:
     warned_at: float = float("-inf")
     _vectors: VectorStore | None = None
     _embedder: Embedder | None = None
+    coalesce_wait: float = COALESCE_WAIT
+    flights: Flights[Entry] = field(init=False)
+
+    # A semantic miss's question vector, from the request side to the response side that stores
+    # the answer (one-message path): by key, bounded, oldest dropped first. On another replica, or
+    # once dropped, the response side embeds the question again.
+    pending_vectors: OrderedDict[str, Vector] = field(init=False)
+    PENDING_VECTORS = 1024
+
+    def __post_init__(self) -> None:
+        self.flights = Flights(self.coalesce_wait)
+        self.pending_vectors = OrderedDict()
 
     @staticmethod
     def in_redis(client: RedisClient, timeout: float) -> ResponseCache:
@@ -180,6 +227,11 @@ class ResponseCache:
             return RedisVectorStore(client, timeout=timeout)
 
         return ResponseCache(store=RedisCacheStore(client, timeout=timeout), vectors_factory=vectors)
+
+    async def aclose(self) -> None:
+        """Release what the cache holds open (the embeddings client's HTTP session): at shutdown."""
+        if self._embedder is not None:
+            await self._embedder.aclose()
 
     def attach(self, registry: CollectorRegistry) -> None:
         if self.metrics is None:
@@ -206,9 +258,21 @@ class ResponseCache:
             log.warning("response cache unavailable at %s (%s): requests go to the provider", stage, type(exc).__name__)
 
     def open(
-        self, policy: Policy, binding: Binding, api: Api, tenant: str, doc: dict[str, Any], headers: dict[str, str], *, stream: bool, include_usage: bool
+        self,
+        policy: Policy,
+        binding: Binding,
+        api: Api,
+        tenant: str,
+        doc: dict[str, Any],
+        headers: dict[str, str],
+        *,
+        stream: bool,
+        include_usage: bool,
+        meter: EmbeddingMeter | None = None,
     ) -> CacheCall | None:
-        """The cache's part in one request (None: the binding has no cache or it is not eligible)."""
+        """The cache's part in one request (None: the binding has no cache or it is not eligible).
+
+        ``meter`` charges a semantic lookup's embeddings calls to the caller (None: uncharged)."""
         rule = binding.cache
         if rule is None or not eligible(rule, doc, stream):
             return None
@@ -219,12 +283,23 @@ class ResponseCache:
             return None
         if self.metrics is None:
             self.attach(CollectorRegistry())
-        return CacheCall(self, policy, binding, rule, api, key, wish, stream=stream, include_usage=include_usage)
+        return CacheCall(self, policy, binding, rule, api, key, wish, stream=stream, include_usage=include_usage, meter=meter)
 
 
 class CacheCall:
     def __init__(
-        self, cache: ResponseCache, policy: Policy, binding: Binding, rule: CacheRule, api: Api, key: CacheKey, wish: Directives, *, stream: bool, include_usage: bool
+        self,
+        cache: ResponseCache,
+        policy: Policy,
+        binding: Binding,
+        rule: CacheRule,
+        api: Api,
+        key: CacheKey,
+        wish: Directives,
+        *,
+        stream: bool,
+        include_usage: bool,
+        meter: EmbeddingMeter | None = None,
     ) -> None:
         self.cache, self.policy, self.binding, self.rule, self.api, self.key = cache, policy, binding, rule, api, key
         self.wish = wish
@@ -237,6 +312,8 @@ class CacheCall:
         self.size = 0
         self.too_large = False
         self.done = False
+        self.meter = meter
+        self.flight: Flight[Entry] | None = None  # this call leads identical misses (extproc.cache_flight)
         assert cache.metrics is not None
         self.m = cache.metrics
 
@@ -252,14 +329,69 @@ class CacheCall:
         counters = self.m.of(self.binding.key)
         if not self.wish.lookup:
             counters.bypass.inc()
+            self._lead()  # a fresh answer that will be stored: identical misses may wait for it
             return None
         entry = await self._get(self.key.exact)
+        if entry is None:
+            entry = await self._follow()
         if entry is None and self.semantic:
             entry = await self._semantic()
         if entry is None:
             counters.miss.inc()
             return None
+        self._land(entry)  # a leader that found an answer after all hands it to its followers
         self.state, self.done = "hit", True
+        return self._hit(entry)
+
+    def _lead(self) -> None:
+        if self.wish.store and self.flight is None:
+            self.flight = self.cache.flights.lead(self.key.exact)
+
+    async def _follow(self) -> Entry | None:
+        """Lead the identical misses that come while this one is in flight, or wait for the one
+        that leads them (None: go on as a miss)."""
+        self._lead()
+        if self.flight is not None or not self.cache.flights.is_open(self.key.exact):
+            return None
+        entry = await self.cache.flights.follow(self.key.exact)
+        if entry is None:
+            # The time ran out: the leader's answer may have been stored by another replica
+            # (its response side went there), so look once more before going to the provider.
+            entry = await self._get(self.key.exact)
+        self.m.coalesced.labels(self.binding.key, "served" if entry is not None else "upstream").inc()
+        if entry is None:
+            self._lead()  # the next identical misses wait for this one's answer
+        return entry
+
+    def _land(self, entry: Entry | None) -> None:
+        if self.flight is not None:
+            self.cache.flights.land(self.flight, entry)
+            self.flight = None
+
+    def hand_off(self) -> None:
+        """This call's response is handled on another stream (the one-message path's response
+        side, ``adopt``): its flight stays open for that stream to land, or for its timer."""
+        self.flight = None
+        if self.vector is not None and self.storing:
+            pending = self.cache.pending_vectors
+            pending[self.key.exact] = self.vector
+            while len(pending) > self.cache.PENDING_VECTORS:
+                pending.popitem(last=False)
+
+    def adopt(self) -> None:
+        """Take over the open flight of this call's key in this process (the response side of a
+        call that led it; on another replica there is none, and followers there time out)."""
+        if self.wish.store and self.flight is None:
+            self.flight = self.cache.flights.open_flight(self.key.exact)
+        if self.vector is None:
+            self.vector = self.cache.pending_vectors.pop(self.key.exact, None)
+
+    def abandon(self) -> None:
+        """The request ended without ``finish`` (refused, or its response never came): any
+        requests waiting for its answer go to the provider now."""
+        self._land(None)
+
+    def _hit(self, entry: Entry) -> Hit:
         if self.stream:
             body = replay(self.api, orjson.loads(entry.body), self.include_usage)
             ctype = "text/event-stream; charset=utf-8"
@@ -285,26 +417,34 @@ class CacheCall:
             return None
         return Entry.decode(raw) if raw is not None else None
 
-    def _embedding_backend(self) -> Any:
-        from extproc.cache_semantic import embedding_backend
+    async def _embed(self) -> Vector | None:
+        from extproc.cache_semantic import EmbeddingFailed, embedding_backend
 
         target = self.policy.bindings.get(self.rule.embedding_binding)
-        return embedding_backend(target) if target is not None else None
-
-    async def _embed(self) -> Vector | None:
-        from extproc.cache_semantic import EmbeddingFailed
-
-        backend = self._embedding_backend()
-        if backend is None:
+        if target is None:
             self.cache.failed("embedding", LookupError("no embeddings binding"))
+            return None
+        charge = await self.meter.reserve(target, self.key.text) if self.meter is not None else None
+        if self.meter is not None and charge is None:
+            # The caller's tenant has no quota left on the embeddings binding: no call on its behalf.
+            self.m.errors.labels("embedding_quota").inc()
             return None
         started = time.perf_counter()
         try:
-            self.vector = await self.cache.embedder.embed(backend, self.key.text)
+            embedding = await self.cache.embedder.embed(embedding_backend(target), self.key.text)
         except EmbeddingFailed as exc:
+            if charge is not None:
+                charge.settle(0, exc)
             self.cache.failed("embedding", exc)
             return None
+        except BaseException:
+            if charge is not None:  # cancelled mid-call (the client left): charged as sent
+                charge.settle(0, EmbeddingFailed("cancelled"))
+            raise
+        if charge is not None:
+            charge.settle(embedding.input_tokens, None)
         self.m.embed_seconds.observe(time.perf_counter() - started)
+        self.vector = embedding.vector
         return self.vector
 
     async def _semantic(self) -> Entry | None:
@@ -341,32 +481,42 @@ class CacheCall:
             self.collected.append(chunk)
 
     async def finish(self, status: int, complete: bool, usage: Usage | None, price: Price | None) -> None:
-        """The response ended (``complete``: cleanly): store it if it is a whole, successful answer."""
+        """The response ended (``complete``: cleanly): store it if it is a whole, successful answer.
+
+        Requests waiting for this one (``extproc.cache_flight``) get the stored entry, or nothing."""
         if self.done:
+            self._land(None)
             return
         self.done = True
+        try:
+            self._land(await self._store(status, complete, usage, price))
+        finally:
+            self._land(None)
+
+    async def _store(self, status: int, complete: bool, usage: Usage | None, price: Price | None) -> Entry | None:
         b = self.binding.key
         if not self.wish.store:
             self.m.not_stored.labels(b, "no_store").inc()
-            return
+            return None
         if status != 200:
             self.m.not_stored.labels(b, "status").inc()
-            return
+            return None
         if self.too_large:
             self.m.not_stored.labels(b, "too_large").inc()
-            return
+            return None
         body = self._body(complete, usage)
         if body is None:
             self.m.not_stored.labels(b, "incomplete").inc()
-            return
+            return None
         if len(body) > self.rule.max_entry_bytes:
             self.m.not_stored.labels(b, "too_large").inc()
-            return
+            return None
         u = usage or Usage()
         cost = cost_micros(price, u.input_tokens, u.output_tokens) if price is not None else 0
-        entry = Entry(body, u.input_tokens, u.output_tokens, cost).encode()
+        entry = Entry(body, u.input_tokens, u.output_tokens, cost)
         try:
-            await self.cache.store.put(self.key.exact, entry, self.rule.ttl_seconds)
+            await self.cache.store.put(self.key.exact, entry.encode(), self.rule.ttl_seconds)
+            self._land(entry)  # the waiting requests need not wait for the vector too
             if self.semantic:
                 vector = self.vector if self.vector is not None else await self._embed()
                 if vector is not None:
@@ -374,9 +524,10 @@ class CacheCall:
         except (StoreUnavailable, TimeoutError) as exc:
             self.cache.failed("write", exc)
             self.m.not_stored.labels(b, "error").inc()
-            return
+            return None
         self.m.stored.labels(b).inc()
         self.m.stored_bytes.labels(b).inc(len(body))
+        return entry
 
     def _body(self, complete: bool, usage: Usage | None) -> bytes | None:
         if not complete:

@@ -31,6 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -42,13 +43,29 @@ from extproc.policy import Backend, Binding
 from extproc.quota_store import bounded
 from extproc.redis_client import RedisClient, Script
 
-__all__ = ["Embedder", "EmbeddingFailed", "MemoryVectorStore", "RedisVectorStore", "VectorIndex", "VectorStore", "unit"]
+__all__ = ["Embedder", "Embedding", "EmbeddingFailed", "MemoryVectorStore", "RedisVectorStore", "VectorIndex", "VectorStore", "unit"]
 
 Vector = npt.NDArray[np.float32]
 
 
 class EmbeddingFailed(Exception):
-    """The embeddings backend could not give a vector (the lookup misses)."""
+    """The embeddings backend could not give a vector (the lookup misses).
+
+    ``status``: the backend's HTTP status when it answered with an error (0: it did not answer
+    one). ``sent``: the request may have reached the backend (everything but a failed connect),
+    so the caller's quota is charged for it (``extproc.cache_charge``).
+    """
+
+    def __init__(self, message: str, *, status: int = 0, sent: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.sent = sent
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vector: Vector
+    input_tokens: int  # the backend's usage block (0: it reported none)
 
 
 def unit(values: Any) -> Vector:
@@ -244,15 +261,21 @@ def embedding_backend(binding: Binding) -> Backend:
     return min(binding.backends, key=lambda b: b.priority)
 
 
+# An embeddings answer for one input is a few tens of KiB of floats; far past that is a hostile or
+# broken backend, read no further.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
 class Embedder:
     """Embeddings over HTTP from extproc itself (one aiohttp session per process)."""
 
-    def __init__(self, timeout: float = 2.0, max_text_chars: int = 32_000) -> None:
+    def __init__(self, timeout: float = 2.0, max_text_chars: int = 32_000, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.timeout = timeout
         self.max_text_chars = max_text_chars
+        self.max_answer_bytes = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
 
-    async def embed(self, backend: Backend, text: str) -> Vector:
+    async def embed(self, backend: Backend, text: str) -> Embedding:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         url = f"{'https' if backend.tls else 'http'}://{backend.host}{backend.path_prefix}/v1/embeddings"
@@ -260,14 +283,35 @@ class Embedder:
         headers = {"content-type": "application/json", **dict(backend.auth_headers)}
         try:
             async with self._session.post(url, data=body, headers=headers) as rsp:
-                raw = await rsp.read()
                 if rsp.status != 200:
-                    raise EmbeddingFailed(f"the embeddings backend answered {rsp.status}")
+                    raise EmbeddingFailed(f"the embeddings backend answered {rsp.status}", status=rsp.status)
+                raw = await self._bounded_read(rsp)
             doc = orjson.loads(raw)
-            return unit(doc["data"][0]["embedding"])
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            usage = doc.get("usage")
+            tokens = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+            tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+            return Embedding(unit(doc["data"][0]["embedding"]), tokens)
+        except aiohttp.ClientConnectorError as exc:
+            raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}", sent=False) from None
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise EmbeddingFailed(f"embedding failed: {type(exc).__name__}") from None
 
+    async def _bounded_read(self, rsp: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, refused past ``max_answer_bytes``: the backend is a binding author's,
+        and this process is every tenant's."""
+        if rsp.content_length is not None and rsp.content_length > self.max_answer_bytes:
+            raise EmbeddingFailed(f"the embeddings answer is over {self.max_answer_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in rsp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_answer_bytes:
+                raise EmbeddingFailed(f"the embeddings answer is over {self.max_answer_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def aclose(self) -> None:
+        """Close the HTTP session (its pooled connections): at shutdown."""
         if self._session is not None:
             await self._session.close()
+            self._session = None

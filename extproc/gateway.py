@@ -31,6 +31,7 @@ from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
 from extproc.auth import Identity, credential_from_headers
 from extproc.cache import CACHE_HEADER, CacheCall
+from extproc.cache_charge import CallerMeter
 from extproc.errors import (
     BadRequest,
     Forbidden,
@@ -324,6 +325,11 @@ class ModelCall(Handler):
         """The one-message answer (``extproc.route_reply``)."""
         return route_reply(self, binding, body)
 
+    def route_response_headers(self) -> dict[str, str]:
+        """Response headers Envoy sets from the route metadata on the one-message path
+        (``request_path.ROUTE_RESPONSE_HEADERS``): no response side needed for them."""
+        return self.admission.headers()
+
     def state(self) -> dict[str, str | float]:
         """What the response side needs that the settle record does not carry."""
         return {"started": self.services.wall() - (self.services.clock() - self.started)}
@@ -583,7 +589,7 @@ class Completion(ModelCall):
         assert self.identity is not None
         self.cache = self.services.cache.open(
             self.services.current, binding, self.api, self.identity.tenant, doc, self.headers,
-            stream=self.stream, include_usage=self.client_wants_usage,
+            stream=self.stream, include_usage=self.client_wants_usage, meter=CallerMeter(self.services, self.identity.tenant),
         )
         hit = await self.cache.lookup() if self.cache is not None else None
         if hit is None or self.cache is None:
@@ -613,6 +619,8 @@ class Completion(ModelCall):
         today = self.services.today()
         sources: list[context_policy.FetchedSource] = []
         if ctx.mcp_sources:
+            # A tenant over its quota is refused before the servers are read, not after.
+            await self.admission.refuse_if_spent(self.identity.tenant, binding)
             # May refuse the request (a source whose fail policy is refuse): a GatewayError.
             variables = context_policy.source_variables(
                 ctx, self.identity, self.headers, model=binding.model, today=today, session=self.session
@@ -635,7 +643,8 @@ class Completion(ModelCall):
             ("history", binding is not None and binding.context.history.enabled and bool(self.session)),
             ("translation", primary is not None and primary.api is not self.api),
             ("usage chunk stripped", self.stream and self.api is Api.OPENAI and not self.client_wants_usage),
-            ("response cache", self.cache is not None),  # its x-crdgol-cache header; stored on a miss
+            # A miss to store; the x-crdgol-cache header of any other comes from the route metadata.
+            ("response cache", self.cache is not None and self.cache.storing),
         )
         return tuple(name for name, needed in needs if needed)
 
@@ -651,6 +660,13 @@ class Completion(ModelCall):
         if self.cache is not None:
             # The cache's part of this call, for the response side (whichever replica it reaches).
             out.update(cache_state(self.cache))
+            self.cache.hand_off()  # the response side lands its flight (extproc.cache_flight)
+        return out
+
+    def route_response_headers(self) -> dict[str, str]:
+        out = super().route_response_headers()
+        if self.cache is not None:
+            out[CACHE_HEADER] = self.cache.state
         return out
 
     def needs_body(self, headers: Headers) -> bool:
@@ -686,6 +702,11 @@ class Completion(ModelCall):
                 entry[1].price if entry is not None else None,
             )
         return PASS if out is body or out == body else Continue(body=out)
+
+    def close(self) -> None:
+        super().close()
+        if self.cache is not None:
+            self.cache.abandon()  # requests waiting for this one's answer stop waiting (extproc.cache_flight)
 
     async def _remember(self, reply_text: str) -> None:
         """Record the user turn and the assistant's reply once the response has ended."""

@@ -125,7 +125,14 @@ async def fetch_jwks(uri: str, timeout: float) -> Fetched:
         ):
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
-            body = await resp.content.read(MAX_JWKS_BYTES + 1)
+            # ``read(n)`` answers with what has arrived so far (one TCP segment, one TLS record or
+            # one chunk): read until the end or one byte past the limit.
+            body = b""
+            while len(body) <= MAX_JWKS_BYTES:
+                piece = await resp.content.read(MAX_JWKS_BYTES + 1 - len(body))
+                if not piece:
+                    break
+                body += piece
             cache_control = resp.headers.get("cache-control", "")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise ValueError(f"unreachable ({type(exc).__name__})") from None

@@ -171,7 +171,7 @@ class ToolGateway(Handler):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-        identity = self.services.authenticator().authenticate(credential)
+        identity = await self.services.authenticate(credential)  # waits for remote keys when due
         if self.http_method != "POST":
             raise MethodNotAllowed(
                 f"{MCP_PATH} accepts POST (one JSON-RPC message per request); the gateway opens no standalone "

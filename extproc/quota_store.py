@@ -115,6 +115,15 @@ def _decision(
     return Decision(False, refusing, retry, remaining, caps, resets)
 
 
+def fits(limits: Sequence[Limit], used: dict[str, int], demand: Demand, now: float) -> Decision:
+    """Whether ``demand`` fits beside ``used`` (``QuotaStore.usage``), reserving nothing: a look
+    before costly work, which ``reserve`` still decides (the usage may change in between)."""
+    lims = normalize_limits(limits)
+    counts = [used.get(lim.name, 0) for lim in lims]
+    wants = [_want(lim, demand) for lim in lims]
+    return _decision(lims, counts, wants, _first_failing(lims, counts, wants), now)
+
+
 def _deltas(reservation: Reservation, actual: Demand | None) -> list[int]:
     """Per counter: actual - reserved (release: -reserved)."""
     final = actual if actual is not None else Demand(0, 0, 0, 0)

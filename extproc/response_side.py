@@ -22,6 +22,7 @@ from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc.admission import decode_reservation
 from extproc.auth import Identity
 from extproc.cache import CacheCall
+from extproc.cache_charge import CallerMeter
 from extproc.cache_key import CacheKey, Directives
 from extproc.errors import GatewayError
 from extproc.gateway import Completion, Embeddings, ModelCall
@@ -58,7 +59,9 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
         completion.client_wants_usage = _text(state, "include_usage") == "1"
         completion.session = _text(state, "session")
         completion.user_text = _text(state, "user_text")
-        completion.cache = resume_cache(services, binding, api, state, stream=completion.stream, include_usage=completion.client_wants_usage)
+        completion.cache = resume_cache(
+            services, binding, api, state, _text(settle, "tenant"), stream=completion.stream, include_usage=completion.client_wants_usage
+        )
         call = completion
     tenant = _text(settle, "tenant")
     call.identity = Identity(tenants=(tenant,), subject="", method="", tenant=tenant, principal=_text(state, "principal"))
@@ -75,10 +78,12 @@ def resume(services: Services, settle: struct_pb2.Struct, state: struct_pb2.Stru
 
 
 def resume_cache(
-    services: Services, binding: Binding, api: Api, state: struct_pb2.Struct, *, stream: bool, include_usage: bool
+    services: Services, binding: Binding, api: Api, state: struct_pb2.Struct, tenant: str, *, stream: bool, include_usage: bool
 ) -> CacheCall | None:
     """The call's part in the response cache, from ``route_reply.cache_state`` (None: it had none).
-    A semantic cache embeds the question again when it stores the answer."""
+    A semantic cache embeds the question again when it stores the answer (charged to ``tenant``,
+    ``extproc.cache_charge``); identical requests waiting for this answer in this process get it
+    (``CacheCall.adopt``)."""
     rule = binding.cache
     if rule is None or not _text(state, "cache_exact"):
         return None
@@ -86,8 +91,10 @@ def resume_cache(
         services.cache.attach(CollectorRegistry())
     key = CacheKey(_text(state, "cache_exact"), _text(state, "cache_partition"), _text(state, "cache_text"))
     wish = Directives(lookup=_text(state, "cache_lookup") == "1", store=_text(state, "cache_store") == "1")
-    call = CacheCall(services.cache, services.current, binding, rule, api, key, wish, stream=stream, include_usage=include_usage)
+    meter = CallerMeter(services, tenant)
+    call = CacheCall(services.cache, services.current, binding, rule, api, key, wish, stream=stream, include_usage=include_usage, meter=meter)
     call.state = _text(state, "cache_state") or call.state
+    call.adopt()
     return call
 
 

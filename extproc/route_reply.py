@@ -76,7 +76,7 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
         ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if needs else ""),
         CLIENT_API_KEY: call.api.value,
         BODY_API_KEY: (primary.api if primary is not None else call.api).value,
-        **call.admission.headers(),
+        **call.route_response_headers(),
     }
     return Continue(
         body=body,

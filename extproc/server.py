@@ -221,6 +221,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     await server.stop(settings.grace)
     lag_watch.cancel()
     await services.context_sources.close()
+    await services.cache.aclose()  # the semantic cache's embeddings client
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")

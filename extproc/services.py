@@ -96,6 +96,7 @@ class Services:
         try:
             return auth.authenticate(credential)
         except KeysPending as pending:
-            for uri, kid in pending.wanted:
-                await self.jwks.refresh(uri, kid=kid)
+            # Together: each waits at most the request wait, and other namespaces declaring the
+            # caller's issuer with slow key servers must not add theirs up (past Envoy's 2 s).
+            await asyncio.gather(*(self.jwks.refresh(uri, kid=kid) for uri, kid in pending.wanted))
             return auth.authenticate(credential, final=True)

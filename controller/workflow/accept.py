@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from controller.models import SpecError
+from controller.spec_parsing import reserved_address
 from controller.workflow.cost import BackendPrice
 from controller.workflow.expr import Expr, ExprError, Template, compile_expr, compile_template
 from controller.workflow.spec import StepSpec, WorkflowSpec
@@ -126,6 +127,11 @@ def _compile_step(
             out = CompiledStep(spec=s, when=when, inputs=inputs, messages=msgs, model=model, output_validator=validator, prices=prices.get(model, ()))
         elif s.http_request is not None:
             h = s.http_request
+            # The egress listener calls from the gateway pod: not its loopback on a cluster (Envoy's
+            # admin, extproc), never a link-local address (cloud metadata: the node's credentials).
+            reserved = reserved_address(h.origin[1], loopback=not file_mode)
+            if reserved:
+                raise SpecError("InvalidURL", f"{what}: httpRequest.url: {reserved}")
             out = CompiledStep(
                 spec=s,
                 when=when,

@@ -25,6 +25,10 @@ from controller.workflow.engine import Call, StepFailed, StepSucceeded
 from crdgol.workflow_contract import IDEMPOTENCY_HEADER, STEP_HEADER
 
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+# The most of an answer a step reads: its output goes into the run's status (on a cluster a
+# resource, which the API server caps at about 1.5 MiB), and one controller serves every
+# namespace, so a target that answers without end must not fill its memory.
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,26 @@ def _failure(call: Call, status: int, text: str, headers: Any, who: str) -> Step
     return StepFailed(call.step, call.attempt, f"{who} {_error_message(status, text)}", time.time(), final=final, retry_after=_retry_after(headers) if status == 429 else None)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+async def _text(r: aiohttp.ClientResponse) -> str:
+    """The answer's text, read no further than ``MAX_ANSWER_BYTES``; ``_TooLarge`` beyond."""
+    if r.content_length is not None and r.content_length > MAX_ANSWER_BYTES:
+        raise _TooLarge()
+    body = bytearray()
+    async for chunk in r.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _TooLarge()
+    return body.decode(r.charset or "utf-8", errors="replace")
+
+
+def _too_large(call: Call, who: str) -> StepFailed:
+    return StepFailed(call.step, call.attempt, f"{who} answered more than {MAX_ANSWER_BYTES} bytes", time.time(), final=True)
+
+
 async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallContext, step: CompiledStep, call: Call) -> StepSucceeded | StepFailed:
     spec = step.spec
     assert spec.ai_inference is not None
@@ -77,7 +101,10 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
     if spec.ai_inference.session == "shared":
         headers["x-session-id"] = ctx.session
     async with http.post(f"{target.gateway}/v1/chat/completions", json=call.request, headers=headers) as r:
-        text = await r.text()
+        try:
+            text = await _text(r)
+        except _TooLarge:
+            return _too_large(call, "the gateway")
         if r.status != 200:
             return _failure(call, r.status, text, r.headers, "the gateway")
     body = json.loads(text)
@@ -126,7 +153,10 @@ async def call_http(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCo
     }
     body = req["body"].encode() if req["body"] is not None else None
     async with http.request(req["method"], f"{target.egress}{path}", data=body, headers=headers, allow_redirects=False) as r:
-        text = await r.text()
+        try:
+            text = await _text(r)
+        except _TooLarge:
+            return _too_large(call, host)
         if r.status >= 400:
             who = "the egress listener" if r.status == 403 and '"egress_not_allowed"' in text else f"{host}"
             return _failure(call, r.status, text, r.headers, who)

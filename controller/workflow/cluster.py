@@ -46,7 +46,7 @@ from controller.workflow.accept import CompiledWorkflow, accept
 from controller.workflow.api import RunApi
 from controller.workflow.calls import CallTarget
 from controller.workflow.cluster_api import ClusterRuns
-from controller.workflow.cost import prices_by_model
+from controller.workflow.cost import prices_by_namespace
 from controller.workflow.egress import (
     WorkflowEnvoySettings,
     api_route_and_cluster,
@@ -204,7 +204,7 @@ class ClusterWorkflows:
         result = self.state.result
         bindings = list(result.snapshot.bindings) if result is not None else []
         models = {b.key.split("/", 1)[1]: b.model for b in bindings if b.key.split("/", 1)[0] == namespace}
-        return models, prices_by_model(bindings)
+        return models, prices_by_namespace(bindings).get(namespace, {})
 
     async def spec_changed(self, body: kopf.Body) -> None:
         meta = body.get("metadata") or {}

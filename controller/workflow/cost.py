@@ -35,6 +35,15 @@ def prices_by_model(bindings: Iterable[pb.Binding]) -> dict[str, tuple[BackendPr
     return out
 
 
+def prices_by_namespace(bindings: Iterable[pb.Binding]) -> dict[str, dict[str, tuple[BackendPrice, ...]]]:
+    """``prices_by_model`` per namespace: a workflow's steps call its own namespace's bindings,
+    and two namespaces may serve one model name at different prices."""
+    by_namespace: dict[str, list[pb.Binding]] = {}
+    for b in bindings:
+        by_namespace.setdefault(b.key.split("/", 1)[0], []).append(b)
+    return {namespace: prices_by_model(bs) for namespace, bs in by_namespace.items()}
+
+
 def _matches(upstream: str, reply_model: str) -> bool:
     return reply_model == upstream or reply_model.startswith(upstream + "-")
 

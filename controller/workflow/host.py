@@ -76,10 +76,11 @@ class WorkflowHost:
         others: Iterable[dict[str, Any]],
         secrets: Iterable[dict[str, Any]],
         served: Mapping[str, str],
-        prices: Mapping[str, tuple[BackendPrice, ...]] | None = None,
+        prices: Mapping[str, Mapping[str, tuple[BackendPrice, ...]]] | None = None,
     ) -> None:
-        """``served``: "namespace/name" of each served binding -> its model; ``prices``: each
-        served model -> its backends' prices (the AI steps' cost)."""
+        """``served``: "namespace/name" of each served binding -> its model; ``prices``: per
+        namespace, each model its bindings serve -> their backends' prices (the AI steps' cost;
+        ``controller.workflow.cost.prices_by_namespace``)."""
         self._secrets = {}
         for obj in secrets:
             try:
@@ -96,7 +97,7 @@ class WorkflowHost:
             try:
                 spec = parse_workflow(obj)
                 models = {k.split("/", 1)[1]: m for k, m in served.items() if k.split("/", 1)[0] == spec.namespace}
-                workflows[key] = accept(spec, models, file_mode=True, prices=prices)
+                workflows[key] = accept(spec, models, file_mode=True, prices=(prices or {}).get(spec.namespace))
             except SpecError as exc:
                 problems[f"WorkflowSpec {key}"] = exc
                 if self.problems.get(f"WorkflowSpec {key}") is None or self.problems[f"WorkflowSpec {key}"].message != exc.message:

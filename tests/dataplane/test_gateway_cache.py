@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ ACME = "sk-cache-acme"
 GLOBEX = "sk-cache-globex"
 CACHE_HEADER = "x-crdgol-cache"
 THRESHOLD = 0.5
+EMBED_REQUESTS = 3
 
 
 def key_secret(name: str, tenant: str, key: str) -> dict[str, Any]:
@@ -74,7 +76,19 @@ def manifests(mock: str, slow: str) -> list[dict[str, Any]]:
         binding("slow", slow, cache=exact),
         binding("embed", mock),
         binding("semantic", mock, cache={"mode": "semantic", "semantic": {"embeddingBinding": "embed", "threshold": THRESHOLD}}),
+        # Each tenant may make EMBED_REQUESTS embeddings calls an hour on embed-metered, whoever makes them.
+        binding("embed-metered", mock, quotas={"default": {"requests": [{"amount": EMBED_REQUESTS, "per": "hour"}]}}),
+        binding("semantic-metered", mock, cache={"mode": "semantic", "semantic": {"embeddingBinding": "embed-metered", "threshold": 0.9999}}),
+        pair("cached-pair", mock, cache=exact),
     ]
+
+
+def pair(name: str, endpoint: str, **spec: Any) -> dict[str, Any]:
+    """A binding of two equal backends: no first backend is fixed, so each attempt goes through the
+    upstream filter (the fallback path) rather than the direct one."""
+    doc = binding(name, endpoint, **spec)
+    doc["spec"]["backends"].append({**doc["spec"]["backends"][0], "name": "mock-2"})
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +374,189 @@ def test_a_semantic_cache_naming_no_embeddings_binding_is_refused_with_a_status(
     result = render(m.bindings, m.secrets, RenderSettings())
     problem = result.problems[f"{NS}/lost"]
     assert problem.reason == "InvalidCache" and "nowhere" in problem.message
+
+
+# --- identical misses at the same time (single flight) --------------------------------------------
+
+
+def wait_until_the_provider_has(stack: Stack, text: str, calls: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while upstream_calls(stack.mock_url, text) < calls:
+        assert time.monotonic() < deadline, "the first request never reached the provider"
+        time.sleep(0.02)
+
+
+def test_identical_misses_at_the_same_time_reach_the_provider_once(stack: Stack) -> None:
+    q = marker()
+    b = f"{NS}/cached"
+    served_before = metric(stack, "crdgol_cache_coalesced_total", binding=b, outcome="served")
+    slow = {"x-mock-latency-ms": "800"}  # the first one's answer takes that long to come back
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(post, stack, "cached", q, ACME, slow)
+        wait_until_the_provider_has(stack, q)
+        started = time.monotonic()
+        others = [pool.submit(post, stack, "cached", q, ACME, slow) for _ in range(5)]
+        results = [first.result(), *(o.result() for o in others)]
+        waited = time.monotonic() - started
+    # Served as soon as the first one's answer was stored, not when the 5 s wait ran out.
+    assert waited < 4.0
+    assert [r.status_code for r in results] == [200] * 6
+    assert [r.headers[CACHE_HEADER] for r in results] == ["miss"] + ["hit"] * 5
+    assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1
+    assert upstream_calls(stack.mock_url, q) == 1
+    assert metric(stack, "crdgol_cache_coalesced_total", binding=b, outcome="served") - served_before >= 1
+    # Another tenant asking the same at the same time waits for nobody: its answer is its own.
+    q2 = marker()
+    with ThreadPoolExecutor(2) as pool:
+        mine = pool.submit(post, stack, "cached", q2, ACME, slow)
+        wait_until_the_provider_has(stack, q2)
+        theirs = pool.submit(post, stack, "cached", q2, GLOBEX)
+        assert theirs.result().headers[CACHE_HEADER] == "miss" and mine.result().headers[CACHE_HEADER] == "miss"
+    assert "You serve shop/globex" in theirs.result().json()["choices"][0]["message"]["content"]
+    assert upstream_calls(stack.mock_url, q2) == 2
+
+
+def stream_text(r: httpx.Response) -> str:
+    text = ""
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text += choice.get("delta", {}).get("content") or ""
+    return text
+
+
+def test_a_request_waiting_for_one_in_flight_gets_its_answer_streamed_or_not_as_it_asked(stack: Stack) -> None:
+    slow = {"x-mock-latency-ms": "800"}
+    q = marker()  # a stream leads, a whole answer follows
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(post, stack, "cached", q, ACME, slow, stream=True)
+        wait_until_the_provider_has(stack, q)
+        follower = pool.submit(post, stack, "cached", q)
+        streamed, whole = leader.result(), follower.result()
+    assert streamed.headers[CACHE_HEADER] == "miss" and streamed.text.rstrip().endswith("data: [DONE]")
+    assert whole.headers[CACHE_HEADER] == "hit" and whole.headers["content-type"].startswith("application/json")
+    assert whole.json()["choices"][0]["message"]["content"] == stream_text(streamed)
+    assert upstream_calls(stack.mock_url, q) == 1
+
+    q2 = marker()  # a whole answer leads, a stream follows
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(post, stack, "cached", q2, ACME, slow)
+        wait_until_the_provider_has(stack, q2)
+        follower = pool.submit(post, stack, "cached", q2, stream=True)
+        whole, streamed = leader.result(), follower.result()
+    assert whole.headers[CACHE_HEADER] == "miss"
+    assert streamed.headers[CACHE_HEADER] == "hit" and streamed.headers["content-type"].startswith("text/event-stream")
+    assert stream_text(streamed) == whole.json()["choices"][0]["message"]["content"]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert upstream_calls(stack.mock_url, q2) == 1
+
+
+def test_requests_waiting_for_one_that_fails_go_to_the_provider_themselves(stack: Stack) -> None:
+    q = marker()
+    b = f"{NS}/cached"
+    upstream_before = metric(stack, "crdgol_cache_coalesced_total", binding=b, outcome="upstream")
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(post, stack, "cached", q, ACME, {"x-mock-latency-ms": "600", "x-mock-fail-status": "503"})
+        wait_until_the_provider_has(stack, q)
+        follower = pool.submit(post, stack, "cached", q)
+        failed, answered = leader.result(), follower.result()
+    assert failed.status_code in (502, 503)
+    assert answered.status_code == 200 and answered.headers[CACHE_HEADER] == "miss"
+    assert f"last={q}" in answered.json()["choices"][0]["message"]["content"]
+    assert upstream_calls(stack.mock_url, q) == 2
+    assert metric(stack, "crdgol_cache_coalesced_total", binding=b, outcome="upstream") - upstream_before >= 1
+    assert post(stack, "cached", q).headers[CACHE_HEADER] == "hit"  # the follower's answer was stored
+
+
+# --- what reaches the provider ----------------------------------------------------------------------
+
+
+def test_no_gateway_header_a_caller_sends_reaches_the_provider(stack: Stack) -> None:
+    sent = {CACHE_HEADER: "bypass", "x-crdgol-route": "elsewhere", "x-crdgol-backend": "b", "x-crdgol-whatever": "1"}
+    for model in ("cached", "cached-pair"):  # the direct first backend, and an attempt's own filter
+        q = marker()
+        r = post(stack, model, q, headers=sent)
+        assert r.status_code == 200 and r.headers[CACHE_HEADER] == "bypass"
+        log = httpx.get(f"{stack.mock_url}/_mock/requests", timeout=10).json()
+        seen = [e["headers"] for e in log if q in json.dumps(e.get("body"))]
+        assert len(seen) == 1
+        assert [h for h in seen[0] if h.startswith("x-crdgol-")] == [], model
+
+
+# --- the embeddings call of a semantic lookup -----------------------------------------------------
+
+
+def embeddings_calls(mock_url: str) -> int:
+    return sum(1 for r in httpx.get(f"{mock_url}/_mock/requests", timeout=10).json() if r["path"] == "/v1/embeddings")
+
+
+def embed_directly(stack: Stack, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}/v1/embeddings", json={"model": "embed-metered", "input": "hello"}, headers={"authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+def test_a_semantic_lookups_embeddings_call_is_charged_to_the_callers_tenant(stack: Stack) -> None:
+    # The quota is per hour: keep the whole test inside one window.
+    into_hour = time.time() % 3600
+    if into_hour > 3600 - 30:
+        time.sleep(3600 - into_hour + 1)
+    embed = f"{NS}/embed-metered"
+    tokens_before = metric(stack, "crdgol_tokens_total", binding=embed, tenant=f"{NS}/acme")
+    for _ in range(EMBED_REQUESTS - 1):  # each a semantic miss: one embeddings call, reused to store
+        assert post(stack, "semantic-metered", marker()).headers[CACHE_HEADER] == "miss"
+    assert metric(stack, "crdgol_tokens_total", binding=embed, tenant=f"{NS}/acme") > tokens_before
+    # The caller's own call is its last of the hour: the lookups spent the others.
+    mine = embed_directly(stack, ACME)
+    assert mine.status_code == 200 and mine.headers["x-ratelimit-remaining-requests"] == "0"
+    theirs = embed_directly(stack, GLOBEX)  # another tenant's quota is its own
+    assert theirs.status_code == 200 and int(theirs.headers["x-ratelimit-remaining-requests"]) == EMBED_REQUESTS - 1
+    # Out of embeddings quota, the caller still gets answers; it just gets no semantic lookup.
+    calls = embeddings_calls(stack.mock_url)
+    refused = metric(stack, "crdgol_cache_errors_total", stage="embedding_quota")
+    late = post(stack, "semantic-metered", marker())
+    assert late.status_code == 200 and late.headers[CACHE_HEADER] == "miss"
+    assert embeddings_calls(stack.mock_url) == calls
+    assert metric(stack, "crdgol_cache_errors_total", stage="embedding_quota") > refused
+    assert embed_directly(stack, ACME).status_code == 429
+
+
+# --- what a cached call costs extproc (the one-message path) ---------------------------------------
+
+
+def ext_proc_cost(stack: Stack, text: str, headers: dict[str, str] | None = None) -> tuple[httpx.Response, dict[str, int]]:
+    """One call and the ext_proc messages and streams Envoy spent on it (its own statistics)."""
+
+    def stats() -> dict[str, int]:
+        raw = httpx.get(f"http://127.0.0.1:{stack.admin_port}/stats?filter=ext_proc", timeout=5).text
+        out: dict[str, int] = {}
+        for line in raw.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit() and (name.endswith("stream_msgs_sent") or name.endswith("streams_started")):
+                kind = "response" if ".ext_proc.response." in name else "request"
+                key = f"{kind}.{name.rsplit('.', 1)[1]}"
+                out[key] = out.get(key, 0) + int(value)
+        return out
+
+    before = stats()
+    r = post(stack, "cached", text, headers=headers)
+    time.sleep(0.1)  # Envoy counts a stream's last message after the client has its answer
+    after = stats()
+    return r, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_a_hit_costs_one_message_and_only_a_miss_to_store_opens_the_response_side(stack: Stack) -> None:
+    q = marker()
+    miss, used = ext_proc_cost(stack, q)
+    assert miss.headers[CACHE_HEADER] == "miss" and used["request.stream_msgs_sent"] == 1
+    assert used["response.streams_started"] == 1  # its answer is read, to be stored
+    hit, used = ext_proc_cost(stack, q)
+    assert hit.headers[CACHE_HEADER] == "hit" and hit.json() == miss.json()
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}  # answered from the body message
+    # Nothing to store: the response passes Envoy alone, and the header still says what happened.
+    bypass, used = ext_proc_cost(stack, q, {CACHE_HEADER: "bypass"})
+    assert bypass.headers[CACHE_HEADER] == "bypass" and bypass.status_code == 200
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}
+    private, used = ext_proc_cost(stack, marker(), {"cache-control": "no-store"})
+    assert private.headers[CACHE_HEADER] == "miss" and private.status_code == 200
+    assert used == {"request.stream_msgs_sent": 1, "request.streams_started": 1}

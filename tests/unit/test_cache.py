@@ -278,3 +278,89 @@ def test_the_usage_a_client_did_not_see_is_put_back_into_the_assembled_answer() 
     out = assembler.result(OPENAI_DOC["usage"])
     assert out is not None and out["usage"] == OPENAI_DOC["usage"]
     assert json.loads(json.dumps(out)) == OPENAI_DOC
+
+
+# --- single flight ---------------------------------------------------------------------------------
+
+
+async def test_a_follower_gets_what_the_leader_stored_and_a_second_leader_is_refused() -> None:
+    import asyncio
+
+    from extproc.cache_flight import Flights
+
+    flights: Flights[str] = Flights(wait=5.0)
+    leader = flights.lead("k")
+    assert leader is not None and flights.lead("k") is None  # one flight per key
+    assert await asyncio.wait_for(flights.follow("other"), 0.1) is None  # nobody to wait for
+    followers = [asyncio.create_task(flights.follow("k")) for _ in range(3)]
+    await asyncio.sleep(0)
+    flights.land(leader, "answer")
+    assert await asyncio.gather(*followers) == ["answer"] * 3
+    assert len(flights) == 0 and flights.lead("k") is not None  # closed: the next miss may lead
+
+
+async def test_followers_stop_waiting_when_the_flight_times_out_or_the_leader_stores_nothing() -> None:
+    import asyncio
+    import time
+
+    from extproc.cache_flight import Flights
+
+    flights: Flights[str] = Flights(wait=0.2)
+    stale = flights.lead("k")
+    assert stale is not None
+    started = time.monotonic()
+    assert await flights.follow("k") is None
+    assert 0.15 <= time.monotonic() - started < 1.0 and len(flights) == 0
+    newer = flights.lead("k")
+    assert newer is not None
+    flights.land(stale, "late")  # the timed-out leader cannot close the newer flight
+    assert flights.is_open("k")
+    waiting = asyncio.create_task(flights.follow("k"))
+    await asyncio.sleep(0)
+    flights.land(newer, None)
+    assert await waiting is None
+
+
+async def test_a_follower_that_is_cancelled_leaves_the_others_waiting() -> None:
+    import asyncio
+
+    from extproc.cache_flight import Flights
+
+    flights: Flights[str] = Flights(wait=5.0)
+    leader = flights.lead("k")
+    assert leader is not None
+    gone, stays = asyncio.create_task(flights.follow("k")), asyncio.create_task(flights.follow("k"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    flights.land(leader, "answer")
+    assert await stays == "answer"
+
+
+def test_coalescing_is_off_with_no_wait() -> None:
+    from extproc.cache_flight import Flights
+
+    assert Flights[str](wait=0).lead("k") is None
+
+
+# --- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_shutdown_closes_the_embeddings_clients_http_session() -> None:
+    import asyncio
+
+    from crdgol.stack import free_port
+    from extproc.cache_semantic import EmbeddingFailed
+    from extproc.server import ServerSettings, serve
+    from extproc.services import Services
+
+    services = Services()
+    nowhere = Backend(id="e", api=Api.OPENAI, model="m", host=f"127.0.0.1:{free_port()}", path_prefix="", auth_headers=(), weight=1, priority=0)
+    with pytest.raises(EmbeddingFailed):
+        await services.cache.embedder.embed(nowhere, "hello")  # opens the session, then fails to connect
+    session = services.cache.embedder._session
+    assert session is not None and not session.closed
+    stop = asyncio.Event()
+    stop.set()
+    await serve(ServerSettings(port=free_port(), metrics_port=0, grace=0.1), services, stop)
+    assert session.closed

@@ -101,10 +101,13 @@ def rendered(*objs: dict[str, Any], secrets: tuple[dict[str, Any], ...] = (TOKEN
 
 
 def test_each_namespace_reaching_servers_gets_one_view_and_its_own_prefixes_win() -> None:
+    accepting = key_secret("analyst", "sk-u-analyst")
+    accepting["metadata"]["annotations"]["crdgol.io/accept-from"] = "team-b"  # default takes team-b's grants
     result = rendered(
         server("crm", credentialsRef={"name": "crm-token", "key": "token"}),
         server("search", namespace="team-b", tenants=["*", "default/*"]),
         server("crm", namespace="team-b", tenants=["*", "default/*"]),  # its prefix is taken in default's view
+        secrets=(TOKEN, accepting),
     )
     views = {v.namespace: list(v.servers) for v in result.snapshot.mcp_tool_views}
     assert views == {"default": ["default/crm", "team-b/search"], "team-b": ["team-b/crm", "team-b/search"]}
