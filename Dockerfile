@@ -2,7 +2,7 @@
 # extproc, up, ...) and `python3`, from Debian packages plus the pinned wheels of pyproject.toml.
 # Non-root (uid 65532), nothing written outside /tmp at run time (read-only root filesystem ready).
 #   make image            # docker or podman build -t ghcr.io/crdgol/crdgol:0.1.0 .
-# Not built in this repository's CI: the machine it runs on has no container runtime.
+# Built on the development machine with podman (see the README's Image section); not built in CI.
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \

@@ -41,16 +41,16 @@ lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check crdgol extproc controller mockllm tests benchmarks
 	$(BIN)/mypy crdgol extproc controller mockllm
 
-bench: setup ## full benchmark matrix (bare Envoy, pass-through, full policy; needs wrk)
-	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+bench: setup ## full benchmark matrix (bare Envoy, pass-through, full policy; installs wrk as root with apt)
+	@.ci/need wrk:wrk
 	$(BIN)/python -m benchmarks.run
 
 bench-quick: setup ## the short benchmark (under 2 minutes) -> benchmarks/results/quick.json
-	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	@.ci/need wrk:wrk
 	$(BIN)/python -m benchmarks.run --quick
 
-bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (needs wrk)
-	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+bench-peers: setup ## LiteLLM proxy (own venv, pinned) vs crdgol on the same upstream (installs wrk as root with apt)
+	@.ci/need wrk:wrk
 	$(BIN)/python -m benchmarks.peers
 
 bench-cache: setup ## response cache: hit vs bare Envoy, added latency, semantic lookup -> benchmarks/results/cache.*
@@ -60,7 +60,7 @@ bench-workflows: setup ## 1,000 concurrent support-triage runs through the gatew
 	$(BIN)/python -m benchmarks.workflows --runs 1000
 
 IMAGE ?= ghcr.io/crdgol/crdgol:0.1.0
-image: ## build the crdgol image that deploy/ names (needs docker or podman with a running daemon)
+image: ## build the crdgol image that deploy/ names (podman, no daemon needed, or docker)
 	@runtime=$$(command -v podman || command -v docker) || { echo "no container runtime: install podman (apt-get install podman) or docker"; exit 1; }; \
 	$$runtime build -t $(IMAGE) .
 

@@ -58,6 +58,7 @@ BINDING_SPEC: Tree = {
             },
             "jwks": None,
             "jwksUri": None,
+            "discovery": None,
         },
     },
     "quotas": {

@@ -26,7 +26,7 @@ from controller.spec_parsing import as_list as _list
 from controller.spec_parsing import int_in as _int
 from controller.spec_parsing import parse_duration as parse_duration
 from crdgol import tenancy
-from crdgol.jwks_url import jwks_url_problem
+from crdgol.jwks_url import discovery_issuer_problem, jwks_url_problem
 
 GROUP = "crdgol.io"
 VERSION = "v1alpha1"
@@ -154,6 +154,7 @@ class JwtSpec:
     hs256_secret: SecretRef | None
     jwks: str
     jwks_uri: str = ""
+    discovery: bool = False  # keys from <issuer>/.well-known/openid-configuration
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,12 +450,19 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
 
         jwks = json.dumps(jwks, sort_keys=True)
     jwks_uri = str(j.get("jwksUri") or "")
-    if [bool(secret), bool(jwks), bool(jwks_uri)].count(True) != 1:
-        raise SpecError("InvalidAuth", f"{what}: give exactly one of hs256SecretRef, jwks or jwksUri")
+    discovery = j.get("discovery", False)
+    if not isinstance(discovery, bool):
+        raise SpecError("InvalidAuth", f"{what}.discovery must be true or false")
+    if [bool(secret), bool(jwks), bool(jwks_uri), discovery].count(True) != 1:
+        raise SpecError("InvalidAuth", f"{what}: give exactly one of hs256SecretRef, jwks, jwksUri or discovery: true")
     if jwks_uri:
         problem = jwks_url_problem(jwks_uri)
         if problem:
             raise SpecError("InvalidAuth", f"{what}.jwksUri: {problem}")
+    if discovery:
+        problem = discovery_issuer_problem(issuer)
+        if problem:
+            raise SpecError("InvalidAuth", f"{what}.issuer (discovery: true): {problem}")
     audiences = j.get("audiences") or []
     return JwtSpec(
         name=str(j.get("name") or issuer),
@@ -464,6 +472,7 @@ def _jwt(raw: object, i: int, namespace: str) -> JwtSpec:
         hs256_secret=secret,
         jwks=str(jwks),
         jwks_uri=jwks_uri,
+        discovery=discovery,
     )
 
 

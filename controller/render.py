@@ -278,6 +278,7 @@ def _jwt_pb(b: BindingSpec, secrets: Mapping[str, SecretData]) -> list[pb.JwtPro
                 jwks_json=j.jwks,
                 namespace=b.namespace,
                 jwks_uri=j.jwks_uri,
+                discovery=j.discovery,
             )
         )
     return out

@@ -1,4 +1,5 @@
-"""Which JWKS URLs a JWT issuer may name (``spec.auth.jwt[].jwksUri``).
+"""Which JWKS URLs a JWT issuer may name (``spec.auth.jwt[].jwksUri``, or its issuer URL with
+``discovery: true`` and the ``jwks_uri`` its discovery document names).
 
 The controller refuses a binding whose URL breaks the rule, and extproc checks it again before
 every fetch, so both sides apply one rule. Keys that decide who a caller is must not travel in
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-__all__ = ["jwks_url_problem", "loopback_host"]
+__all__ = ["discovery_issuer_problem", "jwks_url_problem", "loopback_host"]
 
 MAX_URL_LENGTH = 2048
 
@@ -46,4 +47,18 @@ def jwks_url_problem(url: str) -> str:
         return "must not have a #fragment"
     if parts.scheme == "http" and not loopback_host(host):
         return "must use https (http is allowed only to a loopback address such as 127.0.0.1)"
+    return ""
+
+
+def discovery_issuer_problem(issuer: str) -> str:
+    """"" when keys may be found by OIDC discovery from ``issuer``; otherwise what is wrong.
+
+    The issuer URL is where its configuration document is read from, so the URL rule applies to
+    it; OIDC issuers have no query either (Discovery 1.0 §2).
+    """
+    problem = jwks_url_problem(issuer)
+    if problem:
+        return problem
+    if urlsplit(issuer).query:
+        return "must not have a ?query"
     return ""

@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from crdgol import tenancy
 from extproc.errors import GatewayError, Unauthenticated, Unavailable
 from extproc.jwks import JwksCache, parse_jwks
+from extproc.oidc_discovery import discovery_source
 from extproc.policy import JwtProvider, Policy
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class _Verifier:
     audiences: tuple[str, ...]
     tenant_claim: str
     namespace: str  # its tokens act as tenants of this namespace only
-    jwks_uri: str = ""  # keys from this URL (extproc.jwks) instead of rsa_keys
+    jwks_uri: str = ""  # keys from this URL or discovery source (extproc.jwks) instead of rsa_keys
 
 
 class Authenticator:
@@ -196,9 +197,11 @@ class Authenticator:
         return tuple(sorted({v.jwks_uri for vs in self._verifiers.values() for v in vs if v.jwks_uri}))
 
     def _compile_provider(self, p: JwtProvider) -> _Verifier:
-        if p.jwks_uri:
+        # A discovered issuer's keys are cached under a source name of their own (not a URL).
+        source = discovery_source(p.issuer) if p.discovery else p.jwks_uri
+        if source:
             if self._jwks is None:
-                self._problem(f"JWT provider {p.name!r} ({p.issuer}): a jwksUri, but no key fetcher")
+                self._problem(f"JWT provider {p.name!r} ({p.issuer}): remote keys, but no key fetcher")
             return _Verifier(
                 issuer=p.issuer,
                 algorithm="RS256" if self._jwks is not None else "",
@@ -207,7 +210,7 @@ class Authenticator:
                 audiences=tuple(p.audiences),
                 tenant_claim=p.tenant_claim or "tenant",
                 namespace=p.namespace,
-                jwks_uri=p.jwks_uri,
+                jwks_uri=source,
             )
         rsa_keys: dict[str, RSAPublicKey] = {}
         if p.jwks_json:

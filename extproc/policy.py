@@ -207,6 +207,8 @@ class JwtProvider:
     namespace: str = ""
     # Where the RS256 keys are fetched from (extproc.jwks), instead of ``jwks_json``.
     jwks_uri: str = ""
+    # The keys are found by OIDC discovery from ``issuer`` (extproc.oidc_discovery).
+    discovery: bool = False
 
     def __repr__(self) -> str:
         return f"JwtProvider(name={self.name!r}, issuer={self.issuer!r}, namespace={self.namespace!r})"
@@ -477,6 +479,7 @@ def compile_policy(snap: pb.PolicySnapshot) -> Policy:
             jwks_json=p.jwks_json,
             namespace=p.namespace,
             jwks_uri=p.jwks_uri,
+            discovery=p.discovery,
         )
         providers[p.issuer] = (*providers.get(p.issuer, ()), provider)
     return Policy(

@@ -19,6 +19,7 @@ from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.jwks import JwksCache
 from extproc.mcp_sources import ContextSources
 from extproc.metrics import Metrics
+from extproc.oidc_discovery import DiscoveringFetcher
 from extproc.policy import Policy, PolicyHolder
 from extproc.quota_store import MemoryQuotaStore, QuotaStore
 from extproc.tracing import CallTracer
@@ -53,7 +54,7 @@ class Services:
     store_warned_at: float = float("-inf")
     history_warned_at: float = float("-inf")
     # Remote JWT keys, fetched and cached for the life of the process (policy versions share them).
-    jwks: JwksCache = field(default_factory=JwksCache)
+    jwks: JwksCache = field(default_factory=lambda: JwksCache(fetch=DiscoveringFetcher().fetch))
     # Spans for model calls; None = tracing off (the request path then builds none).
     tracer: CallTracer | None = None
     _auth: tuple[int, Authenticator] | None = None

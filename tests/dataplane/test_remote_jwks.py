@@ -1,6 +1,7 @@
 """A JWT issuer that names a JWKS URL, through real Envoy and extproc: the binding's jwksUri reaches
 extproc in the policy, extproc fetches the keys from a key server the test runs on loopback, and a
-rotation at that server is picked up when a token names the new key."""
+rotation at that server is picked up when a token names the new key. A second issuer declares only
+``discovery: true``: its keys come from the jwks_uri of its OIDC configuration document."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def jwk(kid: str, key: rsa.RSAPrivateKey) -> dict[str, object]:
 class KeyServer:
     keys: list[dict[str, object]] = field(default_factory=lambda: [jwk("k1", KEY_1)])
     hits: int = 0
+    discovery_hits: list[str] = field(default_factory=list)  # paths asked for by the discovered issuer
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,17 @@ def keys() -> Iterator[tuple[KeyServer, str]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            state.hits += 1
-            body = json.dumps({"keys": state.keys}).encode()
+            base = f"http://127.0.0.1:{server.server_address[1]}"
+            if self.path == "/.well-known/openid-configuration":
+                state.discovery_hits.append(self.path)
+                doc: object = {"issuer": base, "jwks_uri": f"{base}/discovered/keys"}
+            elif self.path == "/discovered/keys":
+                state.discovery_hits.append(self.path)
+                doc = {"keys": [jwk("d1", KEY_2)]}
+            else:
+                state.hits += 1
+                doc = {"keys": state.keys}
+            body = json.dumps(doc).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("cache-control", "max-age=300")
@@ -78,6 +89,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keys: tuple[KeyServer, str])
         },
     }
     (folder / "binding.json").write_text(json.dumps(binding).replace("MOCK", s.mock_url))
+    discovered = json.loads(json.dumps(binding).replace("MOCK", s.mock_url).replace("idp-chat", "oidc-chat"))
+    discovered["spec"]["auth"] = {"jwt": [{"issuer": issuer_url(keys[1]), "tenantClaim": "org", "discovery": True}]}
+    (folder / "discovered.json").write_text(json.dumps(discovered))
     try:
         s.start()
         yield s
@@ -85,10 +99,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keys: tuple[KeyServer, str])
         s.stop()
 
 
-def chat(stack: Stack, kid: str, key: rsa.RSAPrivateKey) -> httpx.Response:
+def issuer_url(jwks_url: str) -> str:
+    return jwks_url.split("/.well-known/")[0]
+
+
+def chat(stack: Stack, kid: str, key: rsa.RSAPrivateKey, issuer: str = ISSUER, model: str = "idp-chat") -> httpx.Response:
     now = int(time.time())
-    token = jwt.encode({"iss": ISSUER, "sub": "u1", "org": "acme", "iat": now, "exp": now + 600}, key, algorithm="RS256", headers={"kid": kid})
-    body = {"model": "idp-chat", "messages": [{"role": "user", "content": "hi"}]}
+    token = jwt.encode({"iss": issuer, "sub": "u1", "org": "acme", "iat": now, "exp": now + 600}, key, algorithm="RS256", headers={"kid": kid})
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     return httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)
 
 
@@ -109,3 +127,14 @@ def test_after_a_rotation_the_new_key_is_fetched_and_a_forged_kid_is_refused(sta
     forged = chat(stack, "k3", rsa.generate_private_key(public_exponent=65537, key_size=2048))
     assert forged.status_code == 401 and "'kid'" in forged.json()["error"]["message"]
     assert keys[0].hits == hits + 1  # within 10 s of the last refetch: not asked again
+
+
+def test_an_issuer_with_discovery_is_served_with_the_keys_its_configuration_document_names(stack: Stack, keys: tuple[KeyServer, str]) -> None:
+    issuer = issuer_url(keys[1])
+    r = chat(stack, "d1", KEY_2, issuer=issuer, model="oidc-chat")
+    assert r.status_code == 200, r.text
+    assert chat(stack, "d1", KEY_2, issuer=issuer, model="oidc-chat").status_code == 200
+    # The document, then the key set it names: each once, cached (before any token).
+    assert keys[0].discovery_hits == ["/.well-known/openid-configuration", "/discovered/keys"]
+    # A token of the other issuer's key does not pass here.
+    assert chat(stack, "d1", KEY_1, issuer=issuer, model="oidc-chat").status_code == 401

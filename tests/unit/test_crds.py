@@ -170,6 +170,7 @@ FULL_BINDING: Json = binding(
             {"issuer": "https://other.example.com", "jwks": {"keys": [{"kty": "RSA", "kid": "1", "n": "abc", "e": "AQAB"}]}},
             {"issuer": "https://third.example.com", "jwks": '{"keys": []}'},
             {"issuer": "https://fourth.example.com", "jwksUri": "https://fourth.example.com/.well-known/jwks.json"},
+            {"issuer": "https://fifth.example.com", "discovery": True},
         ]
     },
     quotas={
@@ -444,7 +445,7 @@ def test_cel_rules_state_what_the_schema_alone_cannot() -> None:
     assert "size(self.backends) >= 1" in got
     assert "self.backends.all(b, !has(b.name) || self.backends.exists_one(o, has(o.name) && o.name == b.name))" in got
     assert "(has(self.claim) && self.claim != '') != (has(self.header) && self.header != '')" in got
-    assert "[has(self.hs256SecretRef), has(self.jwks), has(self.jwksUri)].filter(x, x).size() == 1" in got
+    assert "[has(self.hs256SecretRef), has(self.jwks), has(self.jwksUri), has(self.discovery) && self.discovery].filter(x, x).size() == 1" in got
     assert any("self.backends.all(b, has(b.pricing))" in r and "budget" in r for r in got)
     assert any(r.startswith("self.matches(") and "tenant|date|model|user" in r for r in got)
 
