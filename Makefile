@@ -14,6 +14,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# xds-protos ships its own, older copy of opentelemetry/proto/*; whichever wheel pip unpacks
+	# last wins. The tracing code needs opentelemetry-proto's (InstrumentationScope): put it back.
+	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+	  "$$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)"
 	touch $(STAMP)
 
 setup: $(STAMP) proto ## create .venv, install pinned dependencies, build the protos
