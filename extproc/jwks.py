@@ -112,16 +112,14 @@ class Fetched:
 Fetcher = Callable[[str, float], Awaitable[Fetched]]
 
 
-async def fetch_jwks(uri: str, timeout: float) -> Fetched:
-    """GET ``uri`` and parse it. Raises ``ValueError`` (with a reason fit for a log) on failure."""
-    problem = jwks_url_problem(uri)
-    if problem:
-        raise ValueError(f"refused URL: {problem}")
+async def get_json(url: str, timeout: float) -> tuple[Any, str]:
+    """GET ``url`` (no redirects, at most ``MAX_JWKS_BYTES``) and parse it as JSON: the document
+    and its Cache-Control. Raises ``ValueError`` (with a reason fit for a log) on failure."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
             # No redirects: a redirect could lead from https to http, or anywhere else.
-            session.get(uri, allow_redirects=False, headers={"accept": "application/json"}) as resp,
+            session.get(url, allow_redirects=False, headers={"accept": "application/json"}) as resp,
         ):
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
@@ -139,9 +137,17 @@ async def fetch_jwks(uri: str, timeout: float) -> Fetched:
     if len(body) > MAX_JWKS_BYTES:
         raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
     try:
-        doc: Any = orjson.loads(body)
+        return orjson.loads(body), cache_control
     except orjson.JSONDecodeError:
         raise ValueError("not JSON") from None
+
+
+async def fetch_jwks(uri: str, timeout: float) -> Fetched:
+    """GET ``uri`` and parse it. Raises ``ValueError`` (with a reason fit for a log) on failure."""
+    problem = jwks_url_problem(uri)
+    if problem:
+        raise ValueError(f"refused URL: {problem}")
+    doc, cache_control = await get_json(uri, timeout)
     keys = parse_jwks(doc)
     if not keys:
         raise ValueError("no RS256 signing keys in the set")

@@ -23,13 +23,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
-import orjson
 
 from crdgol.jwks_url import jwks_url_problem
-from extproc.jwks import MAX_JWKS_BYTES, Fetched, fetch_jwks, max_age
+from extproc.jwks import Fetched, fetch_jwks, get_json, max_age
 
 __all__ = ["DISCOVERY_PREFIX", "DiscoveringFetcher", "discovery_source", "discovery_url"]
 
@@ -60,22 +56,9 @@ async def fetch_configuration(issuer: str, timeout: float) -> tuple[str, float |
     if problem:
         raise ValueError(f"refused issuer URL for discovery: {problem}")
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url, allow_redirects=False, headers={"accept": "application/json"}) as resp,
-        ):
-            if resp.status != 200:
-                raise ValueError(f"discovery document: HTTP {resp.status}")
-            body = await resp.content.read(MAX_JWKS_BYTES + 1)
-            cache_control = resp.headers.get("cache-control", "")
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise ValueError(f"discovery document unreachable ({type(exc).__name__})") from None
-    if len(body) > MAX_JWKS_BYTES:
-        raise ValueError(f"discovery document larger than {MAX_JWKS_BYTES} bytes")
-    try:
-        doc: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ValueError("discovery document is not JSON") from None
+        doc, cache_control = await get_json(url, timeout)
+    except ValueError as exc:
+        raise ValueError(f"discovery document: {exc}") from None
     if not isinstance(doc, dict):
         raise ValueError("discovery document is not a JSON object")
     if doc.get("issuer") != issuer:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from extproc.jwks import MAX_JWKS_BYTES, fetch_jwks
+from extproc.oidc_discovery import fetch_configuration
 
 
 def _jwk(kid: str) -> dict[str, object]:
@@ -68,3 +69,36 @@ async def test_a_key_set_that_arrives_in_pieces_is_read_whole(chunked_url: str) 
 async def test_a_key_set_over_the_size_limit_is_refused_even_when_it_arrives_in_pieces(oversized_url: str) -> None:
     with pytest.raises(ValueError, match="larger than"):
         await fetch_jwks(oversized_url, 5.0)
+
+
+@pytest.fixture
+async def chunked_issuer() -> AsyncIterator[str]:
+    """An identity provider whose discovery document arrives in pieces of 40 bytes."""
+    issuer = ""
+
+    async def document(request: web.Request) -> web.StreamResponse:
+        body = json.dumps({"issuer": issuer, "jwks_uri": f"{issuer}/jwks.json", "padding": "x" * 400}).encode()
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 40):
+            await resp.write(body[i : i + 40])
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", document)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    issuer = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        yield issuer
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_discovery_document_that_arrives_in_pieces_is_read_whole(chunked_issuer: str) -> None:
+    jwks_uri, _ = await fetch_configuration(chunked_issuer, 5.0)
+    assert jwks_uri == f"{chunked_issuer}/jwks.json"
