@@ -29,6 +29,7 @@ from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
 from controller.health import backend_health
 from controller.mcp_servers import KIND as MCP_SERVER_KIND
+from controller.native_path import native_extension
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
@@ -159,7 +160,7 @@ class Controller:
         clusters = {str(c["name"]): c for c in (old.clusters if old else ())} | {str(c["name"]): c for c in result.clusters}
         secrets = {str(c["name"]): c for c in (old.secrets if old else ())} | {str(c["name"]): c for c in result.secrets}
         headers = tuple(sorted({*(old.profile_headers if old else ()), *result.profile_headers}))
-        if not await self._send_envoy(version, list(routes.values()), list(clusters.values()), list(secrets.values()), headers):
+        if not await self._send_envoy(version, list(routes.values()), list(clusters.values()), list(secrets.values()), headers, result.native):
             return
         if not await self.xds.wait_all_acked(version, self.settings.ack_timeout):
             log.warning("Envoy has not ACKed config version %d in %.0fs; publishing the policy anyway", version, self.settings.ack_timeout)
@@ -180,15 +181,17 @@ class Controller:
         async with self._lock:
             if self._live is live:
                 await self._send_envoy(
-                    self.state.reserve_version(), list(live.routes), list(live.clusters), list(live.secrets), live.profile_headers
+                    self.state.reserve_version(), list(live.routes), list(live.clusters), list(live.secrets), live.profile_headers, live.native
                 )
                 self._observe()
                 self.write_status()
 
     async def _send_envoy(
-        self, version: int, routes: list[Json], clusters: list[Json], secrets: list[Json], profile_headers: tuple[str, ...]
+        self, version: int, routes: list[Json], clusters: list[Json], secrets: list[Json], profile_headers: tuple[str, ...], native: str = ""
     ) -> bool:
-        """Secrets, clusters, the listener (routes by RDS) and the route table, as one xDS version."""
+        """Secrets, clusters, the listener (routes by RDS), the route table and the native path's
+        program (ECDS; before extproc gets the policy, so a removed key stops natively first), as
+        one xDS version."""
         rs = replace(self.settings.render, profile_headers=profile_headers)
         # Plus any listener of its own the workflow engine adds (the egress listener), and the
         # MCPServer views' internal listeners.
@@ -197,7 +200,8 @@ class Controller:
         tables = [route_configuration(rs, routes)]
         try:
             # Encoding a large config takes a while: keep the event loop serving meanwhile.
-            snap = await asyncio.to_thread(self._encoder.snapshot, version, listeners, clusters, tables, secrets)
+            extensions = [native_extension(native)] if native else []
+            snap = await asyncio.to_thread(self._encoder.snapshot, version, listeners, clusters, tables, secrets, extensions)
         except Exception:  # a render Envoy's protos reject must not take the controller down
             log.exception("config version %d does not serialise; keeping version %s", version, self.xds.snapshot and self.xds.snapshot.version)
             return False

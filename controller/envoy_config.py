@@ -21,6 +21,8 @@ from controller.envoy_json import typed as typed
 from controller.health import cluster_health
 from controller.local_replies import local_replies
 from controller.models import BackendSpec, BindingSpec
+from controller.native_path import enabled as native_enabled
+from controller.native_path import native_filter
 from controller.one_message import (
     NO_RESPONSE_SIDE,
     buffer_filter,
@@ -123,6 +125,9 @@ class RenderSettings:
     profile_headers: tuple[str, ...] = ()
     # OpenTelemetry traces (controller.tracing_config); off by default.
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    # Model calls to a binding that needs no extproc decision are decided by Envoy alone, with no
+    # ext_proc message (``controller.native_path``). Needs the one-message path; off with tracing.
+    native_path: bool = True
 
 
 def overload_manager(max_connections: int) -> Json:
@@ -401,10 +406,11 @@ def route_configuration(settings: RenderSettings, routes: list[Json]) -> Json:
     }
 
 
-def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False) -> Json:
+def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False, native: str = "") -> Json:
     """The gateway listener. With ``rds`` its routes come over xDS (RDS) instead of inline: a
     route change then reaches every open connection at once, where a changed listener would
-    leave open connections on the old routes while they drain."""
+    leave open connections on the old routes while they drain; the native path's program then
+    comes over xDS too (ECDS), else ``native`` is it (``controller.native_path``)."""
     routing: Json = (
         {"rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": ROUTE_CONFIG}}
         if rds
@@ -417,6 +423,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         generate_request_id=True,
         **routing,
         http_filters=[
+            *([native_filter(native, discovered=rds)] if native_enabled(settings) else []),
             ext_proc_filter(settings, backend=None),
             *([buffer_filter(settings), response_filter(settings, EXTPROC_CLUSTER)] if one_message(settings) else []),
             *(usage_filters() if settings.usage_log else []),
@@ -443,7 +450,7 @@ def listener(settings: RenderSettings, routes: list[Json], *, rds: bool = False)
         hcm["access_log"] = [*hcm["access_log"], *access_logs(settings.access_log, usage_filters=settings.usage_log)]
         # What only extproc knows (tenant, tokens, cost...) reaches the log as dynamic metadata,
         # in addition to the namespaces extproc already writes (the settle marker).
-        ext = hcm["http_filters"][0]["typed_config"]
+        ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
         received = ext.setdefault("metadata_options", {}).setdefault("receiving_namespaces", {}).setdefault("untyped", [])
         received.append(ACCESS_NAMESPACE)
     if settings.tracing.enabled:

@@ -68,6 +68,8 @@ from controller.models import (
     SecretRef,
     SpecError,
 )
+from controller.native_path import enabled as native_enabled
+from controller.native_path import lua_program, native_binding, native_route
 from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from controller.tracing_config import collector_cluster
@@ -115,6 +117,8 @@ class RenderResult:
     secrets: tuple[Json, ...] = field(default=(), repr=False)
     # Header names context profiles read: the listener sends them to extproc with the body.
     profile_headers: tuple[str, ...] = ()
+    # The native path's Lua program and tables ("": off), served over ECDS (controller.native_path).
+    native: str = field(default="", repr=False)
 
 
 _SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -395,11 +399,14 @@ def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderS
         for be, be_pb in zip(b.backends, binding.backends, strict=True)
         if lean and be is direct and be.credentials and be_pb.api_key
     )
+    routes = tuple(metadata_routes(binding_route(b, stamp), direct)) if lean else (binding_route(b, stamp),)
+    if lean and native_enabled(settings) and native_binding(binding):
+        routes = (*routes, native_route(routes[0]))  # beside the plain route
     return _Pieces(
         spec=b,
         binding=binding,
         jwts=tuple(_jwt_pb(b, secrets)),
-        routes=tuple(metadata_routes(binding_route(b, stamp), direct)) if lean else (binding_route(b, stamp),),
+        routes=routes,
         clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
         secrets=injected,
         foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),
@@ -483,7 +490,8 @@ def _render(
         injected.extend(pieces.secrets)
     injected.extend(sds_secret(name, value) for name, value in mcp.credentials)
     profile_headers = tuple(sorted({p.header.lower() for b, _ in served for p in b.context.profile if p.header}))
-    listeners = [listener(replace(settings, profile_headers=profile_headers), routes), *extras.listeners, *mcp.listeners]
+    native = lua_program(snapshot, settings) if native_enabled(settings) else ""
+    listeners = [listener(replace(settings, profile_headers=profile_headers), routes, native=native), *extras.listeners, *mcp.listeners]
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
@@ -506,6 +514,7 @@ def _render(
         grant_problems=grant_problems,
         secrets=tuple(injected),
         profile_headers=profile_headers,
+        native=native,
     )
 
 

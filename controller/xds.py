@@ -1,8 +1,8 @@
 """The ADS server Envoy's bootstrap points at (state-of-the-world, xDS v3).
 
-It serves clusters (CDS), listeners (LDS), route tables (RDS) and the provider credentials the
+It serves clusters (CDS), listeners (LDS), route tables (RDS), the provider credentials the
 clusters inject (SDS: ``Secret`` resources, only over this authenticated stream, never in a
-config file). On every change it sends secrets first, then clusters, then listeners, so a
+config file) and the native path's filter config (ECDS, ``controller.native_path``). On every change it sends secrets first, then clusters, then listeners, so a
 cluster never waits for a secret and a route never names a cluster Envoy does not have yet. Each response has a version and a nonce; a request echoing the nonce is an
 ACK, or a NACK when it carries ``error_detail``. A NACKed version is reported (log, metric, and
 ``last_nack``) and not resent; Envoy keeps serving the last version it accepted. A stream from a
@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 (registers the Any type)
@@ -31,6 +32,7 @@ from envoy.extensions.filters.http.credential_injector.v3 import credential_inje
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401 (the native path)
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
@@ -54,7 +56,9 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-ORDER = (SDS, CDS, LDS, RDS)
+# HTTP filter configs of their own (ECDS): the native path's program and tables (controller.native_path).
+ECDS = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+ORDER = (SDS, CDS, LDS, RDS, ECDS)
 
 
 # RetryPolicy.refresh_cluster_on_retry (Envoy 1.39+) is newer than the pinned xds-protos, so it is
@@ -153,6 +157,7 @@ class Encoder:
         clusters: Sequence[dict[str, Any]],
         route_configs: Sequence[dict[str, Any]] = (),
         secrets: Sequence[dict[str, Any]] = (),
+        extensions: Sequence[dict[str, Any]] = (),
     ) -> XdsSnapshot:
         cluster_cache: dict[str, tuple[dict[str, Any], any_pb2.Any]] = {}
         route_cache: dict[str, tuple[dict[str, Any], route_components_pb2.Route]] = {}
@@ -163,6 +168,7 @@ class Encoder:
                 LDS: tuple(self.listener(listener, route_cache) for listener in listeners),
                 RDS: tuple(self.route_config(rc, route_cache) for rc in route_configs),
                 SDS: tuple(to_any({k: v for k, v in secret.items() if k != "@type"}, secret_pb2.Secret) for secret in secrets),
+                ECDS: tuple(to_any(e, extension_pb2.TypedExtensionConfig) for e in extensions),
             },
         )
         # Keep only what this snapshot uses, so the caches never outgrow the config.

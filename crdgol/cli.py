@@ -67,6 +67,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             tracing=_tracing(args, "crdgol-controller"),
             sds_dir=str(sds_dir),
+            native_path=args.native_path,
         ),
         mcp_servers=manifests.mcp_servers,
     )
@@ -222,6 +223,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         access_log="" if args.access_log == "off" else args.access_log,
         admin_socket=args.admin_socket,
         tracing=_tracing(args, "crdgol-controller"),
+        native_path=args.native_path,
     )
     workflows = None
     if args.manifests:
@@ -322,6 +324,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         extproc_replicas=args.extproc_replicas,
         access_log=args.access_log,
+        native_path=args.native_path,
     )
     return up(settings)
 
@@ -356,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=_env("CRDGOL_REDIS_URL", ""), help="share quotas and history through this Redis (env CRDGOL_REDIS_URL; default: in memory)")
     up.add_argument("--extproc-replicas", type=int, default=1, help="extproc processes Envoy spreads requests across (default 1; more than 1 needs --redis-url)")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's log level (default warning)")
+    up.add_argument("--native-path", action=argparse.BooleanOptionalAction, default=True, help="Envoy decides model calls to bindings that need no extproc decision (API key, tenant, routing, usage; no quotas, context or cache) alone, with no ext_proc message (default on; --no-native-path sends every call to extproc)")
     up.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     up.set_defaults(func=cmd_up)
 
@@ -366,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port in the rendered config")
     render.add_argument("--output", choices=("json", "yaml"), default="json", help="output format (default json)")
     render.add_argument("--secrets-dir", default="crdgol-sds", help="where the provider credentials Envoy injects are written as SDS files, mode 0600 (default ./crdgol-sds); the config only names them")
+    render.add_argument("--native-path", action=argparse.BooleanOptionalAction, default=True, help="Envoy decides model calls to bindings that need no extproc decision (API key, tenant, routing, usage; no quotas, context or cache) alone, with no ext_proc message (default on; --no-native-path sends every call to extproc)")
     render.add_argument("--strict", action="store_true", help="exit 1 if any manifest is refused")
     render.add_argument("--mesh", action="store_true", help="print Istio manifests (EnvoyFilter, ServiceEntry, DestinationRule) that make every sidecar apply crdgol to provider hosts")
     render.add_argument("--mesh-namespace", default="istio-system", help="namespace of the mesh manifests (default istio-system: mesh-wide)")
@@ -421,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-api-port", type=int, default=int(_env("CRDGOL_WORKFLOW_API_PORT", "0")), help="on a cluster: serve the workflow run API (/v1/workflows/..., routed to by the gateway's Envoy) on this port (env CRDGOL_WORKFLOW_API_PORT; default 0: off)")
     ctl.add_argument("--workflow-api-address", default=_env("CRDGOL_WORKFLOW_API_ADDRESS", ""), help="on a cluster: HOST:PORT where the gateway's Envoy reaches the run API, e.g. crdgol-controller.crdgol-system.svc:8091 (env CRDGOL_WORKFLOW_API_ADDRESS; default 127.0.0.1 and --workflow-api-port)")
     ctl.add_argument("--workflow-egress", default=_env("CRDGOL_WORKFLOW_EGRESS", ""), help="on a cluster: URL of the gateway's egress listener, as http-request steps reach it (env CRDGOL_WORKFLOW_EGRESS)")
+    ctl.add_argument("--native-path", action=argparse.BooleanOptionalAction, default=True, help="Envoy decides model calls to bindings that need no extproc decision (API key, tenant, routing, usage; no quotas, context or cache) alone, with no ext_proc message (default on; --no-native-path sends every call to extproc)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")
     ctl.add_argument("--usage-window", type=float, default=3600.0, help="each binding's status.usage covers this many seconds (default 3600)")
     ctl.add_argument("--usage-interval", type=float, default=float(_env("CRDGOL_USAGE_INTERVAL", "30")), help="refresh each binding's status.usage (from extproc's reports) at most this often, in seconds (default 30, env CRDGOL_USAGE_INTERVAL)")

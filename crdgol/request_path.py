@@ -104,3 +104,11 @@ def attribute_headers(values: Mapping[str, str | float]) -> dict[str, str]:
 def credential_secret(backend_id: str) -> str:
     """The SDS secret name of a backend's provider credential (the header value to inject)."""
     return f"crdgol-credential.{backend_id}"
+
+
+# The native path (``controller.native_path``): a model call Envoy decides alone, with no
+# ext_proc message, names the binding's fourth route, on which the ext_proc filter is off. The
+# Lua filter that decides (named ``NATIVE_FILTER``; its program and tables travel as their own
+# xDS resource of that name, ECDS) writes the same metadata extproc's body reply would.
+NATIVE_SUFFIX = "~n"
+NATIVE_FILTER = "crdgol.native"

@@ -137,6 +137,8 @@ class StackSettings:
     access_log: str = "-"
     # Envoy's admin API on <sockets>/admin.sock (0600) instead of a loopback TCP port (crdgol up).
     admin_socket: bool = False
+    # Calls that need no extproc decision are decided by Envoy alone (controller.native_path).
+    native_path: bool = True
 
 
 class Stack:
@@ -179,6 +181,7 @@ class Stack:
             admin_port=self.admin_port,
             admin_socket=self.admin_socket,
             extproc_sockets=self.extproc_sockets,
+            native_path=self.settings.native_path,
         )
 
     def render(self) -> RenderResult:
@@ -270,6 +273,7 @@ class Stack:
                     "--workflow-socket", str(self.state / "workflows.sock"),
                     "--egress-port", str(self.egress_port),
                     "--access-log", self.settings.access_log,
+                    "--native-path" if self.settings.native_path else "--no-native-path",
                     *(["--admin-socket", rs.admin_socket] if rs.admin_socket else []),
                 ],
             )

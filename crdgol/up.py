@@ -30,6 +30,7 @@ class UpSettings:
     redis_url: str = ""
     extproc_replicas: int = 1
     access_log: str = "-"  # Envoy's JSON access log: "-" = stdout, a file path, or "off"
+    native_path: bool = True  # calls that need no extproc decision are decided by Envoy alone
 
 
 def _free(host: str, port: int) -> bool:
@@ -81,6 +82,7 @@ def up(settings: UpSettings) -> int:
             extproc_replicas=settings.extproc_replicas,
             access_log=settings.access_log,
             admin_socket=True,
+            native_path=settings.native_path,
         )
     )
     if settings.extproc_replicas > 1 and not settings.redis_url:
