@@ -147,7 +147,8 @@ class Upstream(Running):
 class Gateway(Running):
     """The real gateway (``crdgol.stack.Stack``) serving a benchmark manifest folder."""
 
-    def __init__(self, manifests: Path, concurrency: int, redis: bool = False) -> None:
+    def __init__(self, manifests: Path, concurrency: int, redis: bool = False, native_path: bool = True) -> None:
+        self.native_path = native_path
         self.root = Path(tempfile.mkdtemp(prefix="crdgol-bench-gw-"))
         self.manifests = manifests
         self.concurrency = concurrency
@@ -185,6 +186,7 @@ class Gateway(Running):
                 state_dir=self.root / "state",
                 envoy_concurrency=self.concurrency,
                 quiet=True,
+                native_path=self.native_path,
             )
         )
         self.stack = stack
@@ -238,7 +240,7 @@ def start_setup(setup: sc.Setup, concurrency: int, bare: Running | None = None) 
             raise RuntimeError("the upstream setup runs on the bare setup's mock; start bare first")
         return Upstream(bare)
     assert setup.manifests is not None
-    return Gateway(setup.manifests, concurrency, redis=setup.redis).start()
+    return Gateway(setup.manifests, concurrency, redis=setup.redis, native_path=setup.native_path).start()
 
 
 def set_mock(mock_url: str, **knobs: float) -> None:

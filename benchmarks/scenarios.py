@@ -37,6 +37,8 @@ class Setup:
     compare: bool = True
     # Quotas and history in a real redis-server (started for the run) instead of extproc's memory.
     redis: bool = False
+    # Calls that need no extproc decision are decided by Envoy alone (controller.native_path).
+    native_path: bool = True
 
 
 SETUPS: dict[str, Setup] = {
@@ -54,6 +56,13 @@ SETUPS: dict[str, Setup] = {
         "gateway",
         "gateway pass-through: API key, routing, usage accounting; no context",
         manifests=MANIFESTS / "passthrough",
+    ),
+    "passthrough-extproc": Setup(
+        "passthrough-extproc",
+        "gateway",
+        "gateway pass-through with the native path off: every call is one ext_proc message",
+        manifests=MANIFESTS / "passthrough",
+        native_path=False,
     ),
     "full": Setup(
         "full",
@@ -76,7 +85,7 @@ SETUPS: dict[str, Setup] = {
 }
 
 # Setups start in this order; "upstream" runs on the bare setup's mock (no extra processes).
-SETUP_ORDER = ("bare", "upstream", "passthrough", "full")
+SETUP_ORDER = ("bare", "upstream", "passthrough", "passthrough-extproc", "full")
 
 PROMPT_SIZES = {"1k": 1024, "16k": 16 * 1024}
 

@@ -55,6 +55,8 @@ BACKEND_METADATA = "x-crdgol-backend"
 
 
 EXTPROC_CLUSTER = "crdgol-extproc"
+# The per-attempt ext_proc filter on a cluster a fallback can reach (``upstream_filters``).
+ATTEMPT_FILTER = "crdgol.attempt"
 
 
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -209,7 +211,10 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
             extra["request_attributes"] = attributes(settings.profile_headers)
         extra["metadata_options"] = {"receiving_namespaces": {"untyped": received}}
     return {
-        "name": "envoy.filters.http.ext_proc",
+        # A fallback attempt's filter has a name of its own: per-route configs of the downstream
+        # filter (the native route turns that one off) must not reach it (upstream filters read
+        # the route's per-filter configs by name too).
+        "name": "envoy.filters.http.ext_proc" if backend is None else ATTEMPT_FILTER,
         "typed_config": typed(
             "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             grpc_service=grpc,

@@ -59,8 +59,6 @@ from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.pb import policy_pb2 as pb
 from crdgol.replies import MAX_REQUEST_HEADER_BYTES, MAX_REQUEST_HEADERS
 from crdgol.request_path import (
-    BODY_API_KEY,
-    CLIENT_API_KEY,
     NATIVE_FILTER,
     NATIVE_SUFFIX,
     ROUTE_KEY,
@@ -154,8 +152,6 @@ def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings) -> str:
     names = {
         "route_ns": ROUTE_NAMESPACE,
         "route": ROUTE_KEY,
-        "client_api": CLIENT_API_KEY,
-        "body_api": BODY_API_KEY,
         "settle_ns": SETTLE_NAMESPACE,
         "state_ns": STATE_NAMESPACE,
         "access_ns": ACCESS_NAMESPACE,
@@ -206,10 +202,32 @@ _NATIVE_ROUTE_FILTERS: Json = {
 }
 
 
-def native_route(lean: Json) -> Json:
-    """A native binding's fourth route, beside its plain one (``lean``, from
-    ``one_message.metadata_routes``): the same target, with the ext_proc filter off. A provider's
-    error still goes to the response filter, as on the plain route."""
+def native_route(lean: Json, binding: pb.Binding) -> Json:
+    """A native ``binding``'s fourth route, beside its plain one (``lean``, from
+    ``one_message.metadata_routes``): the same target with the ext_proc filter off, and no header
+    formatter that would only write what a native call never has (rate-limit headers); the APIs a
+    fallback attempt's filter reads are constants here (a native call is never translated). A
+    provider's error still goes to the response filter, as on the plain route."""
     name = str(lean["name"]) + NATIVE_SUFFIX
-    match = {**lean["match"], "dynamic_metadata": [{**lean["match"]["dynamic_metadata"][0], "value": {"string_match": {"exact": name}}}]}
-    return {**lean, "name": name, "match": match, "typed_per_filter_config": _NATIVE_ROUTE_FILTERS}
+    metadata = lean["match"]["dynamic_metadata"][0]
+    direct = next(be for be in binding.backends if be.direct)
+    api = "anthropic" if direct.provider == pb.ANTHROPIC else "openai"
+    fallback = len(binding.backends) > 1
+    add = []
+    for h in lean["request_headers_to_add"]:
+        if "%DYNAMIC_METADATA(" not in h["header"]["value"]:
+            add.append(h)  # anthropic-version
+        elif fallback:
+            add.append({**h, "header": {**h["header"], "value": api}})
+    route: Json = {
+        "name": name,
+        "match": {**lean["match"], "dynamic_metadata": [{**metadata, "value": {"string_match": {"exact": name}}}]},
+        "route": lean["route"],
+        "request_headers_to_remove": lean["request_headers_to_remove"],
+        "typed_per_filter_config": _NATIVE_ROUTE_FILTERS,
+    }
+    if add:
+        route["request_headers_to_add"] = add
+    if fallback:
+        route["response_headers_to_remove"] = lean["response_headers_to_remove"]
+    return route

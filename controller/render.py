@@ -401,7 +401,7 @@ def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderS
     )
     routes = tuple(metadata_routes(binding_route(b, stamp), direct)) if lean else (binding_route(b, stamp),)
     if lean and native_enabled(settings) and native_binding(binding):
-        routes = (*routes, native_route(routes[0]))  # beside the plain route
+        routes = (*routes, native_route(routes[0], binding))  # beside the plain route
     return _Pieces(
         spec=b,
         binding=binding,
