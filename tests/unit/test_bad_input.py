@@ -138,13 +138,13 @@ class TestLocalReplies:
         assert hcm["common_http_protocol_options"]["max_headers_count"] == MAX_REQUEST_HEADERS * CODEC_HEADER_HEADROOM
         assert hcm["request_headers_timeout"] == "10.000s" and hcm["request_timeout"] == "60.000s"
         assert hcm["common_http_protocol_options"]["idle_timeout"] == "300.000s"
-        downstream = hcm["http_filters"][0]["typed_config"]
+        downstream = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
         # Responses go to extproc only when it asks: Envoy's replies to requests it never saw do not wait.
         assert downstream["processing_mode"]["response_header_mode"] == "SKIP"
 
     def test_extprocs_mode_override_is_the_configured_mode_with_response_headers_on(self) -> None:
         hcm = listener(RenderSettings(), [])["filter_chains"][0]["filters"][0]["typed_config"]
-        configured = hcm["http_filters"][0]["typed_config"]["processing_mode"]
+        configured = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]["processing_mode"]
         override = to_pb("request_headers", Continue(process_response=True)).mode_override
         # An override replaces the whole mode: everything but the response headers must stay as configured.
         for name, value in configured.items():
