@@ -387,8 +387,7 @@ class ModelCall(Handler):
             self.trace.end(self, usage)
         if usage is not None:
             m.record_usage(labels, usage.input_tokens, usage.output_tokens)
-        m.record_duration(labels, self.status, self.services.clock() - self.started)
-        m.requests.labels(self.operation, str(self.status)).inc()
+        m.record_duration(labels, self.status, self.services.clock() - self.started)  # and counts it
 
     def take_metadata(self, phase: str, reply: Reply) -> dict[str, Any] | None:
         return self.access.take(self, phase, reply)
@@ -599,8 +598,7 @@ class Completion(ModelCall):
         self.status, self.answered, self.finished = 200, True, True
         self.admission.finish(Outcome.ANSWERED, None, "")
         m = self.services.metrics
-        m.record_duration(self.labels(), 200, self.services.clock() - self.started)
-        m.requests.labels(self.operation, "200").inc()
+        m.record_duration(self.labels(), 200, self.services.clock() - self.started)  # and counts it
         if binding.context.history.enabled and self.session:
             await self._remember(text_from_json(self.api, hit.entry.body))
         return Respond(200, hit.body, {**hit.headers, **self.admission.headers()})

@@ -140,6 +140,8 @@ class Metrics:
         # MCP tool calls through /mcp (extproc.mcp_gateway).
         self.mcp = ToolCallMetrics(r)
         self._children: dict[RequestLabels, tuple[Any, Any, Any, Any]] = {}
+        self._duration_children: dict[tuple[RequestLabels, int], tuple[Any, Any]] = {}
+        self._spend_children: dict[tuple[str, str, str], Any] = {}
         self._capacity_watched = False
 
     def watch_capacity(self, capacity: Capacity) -> None:
@@ -181,10 +183,24 @@ class Metrics:
         total_in.inc(input_tokens)
         total_out.inc(output_tokens)
 
+    def add_spend(self, tenant: str, binding: str, backend: str, amount: float) -> None:
+        child = self._spend_children.get((tenant, binding, backend))
+        if child is None:
+            child = self._spend_children[tenant, binding, backend] = self.spend.labels(tenant, binding, backend)
+        child.inc(amount)
+
     def record_duration(self, labels: RequestLabels, status: int, seconds: float) -> None:
-        self.duration.labels(
-            labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend, str(status)
-        ).observe(seconds)
+        """The request's duration and its count by endpoint and status (both children cached,
+        as ``_usage_children``: the access log settles every call through here)."""
+        key = (labels, status)
+        children = self._duration_children.get(key)
+        if children is None:
+            code = str(status)
+            base = (labels.operation, labels.request_model, labels.response_model, labels.tenant, labels.binding, labels.backend)
+            children = (self.duration.labels(*base, code), self.requests.labels(labels.operation, code))
+            self._duration_children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
