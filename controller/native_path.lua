@@ -15,7 +15,7 @@
 --   ext_proc filter exactly as before, so every refusal keeps extproc's status and message.
 --
 -- The prelude defines: KEY_DATA, BINDING_DATA (data, one record per line, tab-separated
--- percent-encoded fields), VERSION, ACCESS, MAX_HEADERS, MAX_HEADER_BYTES, MODEL_ROUTE and NAME
+-- percent-encoded fields), VERSION, ACCESS, MAX_HEADERS, MAX_HEADER_BYTES, MAX_BODY, MODEL_ROUTE and NAME
 -- (the namespaces and keys of the metadata).
 
 local bit = require("bit")
@@ -471,7 +471,7 @@ function envoy_on_request(handle)
   local body = handle:body()
   if not body then return end
   N = body:length()
-  if N == 0 then return end
+  if N == 0 or N > MAX_BODY then return end -- a large body is extproc's to read (off Envoy's worker)
   S = body:getBytes(0, N)
   local ok, facts = pcall(read_body)
   local text = S

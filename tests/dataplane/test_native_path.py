@@ -249,6 +249,11 @@ def test_a_body_extproc_refuses_is_left_to_extproc(gw: Stack, raw: bytes) -> Non
     assert used == ONE
 
 
+def test_a_large_body_is_read_by_extproc_not_on_envoys_worker(gw: Stack) -> None:
+    r, used = streams_for(gw, lambda: post(gw, "/v1/chat/completions", chat(text="x" * 300_000)))
+    assert r.status_code == 200 and used == ONE
+
+
 def test_a_body_the_reader_is_unsure_of_is_decided_by_extproc(gw: Stack) -> None:
     # Two top-level models: extproc's parser takes the last one; the Lua reader does not guess.
     clear_upstream(gw)
