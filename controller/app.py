@@ -120,6 +120,8 @@ class Controller:
         if self.workflows is not None:
             self.workflows.runner.tracer = self.run_tracer
         self._live: RenderResult | None = None  # the render whose policy extproc was given
+        # While it answers True, renders are not rolled out (``controller.initial_sync``).
+        self.hold_rollout: Callable[[], bool] = lambda: False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _on_report(self, report: pb.UsageReport) -> None:
@@ -137,7 +139,7 @@ class Controller:
             result = self.state.rebuild()
             self.metrics.render_seconds.observe(time.perf_counter() - started)
             version = result.snapshot.version
-            if self.policy.snapshot is None or self.policy.snapshot.version < version:
+            if (self.policy.snapshot is None or self.policy.snapshot.version < version) and not self.hold_rollout():
                 await self._roll_out(result)
             self._observe()
             self.write_status()
