@@ -29,7 +29,7 @@ from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
 from controller.health import backend_health
 from controller.mcp_servers import KIND as MCP_SERVER_KIND
-from controller.native_path import native_extension
+from controller.native_path import native_extension, versioned
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
@@ -162,7 +162,7 @@ class Controller:
         clusters = {str(c["name"]): c for c in (old.clusters if old else ())} | {str(c["name"]): c for c in result.clusters}
         secrets = {str(c["name"]): c for c in (old.secrets if old else ())} | {str(c["name"]): c for c in result.secrets}
         headers = tuple(sorted({*(old.profile_headers if old else ()), *result.profile_headers}))
-        if not await self._send_envoy(version, list(routes.values()), list(clusters.values()), list(secrets.values()), headers, result.native):
+        if not await self._send_envoy(version, list(routes.values()), list(clusters.values()), list(secrets.values()), headers, versioned(result.native, version)):
             return
         if not await self.xds.wait_all_acked(version, self.settings.ack_timeout):
             log.warning("Envoy has not ACKed config version %d in %.0fs; publishing the policy anyway", version, self.settings.ack_timeout)
@@ -183,7 +183,7 @@ class Controller:
         async with self._lock:
             if self._live is live:
                 await self._send_envoy(
-                    self.state.reserve_version(), list(live.routes), list(live.clusters), list(live.secrets), live.profile_headers, live.native
+                    self.state.reserve_version(), list(live.routes), list(live.clusters), list(live.secrets), live.profile_headers, versioned(live.native, live.snapshot.version)
                 )
                 self._observe()
                 self.write_status()

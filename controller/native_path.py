@@ -79,6 +79,7 @@ __all__ = [
     "native_extension",
     "native_filter",
     "native_route",
+    "versioned",
 ]
 
 # The largest body the Lua reader reads (~7 ns a byte on Envoy's worker thread): a larger one goes
@@ -150,8 +151,16 @@ def _program_text() -> str:
     return resources.files("controller").joinpath("native_path.lua").read_text(encoding="utf-8")
 
 
+def versioned(program: str, version: int) -> str:
+    """``program`` (from ``lua_program``) as Envoy runs it: told the policy version it decides
+    with (the access log's ``policy_version``). Kept apart so that two renders of the same policy
+    compare equal whatever their versions (``controller.state``)."""
+    return f"local VERSION = {int(version)}\n{program}" if program else ""
+
+
 def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings) -> str:
-    """The Lua program with its tables, rendered from the policy ``snapshot`` extproc gets."""
+    """The Lua program with its tables, rendered from the policy ``snapshot`` extproc gets
+    (without its version: ``versioned``)."""
     bindings = sorted(snapshot.bindings, key=lambda b: (b.model, b.key))
     names = {
         "route_ns": ROUTE_NAMESPACE,
@@ -162,7 +171,6 @@ def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings) -> str:
     }
     prelude = [
         "-- Rendered by controller/native_path.py from the policy snapshot; the program follows.",
-        f"local VERSION = {int(snapshot.version)}",
         f"local ACCESS = {'true' if settings.access_log else 'false'}",
         f"local MAX_HEADERS = {MAX_REQUEST_HEADERS // 2}",
         f"local MAX_HEADER_BYTES = {MAX_REQUEST_HEADER_BYTES // 2}",

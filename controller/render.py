@@ -68,7 +68,7 @@ from controller.models import (
     SpecError,
 )
 from controller.native_path import enabled as native_enabled
-from controller.native_path import lua_program, native_binding, native_route
+from controller.native_path import lua_program, native_binding, native_route, versioned
 from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from controller.tracing_config import collector_cluster
@@ -116,7 +116,8 @@ class RenderResult:
     secrets: tuple[Json, ...] = field(default=(), repr=False)
     # Header names context profiles read: the listener sends them to extproc with the body.
     profile_headers: tuple[str, ...] = ()
-    # The native path's Lua program and tables ("": off), served over ECDS (controller.native_path).
+    # The native path's Lua program and tables ("": off), served over ECDS with its version
+    # (controller.native_path.versioned).
     native: str = field(default="", repr=False)
 
 
@@ -490,12 +491,15 @@ def _render(
     injected.extend(sds_secret(name, value) for name, value in mcp.credentials)
     profile_headers = tuple(sorted({p.header.lower() for b, _ in served for p in b.context.profile if p.header}))
     native = lua_program(snapshot, settings) if native_enabled(settings) else ""
-    listeners = [listener(replace(settings, profile_headers=profile_headers), routes, native=native), *extras.listeners, *mcp.listeners]
+    gateway = replace(settings, profile_headers=profile_headers)
+    listeners = [listener(gateway, routes, native=native), *extras.listeners, *mcp.listeners]
+    # The static config's program also knows its policy version (``native_path.versioned``).
+    static = [listener(gateway, routes, native=versioned(native, settings.version)), *listeners[1:]] if native else listeners
     envoy: Json = {
         "node": {"id": "crdgol-gateway", "cluster": "crdgol"},
         "admin": {"address": socket_address("127.0.0.1", settings.admin_port)},
         "overload_manager": overload_manager(settings.max_connections),
-        "static_resources": {"listeners": listeners, "clusters": [extproc_cluster(settings), *clusters]},
+        "static_resources": {"listeners": static, "clusters": [extproc_cluster(settings), *clusters]},
     }
     if mcp.listeners:
         # MCP views run on internal listeners (controller.mcp_render).

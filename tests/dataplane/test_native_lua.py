@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from controller.envoy_config import RenderSettings
-from controller.native_path import lua_program
+from controller.native_path import lua_program, versioned
 from crdgol.pb import policy_pb2 as pb
 from crdgol.stack import envoy_binary, free_port, stop_process, wait_http
 
@@ -50,7 +50,7 @@ end
 def lua(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("lua")
     port, admin = free_port(), free_port()
-    program = lua_program(pb.PolicySnapshot(version=1), RenderSettings()) + HOOK
+    program = versioned(lua_program(pb.PolicySnapshot(version=1), RenderSettings()), 1) + HOOK
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "lua_test",

@@ -16,7 +16,7 @@ import pytest
 
 from controller.envoy_config import ATTEMPT_FILTER, RenderSettings
 from controller.manifests import load_folder
-from controller.native_path import lua_program, native_binding
+from controller.native_path import lua_program, native_binding, versioned
 from controller.render import RenderResult, render
 from controller.xds import ECDS, Encoder
 from crdgol.pb import policy_pb2 as pb
@@ -103,7 +103,7 @@ def test_the_lua_filter_goes_first_and_holds_key_digests_never_keys(tmp_path: Pa
     first = _filters(result)[0]
     assert first["name"] == NATIVE_FILTER and _filters(result)[1]["name"] == "envoy.filters.http.ext_proc"
     program = first["typed_config"]["default_source_code"]["inline_string"]
-    assert program == result.native
+    assert program == versioned(result.native, 1)  # the static config's: knows its policy version
     config = json.dumps(result.envoy)
     assert KEY not in config and SHARED not in config and "sk-provider" not in config
     assert hashlib.sha256(KEY.encode()).hexdigest() in program
@@ -124,6 +124,13 @@ def test_names_from_specs_are_data_never_code(tmp_path: Path) -> None:
     assert [unquote(p) for p in fields[7].split(" ")] == ["ns/t"]
 
 
+def test_two_renders_of_one_policy_compare_equal_whatever_their_versions(tmp_path: Path) -> None:
+    # The controller publishes a new version only when the render changed (controller.state).
+    one, two = render_folder(tmp_path, version=1), render_folder(tmp_path, version=2)
+    assert one.native == two.native and one.listeners == two.listeners
+    assert one.envoy != two.envoy  # the static config's program says which version it is
+
+
 @pytest.mark.parametrize(
     "settings",
     [{"native_path": False}, {"one_message": False}, {"tracing": TracingSettings(endpoint="http://127.0.0.1:4317")}],
@@ -137,7 +144,7 @@ def test_the_native_path_can_be_off(tmp_path: Path, settings: dict[str, Any]) ->
 
 
 def test_over_xds_the_program_is_its_own_ecds_resource() -> None:
-    program = lua_program(pb.PolicySnapshot(version=3), RenderSettings())
+    program = versioned(lua_program(pb.PolicySnapshot(version=3), RenderSettings()), 3)
     snap = Encoder().snapshot(3, [], [], extensions=[{"name": NATIVE_FILTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua", "default_source_code": {"inline_string": program}}}])
     [resource] = snap.resources[ECDS]
     assert resource.type_url.endswith("TypedExtensionConfig") and b"local VERSION = 3" in resource.value
