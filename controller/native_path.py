@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import defaultdict
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODEL_CALL_ROUTE",
+    "binding_fields",
     "enabled",
     "lua_program",
     "native_binding",
@@ -105,9 +108,13 @@ def native_binding(b: pb.Binding) -> bool:
     return sum(1 for be in b.backends if be.direct) == 1 and not quotas and not context and not b.cache.enabled
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~:@+=*/-]*")
+
+
 def _field(text: str) -> str:
-    # Percent-encoded: the data lines hold no tab, newline, space or bracket of their own.
-    return quote(text, safe=":@+=*/")
+    # Percent-encoded: the data lines hold no tab, newline, space or bracket of their own. Most
+    # names need nothing (a regular expression is ~10x faster than quote() at 5,000 bindings).
+    return text if _PLAIN.fullmatch(text) else quote(text, safe=":@+=*/")
 
 
 def _key_lines(snapshot: pb.PolicySnapshot) -> list[str]:
@@ -118,7 +125,9 @@ def _key_lines(snapshot: pb.PolicySnapshot) -> list[str]:
     return sorted(f"{d.hex()}\t{_field(next(iter(ts)))}" for d, ts in tenants.items() if len(ts) == 1)
 
 
-def _binding_line(b: pb.Binding) -> str:
+def binding_fields(b: pb.Binding) -> str:
+    """A binding's record in the program's table but its tenant patterns (which depend on other
+    namespaces' acceptances: ``_binding_line``); the render caches it per binding."""
     direct = next((be for be in b.backends if be.direct), None)
     native = direct is not None and native_binding(b)
     fields = [
@@ -131,8 +140,11 @@ def _binding_line(b: pb.Binding) -> str:
         json.dumps(direct.model) if direct is not None else "",
     ]
     embeddings = "0" if any(be.provider == pb.ANTHROPIC for be in b.backends) else "1"
-    patterns = " ".join(_field(t) for t in b.tenants)
-    return "\t".join([*(_field(f) for f in fields), embeddings, patterns])
+    return "\t".join([*(_field(f) for f in fields), embeddings])
+
+
+def _binding_line(b: pb.Binding, fields: Callable[[pb.Binding], str]) -> str:
+    return fields(b) + "\t" + " ".join(_field(t) for t in b.tenants)
 
 
 def _lua_text(value: str) -> str:
@@ -158,9 +170,9 @@ def versioned(program: str, version: int) -> str:
     return f"local VERSION = {int(version)}\n{program}" if program else ""
 
 
-def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings) -> str:
+def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings, fields: Callable[[pb.Binding], str] = binding_fields) -> str:
     """The Lua program with its tables, rendered from the policy ``snapshot`` extproc gets
-    (without its version: ``versioned``)."""
+    (without its version: ``versioned``); ``fields`` is ``binding_fields``, or a cache of it."""
     bindings = sorted(snapshot.bindings, key=lambda b: (b.model, b.key))
     names = {
         "route_ns": ROUTE_NAMESPACE,
@@ -178,7 +190,7 @@ def lua_program(snapshot: pb.PolicySnapshot, settings: RenderSettings) -> str:
         f"local MODEL_ROUTE = {_lua_text(MODEL_CALL_ROUTE)}",
         "local NAME = {" + ", ".join(f"{k} = {_lua_text(v)}" for k, v in names.items()) + "}",
         f"local KEY_DATA = {_long_string(chr(10).join(_key_lines(snapshot)))}",
-        f"local BINDING_DATA = {_long_string(chr(10).join(_binding_line(b) for b in bindings))}",
+        f"local BINDING_DATA = {_long_string(chr(10).join(_binding_line(b, fields) for b in bindings))}",
     ]
     return "\n".join(prelude) + "\n" + _program_text()
 

@@ -67,8 +67,14 @@ from controller.models import (
     SecretRef,
     SpecError,
 )
+from controller.native_path import (
+    binding_fields,
+    lua_program,
+    native_binding,
+    native_route,
+    versioned,
+)
 from controller.native_path import enabled as native_enabled
-from controller.native_path import lua_program, native_binding, native_route, versioned
 from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
 from controller.tracing_config import collector_cluster
@@ -346,6 +352,7 @@ class _Pieces:
     clusters: tuple[Json, ...]
     secrets: tuple[Json, ...]
     foreign: frozenset[str]  # other namespaces it grants tenants of (controller.ownership)
+    native: str = ""  # its record in the native path's table (native_path.binding_fields)
 
 
 class RenderCache:
@@ -410,6 +417,7 @@ def _pieces(b: BindingSpec, secrets: Mapping[str, SecretData], settings: RenderS
         clusters=tuple(backend_cluster(b, be, settings, stamp, direct=be is direct) for be in b.backends),
         secrets=injected,
         foreign=tenancy.foreign_namespaces(b.tenants, b.namespace),
+        native=binding_fields(binding) if native_enabled(settings) else "",
     )
 
 
@@ -490,7 +498,8 @@ def _render(
         injected.extend(pieces.secrets)
     injected.extend(sds_secret(name, value) for name, value in mcp.credentials)
     profile_headers = tuple(sorted({p.header.lower() for b, _ in served for p in b.context.profile if p.header}))
-    native = lua_program(snapshot, settings) if native_enabled(settings) else ""
+    cached = {p.binding.key: p.native for _, p in served}
+    native = lua_program(snapshot, settings, lambda b: cached[b.key]) if native_enabled(settings) else ""
     gateway = replace(settings, profile_headers=profile_headers)
     listeners = [listener(gateway, routes, native=native), *extras.listeners, *mcp.listeners]
     # The static config's program also knows its policy version (``native_path.versioned``).
