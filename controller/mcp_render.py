@@ -112,7 +112,14 @@ def _server_pb(s: McpServerSpec, credential: str) -> pb.McpToolServer:
         quotas=quotas,
         credential_header=s.credentials_header if credential else "",
         credential_value=credential,
+        url=_server_url(s),
     )
+
+
+def _server_url(s: McpServerSpec) -> str:
+    ep = s.endpoint
+    host = f"[{ep.host}]" if ":" in ep.host else ep.host
+    return f"{ep.scheme}://{host}:{ep.port}{s.path}"
 
 
 def _stamp(s: McpServerSpec) -> str:

@@ -107,6 +107,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
     if not redis_url:
         return Services()
     from extproc.cache import ResponseCache
+    from extproc.mcp_sessions import McpSessions, RedisSessionRegistry
     from extproc.quota_store import RedisQuotaStore
     from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
@@ -118,6 +119,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
         quotas=RedisQuotaStore(client, timeout=redis_timeout),
         history=RedisHistoryStore(client, timeout=redis_timeout),
         cache=ResponseCache.in_redis(client, redis_timeout),
+        mcp_sessions=McpSessions(RedisSessionRegistry(client, timeout=redis_timeout)),
     )
 
 

@@ -59,11 +59,13 @@ from extproc.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    NotFound,
     Unavailable,
     UnsupportedMediaType,
 )
 from extproc.mcp_metrics import UNKNOWN
 from extproc.mcp_policy import ToolServer, View
+from extproc.mcp_sessions import PROTOCOL_HEADER, SESSION_HEADER, entry_key, parse_session_id
 from extproc.phases import PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.quota import Demand, quota_scope
 from extproc.quota_store import check
@@ -104,6 +106,10 @@ class MethodNotFound(BadRequest):
     code = "method_not_found"
 
 
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
 def _rpc_code(exc: GatewayError) -> int:
     if exc.code == "invalid_json":
         return PARSE_ERROR
@@ -111,6 +117,8 @@ def _rpc_code(exc: GatewayError) -> int:
         return INVALID_PARAMS
     if isinstance(exc, MethodNotFound):
         return METHOD_NOT_FOUND
+    if isinstance(exc, SessionNotFound):
+        return INVALID_REQUEST
     return {400: INVALID_REQUEST, 401: UNAUTHENTICATED, 403: FORBIDDEN, 405: INVALID_REQUEST, 415: INVALID_REQUEST, 429: RATE_LIMITED}.get(
         exc.status, SERVER_ERROR
     )
@@ -150,6 +158,7 @@ class ToolGateway(Handler):
         self.view: View | None = None
         self.tenant = ""
         self.tool_label = ""
+        self.session_id = ""  # the client's Mcp-Session-Id
         self.metrics = services.metrics.mcp
         # One message (``crdgol.request_path``): the headers came as attributes with the body,
         # the answer to which can set no header; the view's route sets them from the metadata.
@@ -169,7 +178,7 @@ class ToolGateway(Handler):
         if exc.status == 401:
             headers["www-authenticate"] = 'Bearer realm="crdgol"'
         if exc.status == 405:
-            headers["allow"] = "POST"
+            headers["allow"] = "POST, DELETE"
         body = rpc_error(self.request_id, _rpc_code(exc), exc.message, {"type": exc.type, "code": exc.code})
         return Respond(exc.status, body, headers)
 
@@ -182,16 +191,12 @@ class ToolGateway(Handler):
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
         identity = await self.services.authenticate(credential)  # waits for remote keys when due
-        if self.http_method != "POST":
+        if self.http_method not in ("POST", "DELETE"):
+            self.method = self.http_method
             raise MethodNotAllowed(
-                f"{MCP_PATH} accepts POST (one JSON-RPC message per request); the gateway opens no standalone "
-                "stream (GET) and sessions end on their own (DELETE)"
+                f"{MCP_PATH} accepts POST (one JSON-RPC message per request) and DELETE (to end a session); "
+                "the gateway opens no standalone server-to-client stream (GET)"
             )
-        ctype = headers.get("content-type", "")
-        if not ctype.lower().startswith("application/json"):
-            raise UnsupportedMediaType(f"send the JSON-RPC message as application/json, not {ctype or 'no content type'!r}")
-        if end_of_stream:
-            raise BadRequest("the request body is empty: send one JSON-RPC message")
         policy = self.services.current.mcp
         view, tenant, ambiguous = policy.view_for(identity.tenants) if policy is not None else (None, "", False)
         if ambiguous:
@@ -199,6 +204,17 @@ class ToolGateway(Handler):
         if view is None:
             raise Forbidden(f"no MCP server is served to tenant {' or '.join(identity.tenants)}", code="no_mcp_servers")
         self.view, self.tenant = view, tenant
+        self.session_id = headers.get(SESSION_HEADER, "")
+        if self.http_method == "DELETE":
+            self.method = "DELETE"
+            if not self.session_id:
+                raise BadRequest(f"DELETE {MCP_PATH} ends a session: send its Mcp-Session-Id")
+            return await self._end(await self._session(view), headers.get(PROTOCOL_HEADER, ""))
+        ctype = headers.get("content-type", "")
+        if not ctype.lower().startswith("application/json"):
+            raise UnsupportedMediaType(f"send the JSON-RPC message as application/json, not {ctype or 'no content type'!r}")
+        if end_of_stream:
+            raise BadRequest("the request body is empty: send one JSON-RPC message")
         # The client's credential stays here; so does anything it sent in the gateway's own headers.
         remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(INTERNAL_HEADER_PREFIX)]
         return Continue(remove_headers=remove)
@@ -219,6 +235,7 @@ class ToolGateway(Handler):
         self.method = method
         is_request = "id" in msg
         assert self.view is not None
+        await self._session(self.view)  # checked here, where a refusal can carry the request's id
         match method:
             case "tools/call":
                 return await self._tool_call(msg, self.view)
@@ -235,6 +252,33 @@ class ToolGateway(Handler):
                 return self._answer(202, b"")  # a notification no server needs (cancelled, progress, roots)
             case _:
                 raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
+
+    async def _session(self, view: View) -> list[tuple[ToolServer, str]]:
+        """The servers' sessions behind the client's ``Mcp-Session-Id`` (none without one), once
+        it is known to be the caller's and not ended (``extproc.mcp_sessions``)."""
+        if not self.session_id:
+            return []
+        parsed = parse_session_id(self.session_id)
+        if parsed is None:
+            raise SessionNotFound("no MCP session has this Mcp-Session-Id: initialize a new session")
+        if parsed.subject != self.tenant:
+            raise Forbidden("this MCP session belongs to another caller", code="session_not_yours")
+        sessions = [(view.by_prefix[p], sid) for p, sid in sorted(parsed.servers.items()) if p in view.by_prefix]
+        keys = [entry_key(server, sid) for server, sid in sessions]
+        match await self.services.mcp_sessions.claim(keys, self.tenant, self.services.wall()):
+            case "ended":
+                raise SessionNotFound("this MCP session has ended: initialize a new session")
+            case "foreign":
+                raise Forbidden("this MCP session belongs to another caller", code="session_not_yours")
+        return sessions
+
+    async def _end(self, sessions: list[tuple[ToolServer, str]], protocol: str) -> Respond:
+        """DELETE: the session is ended here first (any later request with its id gets 404), then
+        on each of its servers."""
+        mcp = self.services.mcp_sessions
+        await mcp.end([entry_key(server, sid) for server, sid in sessions], self.services.wall())
+        await mcp.end_on_servers(sessions, protocol)
+        return self._answer(200, b"")
 
     def _forward(self, view: View, body: bytes) -> Continue:
         """Send ``body`` (the message as extproc read it, re-written) on to the caller's view.

@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry, Counter
 TOOL_LABELS_PER_SERVER = 64
 UNKNOWN = "_unknown"
 OTHER = "_other"
-# JSON-RPC methods worth a label of their own; any other is "other".
+# JSON-RPC methods worth a label of their own, and the HTTP methods that carry none (DELETE ends
+# a session, GET asks for a standalone stream); any other is "other".
 METHODS = frozenset(
     {"initialize", "ping", "tools/list", "tools/call", "notifications/initialized", "resources/list", "prompts/list", "resources/templates/list", "logging/setLevel"}
+    | {"GET", "DELETE"}
 )
 
 

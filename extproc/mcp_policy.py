@@ -30,6 +30,8 @@ class ToolServer:
     credential_value: str = field(repr=False)
     # Tool names allowed by name somewhere in the spec: bounded, so fit for metric labels.
     named_tools: frozenset[str] = frozenset()
+    # The server's MCP endpoint, where extproc ends sessions (``extproc.mcp_sessions``).
+    url: str = ""
 
     def __repr__(self) -> str:  # never print the credential
         return f"ToolServer(key={self.key!r}, prefix={self.prefix!r})"
@@ -93,6 +95,7 @@ def compile_mcp(snap: pb.PolicySnapshot) -> McpPolicy:
             credential_header=s.credential_header,
             credential_value=s.credential_value,
             named_tools=frozenset(named),
+            url=s.url,
         )
     views: dict[str, View] = {}
     for v in snap.mcp_tool_views:

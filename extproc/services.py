@@ -17,6 +17,7 @@ from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.jwks import JwksCache
+from extproc.mcp_sessions import McpSessions
 from extproc.mcp_sources import ContextSources
 from extproc.metrics import Metrics
 from extproc.oidc_discovery import DiscoveringFetcher
@@ -59,6 +60,8 @@ class Services:
     tracer: CallTracer | None = None
     _auth: tuple[int, Authenticator] | None = None
     cache: ResponseCache = field(default_factory=ResponseCache)
+    # Who owns each MCP session at /mcp, and which have ended (``extproc.mcp_sessions``).
+    mcp_sessions: McpSessions = field(default_factory=McpSessions)
     # MCP sessions and cached reads for context policies (built from metrics and clock).
     context_sources: ContextSources = field(init=False)
 

@@ -7,8 +7,9 @@ Run as ``python tests/mcp_tool_servers.py --name NAME --port P [--token T]``. It
 * ``visits()``: how many times this MCP session called it (proves the session is kept).
 
 With ``--token T`` every MCP request must carry ``authorization: Bearer T`` (401 otherwise).
-``GET /_seen`` lists, per request received, its ``authorization`` value and header names, so a
-test can tell which credentials and internal headers reached the server.
+``GET /_seen`` lists, per request received, its ``authorization`` value, header names, HTTP method
+and ``mcp-session-id``, so a test can tell which credentials, internal headers and session ends
+reached the server.
 
 ``ToolServer`` starts one as a subprocess on a free loopback port and stops it.
 """
@@ -77,7 +78,9 @@ def build(name: str, token: str) -> Any:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
-        seen.append({"authorization": headers.get("authorization", ""), "headers": sorted(headers)})
+        seen.append(
+            {"authorization": headers.get("authorization", ""), "headers": sorted(headers), "method": scope["method"], "session": headers.get("mcp-session-id", "")}
+        )
         if token and headers.get("authorization") != f"Bearer {token}":
             await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": b'{"error": "unauthorized"}'})

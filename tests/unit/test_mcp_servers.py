@@ -262,7 +262,7 @@ async def test_the_second_call_over_a_quota_of_one_is_a_429(services: Services) 
         ("POST", None, None, 401, -32001),
         ("POST", "sk-wrong", None, 401, -32001),
         ("GET", KEYS["intern"], None, 405, -32600),
-        ("DELETE", KEYS["intern"], None, 405, -32600),
+        ("DELETE", KEYS["intern"], None, 400, -32600),  # ends a session: names none
         ("POST", KEYS["intern"], b"{not json", 400, -32700),
         ("POST", KEYS["intern"], [call("crm__lookup")], 400, -32600),
         ("POST", KEYS["intern"], {"jsonrpc": "2.0", "id": 3, "method": "sampling/createMessage"}, 400, -32601),
