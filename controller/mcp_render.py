@@ -52,13 +52,17 @@ from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecEr
 from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
 from crdgol import tenancy
 from crdgol.mcp_contract import (
+    CLIENT_SESSION_KEY,
     LIST_FILTER_HEADER,
     LIST_KEY,
     LIST_METADATA,
     MCP_PATH,
     SERVER_METADATA,
+    SERVER_SESSION_KEY,
+    SESSION_HEADER,
     TENANT_HEADER,
     TENANT_KEY,
+    server_route,
     view_route,
 )
 from crdgol.pb import policy_pb2 as pb
@@ -353,6 +357,53 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
     return out
 
 
+def _server_route(view: str, s: McpServerSpec, settings: RenderSettings) -> Json:
+    """A ``tools/call`` extproc admitted, straight to its server's cluster: no internal listener,
+    no ``mcp_router`` (whose part in a call extproc already did: the server, the tool name without
+    its prefix, the server's own session from the composite id). The route sends the server its
+    session id and puts the client's composite id back on the answer (``crdgol.mcp_contract``)."""
+    ep = s.endpoint
+    route = server_route(view, s.prefix)
+    default_port = 443 if ep.tls else 80
+    out: Json = {
+        "name": route,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route}}]},
+        "route": {
+            "cluster": _cluster_name(view, s),
+            "regex_rewrite": {"pattern": {"regex": "^.*$"}, "substitution": s.path},
+            "host_rewrite_literal": ep.host if ep.port == default_port else f"{ep.host}:{ep.port}",
+            # A tool call may stream for as long as its server's timeout allows.
+            "timeout": "0s",
+            "idle_timeout": duration(s.timeout),
+        },
+        "request_headers_to_remove": ["authorization", "x-api-key", TENANT_HEADER, LIST_FILTER_HEADER],
+        # The server's own session id never reaches the client: it gets back the id it sent.
+        "response_headers_to_remove": [SESSION_HEADER],
+        "response_headers_to_add": [
+            {"header": {"key": SESSION_HEADER, "value": _metadata_value(CLIENT_SESSION_KEY)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "typed_per_filter_config": {
+            name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
+            for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+        }
+        if settings.usage_log
+        else {},
+    }
+    if one_message(settings):
+        out["match"] = {
+            "prefix": "/",
+            "dynamic_metadata": [{"filter": ROUTE_NAMESPACE, "path": [{"key": ROUTE_KEY}], "value": {"string_match": {"exact": route}}}],
+        }
+        # extproc's body answer sets no header: the server's session comes from the metadata,
+        # after the client's composite id (and credential, and internal headers) are removed.
+        out["request_headers_to_remove"] = [*out["request_headers_to_remove"], ROUTE_HEADER, SESSION_HEADER]
+        out["request_headers_to_add"] = [
+            {"header": {"key": SESSION_HEADER, "value": _metadata_value(SERVER_SESSION_KEY)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ]
+        out["typed_per_filter_config"] = {**out["typed_per_filter_config"], **NO_RESPONSE_SIDE}
+    return out
+
+
 def _body_only_route() -> Json:
     """``POST /mcp`` before extproc has answered: extproc gets the body alone, with the caller's
     credential and content type as request attributes (one message); its answer names the view.
@@ -416,6 +467,7 @@ def render_mcp(
         members = [s for s in members if s.key in served]
         if not members:
             continue
+        routes.extend(_server_route(view, s, settings) for s in members)
         routes.append(_view_route(view, members, settings))
         listeners.append(_view_listener(view, members, settings))
         clusters.append(_view_cluster(view))

@@ -43,12 +43,15 @@ import orjson
 
 from crdgol import tenancy
 from crdgol.mcp_contract import (
+    CLIENT_SESSION_KEY,
     LIST_FILTER_HEADER,
     LIST_KEY,
     MCP_PATH,
+    SERVER_SESSION_KEY,
     TENANT_HEADER,
     TENANT_KEY,
     quota_key,
+    server_route,
 )
 from crdgol.replies import INTERNAL_HEADER_PREFIX
 from crdgol.request_path import NO_OP_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
@@ -159,6 +162,7 @@ class ToolGateway(Handler):
         self.tenant = ""
         self.tool_label = ""
         self.session_id = ""  # the client's Mcp-Session-Id
+        self.server_sessions: dict[str, str] = {}  # toolPrefix -> that server's session behind it
         self.metrics = services.metrics.mcp
         # One message (``crdgol.request_path``): the headers came as attributes with the body,
         # the answer to which can set no header; the view's route sets them from the metadata.
@@ -235,7 +239,8 @@ class ToolGateway(Handler):
         self.method = method
         is_request = "id" in msg
         assert self.view is not None
-        await self._session(self.view)  # checked here, where a refusal can carry the request's id
+        # Checked here, where a refusal can carry the request's id.
+        self.server_sessions = {server.prefix: sid for server, sid in await self._session(self.view)}
         match method:
             case "tools/call":
                 return await self._tool_call(msg, self.view)
@@ -280,24 +285,37 @@ class ToolGateway(Handler):
         await mcp.end_on_servers(sessions, protocol)
         return self._answer(200, b"")
 
-    def _forward(self, view: View, body: bytes) -> Continue:
-        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view.
+    def _forward(self, view: View, body: bytes, server: ToolServer | None = None) -> Continue:
+        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view, or
+        with ``server`` (a tools/call) straight to that server.
 
-        The view, the tenant and the list mark go as dynamic metadata (the gateway's own config
-        routes on it, and its route sets the headers from it, replacing any a client sent) and,
-        when extproc saw the headers, as headers too (a config that routes on the header)."""
+        The route, the tenant, the list mark and the sessions go as dynamic metadata (the
+        gateway's own config routes on it, and its route sets the headers from it, replacing any
+        a client sent) and, when extproc saw the headers, as headers too (a config that routes on
+        the header)."""
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
-        route: dict[str, str | float] = {ROUTE_KEY: view.route, TENANT_KEY: self.tenant}
+        name = view.route if server is None else server_route(view.namespace, server.prefix)
+        route: dict[str, str | float] = {ROUTE_KEY: name, TENANT_KEY: self.tenant}
         if self.method == "tools/list":
             route[LIST_KEY] = "1"
+        server_session = self.server_sessions.get(server.prefix, "") if server is not None else ""
+        if server is not None:
+            route[SERVER_SESSION_KEY] = server_session
+            route[CLIENT_SESSION_KEY] = self.session_id
         metadata = {ROUTE_NAMESPACE: route}
         if self.one_message:
             # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
             return Continue(body=body, remove_headers=[NO_OP_HEADER], clear_route_cache=True, dynamic_metadata=metadata)
-        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
+        set_headers = {ROUTE_HEADER: name, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
         if self.method == "tools/list":
             set_headers[LIST_FILTER_HEADER] = "1"
-        return Continue(set_headers=set_headers, body=body, clear_route_cache=True, dynamic_metadata=metadata)
+        remove: list[str] = []
+        if server is not None:
+            if server_session:
+                set_headers[SESSION_HEADER] = server_session
+            else:
+                remove.append(SESSION_HEADER)
+        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=metadata)
 
     async def _tool_call(self, msg: dict[str, Any], view: View) -> Reply:
         params = msg.get("params")
@@ -316,12 +334,11 @@ class ToolGateway(Handler):
         await self._admit(server)
         self.metrics.calls.labels(self.tenant_label, server.key, self.tool_label, "allowed").inc()
         assert isinstance(params, dict)
-        # What goes on is the message checked here, re-written: a body with a key twice (parsers
-        # disagree on which wins) cannot name one tool to extproc and another to Envoy or the
-        # server; and the tool's name comes first, as mcp_router strips the prefix from the first
-        # occurrence of the name in the body.
-        checked = {"params": {"name": name, **{k: v for k, v in params.items() if k != "name"}}, "jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call"}
-        return self._forward(view, _dumps(checked))
+        # What goes on, straight to the server, is the message checked here, re-written with the
+        # server's own name for the tool: a body with a key twice (parsers disagree on which
+        # wins) cannot name one tool to extproc and another to the server.
+        checked = {"jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call", "params": {**params, "name": tool}}
+        return self._forward(view, _dumps(checked), server)
 
     async def _admit(self, server: ToolServer) -> None:
         """One tool call against the tenant's quota on this server (QuotaExceeded: 429)."""

@@ -495,3 +495,29 @@ async def test_another_tenant_cannot_reach_a_session_by_re_encoding_its_id(env: 
         # An id the gateway cannot read is no session at all.
         junk = await http.post(env.url, json=call, headers={**owner, "mcp-session-id": "not-a-session"})
         assert junk.status_code == 404
+
+
+def view_requests(env: Env) -> int:
+    """Requests the default namespace's view (the internal listener running mcp_router) got."""
+    text_ = httpx.get(f"http://127.0.0.1:{env.stack.admin_port}/stats?filter=crdgol_mcp_default.downstream_rq_total", timeout=5).text
+    return sum(int(line.rpartition(": ")[2]) for line in text_.splitlines() if line.startswith("http.crdgol_mcp_default.downstream_rq_total"))
+
+
+async def test_a_tool_call_goes_straight_to_its_server_and_answers_with_the_clients_session_id(env: Env) -> None:
+    hdrs = {**ACCEPT, "authorization": f"Bearer {KEYS['analyst']}"}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(env.url, json=INIT, headers=hdrs)
+        sid = r.headers["mcp-session-id"]
+        composite = parse_session_id(sid)
+        assert composite is not None
+        before = view_requests(env)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__echo", "arguments": {"text": "x"}}}
+        r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid})
+        assert r.status_code == 200 and "beta:x" in r.text
+        # The client gets back its own id, never the server's; the server got its own.
+        assert r.headers["mcp-session-id"] == sid
+        assert env.beta.seen()[-1]["session"] == composite.servers["beta"]
+        # No hop through the view's internal listener for a call; a tools/list takes it.
+        assert view_requests(env) == before
+        await http.post(env.url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers={**hdrs, "mcp-session-id": sid})
+        assert view_requests(env) == before + 1

@@ -205,11 +205,16 @@ def set_headers(resp: ep.ProcessingResponse) -> dict[str, str]:
     return {h.header.key: h.header.raw_value.decode() for h in resp.request_body.response.header_mutation.set_headers}
 
 
-async def test_an_allowed_call_goes_to_the_tenants_view_with_the_tenant_and_no_client_credential(services: Services) -> None:
+async def test_an_allowed_call_goes_straight_to_its_server_with_the_tenant_and_no_client_credential(services: Services) -> None:
     out = await drive(services, headers_msg("POST", KEYS["intern"], {"x-crdgol-mcp-tenant": "default/analyst"}), body_msg(call("crm__lookup")))
     removed = set(out[0].request_headers.response.header_mutation.remove_headers)
     assert {"authorization", "x-crdgol-mcp-tenant"} <= removed  # a spoofed tenant is dropped too
-    assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default", TENANT_HEADER: "default/intern"}
+    assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default~crm", TENANT_HEADER: "default/intern"}
+    # Not through the view's mcp_router: the server gets its own name for the tool.
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"]["name"] == "lookup"
+    # A tools/list goes to the view (mcp_router fans it out).
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+    assert set_headers(out[1])[ROUTE_HEADER] == "crdgol-mcp.default"
 
 
 def body_first(doc: object, key: str | None) -> ep.ProcessingRequest:
@@ -230,7 +235,8 @@ async def test_one_message_names_the_view_and_tenant_in_metadata_and_sets_no_hea
     route = dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
     assert route == {"route": "crdgol-mcp.default", "mcp_tenant": "default/intern", "mcp_list": "1"}
     (out,) = await drive(services, body_first(call("crm__lookup"), KEYS["intern"]))
-    assert "mcp_list" not in dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    route = dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    assert route == {"route": "crdgol-mcp.default~crm", "mcp_tenant": "default/intern", "mcp_server_session": "", "mcp_client_session": ""}
     status, body = refusal(await drive(services, body_first(call("crm__delete", rid=5), KEYS["intern"])))
     assert status == 403 and body["id"] == 5
     status, body = refusal(await drive(services, body_first(call("crm__lookup"), None)))
@@ -298,13 +304,13 @@ def test_the_tool_list_keeps_only_what_the_tenant_may_call(services: Services) -
     assert broken["error"]["data"]["code"] == "bad_tool_list"  # never passed on unfiltered
 
 
-async def test_the_call_forwarded_is_the_one_checked_with_the_tool_name_first(services: Services) -> None:
+async def test_the_call_forwarded_is_the_one_checked_with_the_servers_tool_name(services: Services) -> None:
     # A key given twice: parsers disagree on which wins, so only the checked message goes on.
     raw = b'{"id":"crm__delete","params":{"arguments":{"q":"crm__delete"},"name":"crm__delete","name":"crm__lookup"},"jsonrpc":"2.0","method":"tools/call"}'
     out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
     forwarded = out[1].request_body.response.body_mutation.body
-    assert forwarded.startswith(b'{"params":{"name":"crm__lookup"')
-    assert orjson.loads(forwarded) == {"params": {"name": "crm__lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
+    assert forwarded.count(b'"name"') == 1
+    assert orjson.loads(forwarded) == {"params": {"name": "lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
     assert set_headers(out[1])["content-length"] == str(len(forwarded))
 
 
