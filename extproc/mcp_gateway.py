@@ -268,7 +268,7 @@ class ToolGateway(Handler):
             raise SessionNotFound("no MCP session has this Mcp-Session-Id: initialize a new session")
         if parsed.subject != self.tenant:
             raise Forbidden("this MCP session belongs to another caller", code="session_not_yours")
-        sessions = [(view.by_prefix[p], sid) for p, sid in sorted(parsed.servers.items()) if p in view.by_prefix]
+        sessions = [(view.by_prefix[p], sid) for p, sid in parsed.servers if p in view.by_prefix]
         keys = [entry_key(server, sid) for server, sid in sessions]
         match await self.services.mcp_sessions.claim(keys, self.tenant, self.services.wall()):
             case "ended":

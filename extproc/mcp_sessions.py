@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -60,26 +61,32 @@ class GatewaySession:
     """A composite session id, read: the tenant it was opened for and each server's session."""
 
     subject: str
-    servers: Mapping[str, str]  # toolPrefix -> the server's own session id
+    servers: tuple[tuple[str, str], ...]  # (toolPrefix, the server's own session id), by prefix
 
 
 def _b64(text: str) -> str:
     return base64.b64decode(text, validate=True).decode()
 
 
+@functools.lru_cache(maxsize=4096)  # a session's id comes with each of its requests: read it once
 def parse_session_id(encoded: str) -> GatewaySession | None:
     """The composite id ``mcp_router`` issued, or None when it is not one."""
     try:
         _route, subject, servers = _b64(encoded).split("@")
         parts = [p.split(":", 1) for p in servers.split(",")] if servers else []
-        return GatewaySession(_b64(subject), {name: _b64(session) for name, session in parts if name})
+        return GatewaySession(_b64(subject), tuple(sorted((name, _b64(session)) for name, session in parts if name)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
 
 
+@functools.lru_cache(maxsize=8192)
+def _entry_key(server_key: str, session: str) -> str:
+    return hashlib.sha256(f"{server_key}\n{session}".encode()).hexdigest()
+
+
 def entry_key(server: ToolServer, session: str) -> str:
     """A server session's registry key (hashed: bounded, and no session id in a store key)."""
-    return hashlib.sha256(f"{server.key}\n{session}".encode()).hexdigest()
+    return _entry_key(server.key, session)
 
 
 class SessionRegistry(Protocol):

@@ -436,17 +436,17 @@ async def test_closing_an_sdk_session_ends_it_on_every_server_and_its_id_then_ge
     # On leaving, the SDK sent DELETE /mcp: the gateway ended the session on both servers, each
     # with its own session id (and beta with its credential).
     composite = parse_session_id(sid)
-    assert composite is not None and composite.subject == "default/analyst" and set(composite.servers) == {"alpha", "beta"}
+    assert composite is not None and composite.subject == "default/analyst" and dict(composite.servers).keys() == {"alpha", "beta"}
     ended = {
         name: [r for r in server.seen()[before:] if r["method"] == "DELETE"]
         for name, server, before in (("alpha", env.alpha, alpha_before), ("beta", env.beta, beta_before))
     }
-    assert [r["session"] for r in ended["alpha"]] == [composite.servers["alpha"]]
-    assert [(r["session"], r["authorization"]) for r in ended["beta"]] == [(composite.servers["beta"], f"Bearer {BETA_TOKEN}")]
+    assert [r["session"] for r in ended["alpha"]] == [dict(composite.servers)["alpha"]]
+    assert [(r["session"], r["authorization"]) for r in ended["beta"]] == [(dict(composite.servers)["beta"], f"Bearer {BETA_TOKEN}")]
     async with httpx.AsyncClient() as http:
         # The servers no longer know their sessions...
         direct = await http.post(
-            env.alpha.url, json={"jsonrpc": "2.0", "id": 5, "method": "ping"}, headers={**ACCEPT, "mcp-session-id": composite.servers["alpha"]}
+            env.alpha.url, json={"jsonrpc": "2.0", "id": 5, "method": "ping"}, headers={**ACCEPT, "mcp-session-id": dict(composite.servers)["alpha"]}
         )
         assert direct.status_code == 404
         # ...and the gateway answers 404 for the id, as the spec says, to any later request.
@@ -503,6 +503,13 @@ def view_requests(env: Env) -> int:
     return sum(int(line.rpartition(": ")[2]) for line in text_.splitlines() if line.startswith("http.crdgol_mcp_default.downstream_rq_total"))
 
 
+def usage_log_entries(env: Env) -> int:
+    """Entries Envoy's usage access logger wrote to extproc (after its 20 ms flush)."""
+    time.sleep(0.5)
+    text_ = httpx.get(f"http://127.0.0.1:{env.stack.admin_port}/stats?filter=grpc_access_log", timeout=5).text
+    return sum(int(line.rpartition(": ")[2]) for line in text_.splitlines() if line.split(":")[0].endswith("logs_written"))
+
+
 async def test_a_tool_call_goes_straight_to_its_server_and_answers_with_the_clients_session_id(env: Env) -> None:
     hdrs = {**ACCEPT, "authorization": f"Bearer {KEYS['analyst']}"}
     async with httpx.AsyncClient() as http:
@@ -510,14 +517,16 @@ async def test_a_tool_call_goes_straight_to_its_server_and_answers_with_the_clie
         sid = r.headers["mcp-session-id"]
         composite = parse_session_id(sid)
         assert composite is not None
-        before = view_requests(env)
+        before, logged = view_requests(env), usage_log_entries(env)
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "beta__echo", "arguments": {"text": "x"}}}
         r = await http.post(env.url, json=call, headers={**hdrs, "mcp-session-id": sid})
         assert r.status_code == 200 and "beta:x" in r.text
         # The client gets back its own id, never the server's; the server got its own.
         assert r.headers["mcp-session-id"] == sid
-        assert env.beta.seen()[-1]["session"] == composite.servers["beta"]
+        assert env.beta.seen()[-1]["session"] == dict(composite.servers)["beta"]
         # No hop through the view's internal listener for a call; a tools/list takes it.
         assert view_requests(env) == before
+        # And no usage access-log entry for extproc (nothing to settle in a tool call).
+        assert usage_log_entries(env) == logged
         await http.post(env.url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers={**hdrs, "mcp-session-id": sid})
         assert view_requests(env) == before + 1
