@@ -6,7 +6,7 @@ One real MCP server (the official SDK's MCPServer, streamable HTTP, an ``add`` t
 the gateway (controller, extproc, Envoy: ``crdgol.stack.Stack``) serving it as an MCPServer twice,
 once without and once with a credential (which adds extproc's upstream ext_proc on the server's
 cluster). One MCP client session per path (the SDK's ClientSession), calls one at a time (c1),
-the paths interleaved call by call so drift hits all alike. Reports p50/p90/p99 per path and the
+the paths interleaved call by call (in an order rotated each round) so drift hits all alike. Reports p50/p90/p99 per path and the
 added latency (gateway minus direct, per percentile) in ``mcp_tools.json``/``.md``.
 
 Two reference paths split the cost: ``envoy_proxy``, a plain Envoy HTTP proxy in front of the
@@ -197,6 +197,14 @@ def two_message_config(stack: Stack, folder: Path, port: int, admin_port: int) -
     return render(m.bindings, m.secrets, settings, mcp_servers=m.mcp_servers).envoy
 
 
+def rotated(paths: dict[str, Any], i: int) -> list[str]:
+    """The paths in the order of round ``i``: rotated each round, so that no path always follows
+    the same one (at c1 on a busy machine, which process ran just before shifts a path's figure)."""
+    names = list(paths)
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def call_paths(urls: dict[str, str]) -> dict[str, tuple[str, str, str]]:
     """Each measured path: (URL, the tool's name there, the API key)."""
     paths = {
@@ -246,7 +254,8 @@ async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, li
             stacks.append((cm, s))
             sessions[name] = s
         for i in range(warmup + calls):
-            for name, (_, tool, _) in paths.items():
+            for name in rotated(paths, i):
+                tool = paths[name][1]
                 t0 = time.perf_counter()
                 result = await sessions[name].call_tool(tool, {"a": i, "b": 1})
                 elapsed = time.perf_counter() - t0
@@ -283,7 +292,8 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
             (await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)).raise_for_status()
             clients[name] = (http, headers)
         for i in range(warmup + calls):
-            for name, (url, tool, _) in paths.items():
+            for name in rotated(paths, i):
+                url, tool = paths[name][0], paths[name][1]
                 http, headers = clients[name]
                 body = {"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": {"a": i, "b": 1}}}
                 t0 = time.perf_counter()

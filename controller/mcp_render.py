@@ -9,12 +9,17 @@ How a request to ``/mcp`` flows through what this renders:
   header; otherwise by the ``x-crdgol-route`` header;
 * a view is one per namespace whose tenants may reach any MCPServer: a route on the gateway
   listener to an Envoy **internal listener** whose filter chain is Envoy's own ``mcp`` filter (it
-  parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and
-  ``tools/list`` by fanning out to the view's servers and merging, names each tool
-  ``<toolPrefix>__<tool>``, sends ``tools/call`` to the one server with the prefix stripped, keeps
-  one MCP session per server behind a composite session id bound to the tenant, and streams the
-  server's SSE answer back). ``mcp_router`` must end a filter chain, so it cannot sit beside the
-  gateway's ``router``: the internal listener gives it a chain of its own, in-process;
+  parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and the
+  list methods by fanning out to the view's servers and merging, names each tool and prompt
+  ``<toolPrefix>__<name>`` and each resource ``<toolPrefix>+<uri>``, and keeps one MCP session
+  per server behind a composite session id bound to the tenant). ``mcp_router`` must end a filter
+  chain, so it cannot sit beside the gateway's ``router``: the internal listener gives it a chain
+  of its own, in-process;
+* a message for one server (``tools/call``, ``resources/read``, ``prompts/get``) skips that hop:
+  extproc has already found the server, re-written the body with the server's own names and read
+  the server's session out of the composite id, so each (view, server) pair has a route on the
+  gateway listener straight to the server's cluster (``_server_route``), which sends the server
+  its own session id and puts the client's back on the answer (SSE streams through as it comes);
 * each (view, server) pair has a cluster. ``mcp_router`` builds every request to a server afresh,
   without the client's headers, so a credential cannot ride along from the gateway filter: a
   server with a credential gets Envoy's credential injector on its cluster, from an SDS secret

@@ -10,6 +10,8 @@ MCP_PATH = "/mcp"
 # Envoy's mcp_router names a tool "<server name>__<tool>"; crdgol names its servers by their
 # toolPrefix, so a federated tool is "<toolPrefix>__<tool>".
 TOOL_DELIMITER = "__"
+# Its prompts are named the same way; a resource is "<server name>+<scheme>://<rest>".
+RESOURCE_DELIMITER = "+"
 # Set by extproc on every /mcp request it lets through (any value a client sent is removed): the
 # qualified tenant, which mcp_router binds each MCP session to (a session id presented by another
 # tenant is refused). The server clusters strip it before anything leaves Envoy.

@@ -1,33 +1,39 @@
-"""``/mcp``: MCP tool servers served through the gateway, with the callers' API keys and JWTs.
+"""``/mcp``: MCP servers served through the gateway, with the callers' API keys and JWTs.
 
-extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
+extproc makes every decision; Envoy's ``mcp_router`` does the fan-out federation (see
 ``controller.mcp_render``). A ``POST /mcp`` costs one ext_proc message (``crdgol.request_path``):
 the body, with the headers read below as request attributes; the headers step then runs on those,
-its header changes left to the view's route (the body answer names the view, the tenant and the
-list mark in dynamic metadata, ``_forward``). Other methods come with their headers. Per request:
+its header changes left to the route (the body answer names the route, the tenant, the list mark
+and the sessions in dynamic metadata, ``_forward``). Other methods come with their headers:
 
 * **headers**: the caller authenticates like any model caller (401 otherwise) and reaches its
   namespace's view; the client's credential and any ``x-crdgol-*`` header it sent are removed.
-  Only POST is served: ``GET`` (a standalone server-to-client stream) and ``DELETE`` (ending a
-  session) get 405, which the MCP transport allows (server notifications still stream in the
-  answer to the request they belong to).
+  A ``Mcp-Session-Id`` must be the caller's and not ended (``extproc.mcp_sessions``: 403, 404).
+  ``DELETE`` ends the session on every server of it (``extproc.mcp_sessions``; Envoy's
+  ``mcp_router`` does not); ``GET`` (a standalone server-to-client stream, which ``mcp_router``
+  does not offer) gets 405, as the MCP transport allows: notifications a server sends while
+  answering a request stream in that answer.
 * **body** (one JSON-RPC message, forwarded re-written as extproc read it, so that Envoy's
-  parser and the server cannot read another method or tool than extproc checked): ``tools/call``
-  names ``<prefix>__<tool>``; a tool of no server the caller may reach is an unknown tool (400,
-  JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent tool-call quota is 429
-  with ``Retry-After``. Then the request goes on to the view, with the tenant (which
-  ``mcp_router`` binds the MCP session to) in an internal header; a server's credential is set on
-  its own requests by Envoy from an SDS secret (one-message path) or by ``ServerCredential``
-  (below). ``initialize``, ``tools/list`` and
-  ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
-  features the gateway does not federate (resources, prompts) are answered here; other
+  parser and the server cannot read another method or tool than extproc checked):
+  ``tools/call`` names ``<prefix>__<tool>``; a tool of no server the caller may reach is an
+  unknown tool (400, JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent
+  tool-call quota is 429 with ``Retry-After``. An admitted call goes **straight to its server**
+  (the server's own route, not the view's internal listener), with the server's own tool name and
+  session; so do ``resources/read`` (``<prefix>+<scheme>://...``) and ``prompts/get``
+  (``<prefix>__<name>``) of a server the tenant reaches. ``initialize``,
+  ``notifications/initialized`` and the list methods (tools, resources, resource templates,
+  prompts) go to the view, whose ``mcp_router`` fans them out to every server of it, with the
+  tenant (which it binds the composite session to) in an internal header. A server's credential
+  is set on its own requests by Envoy from an SDS secret (one-message path) or by
+  ``ServerCredential`` (below). ``ping`` and ``logging/setLevel`` are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
-* **response**: extproc does not see answers on this path (they stream from ``mcp_router`` to
-  the client), except a ``tools/list`` answer: the request carries ``LIST_FILTER_HEADER``, whose
-  route in the view enables a second ext_proc filter (``ToolListFilter``) that reads the merged
-  list and removes every tool the tenant may not call, so a client sees exactly what it may use
-  (an answer that cannot be read is replaced by an error: never passed through unfiltered).
-  Tool calls are counted when they are decided, by tenant, server, tool and outcome.
+* **response**: extproc does not see answers on this path (they stream from the server or
+  ``mcp_router`` to the client), except a merged list: the request carries
+  ``LIST_FILTER_HEADER``, whose route in the view enables a second ext_proc filter
+  (``ToolListFilter``) that reads the merged list and removes every tool the tenant may not call
+  and every resource, template and prompt of a server it does not reach (an answer that cannot be
+  read is replaced by an error: never passed through unfiltered). Tool calls are counted when
+  they are decided, by tenant, server, tool and outcome.
 
 Refusals are JSON-RPC errors in MCP's shape, ``{"jsonrpc": "2.0", "id", "error": {"code",
 "message", "data": {"type", "code"}}}``, with the HTTP status that says the same (the MCP SDKs
@@ -87,10 +93,9 @@ RATE_LIMITED = -32029
 SERVER_ERROR = -32000
 
 # Forwarded to every server of the view by mcp_router.
-_FAN_OUT = frozenset({"initialize", "tools/list", "notifications/initialized"})
-# Features the gateway does not federate: their list methods answer empty, so clients that ask at
-# start-up go on.
-_EMPTY_LISTS = {"resources/list": "resources", "resources/templates/list": "resourceTemplates", "prompts/list": "prompts"}
+# The list methods among them: their merged answer is filtered by the tenant (``ToolListFilter``).
+_LISTS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
+_FAN_OUT = frozenset({"initialize", "notifications/initialized"}) | _LISTS
 
 
 def handles(path: str) -> bool:
@@ -251,12 +256,15 @@ class ToolGateway(Handler):
             case _ if method in _FAN_OUT:
                 # Re-written like a tool call (below): Envoy's parser must not read another method.
                 return self._forward(self.view, _dumps(msg))
-            case _ if method in _EMPTY_LISTS:
-                return self._answer(200, rpc_result(self.request_id, {_EMPTY_LISTS[method]: []}))
+            case "resources/read" | "prompts/get":
+                return self._server_item(msg, self.view)
             case _ if not is_request:
                 return self._answer(202, b"")  # a notification no server needs (cancelled, progress, roots)
             case _:
-                raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
+                raise MethodNotFound(
+                    f"the gateway does not serve the method {method!r}: it federates tools, resources and prompts "
+                    "(tools/list, tools/call, resources/list, resources/templates/list, resources/read, prompts/list, prompts/get)"
+                )
 
     async def _session(self, view: View) -> list[tuple[ToolServer, str]]:
         """The servers' sessions behind the client's ``Mcp-Session-Id`` (none without one), once
@@ -296,7 +304,7 @@ class ToolGateway(Handler):
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
         name = view.route if server is None else server_route(view.namespace, server.prefix)
         route: dict[str, str | float] = {ROUTE_KEY: name, TENANT_KEY: self.tenant}
-        if self.method == "tools/list":
+        if self.method in _LISTS:
             route[LIST_KEY] = "1"
         server_session = self.server_sessions.get(server.prefix, "") if server is not None else ""
         if server is not None:
@@ -307,7 +315,7 @@ class ToolGateway(Handler):
             # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
             return Continue(body=body, remove_headers=[NO_OP_HEADER], clear_route_cache=True, dynamic_metadata=metadata)
         set_headers = {ROUTE_HEADER: name, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
-        if self.method == "tools/list":
+        if self.method in _LISTS:
             set_headers[LIST_FILTER_HEADER] = "1"
         remove: list[str] = []
         if server is not None:
@@ -338,6 +346,25 @@ class ToolGateway(Handler):
         # server's own name for the tool: a body with a key twice (parsers disagree on which
         # wins) cannot name one tool to extproc and another to the server.
         checked = {"jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call", "params": {**params, "name": tool}}
+        return self._forward(view, _dumps(checked), server)
+
+    def _server_item(self, msg: dict[str, Any], view: View) -> Reply:
+        """``resources/read`` (``params.uri``, ``<prefix>+<scheme>://...``) or ``prompts/get``
+        (``params.name``, ``<prefix>__<name>``): straight to the server, which the tenant must
+        reach, re-written with the server's own URI or name. A server's resources and prompts
+        are open to every tenant it admits (its tool permissions are about tools)."""
+        params = msg.get("params")
+        field = "uri" if self.method == "resources/read" else "name"
+        value = params.get(field) if isinstance(params, dict) else None
+        if not isinstance(value, str):
+            raise BadRequest(f"{self.method} needs params.{field}", code="invalid_params")
+        found = view.resource(value) if field == "uri" else view.tool(value)
+        if found is None or not found[0].visible_to(self.tenant):
+            what = "resource" if field == "uri" else "prompt"
+            raise UnknownTool(f"unknown {what} {value!r}: {self.method.split('/')[0]}/list names the ones you may use", code=f"unknown_{what}")
+        server, own = found
+        assert isinstance(params, dict)
+        checked = {"jsonrpc": "2.0", "id": msg.get("id"), "method": self.method, "params": {**params, field: own}}
         return self._forward(view, _dumps(checked), server)
 
     async def _admit(self, server: ToolServer) -> None:
@@ -390,8 +417,9 @@ class ToolListFilter(Handler):
 
 
 def filter_tool_list(body: bytes, view: View | None, tenant: str) -> bytes:
-    """A tools/list answer (JSON or SSE) without the tools ``tenant`` may not call in ``view``;
-    an answer that cannot be read becomes a JSON-RPC error (never passed on unfiltered)."""
+    """A merged list answer (JSON or SSE) of tools, resources, resource templates or prompts
+    without what ``tenant`` may not use in ``view``; an answer that cannot be read becomes a
+    JSON-RPC error (never passed on unfiltered)."""
     text = body.lstrip()
     try:
         if view is None:
@@ -418,16 +446,27 @@ def _filter_message(msg: object, view: View, tenant: str) -> object:
     result = msg.get("result")
     if not isinstance(result, dict):
         return msg  # an error, or a notification
-    tools = result.get("tools")
-    if not isinstance(tools, list):
-        raise ValueError("a tools/list result without tools")
+    listed = [(key, field) for key, field in _LISTED if isinstance(result.get(key), list)]
+    if len(listed) != 1:
+        raise ValueError("a list result without exactly one of tools, resources, resourceTemplates, prompts")
+    key, field = listed[0]
     kept = []
-    for t in tools:
-        name = t.get("name") if isinstance(t, dict) else None
-        found = view.tool(name) if isinstance(name, str) else None
-        if found is not None and found[0].visible_to(tenant) and found[0].may_call(tenant, found[1]):
-            kept.append(t)
-    return {**msg, "result": {**result, "tools": kept}}
+    for item in result[key]:
+        name = item.get(field) if isinstance(item, dict) else None
+        if isinstance(name, str) and _may_use(view, tenant, key, name):
+            kept.append(item)
+    return {**msg, "result": {**result, key: kept}}
+
+
+# The list results the gateway filters, and the field that names each item.
+_LISTED = (("tools", "name"), ("prompts", "name"), ("resources", "uri"), ("resourceTemplates", "uriTemplate"))
+
+
+def _may_use(view: View, tenant: str, key: str, name: str) -> bool:
+    found = view.tool(name) if key in ("tools", "prompts") else view.resource(name)
+    if found is None or not found[0].visible_to(tenant):
+        return False
+    return key != "tools" or found[0].may_call(tenant, found[1])
 
 
 class ServerCredential(Handler):

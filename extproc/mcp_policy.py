@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crdgol import tenancy
-from crdgol.mcp_contract import TOOL_DELIMITER
+from crdgol.mcp_contract import RESOURCE_DELIMITER, TOOL_DELIMITER
 from crdgol.pb import policy_pb2 as pb
 from extproc.policy import QuotaPolicy, quota_policy
 
@@ -54,10 +54,19 @@ class View:
     by_prefix: dict[str, ToolServer]
 
     def tool(self, federated: str) -> tuple[ToolServer, str] | None:
-        """The server and its own tool name for ``<prefix>__<tool>``; None when no server has it."""
+        """The server and its own tool (or prompt) name for ``<prefix>__<tool>``; None when no
+        server has it."""
         prefix, sep, tool = federated.partition(TOOL_DELIMITER)
         server = self.by_prefix.get(prefix) if sep and tool else None
         return (server, tool) if server is not None else None
+
+    def resource(self, federated: str) -> tuple[ToolServer, str] | None:
+        """The server and its own URI (or URI template) for ``<prefix>+<scheme>://<rest>``, as
+        Envoy's mcp_router names resources; None when no server has it."""
+        scheme, sep, rest = federated.partition("://")
+        prefix, plus, own_scheme = scheme.partition(RESOURCE_DELIMITER)
+        server = self.by_prefix.get(prefix) if sep and plus and own_scheme else None
+        return (server, f"{own_scheme}://{rest}") if server is not None else None
 
 
 @dataclass(frozen=True, slots=True)

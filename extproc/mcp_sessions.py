@@ -31,7 +31,7 @@ import binascii
 import functools
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -162,6 +162,8 @@ class McpSessions:
         self.registry: SessionRegistry = registry or MemorySessionRegistry()
         self._http: httpx.AsyncClient | None = None
         self.warned_at = float("-inf")
+        # Counts a store failure (``Services`` points it at its metric).
+        self.on_store_error: Callable[[], None] = lambda: None
 
     async def claim(self, keys: Sequence[str], tenant: str, now: float) -> Verdict:
         if not keys:
@@ -179,6 +181,7 @@ class McpSessions:
             self._store_failed(exc, now)
 
     def _store_failed(self, exc: Exception, now: float) -> None:
+        self.on_store_error()
         if now - self.warned_at >= 10.0:
             self.warned_at = now
             log.warning("MCP session registry unavailable (%s): requests go on without its checks", exc)

@@ -68,6 +68,7 @@ class Services:
     def __post_init__(self) -> None:
         self.cache.attach(self.metrics.registry)
         self.context_sources = ContextSources(self.metrics, self.clock)
+        self.mcp_sessions.on_store_error = self.metrics.mcp.session_store_errors.inc
         self.policy.on_change.append(self.context_sources.policy_changed)
         self.context_sources.policy_changed(self.policy.current)
 

@@ -6,6 +6,9 @@ Run as ``python tests/mcp_tool_servers.py --name NAME --port P [--token T]``. It
 * ``steps(n, delay_ms)``: reports progress and logs a message per step, then ``"done"``;
 * ``visits()``: how many times this MCP session called it (proves the session is kept).
 
+Resources ``note://greeting`` (``"<NAME>: hello"``) and ``note://items/{item}``; a prompt
+``review(code)`` (``"<NAME> reviews <code>"``).
+
 With ``--token T`` every MCP request must carry ``authorization: Bearer T`` (401 otherwise).
 ``GET /_seen`` lists, per request received, its ``authorization`` value, header names, HTTP method
 and ``mcp-session-id``, so a test can tell which credentials, internal headers and session ends
@@ -65,6 +68,21 @@ def build(name: str, token: str) -> Any:
         key = (ctx.headers or {}).get("mcp-session-id", "")
         visits[key] = visits.get(key, 0) + 1
         return visits[key]
+
+    @app.resource("note://greeting")
+    def greeting() -> str:
+        """A fixed resource."""
+        return f"{name}: hello"
+
+    @app.resource("note://items/{item}")
+    def item(item: str) -> str:
+        """A resource template."""
+        return f"{name}: item {item}"
+
+    @app.prompt()
+    def review(code: str) -> str:
+        """A prompt with an argument."""
+        return f"{name} reviews {code}"
 
     inner = app.streamable_http_app()
 

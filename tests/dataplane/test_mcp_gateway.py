@@ -530,3 +530,56 @@ async def test_a_tool_call_goes_straight_to_its_server_and_answers_with_the_clie
         assert usage_log_entries(env) == logged
         await http.post(env.url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers={**hdrs, "mcp-session-id": sid})
         assert view_requests(env) == before + 1
+
+
+async def test_resources_and_prompts_are_federated_like_tools(env: Env) -> None:
+    async with session(env.url, KEYS["intern"]) as s:
+        assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting", "beta+note://greeting"}
+        templates = {t.uri_template for t in (await s.list_resource_templates()).resource_templates}
+        assert templates == {"alpha+note://items/{item}", "beta+note://items/{item}"}
+        assert {p.name for p in (await s.list_prompts()).prompts} == {"alpha__review", "beta__review"}
+        read = await s.read_resource("beta+note://greeting")
+        assert [getattr(c, "text", "") for c in read.contents] == ["beta: hello"]
+        item = await s.read_resource("alpha+note://items/42")
+        assert [getattr(c, "text", "") for c in item.contents] == ["alpha: item 42"]
+        prompt = await s.get_prompt("alpha__review", {"code": "x = 1"})
+        assert [getattr(m.content, "text", "") for m in prompt.messages] == ["alpha reviews x = 1"]
+        with pytest.raises(MCPError) as unknown:
+            await s.read_resource("gamma+note://greeting")
+        assert "unknown resource" in str(unknown.value)
+    # beta's credential went with each of its requests, none to the client.
+    assert {r["authorization"] for r in env.beta.seen()} == {f"Bearer {BETA_TOKEN}"}
+
+
+async def test_a_tenant_sees_and_reads_only_the_resources_and_prompts_of_servers_it_reaches(tmp_path: Path) -> None:
+    alpha, gamma = ToolServer("alpha"), ToolServer("gamma")
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t, "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": t}}, "stringData": {"key": KEYS[t]}}
+        for t in ("analyst", "intern")
+    ]
+    docs += [
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "alpha"}, "spec": {"url": alpha.url, "toolPrefix": "alpha"}},
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "gamma"}, "spec": {"url": gamma.url, "toolPrefix": "gamma", "tenants": ["analyst"]}},
+    ]
+    (tmp_path / "mcp.yaml").write_text("---\n".join(json.dumps(d) + "\n" for d in docs))
+    stack = Stack(StackSettings(manifests=tmp_path, mock_port=None, quiet=True))
+    try:
+        stack.start()
+        url = f"{stack.url}/mcp"
+        async with session(url, KEYS["intern"]) as s:
+            assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting"}
+            assert {p.name for p in (await s.list_prompts()).prompts} == {"alpha__review"}
+            reached = len(gamma.seen())
+            with pytest.raises(MCPError):
+                await s.read_resource("gamma+note://greeting")
+            with pytest.raises(MCPError):
+                await s.get_prompt("gamma__review", {"code": "x"})
+            assert len(gamma.seen()) == reached  # refused at the gateway
+        async with session(url, KEYS["analyst"]) as s:
+            assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting", "gamma+note://greeting"}
+            read = await s.read_resource("gamma+note://greeting")
+            assert [getattr(c, "text", "") for c in read.contents] == ["gamma: hello"]
+    finally:
+        stack.stop()
+        alpha.stop()
+        gamma.stop()

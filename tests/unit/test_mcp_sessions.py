@@ -66,3 +66,19 @@ async def test_the_memory_registry_is_bounded_and_drops_the_least_recently_used(
     await reg.claim([keys[0]], "default/analyst", 3.0)  # used again: now the most recent
     await reg.claim([keys[3]], "default/analyst", 4.0)
     assert len(reg.entries) == 3 and keys[1] not in reg.entries and keys[0] in reg.entries
+
+
+async def test_when_the_shared_store_is_unreachable_requests_go_on_and_the_failure_is_counted() -> None:
+    from crdgol.stack import free_port
+    from extproc.mcp_sessions import McpSessions, RedisSessionRegistry
+    from extproc.redis_client import RedisClient
+
+    client = RedisClient.from_url(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.2)  # nothing listens there
+    failures: list[int] = []
+    sessions = McpSessions(RedisSessionRegistry(client, timeout=0.3))
+    sessions.on_store_error = lambda: failures.append(1)
+    keys = [entry_key(server("default/alpha"), "a-1")]
+    assert await sessions.claim(keys, "default/analyst", 0.0) == "ok"
+    await sessions.end(keys, 1.0)
+    assert len(failures) == 2
+    await client.aclose()
