@@ -382,8 +382,9 @@ def _server_route(view: str, s: McpServerSpec, settings: RenderSettings) -> Json
             "idle_timeout": duration(s.timeout),
         },
         "request_headers_to_remove": ["authorization", "x-api-key", TENANT_HEADER, LIST_FILTER_HEADER],
-        # The server's own session id never reaches the client: it gets back the id it sent.
-        "response_headers_to_remove": [SESSION_HEADER],
+        # The server's own session id never reaches the client: it gets back the id it sent. Nor
+        # does a server's challenge for the gateway's credential (a client would answer it).
+        "response_headers_to_remove": [SESSION_HEADER, "www-authenticate"],
         "response_headers_to_add": [
             {"header": {"key": SESSION_HEADER, "value": _metadata_value(CLIENT_SESSION_KEY)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
         ],

@@ -142,6 +142,19 @@ def test_the_credential_is_never_in_the_config_and_its_cluster_injects_it() -> N
     assert secret["generic_secret"]["secret"]["inline_string"] == "Bearer tok-3141592653"
 
 
+def test_a_server_route_sends_the_servers_own_session_and_hides_it_from_the_client() -> None:
+    result = rendered(server(credentialsRef={"name": "crm-token", "key": "token"}))
+    (route,) = [r for r in result.mcp.routes if r["name"] == "crdgol-mcp.default~crm"]
+    assert route["match"]["dynamic_metadata"][0]["value"]["string_match"]["exact"] == "crdgol-mcp.default~crm"
+    assert route["route"]["cluster"].startswith("crdgol-mcp.default.default.crm.")
+    assert {"authorization", "x-api-key", "mcp-session-id", TENANT_HEADER} <= set(route["request_headers_to_remove"])
+    (added,) = route["request_headers_to_add"]
+    assert added["header"] == {"key": "mcp-session-id", "value": "%DYNAMIC_METADATA(crdgol.route:mcp_server_session)%"}
+    # The client gets back its own id; never the server's, nor a server's credential challenge.
+    assert set(route["response_headers_to_remove"]) == {"mcp-session-id", "www-authenticate"}
+    assert route["response_headers_to_add"][0]["header"]["value"] == "%DYNAMIC_METADATA(crdgol.route:mcp_client_session)%"
+
+
 def test_without_one_message_the_credential_cluster_asks_extproc_for_it() -> None:
     objs = [server(credentialsRef={"name": "crm-token", "key": "token"})]
     result = render([], [parse_secret(TOKEN)], RenderSettings(one_message=False), mcp_servers=[parse_mcp_server(o) for o in objs])
