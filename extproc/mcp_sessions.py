@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import httpx
+import aiohttp
 
 from extproc.mcp_policy import ToolServer
 from extproc.quota_store import StoreUnavailable, bounded
@@ -160,7 +160,7 @@ class McpSessions:
 
     def __init__(self, registry: SessionRegistry | None = None) -> None:
         self.registry: SessionRegistry = registry or MemorySessionRegistry()
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self.warned_at = float("-inf")
         # Counts a store failure (``Services`` points it at its metric).
         self.on_store_error: Callable[[], None] = lambda: None
@@ -190,8 +190,8 @@ class McpSessions:
         """DELETE each server's session at the server, at once; its status by server key (0: no
         answer). A server that does not hear it ends the session on its own timeout."""
         if self._http is None:
-            # No redirects (a server cannot send the credential elsewhere); no environment proxies.
-            self._http = httpx.AsyncClient(timeout=END_TIMEOUT, follow_redirects=False, trust_env=False)
+            # No environment proxies; no redirects (below: a server cannot send the credential elsewhere).
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=END_TIMEOUT), trust_env=False)
         http = self._http
 
         async def one(server: ToolServer, session: str) -> int:
@@ -201,8 +201,9 @@ class McpSessions:
             if server.credential_header:
                 headers[server.credential_header] = server.credential_value
             try:
-                return (await http.delete(server.url, headers=headers)).status_code
-            except httpx.HTTPError as exc:
+                async with http.delete(server.url, headers=headers, allow_redirects=False) as response:
+                    return response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 log.info("ending an MCP session on %s failed: %s", server.key, type(exc).__name__)
                 return 0
 
@@ -211,7 +212,7 @@ class McpSessions:
 
     async def aclose(self) -> None:
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
 
 
 __all__ = [
