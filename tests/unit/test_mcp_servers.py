@@ -333,3 +333,34 @@ async def test_a_method_given_twice_cannot_fetch_an_unfiltered_tool_list(service
     out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
     assert orjson.loads(out[1].request_body.response.body_mutation.body)["method"] == "initialize"
     assert out[1].request_body.response.body_mutation.body.count(b"method") == 1
+
+
+def test_merged_resource_and_prompt_lists_keep_only_the_servers_the_tenant_reaches() -> None:
+    result = rendered(server("crm"), server("hr", tenants=["analyst"]), secrets=(TOKEN, *(key_secret(t, k) for t, k in KEYS.items())))
+    policy = compile_policy(result.snapshot).mcp
+    assert policy is not None
+    view = policy.views["default"]
+    for key, field, items in (
+        ("resources", "uri", ["crm+note://a", "hr+note://b", "other+note://c", "note://no-server"]),
+        ("resourceTemplates", "uriTemplate", ["crm+note://items/{id}", "hr+note://items/{id}"]),
+        ("prompts", "name", ["crm__review", "hr__review", "review"]),
+    ):
+        answer = {"jsonrpc": "2.0", "id": 1, "result": {key: [{field: i} for i in items]}}
+        kept = {t: [x[field] for x in orjson.loads(filter_tool_list(orjson.dumps(answer), view, t))["result"][key]] for t in ("default/intern", "default/analyst")}
+        assert kept == {"default/intern": [items[0]], "default/analyst": items[:2]}, key
+    # Two lists in one answer cannot be read as either: an error, never an unfiltered list.
+    both = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [], "prompts": [{"name": "hr__review"}]}}
+    assert orjson.loads(filter_tool_list(orjson.dumps(both), view, "default/intern"))["error"]["data"]["code"] == "bad_tool_list"
+
+
+async def test_a_resource_or_prompt_goes_straight_to_its_server_with_its_own_name(services: Services) -> None:
+    read = {"jsonrpc": "2.0", "id": 4, "method": "resources/read", "params": {"uri": "crm+note://items/7"}}
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg(read))
+    assert set_headers(out[1])[ROUTE_HEADER] == "crdgol-mcp.default~crm"
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"] == {"uri": "note://items/7"}
+    get = {"jsonrpc": "2.0", "id": 5, "method": "prompts/get", "params": {"name": "crm__review", "arguments": {"code": "x"}}}
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg(get))
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"] == {"name": "review", "arguments": {"code": "x"}}
+    for unknown in ({"uri": "hr+note://x"}, {"uri": "note://x"}, {"uri": "crm+:no-authority"}):
+        status, body = refusal(await drive(services, headers_msg("POST", KEYS["intern"]), body_msg({**read, "params": unknown})))
+        assert (status, body["error"]["code"], body["error"]["data"]["code"]) == (400, -32602, "unknown_resource"), unknown
