@@ -409,6 +409,23 @@ def _server_route(view: str, s: McpServerSpec, settings: RenderSettings) -> Json
     return out
 
 
+def _get_route(settings: RenderSettings) -> Json:
+    """``GET /mcp`` asks for a standalone server-to-client stream, which the gateway does not
+    offer (``mcp_router`` answers GET 405 too): Envoy answers 405 itself, as the MCP transport
+    allows a server to, before any ext_proc stream (the SDK clients try it after each
+    ``initialize``, and once more a second later). The body is the gateway's local-reply shape."""
+    out: Json = {
+        "name": "crdgol-mcp-get",
+        "match": {"safe_regex": {"regex": f"{MCP_PATH}/?"}, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 405},
+        "response_headers_to_add": [{"header": {"key": "allow", "value": "POST, DELETE"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": typed("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True)},
+    }
+    if one_message(settings):
+        out["typed_per_filter_config"] = {**out["typed_per_filter_config"], **NO_RESPONSE_SIDE}
+    return out
+
+
 def _body_only_route() -> Json:
     """``POST /mcp`` before extproc has answered: extproc gets the body alone, with the caller's
     credential and content type as request attributes (one message); its answer names the view.
@@ -480,6 +497,8 @@ def render_mcp(
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))
         for s in members:
             reach.setdefault(s.key, []).append(view)
+    if routes:
+        routes.append(_get_route(settings))
     if routes and one_message(settings):
         # After the views' routes: a request extproc answered matches its view first.
         routes.append(_body_only_route())

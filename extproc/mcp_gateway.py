@@ -10,9 +10,10 @@ and the sessions in dynamic metadata, ``_forward``). Other methods come with the
   namespace's view; the client's credential and any ``x-crdgol-*`` header it sent are removed.
   A ``Mcp-Session-Id`` must be the caller's and not ended (``extproc.mcp_sessions``: 403, 404).
   ``DELETE`` ends the session on every server of it (``extproc.mcp_sessions``; Envoy's
-  ``mcp_router`` does not); ``GET`` (a standalone server-to-client stream, which ``mcp_router``
-  does not offer) gets 405, as the MCP transport allows: notifications a server sends while
-  answering a request stream in that answer.
+  ``mcp_router`` does not). ``GET`` (a standalone server-to-client stream, which ``mcp_router``
+  does not offer) gets 405 from Envoy itself (``controller.mcp_render``), as the MCP transport
+  allows; any other method gets 405 here. Notifications a server sends while answering a request
+  stream in that answer.
 * **body** (one JSON-RPC message, forwarded re-written as extproc read it, so that Envoy's
   parser and the server cannot read another method or tool than extproc checked):
   ``tools/call`` names ``<prefix>__<tool>``; a tool of no server the caller may reach is an
