@@ -377,7 +377,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401,), 20, two)
+        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401, 405), 20, two)  # GET: Envoy's 405
         bare = subprocess.Popen(
             [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-envoy-only.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
             stdout=subprocess.DEVNULL,
