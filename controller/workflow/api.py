@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from controller.models import SpecError
+from controller.workflow.retention import RETRY_AFTER_SECONDS
 from crdgol import tenancy
 from crdgol.workflow_contract import API_TOKEN_HEADER, KEY_DIGEST_HEADER, TENANT_HEADER
 
@@ -56,6 +57,20 @@ class BackendUnavailable(Exception):
         self.message, self.status = message, status
 
 
+class TooManyRuns(Exception):
+    """The tenant has as many active runs as it may (``retention.RunLimits``): a 429."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+# The body of a start: {"inputs": {...}}. The inputs are kept with the run (its journal, rewritten
+# on every transition, in file mode; the WorkflowRun resource, which shares etcd's ~1.5 MiB with
+# its status, on a cluster), so they are bounded well below that.
+MAX_BODY_BYTES = 256 * 1024
+
+
 class RunBackend(Protocol):
     """Where runs are started, read and cancelled. Status documents are ``status.run_status``'s shape."""
 
@@ -64,7 +79,9 @@ class RunBackend(Protocol):
 
     async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
         """Start a run of ``namespace/workflow`` as ``tenant``. ``LookupError``: no such workflow
-        there; ``SpecError``: it cannot run (refused, no API key): a 409."""
+        there; ``SpecError``: it cannot run (refused, no API key): a 409; ``TooManyRuns``: the
+        tenant is at its cap of active runs: a 429 (checked and the run counted without an await
+        in between, so concurrent starts cannot pass the cap together)."""
 
     async def read(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
         """The run's status, None unless it exists and belongs to one of the caller's tenants."""
@@ -98,7 +115,7 @@ class RunApi:
             return error(exc.status, "api_error", "workflow_store_unavailable", exc.message)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024, middlewares=[self._guard])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         app.router.add_post("/v1/workflows/{name}/runs", self.create)
         app.router.add_get("/v1/workflows/runs", self.list)
         app.router.add_get("/v1/workflows/runs/{run}", self.read)
@@ -117,8 +134,13 @@ class RunApi:
         caller = self._caller(request)
         if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
+        too_large = error(413, "invalid_request_error", "request_too_large", f"the body is over {MAX_BODY_BYTES // 1024} KiB; a run's inputs must be smaller")
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return too_large
         try:
             body = orjson.loads(await request.read() or b"{}")
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+            return too_large
         except orjson.JSONDecodeError:
             return error(400, "invalid_request_error", "invalid_json", "the body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("inputs", {}), dict) or set(body) - {"inputs"}:
@@ -135,6 +157,10 @@ class RunApi:
                 continue
             except SpecError as exc:
                 return error(409, "invalid_request_error", exc.reason, exc.message)
+            except TooManyRuns as exc:
+                r = error(429, "rate_limit_error", "too_many_active_runs", exc.message)
+                r.headers["Retry-After"] = str(exc.retry_after)
+                return r
             return ok(201, doc)
         return error(404, "not_found_error", "workflow_not_found", str(missing.args[0]))
 

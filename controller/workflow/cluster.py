@@ -45,7 +45,7 @@ from controller.state import ControllerState
 from controller.workflow.accept import CompiledWorkflow, accept
 from controller.workflow.api import RunApi
 from controller.workflow.calls import CallTarget
-from controller.workflow.cluster_api import ClusterRuns
+from controller.workflow.cluster_api import STARTED_BY_ANNOTATION, ClusterRuns
 from controller.workflow.cost import prices_by_namespace
 from controller.workflow.egress import (
     WorkflowEnvoySettings,
@@ -55,6 +55,7 @@ from controller.workflow.egress import (
 from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import RUN_LABEL, JobRunner, Request
+from controller.workflow.retention import FinishedRun, RunLimits, SpecRetention, to_remove
 from controller.workflow.runner import Runner, WorkflowMetrics
 from controller.workflow.spec import parse_run, parse_workflow
 from controller.workflow.status import k8s_status, parse_rfc3339, rfc3339, state_from_status
@@ -77,6 +78,8 @@ class ClusterWorkflowSettings:
     api_listen_port: int = 0
     recheck_interval: float = 5.0  # how often specs are accepted again (bindings change)
     retry_delay: float = 5.0  # a run waiting for its spec or Secret tries again after this
+    limits: RunLimits = field(default_factory=RunLimits)
+    sweep_interval: float = 30.0  # how often finished runs are checked against their retention
 
 
 def _path(plural: str, namespace: str, name: str, sub: str = "") -> str:
@@ -197,6 +200,10 @@ class ClusterWorkflows:
             keep_finished=False,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Runs the run API created that the operator has not picked up yet: key -> (tenant, until
+        # when it counts). With the runner's live runs they are the tenant's active runs.
+        self._admitted: dict[str, tuple[str, float]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     # --- WorkflowSpecs ----------------------------------------------------------------------------
 
@@ -283,6 +290,7 @@ class ClusterWorkflows:
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         key = f"{namespace}/{name}"
         status = dict(body.get("status") or {})
+        self._admitted.pop(key, None)  # picked up: from now on the runner counts it (while it runs)
         if status.get("phase") in RUN_DONE or self.runner.get(key) is not None or key in self.cancelled:
             return
         self._uids[key] = str(meta.get("uid") or "")
@@ -383,11 +391,87 @@ class ClusterWorkflows:
     def cancel_before_start(self, key: str) -> None:
         self.cancelled.add(key)
 
+    # How long a run created over the API counts as active before the operator picks it up: the
+    # watch delivers it in well under this; should it never come, the run is not running here.
+    ADMITTED_FOR = 120.0
+
+    def admit(self, tenant: str, key: str) -> int | None:
+        """Count ``key`` as one of ``tenant``'s active runs, unless it is at its cap: then the
+        number it has (and nothing is counted). Synchronous, so concurrent starts cannot pass the
+        cap together; ``release`` undoes it when the resource is not created."""
+        now = self.clock()
+        for k, (_, until) in list(self._admitted.items()):
+            if until <= now:
+                del self._admitted[k]
+        active = self.runner.active(tenant) + sum(1 for t, _ in self._admitted.values() if t == tenant)
+        if active >= self.settings.limits.max_active_per_tenant:
+            return active
+        self._admitted[key] = (tenant, now + self.ADMITTED_FOR)
+        return None
+
+    def release(self, key: str) -> None:
+        self._admitted.pop(key, None)
+
+    # --- retention ------------------------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """Delete the finished WorkflowRuns ``retention.to_remove`` picks, in the namespaces that
+        have WorkflowSpecs here: those the run API created (``STARTED_BY_ANNOTATION``) by the
+        controller's defaults, any run of a spec that sets its own retention by the spec's."""
+        namespaces = {k.split("/", 1)[0] for k in (*self.accepted, *self.refused)}
+        if not namespaces:
+            return []
+        try:
+            code, doc = await self.request("GET", f"/apis/{GROUP}/{VERSION}/{RUNS}", None, "application/json")
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+            log.warning("workflow run retention: cannot list WorkflowRuns: %s", exc)
+            return []
+        if code != 200 or not isinstance(doc, dict):
+            log.warning("workflow run retention: cannot list WorkflowRuns: HTTP %s", code)
+            return []
+        finished = []
+        for obj in doc.get("items") or []:
+            meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+            namespace = str(meta.get("namespace") or "")
+            ended = parse_rfc3339(status.get("finishedAt"))
+            if namespace not in namespaces or status.get("phase") not in RUN_DONE or ended is None:
+                continue
+            workflow = str(((obj.get("spec") or {}).get("workflowRef") or {}).get("name") or "")
+            by_api = (meta.get("annotations") or {}).get(STARTED_BY_ANNOTATION) == "api"
+            finished.append(FinishedRun(f"{namespace}/{meta.get('name')}", f"{namespace}/{workflow}", str(status.get("tenant") or ""), ended, by_api))
+        specs = {k: SpecRetention(w.spec.ttl_after_finished, w.spec.keep_finished_runs) for k, w in self.accepted.items()}
+        gone = []
+        for key in to_remove(finished, self.clock(), self.settings.limits, specs):
+            namespace, name = key.split("/", 1)
+            try:
+                code, _ = await self.request("DELETE", _path(RUNS, namespace, name), None, "application/json")
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                log.warning("workflow run retention: cannot delete WorkflowRun %s: %s", key, exc)
+                continue
+            if code < 300 or code == 404:
+                gone.append(key)
+            else:
+                log.warning("workflow run retention: cannot delete WorkflowRun %s: HTTP %s", key, code)
+        if gone:
+            log.info("workflow runs deleted by their retention: %d", len(gone))
+        return gone
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            await self.sweep()
+
+    def start_sweeping(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="workflow run retention")
+
     async def serve_api(self) -> None:
-        """Open the run API on its TCP port (when configured) and publish Envoy's route to it."""
+        """Open the run API on its TCP port (when configured) and publish Envoy's route to it;
+        start deleting finished runs by their retention."""
+        self.start_sweeping()
         if not self.settings.api_listen_port:
             return
-        backend = ClusterRuns(self, self.request, self.state.secrets_in, self.clock)
+        backend = ClusterRuns(self, self.request, self.state.secrets_in, self.clock, self.settings.limits)
         self._api_site = web.AppRunner(RunApi(backend, self.settings.egress.api_token).app(), access_log=None)
         await self._api_site.setup()
         await web.TCPSite(self._api_site, self.settings.api_listen_host, self.settings.api_listen_port, backlog=1024).start()
@@ -466,6 +550,8 @@ class ClusterWorkflows:
 
     async def close(self) -> None:
         self.jobs.closing = True  # Jobs keep running; the next controller adopts them
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._tasks):
             task.cancel()
         await self.runner.close()

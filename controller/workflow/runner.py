@@ -19,7 +19,7 @@ import os
 import random
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -148,6 +148,13 @@ class RunStore:
     async def record(self, state: RunState) -> None:
         self.save(state)  # in the page cache when write() returns: a kill loses nothing
 
+    def remove(self, key: str) -> None:
+        """Forget a run: its journal is deleted (retention)."""
+        fd = self._open.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        self._path(key).unlink(missing_ok=True)
+
     def close(self) -> None:
         while self._open:
             os.close(self._open.popitem()[1])
@@ -210,6 +217,7 @@ class Runner:
         self.containers, self.on_transition, self.keep_finished = containers, on_transition, keep_finished
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
+        self._active: defaultdict[str, int] = defaultdict(int)  # live runs by tenant (the run API's cap)
         self.tracer: RunTracer | None = None  # set when tracing is on
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -225,6 +233,23 @@ class Runner:
 
     def all(self) -> list[RunState]:
         return [*(r.state for r in self.runs.values()), *self.finished.values()]
+
+    def active(self, tenant: str) -> int:
+        """The tenant's runs this controller is running (Pending or Running)."""
+        return self._active.get(tenant, 0)
+
+    def keep(self, state: RunState) -> None:
+        """Keep a recorded run that is not running (ended, or waiting for its spec) for look-ups."""
+        if state.key not in self.finished:
+            self._count(state.workflow, state.phase, +1)
+        self.finished[state.key] = state
+
+    def forget(self, key: str) -> RunState | None:
+        """Drop a finished run kept for look-ups (retention removed it)."""
+        state = self.finished.pop(key, None)
+        if state is not None:
+            self._count(state.workflow, state.phase, -1)
+        return state
 
     def new_name(self, namespace: str, workflow: str) -> str:
         """A run name no run of this controller has (recorded or live)."""
@@ -243,7 +268,7 @@ class Runner:
         """Continue a recorded run: attempts in flight at the crash are started again."""
         if state.phase in RUN_DONE:
             if self.keep_finished:
-                self.finished[state.key] = state
+                self.keep(state)
             return
         steps = dict(state.steps)
         for name, s in steps.items():
@@ -257,6 +282,7 @@ class Runner:
         if self.tracer is not None:
             live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
+        self._active[state.tenant] += 1
         self._count(state.workflow, state.phase, +1)
         self._spawn(live, self._pick_up(live, since))
 
@@ -358,6 +384,9 @@ class Runner:
     def _finish(self, live: _Live) -> None:
         if self.runs.get(live.state.key) is live:
             del self.runs[live.state.key]
+            self._active[live.state.tenant] -= 1
+            if not self._active[live.state.tenant]:
+                del self._active[live.state.tenant]
         if live.state.phase in RUN_DONE and self.keep_finished:
             self.finished[live.state.key] = live.state
         current = asyncio.current_task()
