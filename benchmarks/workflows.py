@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="crdgol-wfbench-"))
     folder = tmp / "support-triage"
     shutil.copytree(ROOT / "examples" / "support-triage", folder)
-    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=tmp / "state", mock_args=("--record", "0")))
+    # One tenant starts them all: its cap on active runs and its kept finished runs must hold them.
+    limits = {"CRDGOL_WORKFLOW_MAX_ACTIVE_RUNS": str(max(100, args.runs)), "CRDGOL_WORKFLOW_KEEP_FINISHED_RUNS": str(max(100, args.runs))}
+    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=tmp / "state", mock_args=("--record", "0"), env=limits))
     for f in folder.glob("*.yaml"):
         f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
     stack.start()
