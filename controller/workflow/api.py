@@ -14,9 +14,11 @@ resources on a cluster (``cluster_api.ClusterRuns``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,13 +73,22 @@ class TooManyRuns(Exception):
 MAX_BODY_BYTES = 256 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A run just started: its status for the 201, and (file mode) the rest of its first
+    step's call, which the handler runs in its own task once the 201 is sent (``Runner.start_here``)."""
+
+    status: dict[str, Any]
+    then: Coroutine[Any, Any, None] | None = None
+
+
 class RunBackend(Protocol):
     """Where runs are started, read and cancelled. Status documents are ``status.run_status``'s shape."""
 
     def ready(self) -> bool:
         """False until the recorded runs are known (the API answers 503 meanwhile)."""
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
         """Start a run of ``namespace/workflow`` as ``tenant``. ``LookupError``: no such workflow
         there; ``SpecError``: it cannot run (refused, no API key): a 409; ``TooManyRuns``: the
         tenant is at its cap of active runs: a 429 (checked and the run counted without an await
@@ -130,7 +141,7 @@ class RunApi:
         digest = request.headers.get(KEY_DIGEST_HEADER, "")
         return Caller(tenants, digest if _DIGEST.fullmatch(digest) else "")
 
-    async def create(self, request: web.Request) -> web.Response:
+    async def create(self, request: web.Request) -> web.StreamResponse:
         caller = self._caller(request)
         if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
@@ -161,8 +172,26 @@ class RunApi:
                 r = error(429, "rate_limit_error", "too_many_active_runs", exc.message)
                 r.headers["Retry-After"] = str(exc.retry_after)
                 return r
-            return ok(201, doc)
+            return await self._created(request, doc)
         return error(404, "not_found_error", "workflow_not_found", str(missing.args[0]))
+
+    @staticmethod
+    async def _created(request: web.Request, started: Started) -> web.StreamResponse:
+        """The 201; then, in this same task, the run's first call (``Started.then``)."""
+        r = ok(201, started.status)
+        if started.then is None:
+            return r
+        # This connection stays with the handler until that call ends: Envoy must not send its
+        # next request down it (aiohttp would hold it until then).
+        r.force_close()
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the client left; the run goes on
+            await r.prepare(request)
+            await r.write_eof()
+        # The step's abort (its run cancelled or failed) cancels the task running it; the answer
+        # is long sent. (aiohttp does not cancel handlers when a client leaves.)
+        with contextlib.suppress(asyncio.CancelledError):
+            await started.then
+        return r
 
     async def _own(self, request: web.Request, act: Callable[[Caller, str, str], Awaitable[dict[str, Any] | None]]) -> web.Response:
         caller = self._caller(request)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from controller.models import GROUP, VERSION, SecretData, SpecError
-from controller.workflow.api import BackendUnavailable, Caller, TooManyRuns
+from controller.workflow.api import BackendUnavailable, Caller, Started, TooManyRuns
 from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import Request
@@ -120,7 +120,7 @@ class ClusterRuns:
             f"your credential is not an API key of tenant {tenant!r} there (a JWT cannot start runs on a cluster)",
         )
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
         verdict = self.engine.workflow_state(namespace, workflow)
         if verdict is None:
             raise LookupError(f"no WorkflowSpec {workflow!r}")
@@ -141,7 +141,7 @@ class ClusterRuns:
                 if created is None:
                     self.engine.release(f"{namespace}/{name}")
             if created is not None:
-                return created
+                return Started(created)  # the operator picks it up from its watch
         raise BackendUnavailable("cannot find a free name for the run; retry", 503)
 
     async def _create(self, namespace: str, name: str, workflow: str, inputs: dict[str, Any], secret: str, field_: str, tenant: str) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from aiohttp import web
 from controller.models import API_KEY_LABEL, TENANT_ANNOTATION, SecretData, SpecError, parse_secret
 from controller.render import EnvoyExtras
 from controller.workflow.accept import CompiledWorkflow, accept
-from controller.workflow.api import Caller, RunApi, TooManyRuns
+from controller.workflow.api import Caller, RunApi, Started, TooManyRuns
 from controller.workflow.calls import CallTarget
 from controller.workflow.cost import BackendPrice
 from controller.workflow.egress import (
@@ -177,7 +177,9 @@ class WorkflowHost:
 
     # --- the run API ----------------------------------------------------------------------------
 
-    def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> RunState:
+    async def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> tuple[RunState, Coroutine[Any, Any, None] | None]:
+        """A run started over HTTP, picked up at once (``Runner.start_here``): its state and the
+        rest of its first call, for the handler's task."""
         wf = self.workflows.get(f"{namespace}/{workflow}")
         if wf is None:
             problem = self.problems.get(f"WorkflowSpec {namespace}/{workflow}")
@@ -190,7 +192,7 @@ class WorkflowHost:
         active = self.runner.active(tenant)
         if active >= self.settings.limits.max_active_per_tenant:
             raise TooManyRuns(over_cap_message(tenant, active, self.settings.limits))
-        return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
+        return await self.runner.start_here(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
 
     # --- retention ------------------------------------------------------------------------------
 
@@ -271,8 +273,9 @@ class FileRuns:
     def ready(self) -> bool:
         return self.host.resumed
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
-        return run_status(self.host.start_from_api(namespace, workflow, inputs, tenant))
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
+        state, then = await self.host.start_from_api(namespace, workflow, inputs, tenant)
+        return Started(run_status(state), then)
 
     def _own(self, caller: Caller, namespace: str, name: str) -> RunState | None:
         state = self.host.runner.get(f"{namespace}/{name}")

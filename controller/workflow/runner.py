@@ -276,15 +276,36 @@ class Runner:
                 steps[name] = replace(s, phase="Pending", attempts=s.attempts - 1, retry_at=state.created_at if s.attempts > 1 else None)
         self._launch(replace(state, steps=steps), wf)
 
-    def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
-        since = self.clock()
-        live = _Live(state, wf, since=since)
+    async def start_here(self, wf: CompiledWorkflow, name: str, inputs: dict[str, Any], *, tenant: str) -> tuple[RunState, Coroutine[Any, Any, None] | None]:
+        """Create a run and pick it up in the calling task, with no turn of the event loop in
+        between: (its state, its steps just made ready, the first of them started). The
+        returned coroutine runs that first call and what follows from it; the caller must await
+        it in the same task (the step's abort cancels that task), after answering its own
+        client if it likes (the run API sends its 201 first). None: no call to run.
+
+        Under a burst of new runs this puts the wait in front of the run's creation (requests
+        waiting for the loop) instead of between its creation and its first step starting
+        (``crdgol_workflow_run_first_start_delay_seconds``; benchmarks/RESULTS.md)."""
+        state = new_run(wf, name, wf.spec.namespace, inputs, self.clock(), tenant=tenant)
+        self.store.created(state)  # recorded before anything runs
+        live = self._register(state, wf)
+        now = self.clock()
+        self.metrics.pickup_delay.observe(max(0.0, now - (live.since or now)))
+        call = await self._deliver(live, Tick(now))
+        return live.state, (self._drive(live, None, call) if call is not None else None)
+
+    def _register(self, state: RunState, wf: CompiledWorkflow) -> _Live:
+        live = _Live(state, wf, since=self.clock())
         if self.tracer is not None:
             live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
         self._active[state.tenant] += 1
         self._count(state.workflow, state.phase, +1)
-        self._spawn(live, self._pick_up(live, since))
+        return live
+
+    def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
+        live = self._register(state, wf)
+        self._spawn(live, self._pick_up(live, live.since or self.clock()))
 
     async def _pick_up(self, live: _Live, since: float) -> None:
         """The run's first transition: its steps without dependencies become ready now, when
