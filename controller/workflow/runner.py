@@ -427,7 +427,8 @@ class Runner:
         if live.since is not None:
             self.metrics.first_start_delay.observe(max(0.0, self.clock() - live.since))
             live.since = None
-        started, started_ns = time.perf_counter(), time.time_ns()
+        started = time.perf_counter()
+        span = self.tracer.step_started(live.span, call) if self.tracer is not None else None
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
@@ -443,7 +444,10 @@ class Runner:
                         event = await self.containers(live.state, step, call)
             else:
                 http = await self._session()
-                ctx = CallContext(run_key=live.state.key, workflow_key=live.workflow.key, api_key=key, session=f"wf.{live.state.namespace}.{live.state.name}")
+                ctx = CallContext(
+                    run_key=live.state.key, workflow_key=live.workflow.key, api_key=key, session=f"wf.{live.state.namespace}.{live.state.name}",
+                    traceparent=self.tracer.traceparent(span) if self.tracer is not None and span is not None else "",
+                )
                 fn = call_ai if call.type == "ai-inference" else call_http
                 async with asyncio.timeout(call.timeout):
                     event = await fn(http, self.target, ctx, step, call)
@@ -458,12 +462,14 @@ class Runner:
             event = StepFailed(call.step, call.attempt, f"the call could not be made or read: {type(exc).__name__}: {exc}", self.clock(), final=True)
         except asyncio.CancelledError:
             self.metrics.step_seconds.labels(call.type, "aborted").observe(time.perf_counter() - started)
+            if self.tracer is not None and span is not None:
+                self.tracer.step_aborted(span)
             raise
         finally:
             self.metrics.in_flight.dec()
         outcome = "succeeded" if isinstance(event, StepSucceeded) else "failed"
-        if self.tracer is not None:
-            self.tracer.step_finished(live.span, call, event, started_ns)
+        if self.tracer is not None and span is not None:
+            self.tracer.step_finished(span, event)
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]
