@@ -202,3 +202,16 @@ def test_a_start_with_a_body_over_the_limit_is_a_413_in_the_gateways_shape(stack
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "request_too_large" and "256 KiB" in r.json()["error"]["message"]
     assert post(stack, "quick", MINE, n=1, blob="x" * (200 * 1024)).status_code == 201
+
+
+def test_a_started_runs_first_step_is_already_running_in_its_201_and_holds_up_no_other_request(stack: Stack) -> None:
+    httpx.post(f"{stack.mock_url}/_mock/helpdesk/config", json={"delay_ms": 20_000})
+    with httpx.Client(headers=MINE, timeout=30) as client:  # one connection, reused where it can be
+        first = client.post(f"{stack.url}/v1/workflows/held/runs", json={"inputs": {}})
+        assert first.status_code == 201
+        assert first.json()["phase"] == "Running" and first.json()["steps"][0]["phase"] == "Running"
+        # That call goes on for 20 s in the controller; the next requests do not wait for it.
+        started = time.monotonic()
+        assert client.post(f"{stack.url}/v1/workflows/quick/runs", json={"inputs": {"n": 1}}).status_code == 201
+        assert client.get(f"{stack.url}/v1/workflows/runs/{first.json()['name']}").json()["phase"] == "Running"
+        assert time.monotonic() - started < 5
