@@ -204,6 +204,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     # ~10% in benchmarks/workflows.py (RESULTS.md); objects loaded at start-up are not rescanned.
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    _raise_fd_limit()
     tls = _tls_files("--tls-*", args.tls_cert, args.tls_key, args.tls_client_ca)
     auth = ServerAuth(tls=tls, client_names=tuple(args.tls_client_name))
     tcp = [f"{args.host}:{port}" for port, sock in ((args.xds_port, args.xds_socket), (args.policy_port, args.policy_socket)) if not sock]
@@ -279,6 +280,20 @@ def cmd_controller(args: argparse.Namespace) -> int:
             limits=_run_limits(args),
         )
     return int(run_operator(settings, namespaces=args.namespace, peering=args.peering, workflows=cluster_workflows))
+
+
+def _raise_fd_limit() -> None:
+    """The soft limit on open files up to the hard one (at most 65,536), as Go programs do: the
+    workflow engine keeps each live run's journal open (``RunStore``), and distributions often
+    start processes at a soft 1,024."""
+    import contextlib
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # keep the limit we were given
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _run_limits(args: argparse.Namespace) -> RunLimits:
