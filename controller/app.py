@@ -120,6 +120,8 @@ class Controller:
         if self.workflows is not None:
             self.workflows.runner.tracer = self.run_tracer
         self._live: RenderResult | None = None  # the render whose policy extproc was given
+        # While it answers True, renders are not rolled out (``controller.initial_sync``).
+        self.hold_rollout: Callable[[], bool] = lambda: False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _on_report(self, report: pb.UsageReport) -> None:
@@ -137,7 +139,7 @@ class Controller:
             result = self.state.rebuild()
             self.metrics.render_seconds.observe(time.perf_counter() - started)
             version = result.snapshot.version
-            if self.policy.snapshot is None or self.policy.snapshot.version < version:
+            if (self.policy.snapshot is None or self.policy.snapshot.version < version) and not self.hold_rollout():
                 await self._roll_out(result)
             self._observe()
             self.write_status()
@@ -342,9 +344,14 @@ class Controller:
                 self.state.mcp.replace_all([d for d in others if d.get("kind") == MCP_SERVER_KIND])
                 sources_before = dict(self.state.result.source_problems) if self.state.result else {}
                 if self.workflows is not None and self.state.result is None:
-                    # A (re)started controller's first config keeps the run API's route, which
-                    # Envoy had from the previous one: without it a run's status would be a 404
-                    # "no route" until the workflows are synced below.
+                    # A (re)started controller's first config must already hold what the workflows
+                    # add (the run API's route, the egress listener), which Envoy kept from the
+                    # previous controller: a config without them would drop them while resumed
+                    # runs call through them (a connection refused, an attempt lost). So the
+                    # workflows are accepted against a render that is not rolled out first.
+                    self.state.extras = self.workflows.extras()
+                    first = self.state.rebuild().snapshot.bindings
+                    self.workflows.sync(others, secrets, {b.key: b.model for b in first}, prices_by_namespace(first))
                     self.state.extras = self.workflows.extras()
                 await self.publish()
                 if self.state.result is not None:

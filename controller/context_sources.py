@@ -42,7 +42,7 @@ _RESERVED_HEADERS = frozenset(
 )
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _ZERO = re.compile(r"^0+(\.0+)?(ms|s|m|h)?$")
-_KNOWN_VAR = re.compile(r"tenant|date|model|session|user\.[A-Za-z0-9_-]+")
+_KNOWN_VAR = re.compile(r"(tenant|date|model|session|user\.[A-Za-z0-9_-]+)(:-.*)?", re.S)
 
 
 @dataclass(frozen=True, slots=True)

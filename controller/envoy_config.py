@@ -39,18 +39,19 @@ from crdgol.replies import (
     MAX_REQUEST_HEADER_BYTES,
     MAX_REQUEST_HEADERS,
 )
-from crdgol.request_path import ROUTE_NAMESPACE, STATE_NAMESPACE, attributes, credential_secret
+from crdgol.request_path import (
+    BACKEND_METADATA,
+    ROUTE_HEADER,
+    ROUTE_NAMESPACE,
+    STATE_NAMESPACE,
+    attributes,
+    credential_secret,
+)
 from crdgol.tracing import TracingSettings
 from crdgol.usage_log import (
     SETTLE_NAMESPACE,
     USAGE_LOG_METADATA,
 )
-
-ROUTE_HEADER = "x-crdgol-route"
-
-
-BACKEND_METADATA = "x-crdgol-backend"
-
 
 EXTPROC_CLUSTER = "crdgol-extproc"
 

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from controller.envoy_config import (
     EXTPROC_CLUSTER,
     INTERNAL_LISTENER_EXTENSION,
-    ROUTE_HEADER,
     RenderSettings,
     is_ip,
     socket_address,
@@ -62,7 +61,7 @@ from crdgol.mcp_contract import (
     view_route,
 )
 from crdgol.pb import policy_pb2 as pb
-from crdgol.request_path import ROUTE_KEY, ROUTE_NAMESPACE
+from crdgol.request_path import ROUTE_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
 
 Resolve = Callable[[SecretRef, Mapping[str, SecretData], str, str, Endpoint | None], str]
 

@@ -83,6 +83,9 @@ class McpServerBook:
         for key in set(self._entries) - keep:
             del self._entries[key]
 
+    def keys(self) -> set[str]:
+        return set(self._entries)
+
     def specs(self) -> list[McpServerSpec]:
         return [e.good for e in self._entries.values() if e.good is not None]
 

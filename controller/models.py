@@ -423,7 +423,7 @@ def _context(raw: object, namespace: str) -> ContextSpec:
 
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
-_KNOWN_VAR = re.compile(r"tenant|date|model|user\.[A-Za-z0-9_-]+")
+_KNOWN_VAR = re.compile(r"(tenant|date|model|user\.[A-Za-z0-9_-]+)(:-.*)?", re.S)
 
 
 def _check_template(template: str) -> None:
@@ -431,7 +431,7 @@ def _check_template(template: str) -> None:
         if not _KNOWN_VAR.fullmatch(m.group(1)):  # fullmatch: "$" would allow a trailing newline
             raise SpecError(
                 "InvalidTemplate",
-                f"spec.context.systemPrompt: unknown variable ${{{m.group(1)}}}; use ${{tenant}}, ${{date}}, ${{model}} or ${{user.<field>}}",
+                f"spec.context.systemPrompt: unknown variable ${{{m.group(1)}}}; use ${{tenant}}, ${{date}}, ${{model}} or ${{user.<field>}}, each with an optional :-default",
             )
     if template.count("${") != len(_VAR.findall(template)):
         raise SpecError("InvalidTemplate", "spec.context.systemPrompt: an unterminated ${ (write $$ for a literal $)")

@@ -22,6 +22,10 @@ moves objects between the API server and the state, publishes, and writes ``.sta
   *after* the Secret was (filtered out and) listed is read once by name when the binding arrives.
 * **Publishing** is coalesced (``Batcher``): handlers of many objects (e.g. the initial listing of
   5,000 bindings on a restart) share one render instead of rendering once per object.
+* **A restart rolls out the whole config**: at start the operator lists the bindings, API-key
+  Secrets, MCPServers and WorkflowSpecs there are, and nothing reaches Envoy or extproc until all
+  of them are in the state (``controller.initial_sync``): a partial render would replace the
+  previous controller's config, which Envoy and extproc keep meanwhile.
 * **One active controller**: kopf peering under the given name (``--peering``, default
   ``crdgol``); ``""`` runs standalone. Peering needs kopf's peering CRDs
   (``clusterkopfpeerings.kopf.dev`` when cluster-wide, ``kopfpeerings.kopf.dev`` per namespace
@@ -51,8 +55,10 @@ import kopf
 
 from controller.app import Controller, ControllerSettings
 from controller.binding_usage import keep_usage_fresh
+from controller.initial_sync import InitialSync, list_path
+from controller.mcp_operator import PLURAL as MCP_PLURAL
 from controller.mcp_operator import McpServerHandlers
-from controller.models import GROUP, VERSION, SpecError, parse_binding
+from controller.models import API_KEY_LABEL, GROUP, VERSION, SpecError, parse_binding
 from controller.state import BindingStatus, ControllerState
 from controller.workflow.cluster import ClusterWorkflows, ClusterWorkflowSettings
 from controller.workflow.runner import WorkflowMetrics
@@ -73,6 +79,9 @@ class OperatorOptions:
     connection: kopf.ConnectionInfo | None = None  # None: in-cluster / kubeconfig
     server_timeout: int | None = None  # watch requests' server-side timeout (seconds)
     batch_delay: float = 0.05  # how long a publish waits for more changes to join it
+    # How long a (re)started operator waits for the objects it listed at start before rolling out
+    # without them (``controller.initial_sync``).
+    initial_sync_timeout: float = 30.0
     resync_interval: float = 5.0  # sweep for status writes that failed
     workflows: ClusterWorkflowSettings | None = None  # None: WorkflowSpecs and WorkflowRuns are not run
 
@@ -110,6 +119,10 @@ class KubeClient:
         self._info: kopf.ConnectionInfo | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stale: list[aiohttp.ClientSession] = []
+
+    @property
+    def logged_in(self) -> bool:
+        return self._info is not None
 
     def use(self, info: kopf.ConnectionInfo) -> None:
         if info == self._info:
@@ -332,6 +345,7 @@ class Operator:
         self._secrets_seen: set[str] = set()  # Secrets the state holds (from events or reads)
         self._resync: asyncio.Task[None] | None = None
         self._usage: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.workflows = (
             ClusterWorkflows(options.workflows, controller.state, self.client.request, self.publish, WorkflowMetrics(controller.metrics.registry))
             if options.workflows is not None
@@ -416,6 +430,7 @@ class Operator:
     # -- lifecycle --
 
     async def start(self) -> None:
+        await self._hold_until_listed()
         await self.controller.start()
         if self.workflows is not None:
             await self.workflows.serve_api()
@@ -424,7 +439,48 @@ class Operator:
         settings = self.controller.settings
         self._usage = asyncio.create_task(keep_usage_fresh(self.state, self.controller.usage, settings.usage_interval, self.publish))
 
+    async def _hold_until_listed(self) -> None:
+        """List what the cluster holds now; roll-outs wait for it (``controller.initial_sync``)."""
+        if not self.client.logged_in:
+            # kopf runs startup handlers before its login handlers: log in the same way now.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.login, logger=log)
+        kinds = [("AIModelBinding", f"{GROUP}/{VERSION}", PLURAL, ""), ("Secret", "v1", "secrets", f"{API_KEY_LABEL}%3Dtrue"),
+                 ("MCPServer", f"{GROUP}/{VERSION}", MCP_PLURAL, "")]
+        if self.workflows is not None:
+            kinds.append(("WorkflowSpec", f"{GROUP}/{VERSION}", "workflowspecs", ""))
+        expected: dict[str, set[str]] = {}
+        for kind, group_version, plural, selector in kinds:
+            keys: set[str] = set()
+            for namespace in self.options.namespaces or ("",):
+                try:
+                    code, doc = await self.client.request("GET", list_path(group_version, plural, namespace, selector))
+                except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                    log.warning("cannot list %s at start (%s): not waiting for them", plural, exc)
+                    code, doc = 0, None
+                if code != 200 or not isinstance(doc, dict):
+                    continue
+                for item in doc.get("items") or []:
+                    meta = item.get("metadata") or {}
+                    keys.add(f"{meta.get('namespace') or 'default'}/{meta.get('name')}")
+            expected[kind] = keys
+        gate = InitialSync(expected, time.monotonic() + self.options.initial_sync_timeout)
+
+        def present() -> dict[str, set[str]]:
+            held = self.state.held()
+            if self.workflows is not None:
+                held["WorkflowSpec"] = {*self.workflows.accepted, *self.workflows.refused}
+            return held
+
+        self.controller.hold_rollout = lambda: gate.holds(present())
+        if any(expected.values()):
+            log.info("waiting for %s listed at start before the first roll-out", ", ".join(f"{len(v)} {k}" for k, v in expected.items() if v))
+        # Past the deadline the next publish rolls out whatever is there.
+        self._deadline = asyncio.get_running_loop().call_later(self.options.initial_sync_timeout, lambda: asyncio.ensure_future(self.publish()))
+
     async def stop(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         for task in (self._resync, self._usage):
             if task is not None:
                 task.cancel()

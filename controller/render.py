@@ -38,7 +38,6 @@ from controller.context_sources import McpSourceSpec
 from controller.envoy_config import (
     CA_BUNDLE,
     EXTPROC_CLUSTER,
-    ROUTE_HEADER,
     Json,
     RenderSettings,
     ads_bootstrap,
@@ -73,7 +72,7 @@ from controller.ownership import Claims, acceptances, grant_not_accepted, unacce
 from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
-from crdgol.request_path import credential_secret
+from crdgol.request_path import ROUTE_HEADER, credential_secret
 
 _PROVIDER = {"openai": pb.OPENAI, "anthropic": pb.ANTHROPIC, "openai-compatible": pb.OPENAI_COMPATIBLE}
 

@@ -142,6 +142,10 @@ class ControllerState:
             return
         self._secrets[secret.key] = secret
 
+    def held(self) -> dict[str, set[str]]:
+        """The keys (``namespace/name``) of the bindings, Secrets and MCPServers the state holds."""
+        return {"AIModelBinding": set(self._bindings), "Secret": set(self._secrets), "MCPServer": self.mcp.keys()}
+
     def delete_secret(self, namespace: str, name: str) -> None:
         self._secrets.pop(f"{namespace}/{name}", None)
 

@@ -34,6 +34,11 @@ RESPONSE_SUFFIX = "~r"
 # gets its headers, body and response on one stream and names the route with this suffix.
 HEADERS_SUFFIX = "~h"
 SESSION_HEADER = "x-session-id"
+# The internal request header that names a binding's route (set by extproc or the route itself,
+# never by a client: the gateway listener removes it), and the ext_proc gRPC initial metadata key
+# that names the backend a fallback attempt's filter serves.
+ROUTE_HEADER = "x-crdgol-route"
+BACKEND_METADATA = "x-crdgol-backend"
 # Route metadata keys the route turns into the internal request headers for a fallback attempt.
 CLIENT_API_KEY = "client_api"
 BODY_API_KEY = "body_api"
@@ -51,7 +56,7 @@ NO_OP_HEADER = "x-crdgol-reroute"
 # The response cache's request directive (extproc.cache_key reads it, with cache-control).
 BYPASS_HEADER = "x-crdgol-cache"
 READ_HEADERS = (
-    "authorization", "x-api-key", "x-session-id", "content-type", "anthropic-version", "cache-control", BYPASS_HEADER
+    "authorization", "x-api-key", SESSION_HEADER, "content-type", "anthropic-version", "cache-control", BYPASS_HEADER
 )
 _PATH, _METHOD, _ID = "request.path", "request.method", "request.id"
 # request.total_size - request.size: the request's header bytes, and how many headers it has

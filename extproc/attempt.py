@@ -17,11 +17,12 @@ from typing import Any
 
 import orjson
 
+from crdgol.request_path import ROUTE_HEADER
 from extproc import translate
 from extproc.errors import BadRequest
 from extproc.policy import Api, Backend
 from extproc.readers import ResponseReader as ResponseTranslation
-from extproc.services import BODY_API_HEADER, CLIENT_API_HEADER, ROUTE_HEADER
+from extproc.services import BODY_API_HEADER, CLIENT_API_HEADER
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Never forwarded to a provider: the client's credentials and crdgol's own request headers.

@@ -98,7 +98,7 @@ _DELIMITER = re.compile(r"<(?=\s*/?\s*(?:source|mcp_context)\b)", re.IGNORECASE)
 # Control characters but tab and newline, format characters and line/paragraph separators.
 _SOURCE_STRIP = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]")
 
-_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z0-9_.-]+)\}")
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z0-9_.-]+)(?::-([^}]*))?\}")
 _CLIENT_SYSTEM_ROLES = frozenset({"system", "developer"})
 _HISTORY_ROLES = frozenset({"user", "assistant"})
 # Unicode categories removed from profile values: control characters (Cc, includes \n \r \t),
@@ -154,7 +154,9 @@ class ProfileValue:
 
 
 def render_template(template: str, variables: Mapping[str, str]) -> str:
-    """Substitute ``${name}`` from ``variables`` (unknown names become ""), and ``$$`` -> ``$``.
+    """Substitute ``${name}`` from ``variables`` (unknown names become ""), ``${name:-text}`` the
+    same but ``text`` when the name is unknown or empty (an absent header, a missing claim), and
+    ``$$`` -> ``$``.
 
     A single regex pass: substituted values are never rescanned, so a value that contains
     ``${...}`` stays literal text, and nothing is ever evaluated. A ``$`` not followed by ``$`` or
@@ -162,8 +164,10 @@ def render_template(template: str, variables: Mapping[str, str]) -> str:
     """
 
     def replace(m: re.Match[str]) -> str:
-        name = m.group(1)
-        return "$" if name is None else variables.get(name, "")
+        name, default = m.group(1), m.group(2)
+        if name is None:
+            return "$"
+        return variables.get(name, "") or (default or "")
 
     return _VARIABLE.sub(replace, template)
 

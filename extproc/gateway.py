@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from crdgol import logs, tenancy
 from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
-from crdgol.request_path import attribute_headers
+from crdgol.request_path import ROUTE_HEADER, SESSION_HEADER, attribute_headers
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as context_policy
 from extproc import mcp_gateway, translate_errors, workflows
@@ -54,7 +54,6 @@ from extproc.services import (
     BODY_API_HEADER,
     CLIENT_API_HEADER,
     INTERNAL_HEADERS,
-    ROUTE_HEADER,
     Services,
 )
 from extproc.tracing import CallSpan, step
@@ -538,7 +537,7 @@ class Completion(ModelCall):
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         reply = await super().request_headers(headers, end_of_stream)
-        raw_session = headers.get("x-session-id")
+        raw_session = headers.get(SESSION_HEADER)
         if raw_session is not None:
             self.session = validate_session_id(raw_session)
         return reply

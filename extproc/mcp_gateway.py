@@ -51,7 +51,7 @@ from crdgol.mcp_contract import (
     quota_key,
 )
 from crdgol.replies import INTERNAL_HEADER_PREFIX
-from crdgol.request_path import NO_OP_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
+from crdgol.request_path import NO_OP_HEADER, ROUTE_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
 from extproc.admission import QuotaExceeded, ratelimit_headers
 from extproc.auth import credential_from_headers
 from extproc.errors import (
@@ -67,7 +67,7 @@ from extproc.mcp_policy import ToolServer, View
 from extproc.phases import PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.quota import Demand, quota_scope
 from extproc.quota_store import check
-from extproc.services import ROUTE_HEADER, Services
+from extproc.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from crdgol.control_plane import ClientAuth, private_socket
 from crdgol.mcp_contract import LIST_METADATA as MCP_LIST_METADATA
 from crdgol.mcp_contract import SERVER_METADATA as MCP_SERVER_METADATA
 from crdgol.pb import policy_pb2 as pb
-from crdgol.request_path import RESPONSE_STREAM_METADATA
+from crdgol.request_path import BACKEND_METADATA, RESPONSE_STREAM_METADATA
 from crdgol.usage_log import USAGE_LOG_METADATA
 from extproc import phases
 from extproc.errors import GatewayError
@@ -41,7 +41,6 @@ from extproc.usage_log import UsageLog
 
 log = logging.getLogger(__name__)
 
-BACKEND_METADATA = "x-crdgol-backend"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 
+from crdgol.request_path import ROUTE_HEADER
 from extproc.auth import Authenticator, Identity, KeysPending
 from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
@@ -27,7 +28,6 @@ from extproc.tracing import CallTracer
 log = logging.getLogger(__name__)
 
 # Internal request headers: set by the downstream filter for the upstream one, never by clients.
-ROUTE_HEADER = "x-crdgol-route"
 CLIENT_API_HEADER = "x-crdgol-client-api"
 # The API the request body is in when it reaches a fallback attempt (the first backend's, when the
 # downstream filter already rewrote it for that backend).

@@ -10,7 +10,7 @@ loopback (``--envoy-admin``), which only a process beside Envoy can reach.
 
 The report goes every ``interval`` seconds over the control plane extproc already trusts (the
 policy stream's channel: Unix socket or mutual TLS). A failed report is logged (at most once a
-minute) and simply sent again, whole, at the next tick.
+minute) and simply sent again, whole, at the next tick, on a new channel.
 """
 
 from __future__ import annotations
@@ -103,19 +103,27 @@ async def report_forever(
     started = time.time() if started_at is None else started_at
     reporter = f"{socket.gethostname()}:{os.getpid()}:{int(started)}"
     warned_at = float("-inf")
-    while True:
-        await asyncio.sleep(interval)
-        health = await envoy_health(envoy_admin) if envoy_admin else []
-        report = build_report(reporter, started, usage_from(services.metrics.registry), health)
-        try:
-            async with channel(target, auth) as ch:
+    # One channel for every report (gRPC reconnects it by itself); a new one after a failure, so
+    # credentials rotated on disk are read again.
+    ch: grpc.aio.Channel | None = None
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            health = await envoy_health(envoy_admin) if envoy_admin else []
+            report = build_report(reporter, started, usage_from(services.metrics.registry), health)
+            try:
+                ch = ch or channel(target, auth)
                 stub = pb_grpc.PolicyServiceStub(ch)  # type: ignore[no-untyped-call]
                 await stub.Report(report, timeout=5)
-        except asyncio.CancelledError:
-            raise
-        except (grpc.aio.AioRpcError, OSError) as exc:
-            now = time.monotonic()
-            if now - warned_at >= 60:
-                warned_at = now
-                what = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                log.warning("usage report to %s failed (%s); sending it again in %.0fs", target, what, interval)
+            except (grpc.aio.AioRpcError, OSError) as exc:
+                if ch is not None:
+                    await ch.close()
+                    ch = None
+                now = time.monotonic()
+                if now - warned_at >= 60:
+                    warned_at = now
+                    what = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+                    log.warning("usage report to %s failed (%s); sending it again in %.0fs", target, what, interval)
+    finally:
+        if ch is not None:
+            await ch.close()

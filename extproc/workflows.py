@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 
+from crdgol.request_path import ROUTE_HEADER
 from crdgol.workflow_contract import KEY_DIGEST_HEADER, PREFIX, ROUTE, TENANT_HEADER
 from extproc.auth import credential_from_headers
 from extproc.errors import MethodNotAllowed, NotFound
 from extproc.phases import Continue, Handler, Headers, Reply
-from extproc.services import ROUTE_HEADER, Services
+from extproc.services import Services
 
 _NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _PATHS: tuple[tuple[re.Pattern[str], str], ...] = (

@@ -35,6 +35,14 @@ class Up:
     def said(self) -> str:
         return self.stderr.read_text(errors="replace")
 
+    def story(self) -> str:
+        """What ``crdgol up`` and its Python children said, then Envoy's last lines: a failure's
+        explanation, which Envoy's per-request warnings would otherwise push out of a short tail."""
+        lines = self.said().splitlines()
+        envoy = [ln for ln in lines if ln.startswith("[20")]
+        ours = [ln for ln in lines if ln.strip() and not ln.startswith("[20")]
+        return "\n".join([*ours[-60:], "-- Envoy's last lines --", *(ln[:400] for ln in envoy[-5:])])
+
     def children(self) -> dict[str, int]:
         """The stack's processes by role, found through /proc (children of ``crdgol up``)."""
         found = {}
@@ -65,7 +73,7 @@ def answered_within(up: Up, seconds: float) -> float:
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise AssertionError(f"no 200 within {seconds}s; crdgol up said:\n{up.said()[-3000:]}")
+    raise AssertionError(f"no 200 within {seconds}s; crdgol up said:\n{up.story()}")
 
 
 def start_up(folder: Path, port: int, mock_port: int, metrics_port: int, log: Path, *extra: str, model: str = "quickstart-chat") -> Up:

@@ -22,6 +22,7 @@ import jsonschema
 from controller.workflow.accept import CompiledStep
 from controller.workflow.cost import cost_micros
 from controller.workflow.engine import Call, StepFailed, StepSucceeded
+from crdgol.request_path import SESSION_HEADER
 from crdgol.workflow_contract import IDEMPOTENCY_HEADER, STEP_HEADER
 
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -100,7 +101,7 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
         IDEMPOTENCY_HEADER: idempotency_key(ctx.run_key, call.step, call.attempt),
     }
     if spec.ai_inference.session == "shared":
-        headers["x-session-id"] = ctx.session
+        headers[SESSION_HEADER] = ctx.session
     if ctx.traceparent:
         headers["traceparent"] = ctx.traceparent
     async with http.post(f"{target.gateway}/v1/chat/completions", json=call.request, headers=headers) as r:

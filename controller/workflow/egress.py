@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from controller.envoy_config import (
     CA_BUNDLE,
-    ROUTE_HEADER,
     Json,
     duration,
     is_ip,
@@ -23,6 +22,7 @@ from controller.envoy_config import (
     typed,
 )
 from controller.workflow.accept import CompiledWorkflow
+from crdgol.request_path import ROUTE_HEADER
 from crdgol.workflow_contract import API_TOKEN_HEADER, ROUTE, STEP_HEADER
 
 EGRESS_LISTENER = "crdgol-egress"

@@ -72,6 +72,12 @@ class TestTemplate:
     def test_unknown_variables_become_empty(self) -> None:
         assert render_template("[${nope}][${user.x}]", {}) == "[][]"
 
+    def test_a_default_stands_in_for_an_unknown_or_empty_variable(self) -> None:
+        variables = {"user.team": "", "tenant": "t"}
+        out = render_template("${user.team:-not given}/${user.city:-?}/${tenant:-x}/${user.team:-}", variables)
+        assert out == "not given/?/t/"
+        assert render_template("${tenant:-${date}}", {}) == "${date}"  # a default is text, never a variable
+
     def test_double_dollar_is_a_literal_dollar(self) -> None:
         assert (
             render_template("costs $$5 and $${tenant}", {"tenant": "t"}) == "costs $5 and ${tenant}"

@@ -17,9 +17,10 @@ from jwt.algorithms import RSAAlgorithm
 
 from crdgol.mcp_contract import TENANT_HEADER
 from crdgol.pb import policy_pb2 as pb
+from crdgol.request_path import ROUTE_HEADER
 from extproc.jwks import JwksCache
 from extproc.policy import PolicyHolder, compile_policy
-from extproc.services import ROUTE_HEADER, Services
+from extproc.services import Services
 from tests.unit.test_mcp_servers import body_msg, call, drive, headers_msg, rendered, server
 
 ISSUER = "https://idp.example"

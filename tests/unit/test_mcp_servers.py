@@ -18,11 +18,12 @@ from controller.mcp_servers import CRD, McpServerSpec, fields_module_text, parse
 from controller.models import SpecError, parse_secret
 from controller.render import RenderSettings, render
 from crdgol.mcp_contract import LIST_FILTER_HEADER, TENANT_HEADER
+from crdgol.request_path import ROUTE_HEADER
 from extproc import phases
 from extproc.gateway import Downstream
 from extproc.mcp_gateway import filter_tool_list
 from extproc.policy import PolicyHolder, compile_policy
-from extproc.services import ROUTE_HEADER, Services
+from extproc.services import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -162,6 +162,7 @@ def test_an_issuers_jwks_url_reaches_extproc_in_the_policy() -> None:
         ({"backends": [{"name": "a", "provider": "azure", "endpoint": "https://x", "model": "g"}]}, "InvalidProvider"),
         ({"backends": [{"name": "a", "provider": "openai", "endpoint": "ftp://x", "model": "g"}]}, "InvalidEndpoint"),
         ({"context": {"systemPrompt": "hi ${nope}"}}, "InvalidTemplate"),
+        ({"context": {"systemPrompt": "hi ${nope:-someone}"}}, "InvalidTemplate"),
         ({"timeouts": {"request": "soon"}}, "InvalidDuration"),
     ],
 )
