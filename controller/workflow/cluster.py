@@ -204,6 +204,9 @@ class ClusterWorkflows:
         # when it counts). With the runner's live runs they are the tenant's active runs.
         self._admitted: dict[str, tuple[str, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Finished WorkflowRuns as the watch last showed them (retention's input): kept from the
+        # events instead of listing every run, statuses and all, on each sweep.
+        self._finished: dict[str, FinishedRun] = {}
 
     # --- WorkflowSpecs ----------------------------------------------------------------------------
 
@@ -414,31 +417,24 @@ class ClusterWorkflows:
 
     # --- retention ------------------------------------------------------------------------------------
 
+    def run_seen(self, event_type: str, obj: dict[str, Any]) -> None:
+        """A WorkflowRun event from the watch: note it if it has finished (or forget it)."""
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        ended = parse_rfc3339(status.get("finishedAt"))
+        if event_type == "DELETED" or status.get("phase") not in RUN_DONE or ended is None:
+            self._finished.pop(key, None)
+            return
+        workflow = str(((obj.get("spec") or {}).get("workflowRef") or {}).get("name") or "")
+        by_api = (meta.get("annotations") or {}).get(STARTED_BY_ANNOTATION) == "api"
+        self._finished[key] = FinishedRun(key, f"{key.split('/', 1)[0]}/{workflow}", str(status.get("tenant") or ""), ended, by_api)
+
     async def sweep(self) -> list[str]:
         """Delete the finished WorkflowRuns ``retention.to_remove`` picks, in the namespaces that
         have WorkflowSpecs here: those the run API created (``STARTED_BY_ANNOTATION``) by the
         controller's defaults, any run of a spec that sets its own retention by the spec's."""
         namespaces = {k.split("/", 1)[0] for k in (*self.accepted, *self.refused)}
-        if not namespaces:
-            return []
-        try:
-            code, doc = await self.request("GET", f"/apis/{GROUP}/{VERSION}/{RUNS}", None, "application/json")
-        except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
-            log.warning("workflow run retention: cannot list WorkflowRuns: %s", exc)
-            return []
-        if code != 200 or not isinstance(doc, dict):
-            log.warning("workflow run retention: cannot list WorkflowRuns: HTTP %s", code)
-            return []
-        finished = []
-        for obj in doc.get("items") or []:
-            meta, status = obj.get("metadata") or {}, obj.get("status") or {}
-            namespace = str(meta.get("namespace") or "")
-            ended = parse_rfc3339(status.get("finishedAt"))
-            if namespace not in namespaces or status.get("phase") not in RUN_DONE or ended is None:
-                continue
-            workflow = str(((obj.get("spec") or {}).get("workflowRef") or {}).get("name") or "")
-            by_api = (meta.get("annotations") or {}).get(STARTED_BY_ANNOTATION) == "api"
-            finished.append(FinishedRun(f"{namespace}/{meta.get('name')}", f"{namespace}/{workflow}", str(status.get("tenant") or ""), ended, by_api))
+        finished = [r for r in self._finished.values() if r.key.split("/", 1)[0] in namespaces]
         specs = {k: SpecRetention(w.spec.ttl_after_finished, w.spec.keep_finished_runs) for k, w in self.accepted.items()}
         gone = []
         for key in to_remove(finished, self.clock(), self.settings.limits, specs):
@@ -450,6 +446,7 @@ class ClusterWorkflows:
                 continue
             if code < 300 or code == 404:
                 gone.append(key)
+                self._finished.pop(key, None)
             else:
                 log.warning("workflow run retention: cannot delete WorkflowRun %s: HTTP %s", key, code)
         if gone:
@@ -540,7 +537,8 @@ class ClusterWorkflows:
             await self.run_started(body)
 
         @kopf.on.event(*runs, registry=registry, id="workflowrun-gone")
-        async def run_deleted(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+        async def run_event(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+            self.run_seen(str(event.get("type") or ""), dict(event.get("object") or {}))
             if event.get("type") == "DELETED":
                 await self.run_gone(namespace or "default", name)
 
