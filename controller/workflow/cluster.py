@@ -21,6 +21,9 @@ handlers to the operator's registry (``controller.operator``).
   labelled with a run finishes their steps.
 * **Egress**: the accepted specs' http-request targets become Envoy's egress listener in the
   gateway's config (``egress_resources``), published with the bindings.
+* **Limits** (``retention``): the run API counts a tenant's active runs (the runner's live ones
+  plus those it created that the watch has not delivered yet) against its cap; finished runs
+  seen on the watch are deleted by their retention (``sweep``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 the gateway serves: accepts the specs (refusing, with the step named, what cannot run), starts
 the runs the folder declares that have no recorded state yet, and on its first call resumes the
 runs recorded before a restart. ``extras`` are the Envoy resources it needs (egress listener, run
-API route); ``serve_api`` opens the run API on its Unix socket.
+API route); ``serve_api`` opens the run API on its Unix socket, where a run started over HTTP is
+capped per tenant and picked up in its request's handler, and starts the sweep that removes
+finished runs by their retention (``retention``).
 """
 
 from __future__ import annotations
