@@ -75,9 +75,9 @@ MAX_BODY_BYTES = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """A run just started: its status for the 201, and (file mode) its first step's call
-    already begun, with the steps that follow from it, which the handler carries on in its own
-    task once the 201 is sent (``Runner.start_here``)."""
+    """A run just started: its status for the 201, and (file mode) its first step's call with
+    the steps that follow from it, which the handler runs in its own task as soon as the 201 is
+    written (``Runner.start_here``)."""
 
     status: dict[str, Any]
     then: Coroutine[Any, Any, None] | None = None

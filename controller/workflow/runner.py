@@ -288,10 +288,10 @@ class Runner:
 
     async def start_here(self, wf: CompiledWorkflow, name: str, inputs: dict[str, Any], *, tenant: str) -> tuple[RunState, Coroutine[Any, Any, None] | None]:
         """Create a run and pick it up in the calling task, with no turn of the event loop in
-        between: (its state, its steps just made ready, the first of them started). The
-        returned coroutine runs that first call and what follows from it; the caller must await
-        it in the same task (the step's abort cancels that task), after answering its own
-        client if it likes (the run API sends its 201 first). None: no call to run.
+        between: (its state with its first steps Running, a coroutine). The coroutine starts the
+        first of those calls at once and runs what follows from it; the caller must await it in
+        the same task (the step's abort cancels that task), after answering its own client if it
+        likes (the run API writes its 201 first). None: no call to run.
 
         Under a burst of new runs this puts the wait in front of the run's creation (requests
         waiting for the loop) instead of between its creation and its first step starting
