@@ -293,10 +293,25 @@ class ClusterWorkflows:
     async def run_started(self, body: kopf.Body) -> None:
         """Start (on create) or resume (on the operator's resume) one WorkflowRun."""
         meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        waiting = False
+        try:
+            await self._start_run(body)
+        except kopf.TemporaryError:
+            waiting = True
+            raise
+        finally:
+            # Counted by the run API until now; from here on the runner counts it while it runs.
+            # Not before it is live (a start between would find it counted nowhere), nor while it
+            # waits for its spec or Secret (it stays admitted until ``ADMITTED_FOR`` has passed).
+            if not waiting:
+                self._admitted.pop(key, None)
+
+    async def _start_run(self, body: kopf.Body) -> None:
+        meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         key = f"{namespace}/{name}"
         status = dict(body.get("status") or {})
-        self._admitted.pop(key, None)  # picked up: from now on the runner counts it (while it runs)
         if status.get("phase") in RUN_DONE or self.runner.get(key) is not None or key in self.cancelled:
             return
         self._uids[key] = str(meta.get("uid") or "")

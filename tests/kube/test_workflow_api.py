@@ -281,7 +281,7 @@ async def test_concurrent_starts_beyond_the_tenants_cap_get_429_and_create_no_wo
     created = sorted(r.json()["name"] for r in answers if r.status_code == 201)
     assert sorted(k[2] for k, o in gw.cluster.server.objects.items() if k[0] == RUNS and not o.deleted) == created  # nothing else
     # Picked up by the operator, they are still counted (now as the engine's live runs).
-    await gw.cluster.eventually(lambda: all(object_of(gw.cluster, JOBS, f"{n}-crunch-1") for n in created), what="their Jobs")
+    await gw.cluster.eventually(lambda: all(object_of(gw.cluster, JOBS, f"{n}-crunch-1") for n in created), timeout=20, what="their Jobs")
     assert (await call("POST", f"{gw.url}/v1/workflows/crunch/runs", json={"inputs": {}}, headers=H)).status_code == 429
     assert (await call("DELETE", f"{gw.url}/v1/workflows/runs/{created[0]}", headers=H)).json()["phase"] == "Cancelled"
     assert (await call("POST", f"{gw.url}/v1/workflows/crunch/runs", json={"inputs": {}}, headers=H)).status_code == 201

@@ -61,3 +61,46 @@ def test_a_spec_parses_its_retention_and_refuses_nonsense() -> None:
         parse(keepFinishedRuns=-1)
     with pytest.raises(SpecError, match="ttlAfterFinished"):
         parse(ttlAfterFinished="0s")
+
+
+async def test_on_a_cluster_a_run_stays_counted_while_the_operator_picks_it_up() -> None:
+    """The run API counts a run it created until the operator has it live: a start in between
+    (the operator reading the run's Secret) must not find it counted nowhere."""
+    import asyncio
+    from typing import Any
+
+    import kopf
+    from prometheus_client import CollectorRegistry
+
+    from controller.envoy_config import RenderSettings
+    from controller.state import ControllerState
+    from controller.workflow.cluster import ClusterWorkflows, ClusterWorkflowSettings
+    from controller.workflow.runner import WorkflowMetrics
+
+    secret_read = asyncio.Event()
+    release = asyncio.Event()
+    secret = {"metadata": {"name": "k", "namespace": "team", "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": "a"}},
+              "data": {"key": "c2stYQ=="}}
+
+    async def request(method: str, path: str, body: Any, content_type: str) -> tuple[int, Any]:
+        if "/secrets/" in path:
+            secret_read.set()
+            await release.wait()
+            return 200, secret
+        return 200, {}
+
+    async def publish() -> None:
+        pass
+
+    engine = ClusterWorkflows(ClusterWorkflowSettings(gateway_url="http://127.0.0.1:9", limits=RunLimits(max_active_per_tenant=1)),
+                              ControllerState(RenderSettings()), request, publish, WorkflowMetrics(CollectorRegistry()))
+    doc = {"metadata": {"name": "w", "namespace": "team", "generation": 1}, "spec": {"steps": [{"name": "a", "type": "transform", "transform": {"expression": "1"}}]}}
+    await engine.spec_changed(kopf.Body(doc))  # type: ignore[arg-type]
+    assert engine.admit("team/a", "team/w-1") is None
+    body = {"metadata": {"name": "w-1", "namespace": "team", "uid": "u"}, "spec": {"workflowRef": {"name": "w"}, "apiKeySecretRef": {"name": "k", "key": "key"}}}
+    picking_up = asyncio.create_task(engine.run_started(kopf.Body(body)))  # type: ignore[arg-type]
+    await secret_read.wait()
+    assert engine.admit("team/a", "team/w-2") == 1  # still counted while the operator reads its Secret
+    release.set()
+    await picking_up
+    await engine.close()
