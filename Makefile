@@ -39,7 +39,7 @@ test-dataplane: setup ## real Envoy + extproc + mock upstream on loopback
 	$(BIN)/python -m pytest -q tests/dataplane
 
 test-workflows: setup ## the workflow engine: pure core, runs through real Envoy, extproc and the mock, and on kmock
-	$(BIN)/python -m pytest -q tests/unit/test_workflow_engine.py tests/unit/test_workflow_spec.py tests/unit/test_workflow_cluster.py tests/workflow tests/kube/test_workflows.py
+	$(BIN)/python -m pytest -q tests/unit/test_workflow_engine.py tests/unit/test_workflow_spec.py tests/unit/test_workflow_cluster.py tests/unit/test_workflow_retention.py tests/workflow tests/kube/test_workflows.py tests/kube/test_workflow_api.py
 
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check crdgol extproc controller mockllm tests benchmarks

@@ -6,7 +6,7 @@ One real MCP server (the official SDK's MCPServer, streamable HTTP, an ``add`` t
 the gateway (controller, extproc, Envoy: ``crdgol.stack.Stack``) serving it as an MCPServer twice,
 once without and once with a credential (which adds extproc's upstream ext_proc on the server's
 cluster). One MCP client session per path (the SDK's ClientSession), calls one at a time (c1),
-the paths interleaved call by call so drift hits all alike. Reports p50/p90/p99 per path and the
+the paths interleaved call by call (in an order rotated each round) so drift hits all alike. Reports p50/p90/p99 per path and the
 added latency (gateway minus direct, per percentile) in ``mcp_tools.json``/``.md``.
 
 Two reference paths split the cost: ``envoy_proxy``, a plain Envoy HTTP proxy in front of the
@@ -22,7 +22,13 @@ path before), a second Envoy on the same extproc and policy.
 ``null_extproc`` is the floor of any decision in a Python ext_proc server: ``envoy_only`` plus the
 gateway's ext_proc filter (body only, with the same request attributes) to a gRPC server
 (``grpc.aio`` on uvloop, like extproc, in a process of its own, on a Unix socket) that answers each message
-at once with no change: one stream, one message, nothing decided.
+at once with no change: one stream, one message, nothing decided. ``null_extproc_proxy`` is the
+same filter in front of the plain proxy (``envoy_proxy``): the floor of a tool call that goes
+straight to its server, as the gateway's do since the internal listener left the call path.
+
+``--ab-tree DIR`` adds ``gateway_ab``: the gateway of another source tree (a checkout of an earlier
+commit, its protos built), started in a process of its own with the same settings, interleaved
+call by call with the rest: an A/B of two versions in the same minutes.
 """
 
 from __future__ import annotations
@@ -134,7 +140,9 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int, null_port: int, null_socket: str) -> dict[str, Any]:
+def envoy_only_config(
+    folder: Path, port: int, proxy_port: int, admin_port: int, null_port: int, null_socket: str, null_proxy_port: int
+) -> dict[str, Any]:
     """The gateway's rendered config without its ext_proc: /mcp goes straight to the view. Plus,
     on ``proxy_port``, a plain HTTP proxy to the server (what any proxy in front of it adds), and
     on ``null_port`` the same as ``port`` with the gateway's ext_proc filter, body only, to the
@@ -157,13 +165,19 @@ def envoy_only_config(folder: Path, port: int, proxy_port: int, admin_port: int,
     null = json.loads(json.dumps(gateway))
     null["name"], null["address"]["socket_address"]["port_value"] = "null-extproc", null_port
     config["static_resources"]["listeners"].append(null)
+    null_proxy = json.loads(json.dumps(null))
+    null_proxy["name"], null_proxy["address"]["socket_address"]["port_value"] = "null-extproc-proxy", null_proxy_port
+    null_proxy_hcm = null_proxy["filter_chains"][0]["filters"][0]["typed_config"]
+    null_proxy_hcm["route_config"] = json.loads(json.dumps(proxy_hcm["route_config"]))
+    config["static_resources"]["listeners"].append(null_proxy)
     config["static_resources"]["clusters"].append(grpc_cluster("null-extproc", [{"pipe": {"path": null_socket}}]))
     hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     hcm["access_log"] = []
     null_hcm = null["filter_chains"][0]["filters"][0]["typed_config"]
     null_hcm["access_log"] = []
-    for f in null_hcm["http_filters"]:
+    null_proxy_hcm["access_log"] = []
+    for f in [*null_hcm["http_filters"], *null_proxy_hcm["http_filters"]]:
         if f["name"] == "envoy.filters.http.ext_proc":
             # As the gateway's /mcp route has it: the body alone, the headers as attributes.
             f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "null-extproc"
@@ -183,7 +197,16 @@ def two_message_config(stack: Stack, folder: Path, port: int, admin_port: int) -
     return render(m.bindings, m.secrets, settings, mcp_servers=m.mcp_servers).envoy
 
 
-async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
+def rotated(paths: dict[str, Any], i: int) -> list[str]:
+    """The paths in the order of round ``i``: rotated each round, so that no path always follows
+    the same one (at c1 on a busy machine, which process ran just before shifts a path's figure)."""
+    names = list(paths)
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def call_paths(urls: dict[str, str]) -> dict[str, tuple[str, str, str]]:
+    """Each measured path: (URL, the tool's name there, the API key)."""
     paths = {
         "direct": (urls["direct"], "add", ""),
         "envoy_proxy": (urls["envoy_proxy"], "add", ""),
@@ -192,7 +215,31 @@ async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, li
         "gateway_credential": (urls["gateway"], "keyed__add", KEY),
         "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
         "null_extproc": (urls["null_extproc"], "plain__add", ""),
+        "null_extproc_proxy": (urls["null_extproc_proxy"], "add", ""),
     }
+    if "gateway_ab" in urls:
+        paths["gateway_ab"] = (urls["gateway_ab"], "plain__add", KEY)
+    return paths
+
+
+AB_STACK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from crdgol.stack import Stack, StackSettings
+    stack = Stack(StackSettings(manifests=Path(sys.argv[1]), mock_port=None, quiet=True, envoy_concurrency=1, access_log="off"))
+    stack.start()
+    print(stack.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        stack.stop()
+    """
+)
+
+
+async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, list[float]]:
+    paths = call_paths(urls)
     times: dict[str, list[float]] = {name: [] for name in paths}
     sessions: dict[str, ClientSession] = {}
     stacks = []
@@ -207,7 +254,8 @@ async def measure(urls: dict[str, str], calls: int, warmup: int) -> dict[str, li
             stacks.append((cm, s))
             sessions[name] = s
         for i in range(warmup + calls):
-            for name, (_, tool, _) in paths.items():
+            for name in rotated(paths, i):
+                tool = paths[name][1]
                 t0 = time.perf_counter()
                 result = await sessions[name].call_tool(tool, {"a": i, "b": 1})
                 elapsed = time.perf_counter() - t0
@@ -227,15 +275,7 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
     the client's own MCP parsing (SSE or JSON) left out of the figures."""
     import httpx
 
-    paths = {
-        "direct": (urls["direct"], "add", ""),
-        "envoy_proxy": (urls["envoy_proxy"], "add", ""),
-        "envoy_only": (urls["envoy_only"], "plain__add", ""),
-        "gateway": (urls["gateway"], "plain__add", KEY),
-        "gateway_credential": (urls["gateway"], "keyed__add", KEY),
-        "gateway_two_messages": (urls["gateway_two_messages"], "plain__add", KEY),
-        "null_extproc": (urls["null_extproc"], "plain__add", ""),
-    }
+    paths = call_paths(urls)
     times: dict[str, list[float]] = {name: [] for name in paths}
     clients: dict[str, tuple[httpx.AsyncClient, dict[str, str]]] = {}
     try:
@@ -252,7 +292,8 @@ async def measure_http(urls: dict[str, str], calls: int, warmup: int) -> dict[st
             (await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)).raise_for_status()
             clients[name] = (http, headers)
         for i in range(warmup + calls):
-            for name, (url, tool, _) in paths.items():
+            for name in rotated(paths, i):
+                url, tool = paths[name][0], paths[name][1]
                 http, headers = clients[name]
                 body = {"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {"name": tool, "arguments": {"a": i, "b": 1}}}
                 t0 = time.perf_counter()
@@ -308,21 +349,27 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--ab-tree", type=Path, default=None, help="also measure the gateway of this source tree (gateway_ab)")
     args = p.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = Path(tempfile.mkdtemp(prefix="crdgol-bench-mcp-"))
     manifests(folder, f"http://127.0.0.1:{port}/mcp")
     stack = Stack(StackSettings(manifests=folder, mock_port=None, quiet=True, envoy_concurrency=1, access_log="off"))
-    bare_port, proxy_port, null_port = free_port(), free_port(), free_port()
+    bare_port, proxy_port, null_port, null_proxy_port = free_port(), free_port(), free_port(), free_port()
     null_socket = str(folder.parent / f"{folder.name}-null.sock")
-    config = envoy_only_config(folder, bare_port, proxy_port, free_port(), null_port, null_socket)
+    config = envoy_only_config(folder, bare_port, proxy_port, free_port(), null_port, null_socket, null_proxy_port)
     (folder.parent / f"{folder.name}-envoy-only.json").write_text(json.dumps(config))
     null = subprocess.Popen([sys.executable, "-c", NULL_EXTPROC, null_socket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    bare = two = None
+    bare = two = ab = None
     try:
         time.sleep(1.0)
         stack.start()
+        if args.ab_tree is not None:
+            env = {**os.environ, "PYTHONPATH": str(args.ab_tree.resolve())}
+            ab = subprocess.Popen([sys.executable, "-c", AB_STACK, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=args.ab_tree)
+            assert ab.stdout is not None
+            ab_url = ab.stdout.readline().decode().strip()
         two_port = free_port()
         (folder.parent / f"{folder.name}-two.json").write_text(json.dumps(two_message_config(stack, folder, two_port, free_port())))
         two = subprocess.Popen(
@@ -330,7 +377,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401,), 20, two)
+        wait_http(f"http://127.0.0.1:{two_port}/mcp", (401, 405), 20, two)  # GET: Envoy's 405
         bare = subprocess.Popen(
             [envoy_binary(), "-c", str(folder.parent / f"{folder.name}-envoy-only.json"), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error"],
             stdout=subprocess.DEVNULL,
@@ -344,12 +391,19 @@ def main() -> int:
             "gateway": f"{stack.url}/mcp",
             "gateway_two_messages": f"http://127.0.0.1:{two_port}/mcp",
             "null_extproc": f"http://127.0.0.1:{null_port}/mcp",
+            "null_extproc_proxy": f"http://127.0.0.1:{null_proxy_port}/mcp",
         }
+        if ab is not None:
+            urls["gateway_ab"] = f"{ab_url}/mcp"
         times = asyncio.run(measure(urls, args.calls, args.warmup))
         http_times = asyncio.run(measure_http(urls, args.calls, args.warmup))
         pids = {"extproc": stack.pid("extproc"), "envoy": stack.pid("envoy"), "envoy_two": two.pid}
         cpu = asyncio.run(measure_cpu(urls, pids, rounds=5, calls=200))
     finally:
+        if ab is not None:
+            assert ab.stdin is not None
+            ab.stdin.close()  # the A/B stack stops itself
+            ab.wait(30)
         for proc in (bare, two, null):
             if proc is not None:
                 stop_process(proc)
@@ -358,6 +412,7 @@ def main() -> int:
         server.wait(10)
     summary: dict[str, Any] = {"calls": args.calls, "unit": "ms", "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     text = f"# MCP tool call through /mcp vs direct ({args.calls} calls per path, c1, interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
+    text += f"\nA/B tree (gateway_ab): {args.ab_tree}\n" if args.ab_tree is not None else ""
     for client, results in (("sdk", times), ("http", http_times)):
         part = summarize(results)
         summary[client] = part
@@ -374,7 +429,9 @@ def main() -> int:
     return 0 if summary["meets_target"] else 1
 
 
-PATHS = ("direct", "envoy_proxy", "envoy_only", "null_extproc", "gateway", "gateway_credential", "gateway_two_messages")
+PATHS = (
+    "direct", "envoy_proxy", "envoy_only", "null_extproc_proxy", "null_extproc", "gateway", "gateway_credential", "gateway_two_messages", "gateway_ab"
+)
 
 
 def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
@@ -382,16 +439,18 @@ def summarize(times: dict[str, list[float]]) -> dict[str, Any]:
     for name, values in times.items():
         out[name] = {f"p{q}": round(pct(values, q), 3) for q in (50, 90, 99)} | {"mean": round(statistics.fmean(values), 3)}
     for name in PATHS[1:]:
-        out[f"added_{name}"] = {q: round(out[name][q] - out["direct"][q], 3) for q in ("p50", "p90", "p99")}
+        if name in out:
+            out[f"added_{name}"] = {q: round(out[name][q] - out["direct"][q], 3) for q in ("p50", "p90", "p99")}
     return out
 
 
 def table(part: dict[str, Any]) -> str:
+    paths = [n for n in PATHS if n in part]
     rows = [
         "| path | p50 ms | p90 ms | p99 ms |",
         "|---|---:|---:|---:|",
-        *(f"| {n} | {part[n]['p50']} | {part[n]['p90']} | {part[n]['p99']} |" for n in PATHS),
-        *(f"| added over direct: {n} | {part['added_' + n]['p50']} | {part['added_' + n]['p90']} | {part['added_' + n]['p99']} |" for n in PATHS[1:]),
+        *(f"| {n} | {part[n]['p50']} | {part[n]['p90']} | {part[n]['p99']} |" for n in paths),
+        *(f"| added over direct: {n} | {part['added_' + n]['p50']} | {part['added_' + n]['p90']} | {part['added_' + n]['p99']} |" for n in paths[1:]),
     ]
     return "\n".join(rows) + "\n"
 

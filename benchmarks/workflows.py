@@ -18,8 +18,9 @@ benchmark waits until every one has ended. Figures (targets from issue 8):
 * **p99 created -> picked up** (reported, no target): ``crdgol_workflow_run_pickup_delay_seconds``,
   from a run being created to the engine starting it; with 1,000 runs posted at once this is the
   event loop's backlog.
-* **created -> first step started** (reported, no target): ``crdgol_workflow_run_first_start_delay_seconds``,
-  pickup plus the first step's ready -> start: what a user waits for, whichever figure holds it.
+* **created -> first step started**: ``crdgol_workflow_run_first_start_delay_seconds``, pickup plus
+  the first step's ready -> start: the ready -> start target (<= 50 ms) read demandingly, a run's
+  first steps being ready when the run is created.
 * **the burst**: when the last start request was answered and the last run's first step started,
   and the controller's CPU until then per run (what admitting a run costs, earlier runs' steps
   included).
@@ -56,7 +57,7 @@ from crdgol.stack import Stack, StackSettings
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = {"authorization": "Bearer sk-crdgol-quickstart"}
 TICKETS = ("I was charged twice on my last invoice, please refund one.", "Your service is down and we cannot log in!")
-TARGETS = {"steps_per_s": 200.0, "cpu_ms_per_step": 1.0, "p99_start_delay_ms": 50.0, "controller_rss_mb": 300.0}
+TARGETS = {"steps_per_s": 200.0, "cpu_ms_per_step": 1.0, "p99_start_delay_ms": 50.0, "p99_first_start_delay_ms": 50.0, "controller_rss_mb": 300.0}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="crdgol-wfbench-"))
     folder = tmp / "support-triage"
     shutil.copytree(ROOT / "examples" / "support-triage", folder)
-    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=tmp / "state", mock_args=("--record", "0")))
+    # One tenant starts them all: its cap on active runs and its kept finished runs must hold them.
+    limits = {"CRDGOL_WORKFLOW_MAX_ACTIVE_RUNS": str(max(100, args.runs)), "CRDGOL_WORKFLOW_KEEP_FINISHED_RUNS": str(max(100, args.runs))}
+    stack = Stack(StackSettings(manifests=folder, quiet=True, state_dir=tmp / "state", mock_args=("--record", "0"), env=limits))
     for f in folder.glob("*.yaml"):
         f.write_text(f.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{stack.mock_port}"))
     stack.start()
@@ -213,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| controller peak RSS (MB) | {result['controller_rss_mb']} | < {TARGETS['controller_rss_mb']:g} |",
         f"| p99 run created -> picked up (ms, bucket bound) | {result['p99_pickup_delay_ms']} | (no target) |",
         f"| p50 run created -> picked up (ms, bucket bound) | {result['p50_pickup_delay_ms']} | (no target) |",
-        f"| p99 run created -> first step started (ms, bucket bound) | {result['p99_first_start_delay_ms']} | (no target) |",
+        f"| p99 run created -> first step started (ms, bucket bound) | {result['p99_first_start_delay_ms']} | <= {TARGETS['p99_first_start_delay_ms']:g} |",
         f"| p50 run created -> first step started (ms, bucket bound) | {result['p50_first_start_delay_ms']} | (no target) |",
         f"| controller CPU to admit one run (ms: API request, journal, pickup, first call) | {result['admission_cpu_ms_per_run']} | (no target) |",
-        f"| all runs created / all first steps started (s after the first request) | {result['all_posted_s']} / {result['all_first_steps_started_s']} | (no target) |",
+        f"| last 201 / all first steps started (s after the first request) | {result['all_posted_s']} / {result['all_first_steps_started_s']} | (no target) |",
         "",
         f"{result['succeeded']} of {result['runs']} runs succeeded; {result['steps']} steps in {result['seconds']} s; {result['cpu']}, {result['cores']} cores, load average {result['load_average']} at the start.",
         "",

@@ -89,6 +89,10 @@ LOCAL_REPLIES: tuple[LocalReply, ...] = (
                "invalid_request_error", "invalid_request", "the request body is empty: send a JSON object"),
     LocalReply(_status("EQ", 400), 400, False, "invalid_request_error", "bad_request",
                "the request is not valid HTTP (%RESPONSE_CODE_DETAILS%)"),
+    # GET /mcp: the gateway offers MCP clients no standalone server-to-client stream.
+    LocalReply(_cel("response.code == 405 && response.code_details == 'direct_response'"), 405, False,
+               "invalid_request_error", "method_not_allowed",
+               "no server-to-client stream here: POST one JSON-RPC message per request; DELETE ends an MCP session"),
     LocalReply(_status("EQ", 502), 502, False, "server_error", "bad_gateway",
                "the model's backend failed to answer (%RESPONSE_CODE_DETAILS%)"),
     LocalReply(_status("EQ", 503), 503, False, "server_error", "upstream_unavailable",

@@ -9,12 +9,17 @@ How a request to ``/mcp`` flows through what this renders:
   header; otherwise by the ``x-crdgol-route`` header;
 * a view is one per namespace whose tenants may reach any MCPServer: a route on the gateway
   listener to an Envoy **internal listener** whose filter chain is Envoy's own ``mcp`` filter (it
-  parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and
-  ``tools/list`` by fanning out to the view's servers and merging, names each tool
-  ``<toolPrefix>__<tool>``, sends ``tools/call`` to the one server with the prefix stripped, keeps
-  one MCP session per server behind a composite session id bound to the tenant, and streams the
-  server's SSE answer back). ``mcp_router`` must end a filter chain, so it cannot sit beside the
-  gateway's ``router``: the internal listener gives it a chain of its own, in-process;
+  parses the JSON-RPC message) and ``mcp_router`` (terminal: it answers ``initialize`` and the
+  list methods by fanning out to the view's servers and merging, names each tool and prompt
+  ``<toolPrefix>__<name>`` and each resource ``<toolPrefix>+<uri>``, and keeps one MCP session
+  per server behind a composite session id bound to the tenant). ``mcp_router`` must end a filter
+  chain, so it cannot sit beside the gateway's ``router``: the internal listener gives it a chain
+  of its own, in-process;
+* a message for one server (``tools/call``, ``resources/read``, ``prompts/get``) skips that hop:
+  extproc has already found the server, re-written the body with the server's own names and read
+  the server's session out of the composite id, so each (view, server) pair has a route on the
+  gateway listener straight to the server's cluster (``_server_route``), which sends the server
+  its own session id and puts the client's back on the answer (SSE streams through as it comes);
 * each (view, server) pair has a cluster. ``mcp_router`` builds every request to a server afresh,
   without the client's headers, so a credential cannot ride along from the gateway filter: a
   server with a credential gets Envoy's credential injector on its cluster, from an SDS secret
@@ -51,13 +56,17 @@ from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecEr
 from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
 from crdgol import tenancy
 from crdgol.mcp_contract import (
+    CLIENT_SESSION_KEY,
     LIST_FILTER_HEADER,
     LIST_KEY,
     LIST_METADATA,
     MCP_PATH,
     SERVER_METADATA,
+    SERVER_SESSION_KEY,
+    SESSION_HEADER,
     TENANT_HEADER,
     TENANT_KEY,
+    server_route,
     view_route,
 )
 from crdgol.pb import policy_pb2 as pb
@@ -111,7 +120,14 @@ def _server_pb(s: McpServerSpec, credential: str) -> pb.McpToolServer:
         quotas=quotas,
         credential_header=s.credentials_header if credential else "",
         credential_value=credential,
+        url=_server_url(s),
     )
+
+
+def _server_url(s: McpServerSpec) -> str:
+    ep = s.endpoint
+    host = f"[{ep.host}]" if ":" in ep.host else ep.host
+    return f"{ep.scheme}://{host}:{ep.port}{s.path}"
 
 
 def _stamp(s: McpServerSpec) -> str:
@@ -345,6 +361,71 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
     return out
 
 
+def _server_route(view: str, s: McpServerSpec, settings: RenderSettings) -> Json:
+    """A ``tools/call`` extproc admitted, straight to its server's cluster: no internal listener,
+    no ``mcp_router`` (whose part in a call extproc already did: the server, the tool name without
+    its prefix, the server's own session from the composite id). The route sends the server its
+    session id and puts the client's composite id back on the answer (``crdgol.mcp_contract``)."""
+    ep = s.endpoint
+    route = server_route(view, s.prefix)
+    default_port = 443 if ep.tls else 80
+    out: Json = {
+        "name": route,
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": route}}]},
+        "route": {
+            "cluster": _cluster_name(view, s),
+            "regex_rewrite": {"pattern": {"regex": "^.*$"}, "substitution": s.path},
+            "host_rewrite_literal": ep.host if ep.port == default_port else f"{ep.host}:{ep.port}",
+            # A tool call may stream for as long as its server's timeout allows.
+            "timeout": "0s",
+            "idle_timeout": duration(s.timeout),
+        },
+        "request_headers_to_remove": ["authorization", "x-api-key", TENANT_HEADER, LIST_FILTER_HEADER],
+        # The server's own session id never reaches the client: it gets back the id it sent. Nor
+        # does a server's challenge for the gateway's credential (a client would answer it).
+        "response_headers_to_remove": [SESSION_HEADER, "www-authenticate"],
+        "response_headers_to_add": [
+            {"header": {"key": SESSION_HEADER, "value": _metadata_value(CLIENT_SESSION_KEY)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "typed_per_filter_config": {
+            name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
+            for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+        }
+        if settings.usage_log
+        else {},
+    }
+    if one_message(settings):
+        out["match"] = {
+            "prefix": "/",
+            "dynamic_metadata": [{"filter": ROUTE_NAMESPACE, "path": [{"key": ROUTE_KEY}], "value": {"string_match": {"exact": route}}}],
+        }
+        # extproc's body answer sets no header: the server's session comes from the metadata,
+        # after the client's composite id (and credential, and internal headers) are removed.
+        out["request_headers_to_remove"] = [*out["request_headers_to_remove"], ROUTE_HEADER, SESSION_HEADER]
+        out["request_headers_to_add"] = [
+            {"header": {"key": SESSION_HEADER, "value": _metadata_value(SERVER_SESSION_KEY)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ]
+        out["typed_per_filter_config"] = {**out["typed_per_filter_config"], **NO_RESPONSE_SIDE}
+    return out
+
+
+def _get_route(settings: RenderSettings) -> Json:
+    """``GET /mcp`` asks for a standalone server-to-client stream, which the gateway does not
+    offer (``mcp_router`` answers GET 405 too): Envoy answers 405 itself, as the MCP transport
+    allows a server to, before any ext_proc stream (the SDK clients try it after each
+    ``initialize``, and once more a second later). The body is the gateway's local-reply shape."""
+    out: Json = {
+        "name": "crdgol-mcp-get",
+        "match": {"safe_regex": {"regex": f"{MCP_PATH}/?"}, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 405},
+        "response_headers_to_add": [{"header": {"key": "allow", "value": "POST, DELETE"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": typed("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True)},
+    }
+    if one_message(settings):
+        out["typed_per_filter_config"] = {**out["typed_per_filter_config"], **NO_RESPONSE_SIDE}
+    return out
+
+
 def _body_only_route() -> Json:
     """``POST /mcp`` before extproc has answered: extproc gets the body alone, with the caller's
     credential and content type as request attributes (one message); its answer names the view.
@@ -408,6 +489,7 @@ def render_mcp(
         members = [s for s in members if s.key in served]
         if not members:
             continue
+        routes.extend(_server_route(view, s, settings) for s in members)
         routes.append(_view_route(view, members, settings))
         listeners.append(_view_listener(view, members, settings))
         clusters.append(_view_cluster(view))
@@ -415,6 +497,8 @@ def render_mcp(
         view_pbs.append(pb.McpToolView(namespace=view, route=view_route(view), servers=[s.key for s in members]))
         for s in members:
             reach.setdefault(s.key, []).append(view)
+    if routes:
+        routes.append(_get_route(settings))
     if routes and one_message(settings):
         # After the views' routes: a request extproc answered matches its view first.
         routes.append(_body_only_route())

@@ -4,8 +4,8 @@ Built only when tracing is on (``crdgol.tracing``); the workflow runner holds ``
 otherwise and pays one ``is None`` test per hook. Spans carry the run's and step's names, the
 step type, the attempt, its outcome and tokens; never inputs, outputs, prompts or headers. A run
 resumed after a controller restart starts a new trace (the old process's span ended with it).
-The gateway's spans for an ai-inference step are their own traces (the step's call does not
-carry the run's ``traceparent``).
+An ai-inference step's call to the gateway carries its attempt span's W3C ``traceparent``, so
+Envoy's spans for it (and extproc's under them) are children of the step, in the run's trace.
 """
 
 from __future__ import annotations
@@ -34,21 +34,34 @@ class RunTracer:
             attributes={"crdgol.workflow": f"{state.namespace}/{state.workflow}", "crdgol.workflow.run": state.key},
         )
 
-    def step_finished(self, run: Any, call: Call, event: StepSucceeded | StepFailed, started_ns: int) -> None:
-        from controller.workflow.engine import StepSucceeded
-
+    def step_started(self, run: Any, call: Call) -> Span:
+        """The attempt's span, a child of the run's; ended by ``step_finished`` (or ``step_aborted``)."""
         attrs: dict[str, Any] = {
             "crdgol.workflow.step": call.step,
             "crdgol.workflow.step.type": call.type,
             "crdgol.workflow.step.attempt": call.attempt,
         }
-        ok = isinstance(event, StepSucceeded)
+        return self._tracer.start_span(f"step {call.step}", context=self._in(run), attributes=attrs)
+
+    @staticmethod
+    def traceparent(span: Span) -> str:
+        """The W3C ``traceparent`` naming ``span`` as the parent of what a call it makes does."""
+        ctx = span.get_span_context()
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+    def step_finished(self, span: Span, event: StepSucceeded | StepFailed) -> None:
+        from controller.workflow.engine import StepSucceeded
+
         if isinstance(event, StepSucceeded) and event.tokens:
-            attrs.update({f"gen_ai.usage.{k}_tokens": v for k, v in event.tokens.items() if k in ("input", "output")})
-        span = self._tracer.start_span(f"step {call.step}", context=self._in(run), start_time=started_ns, attributes=attrs)
-        if not ok:
+            span.set_attributes({f"gen_ai.usage.{k}_tokens": v for k, v in event.tokens.items() if k in ("input", "output")})
+        if not isinstance(event, StepSucceeded):
             span.set_status(self._error)
             span.set_attribute("error.type", "step_failed")
+        span.end()
+
+    def step_aborted(self, span: Span) -> None:
+        span.set_status(self._error)
+        span.set_attribute("error.type", "aborted")
         span.end()
 
     def run_finished(self, run: Any, state: RunState) -> None:

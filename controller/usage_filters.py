@@ -5,6 +5,8 @@ dynamic metadata, and the gRPC access log that brings every finished request's e
 from __future__ import annotations
 
 from controller.envoy_json import Json, duration, typed, typed_struct
+from crdgol.mcp_contract import TENANT_KEY as MCP_TENANT_KEY
+from crdgol.request_path import ROUTE_NAMESPACE
 from crdgol.usage_log import (
     ACCESS_LOG_NAME,
     CACHE_CREATION_TOKENS,
@@ -69,9 +71,19 @@ def usage_filters() -> list[Json]:
 
 
 def usage_access_log(extproc_cluster: str, flush_ms: int) -> Json:
-    """Every finished request's entry (aborted ones included) to extproc, batched per worker."""
+    """Every finished request's entry (aborted ones included) to extproc, batched per worker;
+    except MCP messages extproc forwarded to a tool server (their ``crdgol.route`` metadata names
+    an MCP tenant): nothing in them to settle, and their entries cost extproc CPU per tool call."""
     return {
         "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                # Logged when the key is absent; when present (a string), only if it were null:
+                # never (Envoy's access-log metadata filter ignores a matcher's ``invert``).
+                "matcher": {"filter": ROUTE_NAMESPACE, "path": [{"key": MCP_TENANT_KEY}], "value": {"null_match": {}}},
+                "match_if_key_not_found": True,
+            }
+        },
         "typed_config": typed(
             "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             common_config={

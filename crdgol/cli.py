@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from crdgol import __version__, logs
 
 if TYPE_CHECKING:
+    from controller.workflow.retention import RunLimits
     from crdgol.control_plane import TlsFiles
     from crdgol.tracing import TracingSettings
 
@@ -108,6 +109,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
     if not redis_url:
         return Services()
     from extproc.cache import ResponseCache
+    from extproc.mcp_sessions import McpSessions, RedisSessionRegistry
     from extproc.quota_store import RedisQuotaStore
     from extproc.redis_client import RedisClient
     from extproc.redis_history import RedisHistoryStore
@@ -119,6 +121,7 @@ def build_services(redis_url: str, redis_timeout: float) -> object:
         quotas=RedisQuotaStore(client, timeout=redis_timeout),
         history=RedisHistoryStore(client, timeout=redis_timeout),
         cache=ResponseCache.in_redis(client, redis_timeout),
+        mcp_sessions=McpSessions(RedisSessionRegistry(client, timeout=redis_timeout)),
     )
 
 
@@ -204,6 +207,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     # ~10% in benchmarks/workflows.py (RESULTS.md); objects loaded at start-up are not rescanned.
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    _raise_fd_limit()
     tls = _tls_files("--tls-*", args.tls_cert, args.tls_key, args.tls_client_ca)
     auth = ServerAuth(tls=tls, client_names=tuple(args.tls_client_name))
     tcp = [f"{args.host}:{port}" for port, sock in ((args.xds_port, args.xds_socket), (args.policy_port, args.policy_socket)) if not sock]
@@ -235,6 +239,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
             state_dir=Path(args.workflow_state),
             gateway_url=f"http://{gateway_host}:{args.gateway_port}",
             envoy=WorkflowEnvoySettings(egress_port=args.egress_port, api_socket=args.workflow_socket),
+            limits=_run_limits(args),
         )
     settings = ControllerSettings(
         workflows=workflows,
@@ -276,8 +281,37 @@ def cmd_controller(args: argparse.Namespace) -> int:
             egress_url=args.workflow_egress,
             egress=WorkflowEnvoySettings(egress_host=args.egress_host, egress_port=args.egress_port, api_host=api_host, api_port=api_port),
             api_listen_port=args.workflow_api_port,
+            limits=_run_limits(args),
         )
     return int(run_operator(settings, namespaces=args.namespace, peering=args.peering, workflows=cluster_workflows))
+
+
+def _raise_fd_limit() -> None:
+    """The soft limit on open files up to the hard one (at most 65,536), as Go programs do: the
+    workflow engine keeps each live run's journal open (``RunStore``), and distributions often
+    start processes at a soft 1,024."""
+    import contextlib
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # keep the limit we were given
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _run_limits(args: argparse.Namespace) -> RunLimits:
+    """``--workflow-max-active-runs``, ``--workflow-run-ttl``, ``--workflow-keep-finished-runs``."""
+    from controller.spec_parsing import parse_duration
+    from controller.workflow.retention import RunLimits
+
+    try:
+        ttl = parse_duration(args.workflow_run_ttl, "--workflow-run-ttl")
+    except ValueError as exc:  # SpecError: says which flag and why
+        raise SystemExit(getattr(exc, "message", str(exc))) from None
+    if args.workflow_max_active_runs < 1 or args.workflow_keep_finished_runs < 0:
+        raise SystemExit("--workflow-max-active-runs must be at least 1 and --workflow-keep-finished-runs at least 0")
+    return RunLimits(max_active_per_tenant=args.workflow_max_active_runs, finished_ttl=ttl, keep_finished=args.workflow_keep_finished_runs)
 
 
 def _api_address(address: str, listen_port: int) -> tuple[str, int]:
@@ -425,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--workflow-gateway", default=_env("CRDGOL_WORKFLOW_GATEWAY", ""), help="on a cluster: run WorkflowSpecs and WorkflowRuns, their AI steps calling the gateway listener at this URL, e.g. http://crdgol-gateway.crdgol-system.svc:8080 (env CRDGOL_WORKFLOW_GATEWAY; unset: workflows are not run)")
     ctl.add_argument("--workflow-api-port", type=int, default=int(_env("CRDGOL_WORKFLOW_API_PORT", "0")), help="on a cluster: serve the workflow run API (/v1/workflows/..., routed to by the gateway's Envoy) on this port (env CRDGOL_WORKFLOW_API_PORT; default 0: off)")
     ctl.add_argument("--workflow-api-address", default=_env("CRDGOL_WORKFLOW_API_ADDRESS", ""), help="on a cluster: HOST:PORT where the gateway's Envoy reaches the run API, e.g. crdgol-controller.crdgol-system.svc:8091 (env CRDGOL_WORKFLOW_API_ADDRESS; default 127.0.0.1 and --workflow-api-port)")
+    ctl.add_argument("--workflow-max-active-runs", type=int, default=int(_env("CRDGOL_WORKFLOW_MAX_ACTIVE_RUNS", "100")), help="the most workflow runs one tenant may have Pending or Running at once; a start over HTTP beyond it gets a 429 (env CRDGOL_WORKFLOW_MAX_ACTIVE_RUNS; default 100)")
+    ctl.add_argument("--workflow-run-ttl", default=_env("CRDGOL_WORKFLOW_RUN_TTL", "24h"), help="a run started over HTTP is deleted this long after it finished, unless its WorkflowSpec sets ttlAfterFinished (env CRDGOL_WORKFLOW_RUN_TTL; default 24h)")
+    ctl.add_argument("--workflow-keep-finished-runs", type=int, default=int(_env("CRDGOL_WORKFLOW_KEEP_FINISHED_RUNS", "100")), help="finished runs started over HTTP kept per workflow and tenant, the oldest deleted first, unless the WorkflowSpec sets keepFinishedRuns (env CRDGOL_WORKFLOW_KEEP_FINISHED_RUNS; default 100)")
     ctl.add_argument("--workflow-egress", default=_env("CRDGOL_WORKFLOW_EGRESS", ""), help="on a cluster: URL of the gateway's egress listener, as http-request steps reach it (env CRDGOL_WORKFLOW_EGRESS)")
     ctl.add_argument("--native-path", action=argparse.BooleanOptionalAction, default=True, help="Envoy decides model calls to bindings that need no extproc decision (API key, tenant, routing, usage; no quotas, context or cache) alone, with no ext_proc message (default on; --no-native-path sends every call to extproc)")
     ctl.add_argument("--access-log", default=_env("CRDGOL_ACCESS_LOG", "-"), help="the gateway's JSON access log, one line per request: - = Envoy's stdout (default), a file path, or off (env CRDGOL_ACCESS_LOG)")

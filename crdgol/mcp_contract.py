@@ -10,6 +10,8 @@ MCP_PATH = "/mcp"
 # Envoy's mcp_router names a tool "<server name>__<tool>"; crdgol names its servers by their
 # toolPrefix, so a federated tool is "<toolPrefix>__<tool>".
 TOOL_DELIMITER = "__"
+# Its prompts are named the same way; a resource is "<server name>+<scheme>://<rest>".
+RESOURCE_DELIMITER = "+"
 # Set by extproc on every /mcp request it lets through (any value a client sent is removed): the
 # qualified tenant, which mcp_router binds each MCP session to (a session id presented by another
 # tenant is refused). The server clusters strip it before anything leaves Envoy.
@@ -30,11 +32,24 @@ LIST_METADATA = "x-crdgol-mcp-list"
 # view's route turns these keys into TENANT_HEADER and LIST_FILTER_HEADER.
 TENANT_KEY = "mcp_tenant"
 LIST_KEY = "mcp_list"
+# A tools/call goes straight to its server (``server_route``), not through the view's mcp_router:
+# extproc names the server's own session (from the client's composite Mcp-Session-Id) under
+# SERVER_SESSION_KEY, which the route sends as the server's Mcp-Session-Id, and the client's id
+# under CLIENT_SESSION_KEY, which the route puts back on the answer in place of the server's.
+SESSION_HEADER = "mcp-session-id"
+SERVER_SESSION_KEY = "mcp_server_session"
+CLIENT_SESSION_KEY = "mcp_client_session"
 
 
 def view_route(namespace: str) -> str:
     """The x-crdgol-route value that sends a request to ``namespace``'s federated view."""
     return f"crdgol-mcp.{namespace}"
+
+
+def server_route(namespace: str, prefix: str) -> str:
+    """The route value that sends a tools/call of ``namespace``'s view straight to the server
+    whose toolPrefix is ``prefix``."""
+    return f"{view_route(namespace)}~{prefix}"
 
 
 def quota_key(server_key: str) -> str:

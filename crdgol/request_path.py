@@ -56,7 +56,8 @@ NO_OP_HEADER = "x-crdgol-reroute"
 # The response cache's request directive (extproc.cache_key reads it, with cache-control).
 BYPASS_HEADER = "x-crdgol-cache"
 READ_HEADERS = (
-    "authorization", "x-api-key", SESSION_HEADER, "content-type", "anthropic-version", "cache-control", BYPASS_HEADER
+    "authorization", "x-api-key", SESSION_HEADER, "content-type", "anthropic-version", "cache-control", BYPASS_HEADER,
+    "mcp-session-id",  # /mcp: extproc checks the MCP session is the caller's (extproc.mcp_sessions)
 )
 _PATH, _METHOD, _ID = "request.path", "request.method", "request.id"
 # request.total_size - request.size: the request's header bytes, and how many headers it has

@@ -21,9 +21,9 @@ DONE = ("Succeeded", "Failed", "Cancelled")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Any) -> None:
+    def __init__(self, status: int, body: Any, retry_after: str = "") -> None:
         super().__init__(status)
-        self.status, self.body = status, body
+        self.status, self.body, self.retry_after = status, body, retry_after
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
@@ -43,7 +43,7 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
             parsed: Any = json.loads(raw)
         except ValueError:
             parsed = {"error": {"message": raw.decode("utf-8", "replace")}}
-        raise ApiError(e.code, parsed) from None
+        raise ApiError(e.code, parsed, e.headers.get("retry-after") or "") from None
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,8 +111,13 @@ def main(args: argparse.Namespace) -> int:
         return int(args.workflow_func(args))
     except ApiError as e:
         print(json.dumps(e.body, indent=2))
-        msg = (e.body.get("error") or {}).get("message") if isinstance(e.body, dict) else None
-        print(f"crdgol workflow: the gateway answered {e.status}: {msg or e.body}", file=sys.stderr)
+        err = (e.body.get("error") or {}) if isinstance(e.body, dict) else {}
+        msg = err.get("message") if isinstance(err, dict) else None
+        if e.status == 429 and isinstance(err, dict) and err.get("code") == "too_many_active_runs":
+            wait = f"; retry in {e.retry_after} s" if e.retry_after else ""
+            print(f"crdgol workflow: too many runs going: {msg}{wait}", file=sys.stderr)
+        else:
+            print(f"crdgol workflow: the gateway answered {e.status}: {msg or e.body}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
         print(f"crdgol workflow: {e}", file=sys.stderr)

@@ -1,33 +1,40 @@
-"""``/mcp``: MCP tool servers served through the gateway, with the callers' API keys and JWTs.
+"""``/mcp``: MCP servers served through the gateway, with the callers' API keys and JWTs.
 
-extproc makes every decision; Envoy's ``mcp_router`` does the federation (see
+extproc makes every decision; Envoy's ``mcp_router`` does the fan-out federation (see
 ``controller.mcp_render``). A ``POST /mcp`` costs one ext_proc message (``crdgol.request_path``):
 the body, with the headers read below as request attributes; the headers step then runs on those,
-its header changes left to the view's route (the body answer names the view, the tenant and the
-list mark in dynamic metadata, ``_forward``). Other methods come with their headers. Per request:
+its header changes left to the route (the body answer names the route, the tenant, the list mark
+and the sessions in dynamic metadata, ``_forward``). Other methods come with their headers:
 
 * **headers**: the caller authenticates like any model caller (401 otherwise) and reaches its
   namespace's view; the client's credential and any ``x-crdgol-*`` header it sent are removed.
-  Only POST is served: ``GET`` (a standalone server-to-client stream) and ``DELETE`` (ending a
-  session) get 405, which the MCP transport allows (server notifications still stream in the
-  answer to the request they belong to).
+  A ``Mcp-Session-Id`` must be the caller's and not ended (``extproc.mcp_sessions``: 403, 404).
+  ``DELETE`` ends the session on every server of it (``extproc.mcp_sessions``; Envoy's
+  ``mcp_router`` does not). ``GET`` (a standalone server-to-client stream, which ``mcp_router``
+  does not offer) gets 405 from Envoy itself (``controller.mcp_render``), as the MCP transport
+  allows; any other method gets 405 here. Notifications a server sends while answering a request
+  stream in that answer.
 * **body** (one JSON-RPC message, forwarded re-written as extproc read it, so that Envoy's
-  parser and the server cannot read another method or tool than extproc checked): ``tools/call``
-  names ``<prefix>__<tool>``; a tool of no server the caller may reach is an unknown tool (400,
-  JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent tool-call quota is 429
-  with ``Retry-After``. Then the request goes on to the view, with the tenant (which
-  ``mcp_router`` binds the MCP session to) in an internal header; a server's credential is set on
-  its own requests by Envoy from an SDS secret (one-message path) or by ``ServerCredential``
-  (below). ``initialize``, ``tools/list`` and
-  ``notifications/initialized`` go to every server of the view. ``ping`` and the list methods of
-  features the gateway does not federate (resources, prompts) are answered here; other
+  parser and the server cannot read another method or tool than extproc checked):
+  ``tools/call`` names ``<prefix>__<tool>``; a tool of no server the caller may reach is an
+  unknown tool (400, JSON-RPC -32602), a tool the caller's tenant may not call is 403, a spent
+  tool-call quota is 429 with ``Retry-After``. An admitted call goes **straight to its server**
+  (the server's own route, not the view's internal listener), with the server's own tool name and
+  session; so do ``resources/read`` (``<prefix>+<scheme>://...``) and ``prompts/get``
+  (``<prefix>__<name>``) of a server the tenant reaches. ``initialize``,
+  ``notifications/initialized`` and the list methods (tools, resources, resource templates,
+  prompts) go to the view, whose ``mcp_router`` fans them out to every server of it, with the
+  tenant (which it binds the composite session to) in an internal header. A server's credential
+  is set on its own requests by Envoy from an SDS secret (one-message path) or by
+  ``ServerCredential`` (below). ``ping`` and ``logging/setLevel`` are answered here; other
   notifications are accepted (202) and dropped; any other method is -32601.
-* **response**: extproc does not see answers on this path (they stream from ``mcp_router`` to
-  the client), except a ``tools/list`` answer: the request carries ``LIST_FILTER_HEADER``, whose
-  route in the view enables a second ext_proc filter (``ToolListFilter``) that reads the merged
-  list and removes every tool the tenant may not call, so a client sees exactly what it may use
-  (an answer that cannot be read is replaced by an error: never passed through unfiltered).
-  Tool calls are counted when they are decided, by tenant, server, tool and outcome.
+* **response**: extproc does not see answers on this path (they stream from the server or
+  ``mcp_router`` to the client), except a merged list: the request carries
+  ``LIST_FILTER_HEADER``, whose route in the view enables a second ext_proc filter
+  (``ToolListFilter``) that reads the merged list and removes every tool the tenant may not call
+  and every resource, template and prompt of a server it does not reach (an answer that cannot be
+  read is replaced by an error: never passed through unfiltered). Tool calls are counted when
+  they are decided, by tenant, server, tool and outcome.
 
 Refusals are JSON-RPC errors in MCP's shape, ``{"jsonrpc": "2.0", "id", "error": {"code",
 "message", "data": {"type", "code"}}}``, with the HTTP status that says the same (the MCP SDKs
@@ -43,12 +50,15 @@ import orjson
 
 from crdgol import tenancy
 from crdgol.mcp_contract import (
+    CLIENT_SESSION_KEY,
     LIST_FILTER_HEADER,
     LIST_KEY,
     MCP_PATH,
+    SERVER_SESSION_KEY,
     TENANT_HEADER,
     TENANT_KEY,
     quota_key,
+    server_route,
 )
 from crdgol.replies import INTERNAL_HEADER_PREFIX
 from crdgol.request_path import NO_OP_HEADER, ROUTE_HEADER, ROUTE_KEY, ROUTE_NAMESPACE
@@ -59,11 +69,13 @@ from extproc.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    NotFound,
     Unavailable,
     UnsupportedMediaType,
 )
 from extproc.mcp_metrics import UNKNOWN
 from extproc.mcp_policy import ToolServer, View
+from extproc.mcp_sessions import PROTOCOL_HEADER, SESSION_HEADER, entry_key, parse_session_id
 from extproc.phases import PASS, Continue, Handler, Headers, Reply, Respond
 from extproc.quota import Demand, quota_scope
 from extproc.quota_store import check
@@ -82,10 +94,9 @@ RATE_LIMITED = -32029
 SERVER_ERROR = -32000
 
 # Forwarded to every server of the view by mcp_router.
-_FAN_OUT = frozenset({"initialize", "tools/list", "notifications/initialized"})
-# Features the gateway does not federate: their list methods answer empty, so clients that ask at
-# start-up go on.
-_EMPTY_LISTS = {"resources/list": "resources", "resources/templates/list": "resourceTemplates", "prompts/list": "prompts"}
+# The list methods among them: their merged answer is filtered by the tenant (``ToolListFilter``).
+_LISTS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
+_FAN_OUT = frozenset({"initialize", "notifications/initialized"}) | _LISTS
 
 
 def handles(path: str) -> bool:
@@ -104,6 +115,10 @@ class MethodNotFound(BadRequest):
     code = "method_not_found"
 
 
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
 def _rpc_code(exc: GatewayError) -> int:
     if exc.code == "invalid_json":
         return PARSE_ERROR
@@ -111,6 +126,8 @@ def _rpc_code(exc: GatewayError) -> int:
         return INVALID_PARAMS
     if isinstance(exc, MethodNotFound):
         return METHOD_NOT_FOUND
+    if isinstance(exc, SessionNotFound):
+        return INVALID_REQUEST
     return {400: INVALID_REQUEST, 401: UNAUTHENTICATED, 403: FORBIDDEN, 405: INVALID_REQUEST, 415: INVALID_REQUEST, 429: RATE_LIMITED}.get(
         exc.status, SERVER_ERROR
     )
@@ -150,6 +167,8 @@ class ToolGateway(Handler):
         self.view: View | None = None
         self.tenant = ""
         self.tool_label = ""
+        self.session_id = ""  # the client's Mcp-Session-Id
+        self.server_sessions: dict[str, str] = {}  # toolPrefix -> that server's session behind it
         self.metrics = services.metrics.mcp
         # One message (``crdgol.request_path``): the headers came as attributes with the body,
         # the answer to which can set no header; the view's route sets them from the metadata.
@@ -169,7 +188,7 @@ class ToolGateway(Handler):
         if exc.status == 401:
             headers["www-authenticate"] = 'Bearer realm="crdgol"'
         if exc.status == 405:
-            headers["allow"] = "POST"
+            headers["allow"] = "POST, DELETE"
         body = rpc_error(self.request_id, _rpc_code(exc), exc.message, {"type": exc.type, "code": exc.code})
         return Respond(exc.status, body, headers)
 
@@ -182,16 +201,12 @@ class ToolGateway(Handler):
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         credential = credential_from_headers(headers.get("authorization"), headers.get("x-api-key"))
         identity = await self.services.authenticate(credential)  # waits for remote keys when due
-        if self.http_method != "POST":
+        if self.http_method not in ("POST", "DELETE"):
+            self.method = self.http_method
             raise MethodNotAllowed(
-                f"{MCP_PATH} accepts POST (one JSON-RPC message per request); the gateway opens no standalone "
-                "stream (GET) and sessions end on their own (DELETE)"
+                f"{MCP_PATH} accepts POST (one JSON-RPC message per request) and DELETE (to end a session); "
+                "the gateway opens no standalone server-to-client stream (GET)"
             )
-        ctype = headers.get("content-type", "")
-        if not ctype.lower().startswith("application/json"):
-            raise UnsupportedMediaType(f"send the JSON-RPC message as application/json, not {ctype or 'no content type'!r}")
-        if end_of_stream:
-            raise BadRequest("the request body is empty: send one JSON-RPC message")
         policy = self.services.current.mcp
         view, tenant, ambiguous = policy.view_for(identity.tenants) if policy is not None else (None, "", False)
         if ambiguous:
@@ -199,6 +214,17 @@ class ToolGateway(Handler):
         if view is None:
             raise Forbidden(f"no MCP server is served to tenant {' or '.join(identity.tenants)}", code="no_mcp_servers")
         self.view, self.tenant = view, tenant
+        self.session_id = headers.get(SESSION_HEADER, "")
+        if self.http_method == "DELETE":
+            self.method = "DELETE"
+            if not self.session_id:
+                raise BadRequest(f"DELETE {MCP_PATH} ends a session: send its Mcp-Session-Id")
+            return await self._end(await self._session(view), headers.get(PROTOCOL_HEADER, ""))
+        ctype = headers.get("content-type", "")
+        if not ctype.lower().startswith("application/json"):
+            raise UnsupportedMediaType(f"send the JSON-RPC message as application/json, not {ctype or 'no content type'!r}")
+        if end_of_stream:
+            raise BadRequest("the request body is empty: send one JSON-RPC message")
         # The client's credential stays here; so does anything it sent in the gateway's own headers.
         remove = [h for h in headers if h in ("authorization", "x-api-key") or h.startswith(INTERNAL_HEADER_PREFIX)]
         return Continue(remove_headers=remove)
@@ -219,6 +245,8 @@ class ToolGateway(Handler):
         self.method = method
         is_request = "id" in msg
         assert self.view is not None
+        # Checked here, where a refusal can carry the request's id.
+        self.server_sessions = {server.prefix: sid for server, sid in await self._session(self.view)}
         match method:
             case "tools/call":
                 return await self._tool_call(msg, self.view)
@@ -229,31 +257,74 @@ class ToolGateway(Handler):
             case _ if method in _FAN_OUT:
                 # Re-written like a tool call (below): Envoy's parser must not read another method.
                 return self._forward(self.view, _dumps(msg))
-            case _ if method in _EMPTY_LISTS:
-                return self._answer(200, rpc_result(self.request_id, {_EMPTY_LISTS[method]: []}))
+            case "resources/read" | "prompts/get":
+                return self._server_item(msg, self.view)
             case _ if not is_request:
                 return self._answer(202, b"")  # a notification no server needs (cancelled, progress, roots)
             case _:
-                raise MethodNotFound(f"the gateway does not serve the method {method!r}: it federates tools (tools/list, tools/call)")
+                raise MethodNotFound(
+                    f"the gateway does not serve the method {method!r}: it federates tools, resources and prompts "
+                    "(tools/list, tools/call, resources/list, resources/templates/list, resources/read, prompts/list, prompts/get)"
+                )
 
-    def _forward(self, view: View, body: bytes) -> Continue:
-        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view.
+    async def _session(self, view: View) -> list[tuple[ToolServer, str]]:
+        """The servers' sessions behind the client's ``Mcp-Session-Id`` (none without one), once
+        it is known to be the caller's and not ended (``extproc.mcp_sessions``)."""
+        if not self.session_id:
+            return []
+        parsed = parse_session_id(self.session_id)
+        if parsed is None:
+            raise SessionNotFound("no MCP session has this Mcp-Session-Id: initialize a new session")
+        if parsed.subject != self.tenant:
+            raise Forbidden("this MCP session belongs to another caller", code="session_not_yours")
+        sessions = [(view.by_prefix[p], sid) for p, sid in parsed.servers if p in view.by_prefix]
+        keys = [entry_key(server, sid) for server, sid in sessions]
+        match await self.services.mcp_sessions.claim(keys, self.tenant, self.services.wall()):
+            case "ended":
+                raise SessionNotFound("this MCP session has ended: initialize a new session")
+            case "foreign":
+                raise Forbidden("this MCP session belongs to another caller", code="session_not_yours")
+        return sessions
 
-        The view, the tenant and the list mark go as dynamic metadata (the gateway's own config
-        routes on it, and its route sets the headers from it, replacing any a client sent) and,
-        when extproc saw the headers, as headers too (a config that routes on the header)."""
+    async def _end(self, sessions: list[tuple[ToolServer, str]], protocol: str) -> Respond:
+        """DELETE: the session is ended here first (any later request with its id gets 404), then
+        on each of its servers."""
+        mcp = self.services.mcp_sessions
+        await mcp.end([entry_key(server, sid) for server, sid in sessions], self.services.wall())
+        await mcp.end_on_servers(sessions, protocol)
+        return self._answer(200, b"")
+
+    def _forward(self, view: View, body: bytes, server: ToolServer | None = None) -> Continue:
+        """Send ``body`` (the message as extproc read it, re-written) on to the caller's view, or
+        with ``server`` (a tools/call) straight to that server.
+
+        The route, the tenant, the list mark and the sessions go as dynamic metadata (the
+        gateway's own config routes on it, and its route sets the headers from it, replacing any
+        a client sent) and, when extproc saw the headers, as headers too (a config that routes on
+        the header)."""
         self.metrics.messages.labels(self.metrics.method_label(self.method), "forwarded").inc()
-        route: dict[str, str | float] = {ROUTE_KEY: view.route, TENANT_KEY: self.tenant}
-        if self.method == "tools/list":
+        name = view.route if server is None else server_route(view.namespace, server.prefix)
+        route: dict[str, str | float] = {ROUTE_KEY: name, TENANT_KEY: self.tenant}
+        if self.method in _LISTS:
             route[LIST_KEY] = "1"
+        server_session = self.server_sessions.get(server.prefix, "") if server is not None else ""
+        if server is not None:
+            route[SERVER_SESSION_KEY] = server_session
+            route[CLIENT_SESSION_KEY] = self.session_id
         metadata = {ROUTE_NAMESPACE: route}
         if self.one_message:
             # Envoy honours clear_route_cache in a body reply only with a header mutation in it.
             return Continue(body=body, remove_headers=[NO_OP_HEADER], clear_route_cache=True, dynamic_metadata=metadata)
-        set_headers = {ROUTE_HEADER: view.route, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
-        if self.method == "tools/list":
+        set_headers = {ROUTE_HEADER: name, TENANT_HEADER: self.tenant, "content-length": str(len(body))}
+        if self.method in _LISTS:
             set_headers[LIST_FILTER_HEADER] = "1"
-        return Continue(set_headers=set_headers, body=body, clear_route_cache=True, dynamic_metadata=metadata)
+        remove: list[str] = []
+        if server is not None:
+            if server_session:
+                set_headers[SESSION_HEADER] = server_session
+            else:
+                remove.append(SESSION_HEADER)
+        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=metadata)
 
     async def _tool_call(self, msg: dict[str, Any], view: View) -> Reply:
         params = msg.get("params")
@@ -272,12 +343,30 @@ class ToolGateway(Handler):
         await self._admit(server)
         self.metrics.calls.labels(self.tenant_label, server.key, self.tool_label, "allowed").inc()
         assert isinstance(params, dict)
-        # What goes on is the message checked here, re-written: a body with a key twice (parsers
-        # disagree on which wins) cannot name one tool to extproc and another to Envoy or the
-        # server; and the tool's name comes first, as mcp_router strips the prefix from the first
-        # occurrence of the name in the body.
-        checked = {"params": {"name": name, **{k: v for k, v in params.items() if k != "name"}}, "jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call"}
-        return self._forward(view, _dumps(checked))
+        # What goes on, straight to the server, is the message checked here, re-written with the
+        # server's own name for the tool: a body with a key twice (parsers disagree on which
+        # wins) cannot name one tool to extproc and another to the server.
+        checked = {"jsonrpc": "2.0", "id": msg.get("id"), "method": "tools/call", "params": {**params, "name": tool}}
+        return self._forward(view, _dumps(checked), server)
+
+    def _server_item(self, msg: dict[str, Any], view: View) -> Reply:
+        """``resources/read`` (``params.uri``, ``<prefix>+<scheme>://...``) or ``prompts/get``
+        (``params.name``, ``<prefix>__<name>``): straight to the server, which the tenant must
+        reach, re-written with the server's own URI or name. A server's resources and prompts
+        are open to every tenant it admits (its tool permissions are about tools)."""
+        params = msg.get("params")
+        field = "uri" if self.method == "resources/read" else "name"
+        value = params.get(field) if isinstance(params, dict) else None
+        if not isinstance(value, str):
+            raise BadRequest(f"{self.method} needs params.{field}", code="invalid_params")
+        found = view.resource(value) if field == "uri" else view.tool(value)
+        if found is None or not found[0].visible_to(self.tenant):
+            what = "resource" if field == "uri" else "prompt"
+            raise UnknownTool(f"unknown {what} {value!r}: {self.method.split('/')[0]}/list names the ones you may use", code=f"unknown_{what}")
+        server, own = found
+        assert isinstance(params, dict)
+        checked = {"jsonrpc": "2.0", "id": msg.get("id"), "method": self.method, "params": {**params, field: own}}
+        return self._forward(view, _dumps(checked), server)
 
     async def _admit(self, server: ToolServer) -> None:
         """One tool call against the tenant's quota on this server (QuotaExceeded: 429)."""
@@ -329,8 +418,9 @@ class ToolListFilter(Handler):
 
 
 def filter_tool_list(body: bytes, view: View | None, tenant: str) -> bytes:
-    """A tools/list answer (JSON or SSE) without the tools ``tenant`` may not call in ``view``;
-    an answer that cannot be read becomes a JSON-RPC error (never passed on unfiltered)."""
+    """A merged list answer (JSON or SSE) of tools, resources, resource templates or prompts
+    without what ``tenant`` may not use in ``view``; an answer that cannot be read becomes a
+    JSON-RPC error (never passed on unfiltered)."""
     text = body.lstrip()
     try:
         if view is None:
@@ -357,16 +447,27 @@ def _filter_message(msg: object, view: View, tenant: str) -> object:
     result = msg.get("result")
     if not isinstance(result, dict):
         return msg  # an error, or a notification
-    tools = result.get("tools")
-    if not isinstance(tools, list):
-        raise ValueError("a tools/list result without tools")
+    listed = [(key, field) for key, field in _LISTED if isinstance(result.get(key), list)]
+    if len(listed) != 1:
+        raise ValueError("a list result without exactly one of tools, resources, resourceTemplates, prompts")
+    key, field = listed[0]
     kept = []
-    for t in tools:
-        name = t.get("name") if isinstance(t, dict) else None
-        found = view.tool(name) if isinstance(name, str) else None
-        if found is not None and found[0].visible_to(tenant) and found[0].may_call(tenant, found[1]):
-            kept.append(t)
-    return {**msg, "result": {**result, "tools": kept}}
+    for item in result[key]:
+        name = item.get(field) if isinstance(item, dict) else None
+        if isinstance(name, str) and _may_use(view, tenant, key, name):
+            kept.append(item)
+    return {**msg, "result": {**result, key: kept}}
+
+
+# The list results the gateway filters, and the field that names each item.
+_LISTED = (("tools", "name"), ("prompts", "name"), ("resources", "uri"), ("resourceTemplates", "uriTemplate"))
+
+
+def _may_use(view: View, tenant: str, key: str, name: str) -> bool:
+    found = view.tool(name) if key in ("tools", "prompts") else view.resource(name)
+    if found is None or not found[0].visible_to(tenant):
+        return False
+    return key != "tools" or found[0].may_call(tenant, found[1])
 
 
 class ServerCredential(Handler):

@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry, Counter
 TOOL_LABELS_PER_SERVER = 64
 UNKNOWN = "_unknown"
 OTHER = "_other"
-# JSON-RPC methods worth a label of their own; any other is "other".
+# JSON-RPC methods worth a label of their own, and the HTTP methods that carry none (DELETE ends
+# a session, GET asks for a standalone stream); any other is "other".
 METHODS = frozenset(
     {"initialize", "ping", "tools/list", "tools/call", "notifications/initialized", "resources/list", "prompts/list", "resources/templates/list", "logging/setLevel"}
+    | {"resources/read", "prompts/get", "GET", "DELETE"}
 )
 
 
@@ -33,6 +35,11 @@ class ToolCallMetrics:
             "crdgol_mcp_messages",
             "JSON-RPC messages MCP clients sent to /mcp, by method and what the gateway did: forwarded, or the HTTP status it answered with.",
             ["method", "status"],
+            registry=registry,
+        )
+        self.session_store_errors = Counter(
+            "crdgol_mcp_session_store_errors",
+            "MCP session checks (ownership, ended) that could not reach the store: the request went on without them.",
             registry=registry,
         )
         self._tools: dict[str, set[str]] = {}

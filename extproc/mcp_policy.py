@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crdgol import tenancy
-from crdgol.mcp_contract import TOOL_DELIMITER
+from crdgol.mcp_contract import RESOURCE_DELIMITER, TOOL_DELIMITER
 from crdgol.pb import policy_pb2 as pb
 from extproc.policy import QuotaPolicy, quota_policy
 
@@ -30,6 +30,8 @@ class ToolServer:
     credential_value: str = field(repr=False)
     # Tool names allowed by name somewhere in the spec: bounded, so fit for metric labels.
     named_tools: frozenset[str] = frozenset()
+    # The server's MCP endpoint, where extproc ends sessions (``extproc.mcp_sessions``).
+    url: str = ""
 
     def __repr__(self) -> str:  # never print the credential
         return f"ToolServer(key={self.key!r}, prefix={self.prefix!r})"
@@ -52,10 +54,19 @@ class View:
     by_prefix: dict[str, ToolServer]
 
     def tool(self, federated: str) -> tuple[ToolServer, str] | None:
-        """The server and its own tool name for ``<prefix>__<tool>``; None when no server has it."""
+        """The server and its own tool (or prompt) name for ``<prefix>__<tool>``; None when no
+        server has it."""
         prefix, sep, tool = federated.partition(TOOL_DELIMITER)
         server = self.by_prefix.get(prefix) if sep and tool else None
         return (server, tool) if server is not None else None
+
+    def resource(self, federated: str) -> tuple[ToolServer, str] | None:
+        """The server and its own URI (or URI template) for ``<prefix>+<scheme>://<rest>``, as
+        Envoy's mcp_router names resources; None when no server has it."""
+        scheme, sep, rest = federated.partition("://")
+        prefix, plus, own_scheme = scheme.partition(RESOURCE_DELIMITER)
+        server = self.by_prefix.get(prefix) if sep and plus and own_scheme else None
+        return (server, f"{own_scheme}://{rest}") if server is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,7 @@ def compile_mcp(snap: pb.PolicySnapshot) -> McpPolicy:
             credential_header=s.credential_header,
             credential_value=s.credential_value,
             named_tools=frozenset(named),
+            url=s.url,
         )
     views: dict[str, View] = {}
     for v in snap.mcp_tool_views:

@@ -221,6 +221,7 @@ async def serve(settings: ServerSettings, services: Services, stop: asyncio.Even
     lag_watch.cancel()
     await services.context_sources.close()
     await services.cache.aclose()  # the semantic cache's embeddings client
+    await services.mcp_sessions.aclose()  # the client that ends MCP sessions on their servers
     if runner is not None:
         await runner.cleanup()
     log.info("extproc stopped")

@@ -18,6 +18,7 @@ from extproc.cache import ResponseCache
 from extproc.capacity import Capacity
 from extproc.history import HistoryStore, MemoryHistoryStore
 from extproc.jwks import JwksCache
+from extproc.mcp_sessions import McpSessions
 from extproc.mcp_sources import ContextSources
 from extproc.metrics import Metrics
 from extproc.oidc_discovery import DiscoveringFetcher
@@ -59,12 +60,15 @@ class Services:
     tracer: CallTracer | None = None
     _auth: tuple[int, Authenticator] | None = None
     cache: ResponseCache = field(default_factory=ResponseCache)
+    # Who owns each MCP session at /mcp, and which have ended (``extproc.mcp_sessions``).
+    mcp_sessions: McpSessions = field(default_factory=McpSessions)
     # MCP sessions and cached reads for context policies (built from metrics and clock).
     context_sources: ContextSources = field(init=False)
 
     def __post_init__(self) -> None:
         self.cache.attach(self.metrics.registry)
         self.context_sources = ContextSources(self.metrics, self.clock)
+        self.mcp_sessions.on_store_error = self.metrics.mcp.session_store_errors.inc
         self.policy.on_change.append(self.context_sources.policy_changed)
         self.context_sources.policy_changed(self.policy.current)
 

@@ -6,9 +6,13 @@ Run as ``python tests/mcp_tool_servers.py --name NAME --port P [--token T]``. It
 * ``steps(n, delay_ms)``: reports progress and logs a message per step, then ``"done"``;
 * ``visits()``: how many times this MCP session called it (proves the session is kept).
 
+Resources ``note://greeting`` (``"<NAME>: hello"``) and ``note://items/{item}``; a prompt
+``review(code)`` (``"<NAME> reviews <code>"``).
+
 With ``--token T`` every MCP request must carry ``authorization: Bearer T`` (401 otherwise).
-``GET /_seen`` lists, per request received, its ``authorization`` value and header names, so a
-test can tell which credentials and internal headers reached the server.
+``GET /_seen`` lists, per request received, its ``authorization`` value, header names, HTTP method
+and ``mcp-session-id``, so a test can tell which credentials, internal headers and session ends
+reached the server.
 
 ``ToolServer`` starts one as a subprocess on a free loopback port and stops it.
 """
@@ -65,6 +69,21 @@ def build(name: str, token: str) -> Any:
         visits[key] = visits.get(key, 0) + 1
         return visits[key]
 
+    @app.resource("note://greeting")
+    def greeting() -> str:
+        """A fixed resource."""
+        return f"{name}: hello"
+
+    @app.resource("note://items/{item}")
+    def item(item: str) -> str:
+        """A resource template."""
+        return f"{name}: item {item}"
+
+    @app.prompt()
+    def review(code: str) -> str:
+        """A prompt with an argument."""
+        return f"{name} reviews {code}"
+
     inner = app.streamable_http_app()
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -77,7 +96,9 @@ def build(name: str, token: str) -> Any:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
-        seen.append({"authorization": headers.get("authorization", ""), "headers": sorted(headers)})
+        seen.append(
+            {"authorization": headers.get("authorization", ""), "headers": sorted(headers), "method": scope["method"], "session": headers.get("mcp-session-id", "")}
+        )
         if token and headers.get("authorization") != f"Bearer {token}":
             await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": b'{"error": "unauthorized"}'})

@@ -14,9 +14,11 @@ resources on a cluster (``cluster_api.ClusterRuns``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from controller.models import SpecError
+from controller.workflow.retention import RETRY_AFTER_SECONDS
 from crdgol import tenancy
 from crdgol.workflow_contract import API_TOKEN_HEADER, KEY_DIGEST_HEADER, TENANT_HEADER
 
@@ -56,15 +59,41 @@ class BackendUnavailable(Exception):
         self.message, self.status = message, status
 
 
+class TooManyRuns(Exception):
+    """The tenant has as many active runs as it may (``retention.RunLimits``): a 429."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+# The body of a start: {"inputs": {...}}. The inputs are kept with the run (its journal, rewritten
+# on every transition, in file mode; the WorkflowRun resource, which shares etcd's ~1.5 MiB with
+# its status, on a cluster), so they are bounded well below that.
+MAX_BODY_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A run just started: its status for the 201, and (file mode) its first step's call with
+    the steps that follow from it, which the handler runs in its own task as soon as the 201 is
+    written (``Runner.start_here``)."""
+
+    status: dict[str, Any]
+    then: Coroutine[Any, Any, None] | None = None
+
+
 class RunBackend(Protocol):
     """Where runs are started, read and cancelled. Status documents are ``status.run_status``'s shape."""
 
     def ready(self) -> bool:
         """False until the recorded runs are known (the API answers 503 meanwhile)."""
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
         """Start a run of ``namespace/workflow`` as ``tenant``. ``LookupError``: no such workflow
-        there; ``SpecError``: it cannot run (refused, no API key): a 409."""
+        there; ``SpecError``: it cannot run (refused, no API key): a 409; ``TooManyRuns``: the
+        tenant is at its cap of active runs: a 429 (checked and the run counted without an await
+        in between, so concurrent starts cannot pass the cap together)."""
 
     async def read(self, caller: Caller, namespace: str, name: str) -> dict[str, Any] | None:
         """The run's status, None unless it exists and belongs to one of the caller's tenants."""
@@ -98,7 +127,7 @@ class RunApi:
             return error(exc.status, "api_error", "workflow_store_unavailable", exc.message)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024, middlewares=[self._guard])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         app.router.add_post("/v1/workflows/{name}/runs", self.create)
         app.router.add_get("/v1/workflows/runs", self.list)
         app.router.add_get("/v1/workflows/runs/{run}", self.read)
@@ -113,12 +142,17 @@ class RunApi:
         digest = request.headers.get(KEY_DIGEST_HEADER, "")
         return Caller(tenants, digest if _DIGEST.fullmatch(digest) else "")
 
-    async def create(self, request: web.Request) -> web.Response:
+    async def create(self, request: web.Request) -> web.StreamResponse:
         caller = self._caller(request)
         if caller is None:
             return error(401, "authentication_error", "invalid_api_key", "no authenticated caller")
+        too_large = error(413, "invalid_request_error", "request_too_large", f"the body is over {MAX_BODY_BYTES // 1024} KiB; a run's inputs must be smaller")
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return too_large
         try:
             body = orjson.loads(await request.read() or b"{}")
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+            return too_large
         except orjson.JSONDecodeError:
             return error(400, "invalid_request_error", "invalid_json", "the body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("inputs", {}), dict) or set(body) - {"inputs"}:
@@ -135,8 +169,30 @@ class RunApi:
                 continue
             except SpecError as exc:
                 return error(409, "invalid_request_error", exc.reason, exc.message)
-            return ok(201, doc)
+            except TooManyRuns as exc:
+                r = error(429, "rate_limit_error", "too_many_active_runs", exc.message)
+                r.headers["Retry-After"] = str(exc.retry_after)
+                return r
+            return await self._created(request, doc)
         return error(404, "not_found_error", "workflow_not_found", str(missing.args[0]))
+
+    @staticmethod
+    async def _created(request: web.Request, started: Started) -> web.StreamResponse:
+        """The 201; then, in this same task, the run's first call (``Started.then``)."""
+        r = ok(201, started.status)
+        if started.then is None:
+            return r
+        # This connection stays with the handler until that call ends: Envoy must not send its
+        # next request down it (aiohttp would hold it until then).
+        r.force_close()
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the client left; the run goes on
+            await r.prepare(request)
+            await r.write_eof()
+        # The step's abort (its run cancelled or failed) cancels the task running it; the answer
+        # is long sent. (aiohttp does not cancel handlers when a client leaves.)
+        with contextlib.suppress(asyncio.CancelledError):
+            await started.then
+        return r
 
     async def _own(self, request: web.Request, act: Callable[[Caller, str, str], Awaitable[dict[str, Any] | None]]) -> web.Response:
         caller = self._caller(request)

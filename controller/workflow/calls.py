@@ -44,6 +44,7 @@ class CallContext:
     workflow_key: str
     api_key: str  # never logged, never recorded
     session: str
+    traceparent: str = ""  # the attempt's span (tracing on): the gateway's spans become its children
 
 
 def idempotency_key(run_key: str, step: str, attempt: int) -> str:
@@ -101,6 +102,8 @@ async def call_ai(http: aiohttp.ClientSession, target: CallTarget, ctx: CallCont
     }
     if spec.ai_inference.session == "shared":
         headers[SESSION_HEADER] = ctx.session
+    if ctx.traceparent:
+        headers["traceparent"] = ctx.traceparent
     async with http.post(f"{target.gateway}/v1/chat/completions", json=call.request, headers=headers) as r:
         try:
             text = await _text(r)

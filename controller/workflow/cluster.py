@@ -21,6 +21,9 @@ handlers to the operator's registry (``controller.operator``).
   labelled with a run finishes their steps.
 * **Egress**: the accepted specs' http-request targets become Envoy's egress listener in the
   gateway's config (``egress_resources``), published with the bindings.
+* **Limits** (``retention``): the run API counts a tenant's active runs (the runner's live ones
+  plus those it created that the watch has not delivered yet) against its cap; finished runs
+  seen on the watch are deleted by their retention (``sweep``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from controller.state import ControllerState
 from controller.workflow.accept import CompiledWorkflow, accept
 from controller.workflow.api import RunApi
 from controller.workflow.calls import CallTarget
-from controller.workflow.cluster_api import ClusterRuns
+from controller.workflow.cluster_api import STARTED_BY_ANNOTATION, ClusterRuns
 from controller.workflow.cost import prices_by_namespace
 from controller.workflow.egress import (
     WorkflowEnvoySettings,
@@ -55,6 +58,7 @@ from controller.workflow.egress import (
 from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import RUN_LABEL, JobRunner, Request
+from controller.workflow.retention import FinishedRun, RunLimits, SpecRetention, to_remove
 from controller.workflow.runner import Runner, WorkflowMetrics
 from controller.workflow.spec import parse_run, parse_workflow
 from controller.workflow.status import k8s_status, parse_rfc3339, rfc3339, state_from_status
@@ -77,6 +81,8 @@ class ClusterWorkflowSettings:
     api_listen_port: int = 0
     recheck_interval: float = 5.0  # how often specs are accepted again (bindings change)
     retry_delay: float = 5.0  # a run waiting for its spec or Secret tries again after this
+    limits: RunLimits = field(default_factory=RunLimits)
+    sweep_interval: float = 30.0  # how often finished runs are checked against their retention
 
 
 def _path(plural: str, namespace: str, name: str, sub: str = "") -> str:
@@ -197,6 +203,13 @@ class ClusterWorkflows:
             keep_finished=False,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Runs the run API created that the operator has not picked up yet: key -> (tenant, until
+        # when it counts). With the runner's live runs they are the tenant's active runs.
+        self._admitted: dict[str, tuple[str, float]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        # Finished WorkflowRuns as the watch last showed them (retention's input): kept from the
+        # events instead of listing every run, statuses and all, on each sweep.
+        self._finished: dict[str, FinishedRun] = {}
 
     # --- WorkflowSpecs ----------------------------------------------------------------------------
 
@@ -279,6 +292,22 @@ class ClusterWorkflows:
 
     async def run_started(self, body: kopf.Body) -> None:
         """Start (on create) or resume (on the operator's resume) one WorkflowRun."""
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        waiting = False
+        try:
+            await self._start_run(body)
+        except kopf.TemporaryError:
+            waiting = True
+            raise
+        finally:
+            # Counted by the run API until now; from here on the runner counts it while it runs.
+            # Not before it is live (a start between would find it counted nowhere), nor while it
+            # waits for its spec or Secret (it stays admitted until ``ADMITTED_FOR`` has passed).
+            if not waiting:
+                self._admitted.pop(key, None)
+
+    async def _start_run(self, body: kopf.Body) -> None:
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
         key = f"{namespace}/{name}"
@@ -383,11 +412,81 @@ class ClusterWorkflows:
     def cancel_before_start(self, key: str) -> None:
         self.cancelled.add(key)
 
+    # How long a run created over the API counts as active before the operator picks it up: the
+    # watch delivers it in well under this; should it never come, the run is not running here.
+    ADMITTED_FOR = 120.0
+
+    def admit(self, tenant: str, key: str) -> int | None:
+        """Count ``key`` as one of ``tenant``'s active runs, unless it is at its cap: then the
+        number it has (and nothing is counted). Synchronous, so concurrent starts cannot pass the
+        cap together; ``release`` undoes it when the resource is not created."""
+        now = self.clock()
+        for k, (_, until) in list(self._admitted.items()):
+            if until <= now:
+                del self._admitted[k]
+        active = self.runner.active(tenant) + sum(1 for t, _ in self._admitted.values() if t == tenant)
+        if active >= self.settings.limits.max_active_per_tenant:
+            return active
+        self._admitted[key] = (tenant, now + self.ADMITTED_FOR)
+        return None
+
+    def release(self, key: str) -> None:
+        self._admitted.pop(key, None)
+
+    # --- retention ------------------------------------------------------------------------------------
+
+    def run_seen(self, event_type: str, obj: dict[str, Any]) -> None:
+        """A WorkflowRun event from the watch: note it if it has finished (or forget it)."""
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        ended = parse_rfc3339(status.get("finishedAt"))
+        if event_type == "DELETED" or status.get("phase") not in RUN_DONE or ended is None:
+            self._finished.pop(key, None)
+            return
+        workflow = str(((obj.get("spec") or {}).get("workflowRef") or {}).get("name") or "")
+        by_api = (meta.get("annotations") or {}).get(STARTED_BY_ANNOTATION) == "api"
+        self._finished[key] = FinishedRun(key, f"{key.split('/', 1)[0]}/{workflow}", str(status.get("tenant") or ""), ended, by_api)
+
+    async def sweep(self) -> list[str]:
+        """Delete the finished WorkflowRuns ``retention.to_remove`` picks, in the namespaces that
+        have WorkflowSpecs here: those the run API created (``STARTED_BY_ANNOTATION``) by the
+        controller's defaults, any run of a spec that sets its own retention by the spec's."""
+        namespaces = {k.split("/", 1)[0] for k in (*self.accepted, *self.refused)}
+        finished = [r for r in self._finished.values() if r.key.split("/", 1)[0] in namespaces]
+        specs = {k: SpecRetention(w.spec.ttl_after_finished, w.spec.keep_finished_runs) for k, w in self.accepted.items()}
+        gone = []
+        for key in to_remove(finished, self.clock(), self.settings.limits, specs):
+            namespace, name = key.split("/", 1)
+            try:
+                code, _ = await self.request("DELETE", _path(RUNS, namespace, name), None, "application/json")
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                log.warning("workflow run retention: cannot delete WorkflowRun %s: %s", key, exc)
+                continue
+            if code < 300 or code == 404:
+                gone.append(key)
+                self._finished.pop(key, None)
+            else:
+                log.warning("workflow run retention: cannot delete WorkflowRun %s: HTTP %s", key, code)
+        if gone:
+            log.info("workflow runs deleted by their retention: %d", len(gone))
+        return gone
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            await self.sweep()
+
+    def start_sweeping(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="workflow run retention")
+
     async def serve_api(self) -> None:
-        """Open the run API on its TCP port (when configured) and publish Envoy's route to it."""
+        """Open the run API on its TCP port (when configured) and publish Envoy's route to it;
+        start deleting finished runs by their retention."""
+        self.start_sweeping()
         if not self.settings.api_listen_port:
             return
-        backend = ClusterRuns(self, self.request, self.state.secrets_in, self.clock)
+        backend = ClusterRuns(self, self.request, self.state.secrets_in, self.clock, self.settings.limits)
         self._api_site = web.AppRunner(RunApi(backend, self.settings.egress.api_token).app(), access_log=None)
         await self._api_site.setup()
         await web.TCPSite(self._api_site, self.settings.api_listen_host, self.settings.api_listen_port, backlog=1024).start()
@@ -456,7 +555,8 @@ class ClusterWorkflows:
             await self.run_started(body)
 
         @kopf.on.event(*runs, registry=registry, id="workflowrun-gone")
-        async def run_deleted(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+        async def run_event(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+            self.run_seen(str(event.get("type") or ""), dict(event.get("object") or {}))
             if event.get("type") == "DELETED":
                 await self.run_gone(namespace or "default", name)
 
@@ -466,6 +566,8 @@ class ClusterWorkflows:
 
     async def close(self) -> None:
         self.jobs.closing = True  # Jobs keep running; the next controller adopts them
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._tasks):
             task.cancel()
         await self.runner.close()

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import aiohttp
 
 from controller.models import GROUP, VERSION, SecretData, SpecError
-from controller.workflow.api import BackendUnavailable, Caller
+from controller.workflow.api import BackendUnavailable, Caller, Started, TooManyRuns
 from controller.workflow.engine import RUN_DONE, RunState
 from controller.workflow.host import tenant_of
 from controller.workflow.jobs import Request
+from controller.workflow.retention import RunLimits, over_cap_message
 from controller.workflow.status import parse_rfc3339, rfc3339
 from crdgol import tenancy
 
@@ -46,6 +47,12 @@ class Engine(Protocol):
     async def cancel_live(self, key: str) -> RunState | None: ...
 
     def cancel_before_start(self, key: str) -> None: ...
+
+    def admit(self, tenant: str, key: str) -> int | None:
+        """Count a run about to be created as the tenant's; None, or its active runs when at its cap."""
+
+    def release(self, key: str) -> None:
+        """Undo ``admit`` (the resource was not created)."""
 
 
 def _runs_path(namespace: str, name: str = "", sub: str = "") -> str:
@@ -73,8 +80,11 @@ def api_status(obj: dict[str, Any], tenant: str) -> dict[str, Any]:
 class ClusterRuns:
     """``RunBackend`` over WorkflowRun resources (see the module's docstring)."""
 
-    def __init__(self, engine: Engine, request: Request, secrets_in: Callable[[str], list[SecretData]], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, engine: Engine, request: Request, secrets_in: Callable[[str], list[SecretData]], clock: Callable[[], float] = time.time, limits: RunLimits | None = None
+    ) -> None:
         self.engine, self.request, self.secrets_in, self.clock = engine, request, secrets_in, clock
+        self.limits = limits or RunLimits()
 
     def ready(self) -> bool:
         return True  # the runs live in the API server: nothing to load first
@@ -110,7 +120,7 @@ class ClusterRuns:
             f"your credential is not an API key of tenant {tenant!r} there (a JWT cannot start runs on a cluster)",
         )
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
         verdict = self.engine.workflow_state(namespace, workflow)
         if verdict is None:
             raise LookupError(f"no WorkflowSpec {workflow!r}")
@@ -119,22 +129,38 @@ class ClusterRuns:
         secret, field_ = self._key_secret(caller, namespace, tenant)
         for _ in range(5):  # a name already taken (by a run kubectl created) gets another
             name = f"{workflow[:52]}-{secrets.token_hex(4)}"
-            obj = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "WorkflowRun",
-                "metadata": {"name": name, "namespace": namespace, "labels": {WORKFLOW_LABEL: workflow}, "annotations": {STARTED_BY_ANNOTATION: "api"}},
-                "spec": {"workflowRef": {"name": workflow}, "inputs": inputs, "apiKeySecretRef": {"name": secret, "key": field_}},
-            }
-            code, body = await self._call("POST", _runs_path(namespace), obj)
-            if code == 409:
-                continue
-            if code >= 300 or not isinstance(body, dict):
-                detail = body.get("message") if isinstance(body, dict) else ""
-                if code in (400, 422):  # the API server's schema refused it (e.g. inputs too large)
-                    raise SpecError("InvalidRun", f"the WorkflowRun was refused: {detail}")
-                raise BackendUnavailable(f"cannot create the WorkflowRun: HTTP {code} {detail}".strip())
-            return api_status(body, tenant)
+            # Counted before the resource is created (no await in between), so concurrent starts
+            # cannot pass the cap together; released again unless it was created.
+            active = self.engine.admit(tenant, f"{namespace}/{name}")
+            if active is not None:
+                raise TooManyRuns(over_cap_message(tenant, active, self.limits))
+            created = None
+            try:
+                created = await self._create(namespace, name, workflow, inputs, secret, field_, tenant)
+            finally:
+                if created is None:
+                    self.engine.release(f"{namespace}/{name}")
+            if created is not None:
+                return Started(created)  # the operator picks it up from its watch
         raise BackendUnavailable("cannot find a free name for the run; retry", 503)
+
+    async def _create(self, namespace: str, name: str, workflow: str, inputs: dict[str, Any], secret: str, field_: str, tenant: str) -> dict[str, Any] | None:
+        """The run's status once its WorkflowRun is created; None: the name is taken."""
+        obj = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "WorkflowRun",
+            "metadata": {"name": name, "namespace": namespace, "labels": {WORKFLOW_LABEL: workflow}, "annotations": {STARTED_BY_ANNOTATION: "api"}},
+            "spec": {"workflowRef": {"name": workflow}, "inputs": inputs, "apiKeySecretRef": {"name": secret, "key": field_}},
+        }
+        code, body = await self._call("POST", _runs_path(namespace), obj)
+        if code == 409:
+            return None
+        if code >= 300 or not isinstance(body, dict):
+            detail = body.get("message") if isinstance(body, dict) else ""
+            if code in (400, 422):  # the API server's schema refused it (e.g. inputs too large)
+                raise SpecError("InvalidRun", f"the WorkflowRun was refused: {detail}")
+            raise BackendUnavailable(f"cannot create the WorkflowRun: HTTP {code} {detail}".strip())
+        return api_status(body, tenant)
 
     def _tenant(self, obj: dict[str, Any]) -> str:
         """The run's tenant: as its status records it, or (not picked up yet) its Secret's."""

@@ -4,15 +4,20 @@
 the gateway serves: accepts the specs (refusing, with the step named, what cannot run), starts
 the runs the folder declares that have no recorded state yet, and on its first call resumes the
 runs recorded before a restart. ``extras`` are the Envoy resources it needs (egress listener, run
-API route); ``serve_api`` opens the run API on its Unix socket.
+API route); ``serve_api`` opens the run API on its Unix socket, where a run started over HTTP is
+capped per tenant and picked up in its request's handler, and starts the sweep that removes
+finished runs by their retention (``retention``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ from aiohttp import web
 from controller.models import API_KEY_LABEL, TENANT_ANNOTATION, SecretData, SpecError, parse_secret
 from controller.render import EnvoyExtras
 from controller.workflow.accept import CompiledWorkflow, accept
-from controller.workflow.api import Caller, RunApi
+from controller.workflow.api import Caller, RunApi, Started, TooManyRuns
 from controller.workflow.calls import CallTarget
 from controller.workflow.cost import BackendPrice
 from controller.workflow.egress import (
@@ -30,6 +35,13 @@ from controller.workflow.egress import (
     egress_resources,
 )
 from controller.workflow.engine import RunState
+from controller.workflow.retention import (
+    FinishedRun,
+    RunLimits,
+    SpecRetention,
+    over_cap_message,
+    to_remove,
+)
 from controller.workflow.runner import Runner, RunStore, WorkflowMetrics
 from controller.workflow.spec import parse_run, parse_workflow
 from controller.workflow.status import run_status
@@ -43,6 +55,8 @@ class WorkflowSettings:
     state_dir: Path
     gateway_url: str  # the gateway listener, as the engine's AI steps call it
     envoy: WorkflowEnvoySettings
+    limits: RunLimits = field(default_factory=RunLimits)
+    sweep_interval: float = 1.0  # how often finished runs are checked against their retention
 
 
 def tenant_of(secret: SecretData) -> str:
@@ -68,6 +82,8 @@ class WorkflowHost:
         self._secrets: dict[str, SecretData] = {}
         self._resumed = False
         self._runner_site: web.AppRunner | None = None
+        self._declared: set[str] = set()  # runs the folder declares as WorkflowRun manifests
+        self._sweeper: asyncio.Task[None] | None = None
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -109,15 +125,17 @@ class WorkflowHost:
                 wf = workflows.get(f"{state.namespace}/{state.workflow}")
                 if wf is None and state.phase not in ("Succeeded", "Failed", "Cancelled"):
                     log.error("workflow run %s: its WorkflowSpec is not accepted; leaving it as recorded", state.key)
-                    self.runner.finished[state.key] = state
+                    self.runner.keep(state)
                     continue
                 if wf is not None:
                     self.runner.resume(state, wf)
                 else:
-                    self.runner.finished[state.key] = state
+                    self.runner.keep(state)
+        self._declared = set()
         for obj in (d for d in docs if d.get("kind") == "WorkflowRun"):
             meta = obj.get("metadata") or {}
             key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+            self._declared.add(key)
             if self.runner.get(key) is not None:
                 continue
             try:
@@ -161,7 +179,9 @@ class WorkflowHost:
 
     # --- the run API ----------------------------------------------------------------------------
 
-    def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> RunState:
+    async def start_from_api(self, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> tuple[RunState, Coroutine[Any, Any, None] | None]:
+        """A run started over HTTP, picked up at once (``Runner.start_here``): its state and the
+        rest of its first call, for the handler's task."""
         wf = self.workflows.get(f"{namespace}/{workflow}")
         if wf is None:
             problem = self.problems.get(f"WorkflowSpec {namespace}/{workflow}")
@@ -170,9 +190,42 @@ class WorkflowHost:
             raise LookupError(f"no WorkflowSpec {workflow!r}")
         if self._api_key(RunState("", namespace, workflow, {}, tenant=tenant)) is None:
             raise SpecError("NoApiKey", f"tenant {tenant!r} has no API key Secret the run could call the gateway with")
-        return self.runner.start(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
+        # Counted and started with no await in between: concurrent starts cannot pass the cap.
+        active = self.runner.active(tenant)
+        if active >= self.settings.limits.max_active_per_tenant:
+            raise TooManyRuns(over_cap_message(tenant, active, self.settings.limits))
+        return await self.runner.start_here(wf, self.runner.new_name(namespace, workflow), inputs, tenant=tenant)
+
+    # --- retention ------------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> list[str]:
+        """Remove the finished runs ``retention.to_remove`` picks (their journals too). A run
+        declared by a manifest still in the folder is kept whatever its spec says: removing its
+        journal would start it again."""
+        specs = {k: SpecRetention(w.spec.ttl_after_finished, w.spec.keep_finished_runs) for k, w in self.workflows.items()}
+        finished = [
+            FinishedRun(key, f"{st.namespace}/{st.workflow}", st.tenant, st.finished_at or st.created_at, started_over_api=not st.api_key_ref)
+            for key, st in self.runner.finished.items()
+            if st.done and key not in self._declared
+        ]
+        gone = to_remove(finished, now, self.settings.limits, specs)
+        for key in gone:
+            self.runner.forget(key)
+            self.store.remove(key)
+        if gone:
+            log.info("workflow runs removed by their retention: %d", len(gone))
+        return gone
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                self.sweep(time.time())
+            except OSError as exc:  # a journal that cannot be deleted: try again next time
+                log.error("workflow run retention: %s", exc)
 
     async def serve_api(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="workflow run retention")
         api = RunApi(FileRuns(self))
         self._runner_site = web.AppRunner(api.app(), access_log=None)
         await self._runner_site.setup()
@@ -189,6 +242,10 @@ class WorkflowHost:
             await web.TCPSite(self._runner_site, e.api_host, e.api_port, backlog=4096).start()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.runner.close()
         self.store.close()
         if self._runner_site is not None:
@@ -218,8 +275,9 @@ class FileRuns:
     def ready(self) -> bool:
         return self.host.resumed
 
-    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> dict[str, Any]:
-        return run_status(self.host.start_from_api(namespace, workflow, inputs, tenant))
+    async def start(self, caller: Caller, namespace: str, workflow: str, inputs: dict[str, Any], tenant: str) -> Started:
+        state, then = await self.host.start_from_api(namespace, workflow, inputs, tenant)
+        return Started(run_status(state), then)
 
     def _own(self, caller: Caller, namespace: str, name: str) -> RunState | None:
         state = self.host.runner.get(f"{namespace}/{name}")

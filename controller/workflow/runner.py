@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import random
+import resource
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,6 +98,11 @@ class RunRecorder(Protocol):
 ContainerRunner = Callable[[RunState, CompiledStep, Call], Awaitable[StepSucceeded | StepFailed]]
 
 
+def _fd_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class RunStore:
     """One journal file per run: each transition appends the whole new state as one JSON line.
 
@@ -108,9 +114,13 @@ class RunStore:
     state before it. Journals are 0600: they hold the runs' inputs and outputs.
     """
 
-    def __init__(self, folder: Path, max_open: int = 512) -> None:
+    def __init__(self, folder: Path, max_open: int | None = None) -> None:
         self.folder = folder
-        self.max_open = max_open
+        # Enough for every live run of a burst: with fewer than there are runs in flight, the
+        # least recently used journal is closed and reopened on nearly every transition (opening
+        # them was 12% of the controller's CPU with 1,000 runs and 512 open). A quarter of the
+        # process's file limit, the rest left to sockets.
+        self.max_open = max_open if max_open is not None else max(64, min(8192, _fd_limit() // 4))
         self._open: OrderedDict[str, int] = OrderedDict()  # run key -> its journal's descriptor
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -147,6 +157,13 @@ class RunStore:
 
     async def record(self, state: RunState) -> None:
         self.save(state)  # in the page cache when write() returns: a kill loses nothing
+
+    def remove(self, key: str) -> None:
+        """Forget a run: its journal is deleted (retention)."""
+        fd = self._open.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        self._path(key).unlink(missing_ok=True)
 
     def close(self) -> None:
         while self._open:
@@ -210,6 +227,7 @@ class Runner:
         self.containers, self.on_transition, self.keep_finished = containers, on_transition, keep_finished
         self.runs: dict[str, _Live] = {}
         self.finished: dict[str, RunState] = {}
+        self._active: defaultdict[str, int] = defaultdict(int)  # live runs by tenant (the run API's cap)
         self.tracer: RunTracer | None = None  # set when tracing is on
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -225,6 +243,23 @@ class Runner:
 
     def all(self) -> list[RunState]:
         return [*(r.state for r in self.runs.values()), *self.finished.values()]
+
+    def active(self, tenant: str) -> int:
+        """The tenant's runs this controller is running (Pending or Running)."""
+        return self._active.get(tenant, 0)
+
+    def keep(self, state: RunState) -> None:
+        """Keep a recorded run that is not running (ended, or waiting for its spec) for look-ups."""
+        if state.key not in self.finished:
+            self._count(state.workflow, state.phase, +1)
+        self.finished[state.key] = state
+
+    def forget(self, key: str) -> RunState | None:
+        """Drop a finished run kept for look-ups (retention removed it)."""
+        state = self.finished.pop(key, None)
+        if state is not None:
+            self._count(state.workflow, state.phase, -1)
+        return state
 
     def new_name(self, namespace: str, workflow: str) -> str:
         """A run name no run of this controller has (recorded or live)."""
@@ -243,7 +278,7 @@ class Runner:
         """Continue a recorded run: attempts in flight at the crash are started again."""
         if state.phase in RUN_DONE:
             if self.keep_finished:
-                self.finished[state.key] = state
+                self.keep(state)
             return
         steps = dict(state.steps)
         for name, s in steps.items():
@@ -251,14 +286,36 @@ class Runner:
                 steps[name] = replace(s, phase="Pending", attempts=s.attempts - 1, retry_at=state.created_at if s.attempts > 1 else None)
         self._launch(replace(state, steps=steps), wf)
 
-    def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
-        since = self.clock()
-        live = _Live(state, wf, since=since)
+    async def start_here(self, wf: CompiledWorkflow, name: str, inputs: dict[str, Any], *, tenant: str) -> tuple[RunState, Coroutine[Any, Any, None] | None]:
+        """Create a run and pick it up in the calling task, with no turn of the event loop in
+        between: (its state with its first steps Running, a coroutine). The coroutine starts the
+        first of those calls at once and runs what follows from it; the caller must await it in
+        the same task (the step's abort cancels that task), after answering its own client if it
+        likes (the run API writes its 201 first). None: no call to run.
+
+        Under a burst of new runs this puts the wait in front of the run's creation (requests
+        waiting for the loop) instead of between its creation and its first step starting
+        (``crdgol_workflow_run_first_start_delay_seconds``; benchmarks/RESULTS.md)."""
+        state = new_run(wf, name, wf.spec.namespace, inputs, self.clock(), tenant=tenant)
+        self.store.created(state)  # recorded before anything runs
+        live = self._register(state, wf)
+        now = self.clock()
+        self.metrics.pickup_delay.observe(max(0.0, now - (live.since or now)))
+        call = await self._deliver(live, Tick(now))
+        return live.state, (self._drive(live, None, call) if call is not None else None)
+
+    def _register(self, state: RunState, wf: CompiledWorkflow) -> _Live:
+        live = _Live(state, wf, since=self.clock())
         if self.tracer is not None:
             live.span = self.tracer.run_started(state)
         self.runs[state.key] = live
+        self._active[state.tenant] += 1
         self._count(state.workflow, state.phase, +1)
-        self._spawn(live, self._pick_up(live, since))
+        return live
+
+    def _launch(self, state: RunState, wf: CompiledWorkflow) -> None:
+        live = self._register(state, wf)
+        self._spawn(live, self._pick_up(live, live.since or self.clock()))
 
     async def _pick_up(self, live: _Live, since: float) -> None:
         """The run's first transition: its steps without dependencies become ready now, when
@@ -358,6 +415,9 @@ class Runner:
     def _finish(self, live: _Live) -> None:
         if self.runs.get(live.state.key) is live:
             del self.runs[live.state.key]
+            self._active[live.state.tenant] -= 1
+            if not self._active[live.state.tenant]:
+                del self._active[live.state.tenant]
         if live.state.phase in RUN_DONE and self.keep_finished:
             self.finished[live.state.key] = live.state
         current = asyncio.current_task()
@@ -377,7 +437,8 @@ class Runner:
         if live.since is not None:
             self.metrics.first_start_delay.observe(max(0.0, self.clock() - live.since))
             live.since = None
-        started, started_ns = time.perf_counter(), time.time_ns()
+        started = time.perf_counter()
+        span = self.tracer.step_started(live.span, call) if self.tracer is not None else None
         step = live.workflow.step(call.step)
         self.metrics.in_flight.inc()
         event: StepSucceeded | StepFailed
@@ -393,7 +454,10 @@ class Runner:
                         event = await self.containers(live.state, step, call)
             else:
                 http = await self._session()
-                ctx = CallContext(run_key=live.state.key, workflow_key=live.workflow.key, api_key=key, session=f"wf.{live.state.namespace}.{live.state.name}")
+                ctx = CallContext(
+                    run_key=live.state.key, workflow_key=live.workflow.key, api_key=key, session=f"wf.{live.state.namespace}.{live.state.name}",
+                    traceparent=self.tracer.traceparent(span) if self.tracer is not None and span is not None else "",
+                )
                 fn = call_ai if call.type == "ai-inference" else call_http
                 async with asyncio.timeout(call.timeout):
                     event = await fn(http, self.target, ctx, step, call)
@@ -408,12 +472,14 @@ class Runner:
             event = StepFailed(call.step, call.attempt, f"the call could not be made or read: {type(exc).__name__}: {exc}", self.clock(), final=True)
         except asyncio.CancelledError:
             self.metrics.step_seconds.labels(call.type, "aborted").observe(time.perf_counter() - started)
+            if self.tracer is not None and span is not None:
+                self.tracer.step_aborted(span)
             raise
         finally:
             self.metrics.in_flight.dec()
         outcome = "succeeded" if isinstance(event, StepSucceeded) else "failed"
-        if self.tracer is not None:
-            self.tracer.step_finished(live.span, call, event, started_ns)
+        if self.tracer is not None and span is not None:
+            self.tracer.step_finished(span, event)
         self.metrics.step_seconds.labels(call.type, outcome).observe(time.perf_counter() - started)
         if live.calls.get(call.step) is asyncio.current_task():
             del live.calls[call.step]

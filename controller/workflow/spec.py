@@ -25,6 +25,7 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 MAX_STEPS = 100
+MAX_KEEP_FINISHED = 10_000  # finished runs of one spec and tenant kept in memory (file mode) or the API server
 # scheme://host[:port] with no template in it, then the path (which may hold templates).
 _ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?(?=/|$)")
 
@@ -135,6 +136,11 @@ class WorkflowSpec:
     exit_steps: tuple[StepSpec, ...] = ()
     parallelism: int = 0  # steps of one run in flight at once; 0 = no limit
     timeout: float | None = None  # the whole run, seconds
+    # Finished runs of this spec, all of them (also those created as resources), are removed this
+    # many seconds after they ended / beyond the newest this many per tenant. None: the
+    # controller's defaults, which apply to runs started over HTTP only (``retention``).
+    ttl_after_finished: float | None = None
+    keep_finished_runs: int | None = None
 
     @property
     def key(self) -> str:
@@ -358,6 +364,7 @@ def parse_workflow(obj: dict[str, Any]) -> WorkflowSpec:
             raise SpecError("DuplicateStep", f"step {s.name!r}: step names must be unique")
         seen.add(s.name)
     timeout = spec.get("timeout")
+    ttl, keep = spec.get("ttlAfterFinished"), spec.get("keepFinishedRuns")
     return WorkflowSpec(
         namespace=str(meta.get("namespace") or "default"),
         name=_str(meta.get("name"), "metadata.name", required=True),
@@ -366,6 +373,8 @@ def parse_workflow(obj: dict[str, Any]) -> WorkflowSpec:
         exit_steps=exit_steps,
         parallelism=_int(spec.get("parallelism", 0), "spec.parallelism", 0, 1000),
         timeout=None if timeout is None else parse_duration(timeout, "spec.timeout"),
+        ttl_after_finished=None if ttl is None else parse_duration(ttl, "spec.ttlAfterFinished"),
+        keep_finished_runs=None if keep is None else _int(keep, "spec.keepFinishedRuns", 0, MAX_KEEP_FINISHED),
     )
 
 

@@ -6,6 +6,7 @@ ClientSession as the caller, authenticating with gateway API keys.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -254,7 +255,6 @@ async def test_a_tenant_of_a_namespace_without_servers_is_refused(env: Env) -> N
 
 
 def test_tool_calls_are_metered_by_tenant_server_and_tool(env: Env) -> None:
-    import asyncio
 
     async def calls() -> None:
         async with session(env.url, KEYS["intern"]) as s:
@@ -369,11 +369,66 @@ async def test_internal_headers_a_client_sends_have_no_effect(env: Env) -> None:
 async def test_other_methods_and_an_empty_body_are_refused(env: Env) -> None:
     auth = {"authorization": f"Bearer {KEYS['analyst']}", "accept": "application/json, text/event-stream"}
     async with httpx.AsyncClient() as http:
-        got = await http.get(env.url, headers=auth)
-        assert got.status_code == 405 and got.headers["allow"] == "POST" and got.json()["error"]["code"] == -32600
-        assert (await http.get(env.url, headers={"accept": "application/json"})).status_code == 401
+        # GET (a standalone stream, which the gateway does not offer): Envoy's 405, for anyone.
+        for headers in (auth, {"accept": "application/json"}):
+            got = await http.get(env.url, headers=headers)
+            assert got.status_code == 405 and got.headers["allow"] == "POST, DELETE"
+            assert got.json()["error"]["code"] == "method_not_allowed"
         # No body: nothing for extproc to decide on, and nothing reaches a server.
         before = len(env.alpha.seen()) + len(env.beta.seen())
         empty = await http.post(env.url, headers={**auth, "content-type": "application/json"})
         assert empty.status_code == 400 and "body is empty" in empty.text
         assert len(env.alpha.seen()) + len(env.beta.seen()) == before
+
+
+async def test_resources_and_prompts_are_federated_like_tools(env: Env) -> None:
+    async with session(env.url, KEYS["intern"]) as s:
+        assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting", "beta+note://greeting"}
+        templates = {t.uri_template for t in (await s.list_resource_templates()).resource_templates}
+        assert templates == {"alpha+note://items/{item}", "beta+note://items/{item}"}
+        assert {p.name for p in (await s.list_prompts()).prompts} == {"alpha__review", "beta__review"}
+        read = await s.read_resource("beta+note://greeting")
+        assert [getattr(c, "text", "") for c in read.contents] == ["beta: hello"]
+        item = await s.read_resource("alpha+note://items/42")
+        assert [getattr(c, "text", "") for c in item.contents] == ["alpha: item 42"]
+        prompt = await s.get_prompt("alpha__review", {"code": "x = 1"})
+        assert [getattr(m.content, "text", "") for m in prompt.messages] == ["alpha reviews x = 1"]
+        with pytest.raises(MCPError) as unknown:
+            await s.read_resource("gamma+note://greeting")
+        assert "unknown resource" in str(unknown.value)
+    # beta's credential went with each of its requests, none to the client.
+    assert {r["authorization"] for r in env.beta.seen()} == {f"Bearer {BETA_TOKEN}"}
+
+
+async def test_a_tenant_sees_and_reads_only_the_resources_and_prompts_of_servers_it_reaches(tmp_path: Path) -> None:
+    alpha, gamma = ToolServer("alpha"), ToolServer("gamma")
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": t, "labels": {"crdgol.io/api-key": "true"}, "annotations": {"crdgol.io/tenant": t}}, "stringData": {"key": KEYS[t]}}
+        for t in ("analyst", "intern")
+    ]
+    docs += [
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "alpha"}, "spec": {"url": alpha.url, "toolPrefix": "alpha"}},
+        {"apiVersion": "crdgol.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "gamma"}, "spec": {"url": gamma.url, "toolPrefix": "gamma", "tenants": ["analyst"]}},
+    ]
+    (tmp_path / "mcp.yaml").write_text("---\n".join(json.dumps(d) + "\n" for d in docs))
+    stack = Stack(StackSettings(manifests=tmp_path, mock_port=None, quiet=True))
+    try:
+        stack.start()
+        url = f"{stack.url}/mcp"
+        async with session(url, KEYS["intern"]) as s:
+            assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting"}
+            assert {p.name for p in (await s.list_prompts()).prompts} == {"alpha__review"}
+            reached = len(gamma.seen())
+            with pytest.raises(MCPError):
+                await s.read_resource("gamma+note://greeting")
+            with pytest.raises(MCPError):
+                await s.get_prompt("gamma__review", {"code": "x"})
+            assert len(gamma.seen()) == reached  # refused at the gateway
+        async with session(url, KEYS["analyst"]) as s:
+            assert {str(r.uri) for r in (await s.list_resources()).resources} == {"alpha+note://greeting", "gamma+note://greeting"}
+            read = await s.read_resource("gamma+note://greeting")
+            assert [getattr(c, "text", "") for c in read.contents] == ["gamma: hello"]
+    finally:
+        stack.stop()
+        alpha.stop()
+        gamma.stop()

@@ -271,6 +271,21 @@ def test_a_workflow_run_is_one_trace_with_a_span_per_step(traced: Traced) -> Non
     steps = sorted((s for s in traced.collector.spans() if s.parent == root.span_id), key=lambda s: s.attributes["crdgol.workflow.step"])
     assert [(s.name, s.trace_id) for s in steps] == [("step answer", root.trace_id), ("step greet", root.trace_id)]
     assert all(s.attributes["gen_ai.usage.output_tokens"] > 0 and not s.error for s in steps)
+    # Each AI step's call carried its span's traceparent: Envoy's request span is that step's
+    # child, and extproc's call span sits under Envoy's, all in the run's trace (Envoy flushes its
+    # spans every few seconds: wait for them).
+    def calls_under(step: Span) -> list[Span]:
+        spans = [s for s in traced.collector.spans() if s.trace_id == root.trace_id]
+        by_id = {s.span_id: s for s in spans}
+        ingress = {s.span_id for s in spans if s.service == "crdgol-gateway" and s.parent == step.span_id}
+        return [s for s in spans if s.service == "crdgol-extproc" and s.name == "chat traced" and s.parent in by_id and by_id[s.parent].parent in ingress]
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(calls_under(s) for s in steps):
+        time.sleep(0.2)
+    for step in steps:
+        (call,) = calls_under(step)
+        assert call.attributes["crdgol.tenant"] == "team-t/acme" and not call.error
     assert b"otters" not in traced.collector.raw()  # the run's inputs are not in any span
 
 

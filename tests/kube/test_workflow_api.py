@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from controller.workflow.cluster import ClusterWorkflowSettings
 from controller.workflow.cluster_api import ClusterRuns
 from controller.workflow.egress import WorkflowEnvoySettings
 from controller.workflow.engine import RunState
+from controller.workflow.retention import RunLimits
 from crdgol.stack import envoy_binary, free_port, stop_process, wait_http
 from crdgol.workflow_contract import API_TOKEN_HEADER, TENANT_HEADER
 from tests.kube.conftest import JOBS, RUNS, ApiServer, Cluster, declare_resources, operator_running
@@ -71,8 +72,9 @@ class Gateway:
 
 
 @pytest.fixture
-async def gw(mock: str) -> AsyncIterator[Gateway]:
-    """The operator (workflows and the run API on) with a real Envoy and extproc on its config."""
+async def gw(mock: str, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    """The operator (workflows and the run API on) with a real Envoy and extproc on its config;
+    ``ClusterWorkflowSettings`` fields a test gives by indirect parametrisation replace its own."""
     sockets = Path(tempfile.mkdtemp(prefix="crdgol-kapi-"))
     sockets.chmod(0o700)
     listen, api_port = free_port(), free_port()
@@ -83,6 +85,7 @@ async def gw(mock: str) -> AsyncIterator[Gateway]:
         gateway_url=url, recheck_interval=0.5, retry_delay=0.5, api_listen_host="127.0.0.1", api_listen_port=api_port,
         egress=WorkflowEnvoySettings(api_host="127.0.0.1", api_port=api_port),
     )
+    settings = replace(settings, **getattr(request, "param", {}))
     procs: list[subprocess.Popen[bytes]] = []
     async with ApiServer() as server, kmock.Server(server):
         declare_resources(server)
@@ -235,6 +238,12 @@ class _Engine:
     def cancel_before_start(self, key: str) -> None:
         pass
 
+    def admit(self, tenant: str, key: str) -> int | None:
+        return None
+
+    def release(self, key: str) -> None:
+        pass
+
 
 async def test_a_key_found_only_in_a_secret_without_the_api_key_label_is_refused_not_copied() -> None:
     import hashlib
@@ -255,3 +264,44 @@ async def test_a_key_found_only_in_a_secret_without_the_api_key_label_is_refused
         await runs.start(Caller(frozenset({"default/team-a"})), "default", "three", {}, "default/team-a")
     assert jwt.value.reason == "NoApiKey"
     assert created == []  # no WorkflowRun was created
+
+
+LIMITED = {"limits": RunLimits(max_active_per_tenant=3, finished_ttl=2.0, keep_finished=10), "sweep_interval": 0.3}
+
+
+@pytest.mark.parametrize("gw", [LIMITED], indirect=True)
+async def test_concurrent_starts_beyond_the_tenants_cap_get_429_and_create_no_workflowrun(gw: Gateway) -> None:
+    await gw.cluster.create(spec("crunch", CONTAINER_STEPS))  # its Jobs never finish here: the runs stay Running
+    await accepted(gw.cluster, "crunch")
+    async with httpx.AsyncClient(timeout=30, headers=H) as client:
+        answers = await asyncio.gather(*(client.post(f"{gw.url}/v1/workflows/crunch/runs", json={"inputs": {"text": str(i)}}) for i in range(12)))
+    assert sorted(r.status_code for r in answers) == [201] * 3 + [429] * 9
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.headers["retry-after"] == "5" and refused.json()["error"]["code"] == "too_many_active_runs"
+    created = sorted(r.json()["name"] for r in answers if r.status_code == 201)
+    assert sorted(k[2] for k, o in gw.cluster.server.objects.items() if k[0] == RUNS and not o.deleted) == created  # nothing else
+    # Picked up by the operator, they are still counted (now as the engine's live runs).
+    await gw.cluster.eventually(lambda: all(object_of(gw.cluster, JOBS, f"{n}-crunch-1") for n in created), timeout=20, what="their Jobs")
+    assert (await call("POST", f"{gw.url}/v1/workflows/crunch/runs", json={"inputs": {}}, headers=H)).status_code == 429
+    assert (await call("DELETE", f"{gw.url}/v1/workflows/runs/{created[0]}", headers=H)).json()["phase"] == "Cancelled"
+    assert (await call("POST", f"{gw.url}/v1/workflows/crunch/runs", json={"inputs": {}}, headers=H)).status_code == 201
+
+
+@pytest.mark.parametrize("gw", [LIMITED], indirect=True)
+async def test_a_finished_run_the_api_created_is_deleted_after_the_ttl_and_one_made_by_hand_only_if_its_spec_asks(gw: Gateway) -> None:
+    await gw.cluster.create(spec("three", THREE_STEPS))
+    short = spec("short", THREE_STEPS)
+    short["spec"]["ttlAfterFinished"] = "2s"
+    await gw.cluster.create(short)
+    await accepted(gw.cluster, "three")
+    await accepted(gw.cluster, "short")
+    over_api = (await call("POST", f"{gw.url}/v1/workflows/three/runs", json={"inputs": {"text": "a"}}, headers=H)).json()["name"]
+    await gw.cluster.create(run("by-hand", "three", {"text": "b"}))
+    await gw.cluster.create(run("by-hand-short", "short", {"text": "c"}))
+    finals = await asyncio.gather(*(wait_run(gw.cluster, name) for name in (over_api, "by-hand", "by-hand-short")))
+    assert [f["phase"] for f in finals] == ["Succeeded"] * 3
+    await gw.cluster.eventually(lambda: object_of(gw.cluster, RUNS, over_api) is None, timeout=10, what="the API's run deleted")
+    await gw.cluster.eventually(lambda: object_of(gw.cluster, RUNS, "by-hand-short") is None, timeout=10, what="the short-lived spec's run deleted")
+    await asyncio.sleep(1.0)  # several more sweeps
+    assert object_of(gw.cluster, RUNS, "by-hand") is not None  # created by hand, its spec asks nothing: kept
+    assert (await call("GET", f"{gw.url}/v1/workflows/runs/{over_api}", headers=H)).status_code == 404

@@ -387,3 +387,31 @@ async def test_deleting_a_run_cancels_it_and_stops_its_job(wf: Cluster) -> None:
     assert object_of(wf, RUNS, "crunch-3") is None
     events = [e["reason"] for e in wf.events() if e["involvedObject"].get("name") == "crunch-3"]
     assert "StepStarted" in events and "RunSucceeded" not in events
+
+
+async def test_a_restarted_controller_deletes_finished_runs_by_their_retention_from_what_its_watch_lists(stack: Stack) -> None:
+    quiet = ClusterWorkflowSettings(gateway_url=stack.url, recheck_interval=0.5, retry_delay=0.5, sweep_interval=3600)
+    adds = [{"name": "add", "type": "transform", "transform": {"expression": "inputs.n + 1"}}]
+    async with ApiServer() as server, kmock.Server(server):
+        declare_resources(server)
+        cluster = Cluster(server, new_controller())
+        async with operator_running(server, cluster.controller, quiet):
+            await cluster.create(api_key_secret())
+            short = spec("short", adds)
+            short["spec"]["ttlAfterFinished"] = "1s"
+            await cluster.create(short)
+            await cluster.create(spec("kept", adds))
+            await accepted(cluster, "short")
+            await accepted(cluster, "kept")
+            await cluster.create(run("short-1", "short", {"n": 1}))
+            await cluster.create(run("kept-1", "kept", {"n": 1}))
+            for name in ("short-1", "kept-1"):
+                assert (await wait_run(cluster, name))["phase"] == "Succeeded"
+        await asyncio.sleep(1.2)  # past the short spec's TTL, with no controller running
+        assert object_of(cluster, RUNS, "short-1") is not None
+
+        cluster.controller = new_controller()  # a new process: it knows the runs only from its watch's listing
+        async with operator_running(server, cluster.controller, ClusterWorkflowSettings(gateway_url=stack.url, recheck_interval=0.5, sweep_interval=0.3)):
+            await cluster.eventually(lambda: object_of(cluster, RUNS, "short-1") is None, timeout=10, what="the expired run deleted")
+            await asyncio.sleep(1.0)
+            assert object_of(cluster, RUNS, "kept-1") is not None  # created by hand, its spec asks nothing

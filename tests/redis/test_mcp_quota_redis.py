@@ -61,3 +61,24 @@ def test_twelve_concurrent_tool_calls_across_three_replicas_get_exactly_the_quot
     codes = asyncio.run(calls(f"{gateway.url}/mcp", 12))
     assert codes.count(200) == 5, codes
     assert codes.count(429) == 7, codes
+
+
+def test_a_session_ended_on_one_replica_is_ended_on_every_replica(gateway: Stack) -> None:
+    """The registry of MCP sessions (``extproc.mcp_sessions``) is in Redis: after a DELETE
+    answered by one replica, every replica answers 404 for the id."""
+
+    async def run() -> tuple[int, list[int]]:
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        url = f"{gateway.url}/mcp"
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=8)) as c:
+            r = await c.post(url, json=init, headers=HEADERS)
+            session = {**HEADERS, "mcp-session-id": r.headers["mcp-session-id"]}
+            await c.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+            ended = (await c.delete(url, headers=session)).status_code
+            ping = {"jsonrpc": "2.0", "method": "tools/list"}
+            # Eight at once on fresh connections: Envoy spreads them over the three replicas.
+            rs = await asyncio.gather(*(c.post(url, json={**ping, "id": i + 1}, headers=session) for i in range(8)))
+        return ended, [r.status_code for r in rs]
+
+    ended, later = asyncio.run(run())
+    assert ended == 200 and later == [404] * 8

@@ -55,4 +55,4 @@ async def test_a_jwt_caller_of_a_remote_jwks_issuer_reaches_its_tools(jwks_url: 
     out = await drive(services, headers_msg("POST", token), body_msg(call("crm__lookup")))
     assert not out[-1].HasField("immediate_response"), orjson.loads(out[-1].immediate_response.body)
     forwarded = {h.header.key: h.header.raw_value.decode() for h in out[1].request_body.response.header_mutation.set_headers}
-    assert forwarded[ROUTE_HEADER] == "crdgol-mcp.default" and forwarded[TENANT_HEADER] == "default/intern"
+    assert forwarded[ROUTE_HEADER] == "crdgol-mcp.default~crm" and forwarded[TENANT_HEADER] == "default/intern"

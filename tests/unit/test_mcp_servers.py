@@ -143,6 +143,19 @@ def test_the_credential_is_never_in_the_config_and_its_cluster_injects_it() -> N
     assert secret["generic_secret"]["secret"]["inline_string"] == "Bearer tok-3141592653"
 
 
+def test_a_server_route_sends_the_servers_own_session_and_hides_it_from_the_client() -> None:
+    result = rendered(server(credentialsRef={"name": "crm-token", "key": "token"}))
+    (route,) = [r for r in result.mcp.routes if r["name"] == "crdgol-mcp.default~crm"]
+    assert route["match"]["dynamic_metadata"][0]["value"]["string_match"]["exact"] == "crdgol-mcp.default~crm"
+    assert route["route"]["cluster"].startswith("crdgol-mcp.default.default.crm.")
+    assert {"authorization", "x-api-key", "mcp-session-id", TENANT_HEADER} <= set(route["request_headers_to_remove"])
+    (added,) = route["request_headers_to_add"]
+    assert added["header"] == {"key": "mcp-session-id", "value": "%DYNAMIC_METADATA(crdgol.route:mcp_server_session)%"}
+    # The client gets back its own id; never the server's, nor a server's credential challenge.
+    assert set(route["response_headers_to_remove"]) == {"mcp-session-id", "www-authenticate"}
+    assert route["response_headers_to_add"][0]["header"]["value"] == "%DYNAMIC_METADATA(crdgol.route:mcp_client_session)%"
+
+
 def test_without_one_message_the_credential_cluster_asks_extproc_for_it() -> None:
     objs = [server(credentialsRef={"name": "crm-token", "key": "token"})]
     result = render([], [parse_secret(TOKEN)], RenderSettings(one_message=False), mcp_servers=[parse_mcp_server(o) for o in objs])
@@ -206,11 +219,16 @@ def set_headers(resp: ep.ProcessingResponse) -> dict[str, str]:
     return {h.header.key: h.header.raw_value.decode() for h in resp.request_body.response.header_mutation.set_headers}
 
 
-async def test_an_allowed_call_goes_to_the_tenants_view_with_the_tenant_and_no_client_credential(services: Services) -> None:
+async def test_an_allowed_call_goes_straight_to_its_server_with_the_tenant_and_no_client_credential(services: Services) -> None:
     out = await drive(services, headers_msg("POST", KEYS["intern"], {"x-crdgol-mcp-tenant": "default/analyst"}), body_msg(call("crm__lookup")))
     removed = set(out[0].request_headers.response.header_mutation.remove_headers)
     assert {"authorization", "x-crdgol-mcp-tenant"} <= removed  # a spoofed tenant is dropped too
-    assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default", TENANT_HEADER: "default/intern"}
+    assert {k: v for k, v in set_headers(out[1]).items() if k != "content-length"} == {ROUTE_HEADER: "crdgol-mcp.default~crm", TENANT_HEADER: "default/intern"}
+    # Not through the view's mcp_router: the server gets its own name for the tool.
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"]["name"] == "lookup"
+    # A tools/list goes to the view (mcp_router fans it out).
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+    assert set_headers(out[1])[ROUTE_HEADER] == "crdgol-mcp.default"
 
 
 def body_first(doc: object, key: str | None) -> ep.ProcessingRequest:
@@ -231,7 +249,8 @@ async def test_one_message_names_the_view_and_tenant_in_metadata_and_sets_no_hea
     route = dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
     assert route == {"route": "crdgol-mcp.default", "mcp_tenant": "default/intern", "mcp_list": "1"}
     (out,) = await drive(services, body_first(call("crm__lookup"), KEYS["intern"]))
-    assert "mcp_list" not in dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    route = dict(out.dynamic_metadata.fields["crdgol.route"].struct_value)
+    assert route == {"route": "crdgol-mcp.default~crm", "mcp_tenant": "default/intern", "mcp_server_session": "", "mcp_client_session": ""}
     status, body = refusal(await drive(services, body_first(call("crm__delete", rid=5), KEYS["intern"])))
     assert status == 403 and body["id"] == 5
     status, body = refusal(await drive(services, body_first(call("crm__lookup"), None)))
@@ -263,7 +282,7 @@ async def test_the_second_call_over_a_quota_of_one_is_a_429(services: Services) 
         ("POST", None, None, 401, -32001),
         ("POST", "sk-wrong", None, 401, -32001),
         ("GET", KEYS["intern"], None, 405, -32600),
-        ("DELETE", KEYS["intern"], None, 405, -32600),
+        ("DELETE", KEYS["intern"], None, 400, -32600),  # ends a session: names none
         ("POST", KEYS["intern"], b"{not json", 400, -32700),
         ("POST", KEYS["intern"], [call("crm__lookup")], 400, -32600),
         ("POST", KEYS["intern"], {"jsonrpc": "2.0", "id": 3, "method": "sampling/createMessage"}, 400, -32601),
@@ -299,13 +318,13 @@ def test_the_tool_list_keeps_only_what_the_tenant_may_call(services: Services) -
     assert broken["error"]["data"]["code"] == "bad_tool_list"  # never passed on unfiltered
 
 
-async def test_the_call_forwarded_is_the_one_checked_with_the_tool_name_first(services: Services) -> None:
+async def test_the_call_forwarded_is_the_one_checked_with_the_servers_tool_name(services: Services) -> None:
     # A key given twice: parsers disagree on which wins, so only the checked message goes on.
     raw = b'{"id":"crm__delete","params":{"arguments":{"q":"crm__delete"},"name":"crm__delete","name":"crm__lookup"},"jsonrpc":"2.0","method":"tools/call"}'
     out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
     forwarded = out[1].request_body.response.body_mutation.body
-    assert forwarded.startswith(b'{"params":{"name":"crm__lookup"')
-    assert orjson.loads(forwarded) == {"params": {"name": "crm__lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
+    assert forwarded.count(b'"name"') == 1
+    assert orjson.loads(forwarded) == {"params": {"name": "lookup", "arguments": {"q": "crm__delete"}}, "jsonrpc": "2.0", "id": "crm__delete", "method": "tools/call"}
     assert set_headers(out[1])["content-length"] == str(len(forwarded))
 
 
@@ -314,3 +333,34 @@ async def test_a_method_given_twice_cannot_fetch_an_unfiltered_tool_list(service
     out = await drive(services, headers_msg("POST", KEYS["intern"]), ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
     assert orjson.loads(out[1].request_body.response.body_mutation.body)["method"] == "initialize"
     assert out[1].request_body.response.body_mutation.body.count(b"method") == 1
+
+
+def test_merged_resource_and_prompt_lists_keep_only_the_servers_the_tenant_reaches() -> None:
+    result = rendered(server("crm"), server("hr", tenants=["analyst"]), secrets=(TOKEN, *(key_secret(t, k) for t, k in KEYS.items())))
+    policy = compile_policy(result.snapshot).mcp
+    assert policy is not None
+    view = policy.views["default"]
+    for key, field, items in (
+        ("resources", "uri", ["crm+note://a", "hr+note://b", "other+note://c", "note://no-server"]),
+        ("resourceTemplates", "uriTemplate", ["crm+note://items/{id}", "hr+note://items/{id}"]),
+        ("prompts", "name", ["crm__review", "hr__review", "review"]),
+    ):
+        answer = {"jsonrpc": "2.0", "id": 1, "result": {key: [{field: i} for i in items]}}
+        kept = {t: [x[field] for x in orjson.loads(filter_tool_list(orjson.dumps(answer), view, t))["result"][key]] for t in ("default/intern", "default/analyst")}
+        assert kept == {"default/intern": [items[0]], "default/analyst": items[:2]}, key
+    # Two lists in one answer cannot be read as either: an error, never an unfiltered list.
+    both = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [], "prompts": [{"name": "hr__review"}]}}
+    assert orjson.loads(filter_tool_list(orjson.dumps(both), view, "default/intern"))["error"]["data"]["code"] == "bad_tool_list"
+
+
+async def test_a_resource_or_prompt_goes_straight_to_its_server_with_its_own_name(services: Services) -> None:
+    read = {"jsonrpc": "2.0", "id": 4, "method": "resources/read", "params": {"uri": "crm+note://items/7"}}
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg(read))
+    assert set_headers(out[1])[ROUTE_HEADER] == "crdgol-mcp.default~crm"
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"] == {"uri": "note://items/7"}
+    get = {"jsonrpc": "2.0", "id": 5, "method": "prompts/get", "params": {"name": "crm__review", "arguments": {"code": "x"}}}
+    out = await drive(services, headers_msg("POST", KEYS["intern"]), body_msg(get))
+    assert orjson.loads(out[1].request_body.response.body_mutation.body)["params"] == {"name": "review", "arguments": {"code": "x"}}
+    for unknown in ({"uri": "hr+note://x"}, {"uri": "note://x"}, {"uri": "crm+:no-authority"}):
+        status, body = refusal(await drive(services, headers_msg("POST", KEYS["intern"]), body_msg({**read, "params": unknown})))
+        assert (status, body["error"]["code"], body["error"]["data"]["code"]) == (400, -32602, "unknown_resource"), unknown
