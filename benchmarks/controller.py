@@ -116,8 +116,13 @@ def secrets() -> list[dict[str, Any]]:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            # One provider account for every team, shared by its owner (crdgol.io/share-with).
-            "metadata": {"name": "providers", "namespace": "crdgol-system", "annotations": {"crdgol.io/share-with": "*"}},
+            # One provider account for every team, shared by its owner (crdgol.io/share-with) for
+            # the providers' hosts only (crdgol.io/share-hosts).
+            "metadata": {
+                "name": "providers",
+                "namespace": "crdgol-system",
+                "annotations": {"crdgol.io/share-with": "*", "crdgol.io/share-hosts": "api.openai.com,api.anthropic.com"},
+            },
             "stringData": {"openai": "sk-bench-openai", "anthropic": "sk-bench-anthropic"},
         },
         *(

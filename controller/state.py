@@ -95,6 +95,7 @@ class ControllerState:
     result: RenderResult | None = None
     _bindings: dict[str, _Entry] = field(default_factory=dict)
     _secrets: dict[str, SecretData] = field(default_factory=dict)
+    _unusable_secrets: set[str] = field(default_factory=set)  # delivered, but refused by parse_secret
     _cache: RenderCache = field(default_factory=RenderCache)
     # Envoy resources the workflow engine adds (egress listener, run API route).
     extras: EnvoyExtras = field(default_factory=EnvoyExtras)
@@ -135,19 +136,24 @@ class ControllerState:
         self._bindings.pop(f"{namespace}/{name}", None)
 
     def upsert_secret(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
             secret = parse_secret(obj)
         except SpecError as exc:
             log.warning("ignoring Secret: %s", exc.message)
+            self._unusable_secrets.add(key)  # seen all the same (``held``)
             return
+        self._unusable_secrets.discard(key)
         self._secrets[secret.key] = secret
 
     def held(self) -> dict[str, set[str]]:
         """The keys (``namespace/name``) of the bindings, Secrets and MCPServers the state holds."""
-        return {"AIModelBinding": set(self._bindings), "Secret": set(self._secrets), "MCPServer": self.mcp.keys()}
+        return {"AIModelBinding": set(self._bindings), "Secret": {*self._secrets, *self._unusable_secrets}, "MCPServer": self.mcp.keys()}
 
     def delete_secret(self, namespace: str, name: str) -> None:
         self._secrets.pop(f"{namespace}/{name}", None)
+        self._unusable_secrets.discard(f"{namespace}/{name}")
 
     def secrets_in(self, namespace: str) -> list[SecretData]:
         """The Secrets of ``namespace`` the state holds (API-key labelled or named by a binding)."""

@@ -252,6 +252,10 @@ class ModelCall(Handler):
             raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(doc, dict):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        # An upstream that matches JSON keys in any case (Go's encoding/json) would read a "Model"
+        # beside the "model" the gateway decided on, and serve a model the caller was not routed to.
+        if (other := next((k for k in doc if len(k) == 5 and k != "model" and k.lower() == "model"), None)) is not None:
+            raise BadRequest(f"the request body names its model as {other!r}: send it as 'model' only")
         return doc
 
     def select(self, doc: dict[str, Any]) -> Binding:

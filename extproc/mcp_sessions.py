@@ -31,6 +31,7 @@ import binascii
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -68,15 +69,28 @@ def _b64(text: str) -> str:
     return base64.b64decode(text, validate=True).decode()
 
 
+# A server's own session id, as the MCP specification allows it: visible ASCII (it goes back to
+# that server in a header, and into a registry key).
+_SERVER_SESSION = re.compile(r"[\x21-\x7e]{0,256}")  # empty: a server that keeps no session
+
+
 @functools.lru_cache(maxsize=4096)  # a session's id comes with each of its requests: read it once
 def parse_session_id(encoded: str) -> GatewaySession | None:
-    """The composite id ``mcp_router`` issued, or None when it is not one."""
+    """The composite id ``mcp_router`` issued, or None when it is not one.
+
+    The id is plain base64 that any caller can write, so it is read strictly: each server at
+    most once (one request naming a server thousands of times would claim thousands of registry
+    keys, or fan out as many DELETEs), and each server session visible ASCII of at most 256 (or empty)
+    characters (it is sent on to that server in a header)."""
     try:
         _route, subject, servers = _b64(encoded).split("@")
         parts = [p.split(":", 1) for p in servers.split(",")] if servers else []
-        return GatewaySession(_b64(subject), tuple(sorted((name, _b64(session)) for name, session in parts if name)))
+        pairs = tuple(sorted((name, _b64(session)) for name, session in parts if name))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
+    if len({name for name, _ in pairs}) != len(pairs) or not all(_SERVER_SESSION.fullmatch(s) for _, s in pairs):
+        return None
+    return GatewaySession(_b64(subject), pairs)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -203,7 +217,7 @@ class McpSessions:
             try:
                 async with http.delete(server.url, headers=headers, allow_redirects=False) as response:
                     return response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a header aiohttp refuses
                 log.info("ending an MCP session on %s failed: %s", server.key, type(exc).__name__)
                 return 0
 

@@ -445,7 +445,9 @@ class ClusterWorkflows:
             return
         workflow = str(((obj.get("spec") or {}).get("workflowRef") or {}).get("name") or "")
         by_api = (meta.get("annotations") or {}).get(STARTED_BY_ANNOTATION) == "api"
-        self._finished[key] = FinishedRun(key, f"{key.split('/', 1)[0]}/{workflow}", str(status.get("tenant") or ""), ended, by_api)
+        self._finished[key] = FinishedRun(
+            key, f"{key.split('/', 1)[0]}/{workflow}", str(status.get("tenant") or ""), ended, by_api, uid=str(meta.get("uid") or "")
+        )
 
     async def sweep(self) -> list[str]:
         """Delete the finished WorkflowRuns ``retention.to_remove`` picks, in the namespaces that
@@ -457,12 +459,16 @@ class ClusterWorkflows:
         gone = []
         for key in to_remove(finished, self.clock(), self.settings.limits, specs):
             namespace, name = key.split("/", 1)
+            uid = self._finished[key].uid if key in self._finished else ""
+            # The uid as a precondition: a run deleted and created again under its name since the
+            # watch showed it finished is another run (409, left alone).
+            options = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}} if uid else None
             try:
-                code, _ = await self.request("DELETE", _path(RUNS, namespace, name), None, "application/json")
+                code, _ = await self.request("DELETE", _path(RUNS, namespace, name), options, "application/json")
             except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
                 log.warning("workflow run retention: cannot delete WorkflowRun %s: %s", key, exc)
                 continue
-            if code < 300 or code == 404:
+            if code < 300 or code in (404, 409):
                 gone.append(key)
                 self._finished.pop(key, None)
             else:

@@ -51,6 +51,7 @@ class FinishedRun:
     tenant: str
     finished_at: float
     started_over_api: bool
+    uid: str = ""  # on a cluster: the resource's uid, so a deletion cannot hit a new run of the same name
 
 
 def to_remove(finished: Iterable[FinishedRun], now: float, limits: RunLimits, specs: Mapping[str, SpecRetention]) -> list[str]:

@@ -241,6 +241,8 @@ def test_refusals_are_extprocs_own(gw: Stack) -> None:
         b'{"model": "native-chat", "messages": []}',
         b'{"model": "native-chat", "messages": [{"content": "x"}]}',
         b'{"model": "native-chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+        # "Model" beside "model": an upstream matching keys in any case would read the other one.
+        b'{"model": "native-chat", "messages": [{"role": "user", "content": "x"}], "Model": "gpt-4o"}',
     ],
 )
 def test_a_body_extproc_refuses_is_left_to_extproc(gw: Stack, raw: bytes) -> None:

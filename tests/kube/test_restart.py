@@ -27,6 +27,11 @@ async def test_a_restarted_operator_rolls_out_every_listed_binding_and_key_at_on
         await before.create(secret("provider", {"apiKey": "sk-upstream"}))
         for i in range(3):
             await before.create(secret(f"keys-{i}", {"k": f"sk-team-{i}"}, api_key=True))
+        # A labelled Secret the controller cannot use (not base64): delivered all the same, so the
+        # roll-out does not wait the whole deadline for it.
+        broken = secret("keys-broken", {}, api_key=True)
+        broken["data"] = {"k": "not base64!"}
+        await before.create(broken)
         for i in range(BINDINGS):
             await before.create(binding(f"chat-{i}", model=f"chat-{i}"))
 

@@ -30,6 +30,16 @@ def test_an_id_that_is_not_mcp_routers_reads_as_no_session() -> None:
         assert parse_session_id(junk) is None, junk
 
 
+def test_an_id_naming_a_server_twice_or_carrying_an_unsendable_session_is_refused() -> None:
+    # Plain base64 that any caller writes: one request must not claim thousands of registry keys
+    # (or fan out as many DELETEs), nor smuggle a header line to a server.
+    repeated = b64(f"@{b64('default/analyst')}@" + ",".join(f"alpha:{b64(str(i))}" for i in range(3)))
+    assert parse_session_id(repeated) is None
+    for bad in ("a\r\nX-Injected: 1", "x" * 257, "caf\u00e9"):
+        assert parse_session_id(composite("default/analyst", alpha=bad)) is None, bad
+    assert parse_session_id(composite("default/analyst", alpha="x" * 256)) is not None
+
+
 def server(key: str) -> ToolServer:
     return ToolServer(key, key.split("/")[1], frozenset(), frozenset(), {}, QuotaPolicy(), "", "")
 

@@ -343,3 +343,11 @@ async def test_another_caller_of_the_same_tenant_cannot_read_a_session_by_its_id
     # The session's owner still has it (and never sees the colleague's turn).
     mine = await _history_turn(services, KEY, "what is my PIN?", "4921")
     assert b"4921" in mine and b"no idea" not in mine
+
+
+async def test_a_model_named_again_in_another_case_is_refused_before_anything_is_reserved(services: Services, store: RecordingStore) -> None:
+    # An upstream matching keys in any case (Go's encoding/json) would read "Model", not the
+    # "model" the gateway routed and priced.
+    run = await drive(downstream(services), [request_headers(), request_body(chat(Model="gpt-4o-expensive"))], services=services)
+    assert run.status() == 400 and "'Model'" in run.error()["error"]["message"]
+    assert not store.reserved
