@@ -42,6 +42,7 @@ from controller.models import parse_binding
 from controller.render import RenderSettings, render
 from controller.state import ControllerState
 from controller.xds import Encoder, to_any
+from crdgol.cli import controller_gc
 from crdgol.stack import Stack, StackSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     runs, edits = (3, 8) if args.quick else (5, 20)
     doc: dict[str, Any] = {"quick": args.quick, "machine": machine()}
+    controller_gc()  # as `crdgol controller` runs: the render is measured in the process it runs in
     say(f"render: {args.bindings} bindings, {runs} runs")
     doc["render"] = bench_render(args.bindings, runs)
     say(f"change-to-live: {edits} edits")
