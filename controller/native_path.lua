@@ -414,7 +414,7 @@ local function read_body()
         local model = sub(S, i + 1, after - 2)
         if find(model, "\\", 1, true) then return nil end -- an escaped name: extproc decodes it
         facts.model, facts.model_at, facts.model_after = model, i, after
-      elseif #key == 5 and string.lower(key) == "model" then
+      elseif #key == 5 and lower(key) == "model" then
         return nil -- "Model" beside "model": an upstream matching keys in any case could read it (extproc refuses it)
       elseif key == "stream" then
         facts.stream = kind
