@@ -236,13 +236,18 @@ class ClusterWorkflows:
             self.refused[key] = exc
             steps = len((body.get("spec") or {}).get("steps") or [])
             verdict = ("False", exc.reason, exc.message)
-        await self._write_spec_status(body, key, generation, steps, verdict)
+        if not await self._write_spec_status(body, key, generation, steps, verdict):
+            # Deleted meanwhile (the recheck timer can fire with a body the watch has since seen
+            # deleted): accepting it again would bring its egress listener back for good.
+            await self.spec_gone(*key.split("/", 1))
+            return
         await self._egress_changed()
 
-    async def _write_spec_status(self, body: kopf.Body, key: str, generation: int, steps: int, verdict: tuple[str, str, str]) -> None:
+    async def _write_spec_status(self, body: kopf.Body, key: str, generation: int, steps: int, verdict: tuple[str, str, str]) -> bool:
+        """Write the spec's Accepted condition when it changed; False if the spec is gone (404)."""
         status, reason, message = verdict
         if self._spec_status.get(key) == (generation, *verdict):
-            return
+            return True
         previous = ((body.get("status") or {}).get("conditions") or [{}])[0]
         since = previous.get("lastTransitionTime") if previous.get("status") == status else None
         cond = {
@@ -255,10 +260,12 @@ class ClusterWorkflows:
             code, _ = await self.request("PATCH", _path(SPECS, namespace, name, "status"), patch, "application/merge-patch+json")
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
             log.warning("cannot write status of WorkflowSpec %s: %s", key, exc)
-            return  # the timer writes it again
+            return True  # the timer writes it again
+        if code == 404:
+            return False
         if code >= 300:
             log.warning("cannot write status of WorkflowSpec %s: HTTP %d", key, code)
-            return
+            return True
         changed = key in self._spec_status and self._spec_status[key][1:] != verdict
         self._spec_status[key] = (generation, *verdict)
         if status == "False":
@@ -266,6 +273,7 @@ class ClusterWorkflows:
             _post(_ref(body, "WorkflowSpec"), "Warning", reason, message)
         elif changed:
             _post(_ref(body, "WorkflowSpec"), "Normal", reason, message)
+        return True
 
     async def spec_gone(self, namespace: str, name: str) -> None:
         key = f"{namespace}/{name}"
