@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InitialSync", "list_path"]
+__all__ = ["InitialSync", "list_path", "listed_keys"]
+
+# (method, path, body, content type) -> (HTTP status, parsed body): the operator's API client.
+Request = Callable[..., Awaitable[tuple[int, Any]]]
 
 
 def list_path(group_version: str, plural: str, namespace: str = "", selector: str = "") -> str:
@@ -29,6 +35,30 @@ def list_path(group_version: str, plural: str, namespace: str = "", selector: st
     base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
     path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
     return f"{path}?labelSelector={selector}" if selector else path
+
+
+async def listed_keys(
+    request: Request, kinds: Iterable[tuple[str, str, str, str]], namespaces: Collection[str]
+) -> dict[str, set[str]]:
+    """``namespace/name`` of every object of each kind (kind, group/version, plural, label
+    selector), cluster-wide or in ``namespaces``. A kind that cannot be listed is not waited for."""
+    expected: dict[str, set[str]] = {}
+    for kind, group_version, plural, selector in kinds:
+        keys: set[str] = set()
+        for namespace in namespaces or ("",):
+            try:
+                code, doc = await request("GET", list_path(group_version, plural, namespace, selector))
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                log.warning("cannot list %s at start (%s): not waiting for them", plural, exc)
+                continue
+            if code != 200 or not isinstance(doc, dict):
+                log.warning("cannot list %s at start (HTTP %s): not waiting for them", plural, code)
+                continue
+            for item in doc.get("items") or []:
+                meta = item.get("metadata") or {}
+                keys.add(f"{meta.get('namespace') or 'default'}/{meta.get('name')}")
+        expected[kind] = keys
+    return expected
 
 
 @dataclass

@@ -55,7 +55,7 @@ import kopf
 
 from controller.app import Controller, ControllerSettings
 from controller.binding_usage import keep_usage_fresh
-from controller.initial_sync import InitialSync, list_path
+from controller.initial_sync import InitialSync, listed_keys
 from controller.mcp_operator import PLURAL as MCP_PLURAL
 from controller.mcp_operator import McpServerHandlers
 from controller.models import API_KEY_LABEL, GROUP, VERSION, SpecError, parse_binding
@@ -449,21 +449,7 @@ class Operator:
                  ("MCPServer", f"{GROUP}/{VERSION}", MCP_PLURAL, "")]
         if self.workflows is not None:
             kinds.append(("WorkflowSpec", f"{GROUP}/{VERSION}", "workflowspecs", ""))
-        expected: dict[str, set[str]] = {}
-        for kind, group_version, plural, selector in kinds:
-            keys: set[str] = set()
-            for namespace in self.options.namespaces or ("",):
-                try:
-                    code, doc = await self.client.request("GET", list_path(group_version, plural, namespace, selector))
-                except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
-                    log.warning("cannot list %s at start (%s): not waiting for them", plural, exc)
-                    code, doc = 0, None
-                if code != 200 or not isinstance(doc, dict):
-                    continue
-                for item in doc.get("items") or []:
-                    meta = item.get("metadata") or {}
-                    keys.add(f"{meta.get('namespace') or 'default'}/{meta.get('name')}")
-            expected[kind] = keys
+        expected = await listed_keys(self.client.request, kinds, self.options.namespaces)
         gate = InitialSync(expected, time.monotonic() + self.options.initial_sync_timeout)
 
         def present() -> dict[str, set[str]]:

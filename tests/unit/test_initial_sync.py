@@ -36,3 +36,22 @@ def test_nothing_listed_holds_nothing() -> None:
 def test_list_paths_cluster_wide_or_per_namespace() -> None:
     assert list_path("crdgol.io/v1alpha1", "aimodelbindings") == "/apis/crdgol.io/v1alpha1/aimodelbindings"
     assert list_path("v1", "secrets", "team-a", "crdgol.io/api-key%3Dtrue") == "/api/v1/namespaces/team-a/secrets?labelSelector=crdgol.io/api-key%3Dtrue"
+
+
+async def test_what_is_listed_per_kind_and_a_kind_that_cannot_be_listed_is_not_waited_for() -> None:
+    from typing import Any
+
+    from controller.initial_sync import listed_keys
+
+    calls: list[str] = []
+
+    async def request(method: str, path: str, *_: Any) -> tuple[int, Any]:
+        calls.append(path)
+        if "secrets" in path:
+            return 403, {"kind": "Status"}  # RBAC without list on Secrets
+        return 200, {"items": [{"metadata": {"namespace": path.split("/")[-2], "name": "x"}}]}
+
+    kinds = [("AIModelBinding", "crdgol.io/v1alpha1", "aimodelbindings", ""), ("Secret", "v1", "secrets", "a%3Dtrue")]
+    got = await listed_keys(request, kinds, ("team-a", "team-b"))
+    assert got == {"AIModelBinding": {"team-a/x", "team-b/x"}, "Secret": set()}
+    assert len(calls) == 4
