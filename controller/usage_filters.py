@@ -1,18 +1,8 @@
-"""Usage off the request path: the filter that reads token usage from responses into dynamic
-metadata, and the gRPC access log that brings every finished request's entry to extproc
-(``crdgol.usage_log`` holds the names both sides share; ``extproc.usage_log`` settles them).
-
-The reader is a Lua program (``usage_reader.lua``, ``usage_reader``): it writes what Envoy's
-``json_to_metadata`` and ``sse_to_metadata`` filters wrote with the rules of ``usage_filters``,
-for about 40 µs less of Envoy's CPU per request (``benchmarks/RESULTS.md``, 2026-12-03
-"nativelog"), because it reads the answer as it passes instead of buffering and parsing it into
-a document. ``usage_filters`` is kept for the comparison (``benchmarks.native_cost``).
-"""
+"""Usage off the request path: the native filters that read token usage from responses into
+dynamic metadata, and the gRPC access log that brings every finished request's entry to extproc
+(``crdgol.usage_log`` holds the names both sides share; ``extproc.usage_log`` settles them)."""
 
 from __future__ import annotations
-
-import functools
-from importlib import resources
 
 from controller.envoy_json import Json, duration, typed, typed_struct
 from crdgol.mcp_contract import TENANT_KEY as MCP_TENANT_KEY
@@ -78,46 +68,6 @@ def usage_filters() -> list[Json]:
             ),
         },
     ]
-
-
-# The name of the usage reader on the gateway listener (routes that answer no model call turn it
-# off by this name).
-USAGE_FILTER = "crdgol.usage"
-# The largest JSON answer the reader reads (~1-7 ns a byte on Envoy's worker); a larger one is
-# passed on unread, without usage (json_to_metadata stopped at its buffer limit too).
-MAX_JSON = 8 * 1024 * 1024
-_LUA = "envoy.extensions.filters.http.lua.v3.Lua"
-
-
-@functools.cache
-def _reader_text() -> str:
-    return resources.files("controller").joinpath("usage_reader.lua").read_text(encoding="utf-8")
-
-
-def _lua_string(value: str) -> str:
-    assert value.isascii() and '"' not in value and "\\" not in value
-    return f'"{value}"'
-
-
-def usage_reader() -> Json:
-    """The Lua filter that reads token usage from responses (JSON and SSE, both APIs) into
-    dynamic metadata, so extproc needs no response body for usage (``crdgol.usage_log``)."""
-    names = {
-        "NS": USAGE_NAMESPACE,
-        "INPUT": INPUT_TOKENS,
-        "OUTPUT": OUTPUT_TOKENS,
-        "CACHE_CREATION": CACHE_CREATION_TOKENS,
-        "CACHE_READ": CACHE_READ_TOKENS,
-        "MODEL": RESPONSE_MODEL,
-        "LAST_EVENT": LAST_EVENT,
-    }
-    prelude = [
-        "-- Rendered by controller/usage_filters.py; the program follows.",
-        *(f"local {k} = {_lua_string(v)}" for k, v in names.items()),
-        f"local MAX_JSON = {MAX_JSON}",
-    ]
-    program = "\n".join(prelude) + "\n" + _reader_text()
-    return {"name": USAGE_FILTER, "typed_config": typed(_LUA, default_source_code={"inline_string": program}, stat_prefix="usage")}
 
 
 def usage_access_log(extproc_cluster: str, flush_ms: int) -> Json:
