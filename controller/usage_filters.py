@@ -23,6 +23,10 @@ def _usage_rule(path: list[str], key: str, kind: str = "NUMBER") -> Json:
     return {"selectors": [{"key": p} for p in path], "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": kind}}
 
 
+# The usage filters' names (routes that answer no model call turn them off by name).
+USAGE_FILTER_NAMES = ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+
+
 def usage_filters() -> list[Json]:
     """Native filters that read token usage from responses (JSON and SSE, both APIs) into
     dynamic metadata, so extproc needs no response body for usage (``crdgol.usage_log``)."""
@@ -49,14 +53,14 @@ def usage_filters() -> list[Json]:
     ]
     return [
         {
-            "name": "envoy.filters.http.json_to_metadata",
+            "name": USAGE_FILTER_NAMES[0],
             "typed_config": typed(
                 "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
                 response_rules={"rules": json_rules, "allow_content_types": ["application/json"]},
             ),
         },
         {
-            "name": "envoy.filters.http.sse_to_metadata",
+            "name": USAGE_FILTER_NAMES[1],
             "typed_config": typed_struct(
                 "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
                 response_rules={
@@ -68,6 +72,14 @@ def usage_filters() -> list[Json]:
             ),
         },
     ]
+
+
+# A batch is sent when this many bytes of entries are buffered, or at the flush interval. Large
+# enough that the interval decides at the load one Envoy worker carries (~3,500 native calls/s of
+# ~600-byte entries fill 64 KiB in ~30 ms, past the 20 ms interval), so the settle delay is
+# unchanged; each batch costs extproc a gRPC message, and 16 KiB (~27 entries) cost it ~5 µs more
+# per request (benchmarks/RESULTS.md, 2026-12-03 "nativelog").
+USAGE_LOG_BUFFER_BYTES = 64 * 1024
 
 
 def usage_access_log(extproc_cluster: str, flush_ms: int) -> Json:
@@ -91,7 +103,7 @@ def usage_access_log(extproc_cluster: str, flush_ms: int) -> Json:
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
                 "buffer_flush_interval": duration(flush_ms / 1000),
-                "buffer_size_bytes": 16384,
+                "buffer_size_bytes": USAGE_LOG_BUFFER_BYTES,
             },
         ),
     }

@@ -326,6 +326,89 @@ def test_native_and_extproc_calls_count_in_the_same_metrics_and_access_log(gw: S
         assert line["input_tokens"] > 0 and line["policy_version"] > 0 and line["status"] == 200
 
 
+def _wait_grown(gw: Stack, before: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, by: float, **labels: str) -> float:
+    """How much ``name`` grew, once it grew by ``by`` or after 5 s (the access log settles
+    within its flush interval)."""
+    deadline = time.monotonic() + 5
+    grown = 0.0
+    while time.monotonic() < deadline:
+        grown = _value(_samples(gw), name, **labels) - _value(before, name, **labels)
+        if grown >= by:
+            break
+        time.sleep(0.05)
+    return grown
+
+
+def test_native_streams_and_anthropic_answers_are_settled_from_envoys_usage(gw: Stack) -> None:
+    """The usage Envoy reads from a native answer reaches extproc's metrics: an OpenAI stream's
+    usage chunk, an Anthropic message, and an Anthropic stream (input from message_start,
+    output from message_delta)."""
+    openai_client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=ALPHA, max_retries=0)
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=ALPHA, max_retries=0)
+    chat_who = {"tenant": f"{NS}/alpha", "binding": f"{NS}/native-chat"}
+    claude_who = {"tenant": f"{NS}/alpha", "binding": f"{NS}/native-claude"}
+    before = _samples(gw)
+
+    def openai_stream() -> list[Any]:
+        return list(
+            openai_client.chat.completions.create(
+                model="native-chat", messages=[{"role": "user", "content": "settle my stream"}], stream=True, stream_options={"include_usage": True}
+            )
+        )
+
+    chunks, used = streams_for(gw, openai_stream)
+    assert used == NONE
+    usage = chunks[-1].usage
+    assert usage is not None
+    chat_tokens = usage.prompt_tokens + usage.completion_tokens
+
+    message, used = streams_for(gw, lambda: claude.messages.create(model="native-claude", max_tokens=30, messages=[{"role": "user", "content": "settle me"}]))
+    assert used == NONE
+
+    def claude_stream() -> Any:
+        with claude.messages.stream(model="native-claude", max_tokens=30, messages=[{"role": "user", "content": "settle my claude stream"}]) as s:
+            return s.get_final_message()
+
+    streamed, used = streams_for(gw, claude_stream)
+    assert used == NONE
+    claude_tokens = sum(m.usage.input_tokens + m.usage.output_tokens for m in (message, streamed))
+    assert chat_tokens > 0 and streamed.usage.input_tokens > 0 and streamed.usage.output_tokens > 1
+
+    assert _wait_grown(gw, before, "gen_ai_client_token_usage_sum", chat_tokens, **chat_who) == pytest.approx(chat_tokens)
+    assert _wait_grown(gw, before, "gen_ai_client_token_usage_sum", claude_tokens, **claude_who) == pytest.approx(claude_tokens)
+    assert _wait_grown(gw, before, "gen_ai_server_request_duration_seconds_count", 2, **claude_who) == 2
+
+
+def test_a_native_stream_is_passed_on_as_it_comes(gw: Stack) -> None:
+    """With 150 ms between the provider's events, a natively served stream (OpenAI with
+    include_usage, Anthropic) reaches the client event by event, not at the end."""
+    bodies = [
+        ("/v1/chat/completions", chat(text="slowly", stream=True, stream_options={"include_usage": True}), {}),
+        ("/v1/messages", {"model": "native-claude", "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "slowly"}]}, {"anthropic-version": "2023-06-01"}),
+    ]
+    httpx.post(f"{gw.mock_url}/_mock/config", json={"chunk_delay_ms": 150}, timeout=10)
+    try:
+        for path, body, extra in bodies:
+
+            def call(path: str = path, body: dict[str, Any] = body, extra: dict[str, str] = extra) -> list[float]:
+                start = time.monotonic()
+                arrivals = []
+                headers = {"authorization": f"Bearer {ALPHA}", **extra}
+                with httpx.stream("POST", f"{gw.url}{path}", json=body, headers=headers, timeout=30) as r:
+                    assert r.status_code == 200
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            arrivals.append(time.monotonic() - start)
+                return arrivals
+
+            arrivals, used = streams_for(gw, call)
+            assert used == NONE, path
+            assert len(arrivals) >= 4, path
+            assert arrivals[0] < arrivals[-1] - 0.3, (path, arrivals)
+    finally:
+        httpx.post(f"{gw.mock_url}/_mock/config", json={"chunk_delay_ms": 0}, timeout=10)
+
+
 def test_the_config_holds_key_digests_never_keys(gw: Stack) -> None:
     dump = gw.admin("/config_dump")
     assert ALPHA not in dump and PROVIDER not in dump
