@@ -54,6 +54,7 @@ def _without_filters(cfg: Config, names: tuple[str, ...]) -> None:
 
 
 def _without_logs(cfg: Config, grpc: bool) -> None:
+    """Without the gRPC usage log (``grpc``) or without the JSON access log."""
     hcm = _hcm(cfg)
     hcm["access_log"] = [a for a in hcm["access_log"] if ("grpc" in a["name"]) != grpc]
 
@@ -82,8 +83,8 @@ def _log_as_namespace_objects(cfg: Config) -> None:
 
 VARIANTS: dict[str, Callable[[Config], None]] = {
     "as-rendered": lambda cfg: None,
-    "no-json-access-log": lambda cfg: _without_logs(cfg, grpc=True),
-    "no-grpc-usage-log": lambda cfg: _without_logs(cfg, grpc=False),
+    "no-json-access-log": lambda cfg: _without_logs(cfg, grpc=False),
+    "no-grpc-usage-log": lambda cfg: _without_logs(cfg, grpc=True),
     "no-access-logs": lambda cfg: _hcm(cfg).update(access_log=[]),
     # What reading usage costs (extproc then settles without tokens).
     "no-usage-filters": lambda cfg: _without_filters(cfg, USAGE_FILTER_NAMES),

@@ -75,10 +75,10 @@ def usage_filters() -> list[Json]:
 
 
 # A batch is sent when this many bytes of entries are buffered, or at the flush interval. Large
-# enough that the interval decides at the load one Envoy worker carries (~3,500 native calls/s of
-# ~600-byte entries fill 64 KiB in ~30 ms, past the 20 ms interval), so the settle delay is
-# unchanged; each batch costs extproc a gRPC message, and 16 KiB (~27 entries) cost it ~5 µs more
-# per request (benchmarks/RESULTS.md, 2026-12-03 "nativelog").
+# enough that the interval decides at the load one Envoy worker carries (a native call's entry is
+# ~800 bytes: ~3,500 calls/s fill 64 KiB in ~23 ms, past the 20 ms interval), so the settle delay
+# is unchanged; each batch costs extproc a gRPC message, and 16 KiB (~20 entries) cost it 5-8 µs
+# more per request (benchmarks/RESULTS.md, 2026-12-03 "nativelog").
 USAGE_LOG_BUFFER_BYTES = 64 * 1024
 
 
