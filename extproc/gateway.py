@@ -22,7 +22,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from crdgol import logs, tenancy
 from crdgol.replies import ANTHROPIC_PATH, INTERNAL_HEADER_PREFIX
-from crdgol.request_path import ROUTE_HEADER, SESSION_HEADER, attribute_headers
+from crdgol.request_path import (
+    CLUSTER_ATTRIBUTE,
+    ROUTE_HEADER,
+    SESSION_HEADER,
+    attribute_headers,
+    response_status,
+)
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as context_policy
 from extproc import mcp_gateway, translate_errors, workflows
@@ -43,12 +49,21 @@ from extproc.errors import (
 from extproc.header_limits import check_request_headers
 from extproc.history import Turn, history_key, validate_session_id
 from extproc.metrics import RequestLabels
-from extproc.phases import BUFFERED, PASS, Continue, Handler, Headers, Reply, Respond
+from extproc.phases import (
+    BUFFERED,
+    PASS,
+    Continue,
+    Handler,
+    Headers,
+    Reply,
+    Respond,
+    attribute_values,
+)
 from extproc.policy import Api, Binding
 from extproc.quota import Demand
 from extproc.quota_store import StoreUnavailable
 from extproc.readers import ResponseReader, metric_model
-from extproc.route_reply import cache_state, headers_route, route_reply, settle_record
+from extproc.route_reply import cache_state, route_reply, settle_record
 from extproc.services import (
     BACKEND_HEADER,
     BODY_API_HEADER,
@@ -62,6 +77,8 @@ from extproc.usage import Usage, text_from_json
 log = logging.getLogger(__name__)
 
 UPSTREAM_TIMING = "x-envoy-upstream-service-time"
+# The most of a JSON answer a session call's stream gathers to read (beyond it: no history).
+MAX_GATHERED = 16 * 1024 * 1024
 
 
 class Downstream(Handler):
@@ -78,9 +95,7 @@ class Downstream(Handler):
 
     def start(self, first: ep.ProcessingRequest) -> None:
         if first.WhichOneof("request") == "request_body" and first.attributes:
-            fields = first.attributes["envoy.filters.http.ext_proc"].fields
-            values = {k: v.string_value if v.HasField("string_value") else v.number_value for k, v in fields.items()}
-            self.attributes = Headers(attribute_headers(values))
+            self.attributes = Headers(attribute_headers(attribute_values(first)))
 
     async def request_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
         logs.request_id.set(headers.get("x-request-id", ""))  # joins log lines to the access log
@@ -102,6 +117,9 @@ class Downstream(Handler):
                 return early
             if isinstance(self.inner, ModelCall | mcp_gateway.ToolGateway):
                 self.inner.one_message = True
+            if isinstance(self.inner, ModelCall) and SESSION_HEADER in headers:
+                # Its path route (``model-call-session``) sends the response body on this stream.
+                self.inner.same_stream = True
         return await self.inner.request_body(body, end_of_stream)
 
     async def response_headers(self, headers: Headers, end_of_stream: bool) -> Reply:
@@ -224,6 +242,14 @@ class ModelCall(Handler):
         # stream (``extproc.response_side``), where ``resumed`` is set.
         self.one_message = False
         self.resumed = False
+        # A one-message call that names a session: its response body comes on this same stream
+        # (its headers skipped, what extproc reads of them as response attributes).
+        self.same_stream = False
+        # This stream accounts for the response it reads: its next reply tells the access log so.
+        self.mark_handled = False
+        # A JSON answer read on this stream comes in chunks (STREAMED): gathered until its end.
+        self.gathered: list[bytes] | None = None
+        self.gathered_bytes = 0
         self.trace: CallSpan | None = None  # this call's span, when tracing is on (extproc.tracing)
 
     def error_reply(self, exc: GatewayError) -> Respond:
@@ -311,10 +337,8 @@ class ModelCall(Handler):
             return self.route_reply(binding, body)
         set_headers["content-length"] = str(len(body))
         self.forwarded = True
-        # The route by header (the Istio config) and by metadata (the gateway's own config).
-        return Continue(
-            set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True, dynamic_metadata=headers_route(self, binding)
-        )
+        # The route by header (the Istio config, or the gateway's with the one-message path off).
+        return Continue(set_headers=set_headers, remove_headers=remove, body=body, clear_route_cache=True)
 
     def response_needs(self) -> tuple[str, ...]:
         """Why this request's response must pass through extproc (empty: it need not).
@@ -446,6 +470,45 @@ class ModelCall(Handler):
             reply.dynamic_metadata = {SETTLE_NAMESPACE: {"handled": "1"}}
         return reply
 
+    def response_attributes(self, values: dict[str, str | float]) -> None:
+        if self.same_stream:
+            self.read_on_this_stream(response_status(values), str(values.get(CLUSTER_ATTRIBUTE, "")))
+
+    def read_on_this_stream(self, status: int, cluster: str) -> None:
+        """A session call's response, about to come on its request's stream: its headers were
+        skipped, and Envoy sent its ``status`` and the ``cluster`` that answered instead.
+
+        A provider's 200 is read to its end here, which accounts for it (usage, history, the
+        cache); anything else is not this stream's to account: a provider's error goes to the
+        response filter first (mapped there, and settled on its stream), Envoy's own reply (never
+        a 200 on a binding's route) and an answer cut off are settled from the access log, as on
+        the one-message path.
+        """
+        binding = self.binding
+        self.status = status
+        entry = self.services.current.backends.get(cluster)
+        if binding is None or entry is None or entry[0].key != binding.key:
+            return
+        self.backend = entry[1].id
+        if status != 200:
+            self.access.settled_elsewhere(self)
+            return
+        self.answered = True
+        # The first backend's answer comes in its own API; a fallback attempt's filter has
+        # already translated its answer into the client's.
+        backend_api = entry[1].api if binding.primary is not None and binding.primary.id == entry[1].id else self.api
+        self.reader = ResponseReader(backend_api, self.api, binding.model, include_usage=self.client_wants_usage, observe=True)
+        # The content type was skipped with the headers: a stream is what the client asked for.
+        self.reader.start(status, "text/event-stream" if self.streamed() else "application/json")
+        if self.reader.stream is None:
+            self.gathered = []
+        self.finished = False
+        self.mark_handled = True
+
+    def streamed(self) -> bool:
+        """Whether the client asked for a streamed answer."""
+        return False
+
     def answering_backend(self, headers: Headers) -> str | None:
         """The backend a fallback attempt's filter tagged this answer with, if it is one of this
         binding's: the tag is set inside Envoy for the cluster Envoy chose (a provider's own
@@ -489,9 +552,41 @@ class ModelCall(Handler):
                 self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
             )
             return out
+        if self.gathered is not None:
+            return self.gather(body, end_of_stream)
         return self.reader.body(body, end_of_stream) if self.reader is not None else body
 
+    def gather(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        """A JSON answer on a session call's stream, chunk by chunk: read whole at its end; a
+        translated one is held and sent whole then, any other passes as it comes."""
+        assert self.reader is not None and self.gathered is not None
+        rewrite = self.reader.needed
+        if self.gathered_bytes + len(chunk) > MAX_GATHERED:
+            self.gathered, self.reader = None, None  # too large to read: no history, no usage
+            return chunk
+        if not end_of_stream:
+            self.gathered.append(chunk)
+            self.gathered_bytes += len(chunk)
+            return b"" if rewrite else chunk
+        whole = b"".join([*self.gathered, chunk]) if self.gathered else chunk
+        self.gathered = None
+        out = self.reader.body(whole, True)
+        return out if rewrite else chunk
+
+    def handled_here(self, reply: Reply) -> Reply:
+        """``reply`` telling the access log that this stream accounts for the response (the
+        first reply of a session call's response that this stream reads to its end)."""
+        if not self.mark_handled or isinstance(reply, Respond):
+            return reply
+        self.mark_handled = False
+        out = Continue() if reply is PASS else reply
+        out.dynamic_metadata = {**(out.dynamic_metadata or {}), SETTLE_NAMESPACE: {"handled": "1"}}
+        return out
+
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+        return self.handled_here(await self.read_body(body, end_of_stream))
+
+    async def read_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if end_of_stream and not self.finished:
             self.account(self.reader.usage if self.reader is not None else None, complete=True)
@@ -638,6 +733,9 @@ class Completion(ModelCall):
             return context_policy.apply_openai(doc, inj)
         return context_policy.apply_anthropic(doc, inj)
 
+    def streamed(self) -> bool:
+        return self.stream
+
     def response_needs(self) -> tuple[str, ...]:
         binding, primary = self.binding, self.binding.primary if self.binding is not None else None
         needs = (
@@ -658,8 +756,10 @@ class Completion(ModelCall):
             out["session"] = self.session
             out["principal"] = self.identity.principal  # the session is this caller's own
             out["user_text"] = self.user_text
-        if self.cache is not None:
-            # The cache's part of this call, for the response side (whichever replica it reaches).
+        if self.cache is not None and not self.same_stream:
+            # The cache's part of this call, for the response side (whichever replica it reaches);
+            # a session call's stays here, where its answer is read (a provider's error, mapped
+            # by the response filter, stores nothing).
             out.update(cache_state(self.cache))
             self.cache.hand_off()  # the response side lands its flight (extproc.cache_flight)
         return out
@@ -688,7 +788,7 @@ class Completion(ModelCall):
                 await self.cache.finish(self.status, False, None, None)  # nothing to store
         return reply
 
-    async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
+    async def read_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)
         if self.cache is not None and self.cache.storing:
             self.cache.observe(out)
