@@ -35,6 +35,7 @@ import numpy as np
 
 from benchmarks import harness as hz
 from benchmarks import scenarios as sc
+from benchmarks.extproc_floor import FloorEnvoy, stored_answer
 
 MANIFESTS = sc.MANIFESTS / "cache"
 SEMANTIC_MODEL = "bench-semantic"
@@ -54,7 +55,7 @@ def wrk(url: str, body: Path, connections: int, seconds: float) -> hz.WrkResult:
     return hz.run_wrk(argv, timeout=seconds + 60)
 
 
-def costed(gw: hz.Gateway, body: Path, connections: int, seconds: float) -> tuple[hz.WrkResult, dict[str, float | None]]:
+def costed(gw: hz.Running, body: Path, connections: int, seconds: float) -> tuple[hz.WrkResult, dict[str, float | None]]:
     """A wrk run against the gateway, and what each request cost: ext_proc messages and streams,
     and extproc's and Envoy's CPU (µs)."""
     cpu0 = {name: hz.sample(pid) for name, pid in gw.pids.items()}
@@ -156,13 +157,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"| embeddings call (mock), mean | {s['semantic_embedding_call_mean_ms']} ms | - |",
         f"| a hit's ext_proc messages; streams (c16) | {s['hit_messages']}; {s['hit_streams']} | - |",
         f"| a hit's CPU, extproc; Envoy (c16) | {s['hit_extproc_cpu_us']}; {s['hit_envoy_cpu_us']} µs | - |",
+        f"| **floor**: a do-nothing Python ext_proc answering every body from memory, vs bare, c16 | {s['floor_vs_bare_c16']}x | - |",
+        f"| floor added p50 at c1 | {s['floor_added_p50_c1_ms']} ms | - |",
+        f"| floor's CPU, ext_proc server; Envoy (c16) | {s['floor_extproc_cpu_us']}; {s['floor_envoy_cpu_us']} µs | - |",
         "",
-        "| round | hit c16 rps | bare c16 rps | ratio | hit c1 p50 ms | bare c1 p50 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "The floor (`benchmarks/extproc_floor.py`) is the ceiling of any hit served by a Python ext_proc: the same",
+        "Envoy filters in front of the router (ext_proc, body alone with the headers as attributes; buffer) and a",
+        "grpc.aio + uvloop server that answers every body with the stored answer, deciding nothing.",
+        "",
+        "| round | hit c16 rps | floor c16 rps | bare c16 rps | hit ratio | floor ratio | hit c1 p50 ms | floor c1 p50 ms | bare c1 p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(result["rounds"], 1):
         lines.append(
-            f"| {i} | {r['hit_c16']['rps']:.0f} | {r['bare_c16']['rps']:.0f} | {r['ratio_c16']} | {r['hit_c1']['p50_ms']:.2f} | {r['bare_c1']['p50_ms']:.2f} |"
+            f"| {i} | {r['hit_c16']['rps']:.0f} | {r['floor_c16']['rps']:.0f} | {r['bare_c16']['rps']:.0f} | {r['ratio_c16']} | "
+            f"{r['floor_ratio_c16']} | {r['hit_c1']['p50_ms']:.2f} | {r['floor_c1']['p50_ms']:.2f} | {r['bare_c1']['p50_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -179,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     body = sc.write_json(state / "exact.json", sc.chat_body(1024))
     bare = hz.BareEnvoy(args.envoy_concurrency).start()
     gw: hz.Gateway | None = None
+    floor: FloorEnvoy | None = None
     try:
+        floor = FloorEnvoy(args.envoy_concurrency, stored_answer(bare.mock_url, body, sc.CHAT_PATH, headers())).start()
         gw = hz.Gateway(MANIFESTS, args.envoy_concurrency).start()
         for _ in range(2):
             r = httpx.post(gw.url + sc.CHAT_PATH, content=body.read_bytes(), headers=headers(), timeout=30)
@@ -189,26 +200,30 @@ def main(argv: list[str] | None = None) -> int:
         say("warm-up")
         wrk(bare.url, body, 16, 2)
         wrk(gw.url, body, 16, 2)
+        wrk(floor.url, body, 16, 2)
         rounds: list[dict[str, Any]] = []
         for i in range(args.rounds):
             row: dict[str, Any] = {}
             for c in (16, 1):
-                order = [("bare", bare.url), ("hit", gw.url)]
+                order: list[tuple[str, hz.Running]] = [("bare", bare), ("hit", gw), ("floor", floor)]
                 if i % 2:
                     order.reverse()
-                for name, url in order:
-                    if name == "hit" and c == 16:
-                        res, row["hit_cost_c16"] = costed(gw, body, c, args.seconds)
+                for name, setup in order:
+                    if name != "bare" and c == 16:
+                        res, row[f"{name}_cost_c16"] = costed(setup, body, c, args.seconds)
                     else:
-                        res = wrk(url, body, c, args.seconds)
+                        res = wrk(setup.url, body, c, args.seconds)
                     if res.errors:
                         raise RuntimeError(f"{name} c{c}: {res.errors} errors\n{res.raw}")
                     row[f"{name}_c{c}"] = {"rps": res.rps, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms}
-            row["ratio_c16"] = round(row["hit_c16"]["rps"] / row["bare_c16"]["rps"], 3)
-            row["added_p50_c1_ms"] = ms(row["hit_c1"]["p50_ms"] - row["bare_c1"]["p50_ms"])
+            for name in ("hit", "floor"):
+                prefix = "" if name == "hit" else "floor_"
+                row[f"{prefix}ratio_c16"] = round(row[f"{name}_c16"]["rps"] / row["bare_c16"]["rps"], 3)
+                row[f"{prefix}added_p50_c1_ms"] = ms(row[f"{name}_c1"]["p50_ms"] - row["bare_c1"]["p50_ms"])
             say(f"round {i + 1}: c16 hit {row['hit_c16']['rps']:.0f} rps vs bare {row['bare_c16']['rps']:.0f} rps "
                 f"= {row['ratio_c16']}x; c1 p50 hit {row['hit_c1']['p50_ms']} ms vs bare {row['bare_c1']['p50_ms']} ms; "
-                f"hit cost {row['hit_cost_c16']}")
+                f"hit cost {row['hit_cost_c16']}; floor {row['floor_c16']['rps']:.0f} rps = {row['floor_ratio_c16']}x, "
+                f"c1 p50 {row['floor_c1']['p50_ms']} ms, cost {row['floor_cost_c16']}")
             rounds.append(row)
 
         sem_rounds: list[dict[str, Any]] = []
@@ -237,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"semantic round {i + 1}: {row}")
             sem_rounds.append(row)
     finally:
-        if gw is not None:
-            gw.stop()
-        bare.stop()
+        for started in (gw, floor, bare):
+            if started is not None:
+                started.stop()
 
     def med(rows: list[dict[str, Any]], key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -254,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         "semantic_search_p50_at_most_ms": med(sem_rounds, "search_p50_at_most_ms"),
         "stored_questions": STORED_QUESTIONS,
         **{f"hit_{k}": med([r["hit_cost_c16"] for r in rounds], k) for k in ("messages", "streams", "extproc_cpu_us", "envoy_cpu_us")},
+        "floor_vs_bare_c16": med(rounds, "floor_ratio_c16"),
+        "floor_added_p50_c1_ms": med(rounds, "floor_added_p50_c1_ms"),
+        **{f"floor_{k}": med([r["floor_cost_c16"] for r in rounds], k) for k in ("messages", "extproc_cpu_us", "envoy_cpu_us")},
     }
     result = {"machine": hz.machine_info(args.envoy_concurrency, 1), "summary": summary, "rounds": rounds, "semantic_rounds": sem_rounds}
     out = Path(args.out)

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from benchmarks import scenarios as sc
 from crdgol.stack import Stack, StackSettings, envoy_binary, free_port, stop_process, wait_http
@@ -57,7 +57,7 @@ def sample(pid: int) -> ProcSample | None:
 # --- setups as processes --------------------------------------------------------------------
 
 
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = open(log, "ab")  # noqa: SIM115 (kept open for the child)
     return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -65,7 +65,7 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 def start_mock(state: Path) -> tuple[subprocess.Popen[bytes], int]:
     """The bundled mock upstream on a free port, answering; its process and port."""
     port = free_port()
-    proc = _spawn([sys.executable, "-m", "crdgol.cli", "mock-llm", "--port", str(port), *MOCK_ARGS], state / "mock-llm.log")
+    proc = spawn([sys.executable, "-m", "crdgol.cli", "mock-llm", "--port", str(port), *MOCK_ARGS], state / "mock-llm.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", (200,), 30, proc)
     except BaseException:
@@ -95,15 +95,13 @@ class BareEnvoy(Running):
         self.concurrency = concurrency
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self) -> BareEnvoy:
+    def start(self) -> Self:
         port, admin = free_port(), free_port()
         try:
             mock, mock_port = start_mock(self.state)
             self.procs["mock-llm"] = mock
             self.mock_url = f"http://127.0.0.1:{mock_port}"
-            cfg = sc.write_json(
-                self.state / "envoy.json", sc.bare_envoy_config(port, admin, mock_port)
-            )
+            cfg = sc.write_json(self.state / "envoy.json", self.envoy_config(port, admin, mock_port))
             argv = [
                 envoy_binary(),
                 "-c",
@@ -114,7 +112,7 @@ class BareEnvoy(Running):
             ]
             if self.concurrency:
                 argv += ["--concurrency", str(self.concurrency)]
-            envoy = _spawn(argv, self.state / "envoy.log")
+            envoy = spawn(argv, self.state / "envoy.log")
             self.procs["envoy"] = envoy
             self.url = f"http://127.0.0.1:{port}"
             self.admin_url = f"http://127.0.0.1:{admin}"
@@ -125,8 +123,12 @@ class BareEnvoy(Running):
         self.pids = {name: p.pid for name, p in self.procs.items()}
         return self
 
+    def envoy_config(self, port: int, admin: int, mock_port: int) -> dict[str, Any]:
+        """Envoy's config; started after the mock, so a subclass may start its own parts here."""
+        return sc.bare_envoy_config(port, admin, mock_port)
+
     def stop(self) -> None:
-        for name in ("envoy", "mock-llm"):
+        for name in ("envoy", *[n for n in self.procs if n not in ("envoy", "mock-llm")], "mock-llm"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 stop_process(proc)

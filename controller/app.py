@@ -29,14 +29,14 @@ from controller.envoy_config import Json, listener, route_configuration
 from controller.filemode import FolderReader
 from controller.health import backend_health
 from controller.mcp_servers import KIND as MCP_SERVER_KIND
-from controller.native_path import native_extension, versioned
+from controller.native_path import lua_program, native_extension, versioned
 from controller.policy_server import PolicyServer
 from controller.render import RenderResult, RenderSettings
 from controller.state import ControllerState
 from controller.workflow.cost import prices_by_namespace
 from controller.workflow.host import WorkflowHost, WorkflowSettings
 from controller.workflow.runner import WorkflowMetrics
-from controller.xds import Encoder, XdsServer
+from controller.xds import ECDS, Encoder, XdsServer
 from crdgol.control_plane import (
     InsecureControlPlane,
     ServerAuth,
@@ -166,6 +166,16 @@ class Controller:
             return
         if not await self.xds.wait_all_acked(version, self.settings.ack_timeout):
             log.warning("Envoy has not ACKed config version %d in %.0fs; publishing the policy anyway", version, self.settings.ack_timeout)
+            if result.native and self.xds.nacked(ECDS, version):
+                # Envoy kept the native program it had, whose key table may still hold a key this
+                # policy revokes: replace it with one that decides nothing (every call to extproc,
+                # which gets the new policy below) until a later program is taken.
+                log.error("Envoy refused the native path's program of version %d: every call goes to extproc until one is taken", version)
+                closed = lua_program(pb.PolicySnapshot(), self.settings.render)
+                await self._send_envoy(
+                    self.state.reserve_version(), list(routes.values()), list(clusters.values()), list(secrets.values()), headers, versioned(closed, version)
+                )
+                await self.xds.wait_all_acked(self.state.version, self.settings.ack_timeout)
         elif self.xds.nodes:
             # Envoy ACKs on its main thread and then hands the new routes to its workers; give
             # them a moment before extproc starts naming the new routes.

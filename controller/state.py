@@ -104,7 +104,6 @@ class ControllerState:
     # Each binding's status.usage from the extproc replicas' reports (controller.binding_usage).
     binding_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
-    _clusters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     # MCPServers, and their status (controller.mcp_status).
     mcp: McpServerBook = field(default_factory=McpServerBook)
 
@@ -218,9 +217,6 @@ class ControllerState:
             return self.result
         self.version = candidate
         self.result = result
-        self._clusters = {
-            b.key: tuple((be.id.rsplit(".", 1)[-1], be.cluster) for be in b.backends) for b in result.snapshot.bindings
-        }
         log.info(
             "config version %d: %d bindings served, %d refused",
             self.version,
@@ -282,7 +278,7 @@ class ControllerState:
     def _health(self, key: str) -> tuple[tuple[str, str], ...]:
         """Each served backend's health as Envoy reports it; () when Envoy has not said."""
         out = []
-        for name, cluster in self._clusters.get(key, ()):
+        for name, cluster in self.result.backend_clusters.get(key, ()) if self.result else ():
             verdict = self.backend_health.get(cluster)
             if verdict is None:
                 return ()

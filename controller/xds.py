@@ -191,6 +191,7 @@ def build_snapshot(version: int, listeners: Sequence[dict[str, Any]], clusters: 
 class NodeState:
     acked: dict[str, int] = field(default_factory=dict)
     last_nack: str = ""
+    nacked: dict[str, int] = field(default_factory=dict)  # type -> the last version it refused
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -232,6 +233,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         asked for. True at once when no Envoy is connected (nothing can route yet); False on
         timeout, e.g. when an Envoy NACKed it."""
         return await self._wait_acked(lambda: all(self._has_acked(n, version) for n in self.nodes.values()), timeout)
+
+    def nacked(self, type_url: str, version: int) -> bool:
+        """Whether a connected Envoy refused ``version`` (or a newer one) of ``type_url``: it
+        keeps serving the last one it took."""
+        return any(n.nacked.get(type_url, 0) >= version for n in self.nodes.values())
 
     async def _next(self, after: int) -> XdsSnapshot:
         """Wait for a snapshot newer than ``after``."""
@@ -283,6 +289,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         if req.HasField("error_detail") and req.error_detail.code != 0:
                             self.nacks += 1
                             node.last_nack = req.error_detail.message
+                            node.nacked[t] = last[0]
                             # Envoy quotes the whole resource; the first and last lines say what is wrong.
                             lines = req.error_detail.message.strip().splitlines()
                             brief = lines[0] if len(lines) < 3 else f"{lines[0]} ... {lines[-1]}"

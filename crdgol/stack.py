@@ -16,6 +16,7 @@ command line (``crdgol.supervisor`` decides when).
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
@@ -29,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,24 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _die_with(parent: int) -> Callable[[], None]:
+    """What a child runs before exec so it gets SIGTERM when ``parent``'s starting thread ends.
+
+    Children run in their own session (a Ctrl-C reaches only ``crdgol up``, which drains them in
+    order), so nothing else would stop them if it were killed: they would keep the ports. Built
+    before the fork; the child only makes the call (and exits if the parent is already gone).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # died between the fork and the call
+            os._exit(1)
+
+    return child
+
+
 @dataclass
 class StackSettings:
     manifests: Path
@@ -139,6 +159,10 @@ class StackSettings:
     admin_socket: bool = False
     # Calls that need no extproc decision are decided by Envoy alone (controller.native_path).
     native_path: bool = True
+    # Every child gets SIGTERM from the kernel when the thread that started it ends (``crdgol up``:
+    # its main thread, so when it dies, even by SIGKILL). Off for stacks started from threads that
+    # end before the stack does.
+    die_with_parent: bool = False
 
 
 class Stack:
@@ -229,6 +253,7 @@ class Stack:
                 stderr=subprocess.STDOUT if self.settings.quiet else None,
                 env={**os.environ, **self.settings.env},
                 start_new_session=True,
+                preexec_fn=_die_with(os.getpid()) if self.settings.die_with_parent else None,
             )
         self.procs[name] = proc
         return proc

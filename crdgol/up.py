@@ -1,7 +1,8 @@
 """``crdgol up``: the standalone gateway a newcomer runs, until Ctrl-C or SIGTERM.
 
 A child that dies (Envoy, extproc, the controller, the mock) is restarted with backoff by
-``crdgol.supervisor``, and stderr says so; Ctrl-C (or SIGTERM) drains and stops everything.
+``crdgol.supervisor``, and stderr says so; Ctrl-C (or SIGTERM, or SIGHUP when its terminal closes) drains and stops everything;
+if it is killed outright, the kernel stops its children (``StackSettings.die_with_parent``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def up(settings: UpSettings) -> int:
             access_log=settings.access_log,
             admin_socket=True,
             native_path=settings.native_path,
+            die_with_parent=True,  # its children are started from this thread only
         )
     )
     if settings.extproc_replicas > 1 and not settings.redis_url:
@@ -97,8 +99,10 @@ def up(settings: UpSettings) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # A closed terminal (SIGHUP) stops it as Ctrl-C does; its children, in their own session,
+    # would not get that signal.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     _say(f"crdgol up: starting {'the mock upstream, ' if settings.mock_port else ''}extproc and Envoy ...")
     try:
         stack.start()

@@ -61,3 +61,48 @@ def test_up_restarts_each_killed_child_and_restarts_at_once_on_the_same_ports(tm
         assert "already in use" not in again.said()
     finally:
         assert stop_up(again) == 0
+
+
+def gone_within(pids: dict[str, int], seconds: float) -> list[str]:
+    """The names whose process still exists after ``seconds`` (zombies count as gone)."""
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [n for n in alive if _running(pids[n])]
+    return alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_up_takes_its_children_with_it_and_a_closed_terminal_stops_it_cleanly(tmp_path: Path) -> None:
+    # kill -9 (the OOM killer, a crashed terminal multiplexer): nothing can drain, but nothing
+    # may keep running either, or the next `crdgol up` finds its ports taken.
+    folder, port, mock_port, metrics_port = quickstart_copy(tmp_path)
+    up = start_up(folder, port, mock_port, metrics_port, tmp_path / "up-1.log")
+    children = up.children()
+    try:
+        assert set(children) >= {"envoy", "extproc", "controller", "mock-llm"}, children
+        up.proc.kill()
+        up.proc.wait(10)
+        assert gone_within(children, 20) == [], f"outlived crdgol up: {up.story()}"
+    finally:
+        for pid in children.values():
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    # The terminal closes (SIGHUP): the same clean stop as Ctrl-C, on ports free again at once.
+    again = start_up(folder, port, mock_port, metrics_port, tmp_path / "up-2.log")
+    children = again.children()
+    try:
+        again.proc.send_signal(signal.SIGHUP)
+        assert again.proc.wait(60) == 0
+    finally:
+        if again.proc.poll() is None:
+            again.proc.kill()
+    assert "crdgol up: stopped" in again.said()
+    assert gone_within(children, 5) == []
