@@ -31,7 +31,7 @@ from crdgol.request_path import (
 )
 from crdgol.usage_log import SETTLE_NAMESPACE
 from extproc import context as context_policy
-from extproc import mcp_gateway, translate_errors, workflows
+from extproc import mcp_gateway, session_stream, translate_errors, workflows
 from extproc.access_metadata import AccessRecord
 from extproc.admission import Admission, Outcome
 from extproc.attempt import rewrite_body, target_headers
@@ -77,8 +77,6 @@ from extproc.usage import Usage, text_from_json
 log = logging.getLogger(__name__)
 
 UPSTREAM_TIMING = "x-envoy-upstream-service-time"
-# The most of a JSON answer a session call's stream gathers to read (beyond it: no history).
-MAX_GATHERED = 16 * 1024 * 1024
 
 
 class Downstream(Handler):
@@ -245,11 +243,7 @@ class ModelCall(Handler):
         # A one-message call that names a session: its response body comes on this same stream
         # (its headers skipped, what extproc reads of them as response attributes).
         self.same_stream = False
-        # This stream accounts for the response it reads: its next reply tells the access log so.
-        self.mark_handled = False
-        # A JSON answer read on this stream comes in chunks (STREAMED): gathered until its end.
-        self.gathered: list[bytes] | None = None
-        self.gathered_bytes = 0
+        self.answer: session_stream.SessionAnswer | None = None  # its 200, read here (extproc.session_stream)
         self.trace: CallSpan | None = None  # this call's span, when tracing is on (extproc.tracing)
 
     def error_reply(self, exc: GatewayError) -> Respond:
@@ -472,38 +466,7 @@ class ModelCall(Handler):
 
     def response_attributes(self, values: dict[str, str | float]) -> None:
         if self.same_stream:
-            self.read_on_this_stream(response_status(values), str(values.get(CLUSTER_ATTRIBUTE, "")))
-
-    def read_on_this_stream(self, status: int, cluster: str) -> None:
-        """A session call's response, about to come on its request's stream: its headers were
-        skipped, and Envoy sent its ``status`` and the ``cluster`` that answered instead.
-
-        A provider's 200 is read to its end here, which accounts for it (usage, history, the
-        cache); anything else is not this stream's to account: a provider's error goes to the
-        response filter first (mapped there, and settled on its stream), Envoy's own reply (never
-        a 200 on a binding's route) and an answer cut off are settled from the access log, as on
-        the one-message path.
-        """
-        binding = self.binding
-        self.status = status
-        entry = self.services.current.backends.get(cluster)
-        if binding is None or entry is None or entry[0].key != binding.key:
-            return
-        self.backend = entry[1].id
-        if status != 200:
-            self.access.settled_elsewhere(self)
-            return
-        self.answered = True
-        # The first backend's answer comes in its own API; a fallback attempt's filter has
-        # already translated its answer into the client's.
-        backend_api = entry[1].api if binding.primary is not None and binding.primary.id == entry[1].id else self.api
-        self.reader = ResponseReader(backend_api, self.api, binding.model, include_usage=self.client_wants_usage, observe=True)
-        # The content type was skipped with the headers: a stream is what the client asked for.
-        self.reader.start(status, "text/event-stream" if self.streamed() else "application/json")
-        if self.reader.stream is None:
-            self.gathered = []
-        self.finished = False
-        self.mark_handled = True
+            self.answer = session_stream.start(self, response_status(values), str(values.get(CLUSTER_ATTRIBUTE, "")))
 
     def streamed(self) -> bool:
         """Whether the client asked for a streamed answer."""
@@ -552,39 +515,13 @@ class ModelCall(Handler):
                 self.upstream_error, body, anthropic=self.api is Api.ANTHROPIC, secrets=secrets
             )
             return out
-        if self.gathered is not None:
-            return self.gather(body, end_of_stream)
+        if self.answer is not None:
+            return self.answer.body(self.reader, body, end_of_stream)
         return self.reader.body(body, end_of_stream) if self.reader is not None else body
 
-    def gather(self, chunk: bytes, end_of_stream: bool) -> bytes:
-        """A JSON answer on a session call's stream, chunk by chunk: read whole at its end; a
-        translated one is held and sent whole then, any other passes as it comes."""
-        assert self.reader is not None and self.gathered is not None
-        rewrite = self.reader.needed
-        if self.gathered_bytes + len(chunk) > MAX_GATHERED:
-            self.gathered, self.reader = None, None  # too large to read: no history, no usage
-            return chunk
-        if not end_of_stream:
-            self.gathered.append(chunk)
-            self.gathered_bytes += len(chunk)
-            return b"" if rewrite else chunk
-        whole = b"".join([*self.gathered, chunk]) if self.gathered else chunk
-        self.gathered = None
-        out = self.reader.body(whole, True)
-        return out if rewrite else chunk
-
-    def handled_here(self, reply: Reply) -> Reply:
-        """``reply`` telling the access log that this stream accounts for the response (the
-        first reply of a session call's response that this stream reads to its end)."""
-        if not self.mark_handled or isinstance(reply, Respond):
-            return reply
-        self.mark_handled = False
-        out = Continue() if reply is PASS else reply
-        out.dynamic_metadata = {**(out.dynamic_metadata or {}), SETTLE_NAMESPACE: {"handled": "1"}}
-        return out
-
     async def response_body(self, body: bytes, end_of_stream: bool) -> Reply:
-        return self.handled_here(await self.read_body(body, end_of_stream))
+        reply = await self.read_body(body, end_of_stream)
+        return self.answer.mark(reply) if self.answer is not None else reply
 
     async def read_body(self, body: bytes, end_of_stream: bool) -> Reply:
         out = self.client_bytes(body, end_of_stream)

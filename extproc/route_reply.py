@@ -65,7 +65,7 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
     call.deferred = True  # its span too ends with its access-log entry, not with this stream
     primary = binding.primary
     if call.same_stream:
-        # A session call: its response body comes on this stream (``ModelCall.read_on_this_stream``),
+        # A session call: its response body comes on this stream (``extproc.session_stream``),
         # which reads it where the response side would. A chat call's route has the chat path (a
         # translated answer changes API); the response filter maps a provider's error on either.
         needs: tuple[str, ...] = ()
