@@ -689,7 +689,11 @@ class Completion(ModelCall):
         out["stream"] = "1" if self.stream else ""
         out["include_usage"] = "1" if self.client_wants_usage else ""
         binding = self.binding
-        if self.session and binding is not None and binding.context.history.enabled and self.identity is not None:
+        # A session call's answer is remembered on its own stream: the response side, which then
+        # sees only its errors, needs neither the session nor the user's text (which would
+        # otherwise ride in every access-log entry).
+        remembered_there = not self.same_stream
+        if remembered_there and self.session and binding is not None and binding.context.history.enabled and self.identity is not None:
             out["session"] = self.session
             out["principal"] = self.identity.principal  # the session is this caller's own
             out["user_text"] = self.user_text

@@ -221,6 +221,9 @@ async def test_a_session_call_reads_its_answer_on_its_own_stream_and_remembers_i
     run = await drive(Downstream(services, usage_log=True), msgs, services=services)
     route = dict(run.responses[0].dynamic_metadata.fields[ROUTE_NAMESPACE].struct_value)
     assert route[ROUTE_KEY] == binding.route + SESSION_SUFFIX
+    # The response filter sees only its errors: the user's text does not ride along in metadata.
+    state = dict(run.responses[0].dynamic_metadata.fields[STATE_NAMESPACE].struct_value)
+    assert "user_text" not in state and "session" not in state and state["started"] > 0
     assert run.body(1) is None and run.body(2) is None  # nothing held back or changed
     # This stream accounts for the answer: the access log is told so with its first chunk.
     assert dict(run.responses[1].dynamic_metadata.fields[SETTLE_NAMESPACE].struct_value) == {"handled": "1"}
