@@ -14,9 +14,12 @@ Issue 13's figures, each taken A/B in the same minute on the same machine:
   scan over 1,000 stored questions, entry read) at c1 against an exact hit at c1; extproc's own
   histograms split that difference into the embeddings call and the rest (the scan and the read);
   target for the rest <= 2 ms p50.
+* **the floor** (``benchmarks.extproc_floor``): the same Envoy filters in front of a do-nothing
+  Python ext_proc that answers every body from memory, the ceiling of any hit a Python ext_proc
+  serves; run in each round beside the other two.
 
 The setups run side by side (both started once); each round runs bare then gateway, alternating
-which goes first, and the ratio is taken per round. Results: ``<out>/cache.json`` and ``.md``.
+which goes first, and the ratio is taken per round. Results: ``<out>/cache.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -176,6 +179,29 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Requests/s at 16 connections (median of the rounds) of bare Envoy, the floor and a hit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = result["rounds"]
+    names = [("bare", "bare Envoy + mock"), ("floor", "floor: do-nothing\nPython ext_proc"), ("hit", "cache hit")]
+    rps = [statistics.median(r[f"{n}_c16"]["rps"] for r in rounds) for n, _ in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar([label for _, label in names], rps, color=["#888888", "#c9a227", "#2a7ab0"])
+    for b, v in zip(bars, rps, strict=True):
+        ax.annotate(f"{v:.0f} ({v / rps[0]:.2f}x)", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.axhline(0.6 * rps[0], linestyle="--", color="#b03a2e", linewidth=1)
+    ax.annotate("target 0.6x bare", (2.4, 0.6 * rps[0]), ha="right", va="bottom", fontsize=8, color="#b03a2e")
+    ax.set_ylabel("requests/s, 1 KB chat, 16 connections")
+    ax.set_title("Response cache: an exact hit against bare Envoy and the Python floor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=3)
@@ -278,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "cache.md").write_text(markdown(result))
+    plot(result, out / "cache.png")
     say(json.dumps(summary, indent=1))
     return 0
 

@@ -103,7 +103,6 @@ class ControllerState:
     backend_health: dict[str, BackendHealth] = field(default_factory=dict)
     # Each binding's status.usage from the extproc replicas' reports (controller.binding_usage).
     binding_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The served bindings' backends of the last render: key -> ((backend name, cluster), ...).
     # MCPServers, and their status (controller.mcp_status).
     mcp: McpServerBook = field(default_factory=McpServerBook)
 

@@ -67,7 +67,7 @@ def test_a_changed_binding_goes_live_under_load_with_no_failed_request(live: tup
         binding.write_text(binding.read_text().replace("model: mock-gpt", "model: mock-gpt-v2"))
         # The latency target (live within 1 s) is measured by benchmarks/controller.py; here the
         # change must simply arrive, under load, without a failed request.
-        wait_for(lambda: served_model(stack.url) == "mock-gpt-v2", 5)
+        wait_for(lambda: served_model(stack.url) == "mock-gpt-v2", 15)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -80,7 +80,7 @@ def test_a_changed_binding_goes_live_under_load_with_no_failed_request(live: tup
 def test_a_broken_file_keeps_the_last_good_config_and_says_why(live: tuple[Stack, Path]) -> None:
     stack, binding = live
     binding.write_text("spec: [this is not: valid yaml\n")
-    wait_for(lambda: str(binding) in stack.status()["files"], 3)  # type: ignore[operator]
+    wait_for(lambda: str(binding) in stack.status()["files"], 15)  # type: ignore[operator]
     assert served_model(stack.url) == "mock-gpt"
 
 
@@ -92,7 +92,7 @@ def test_an_invalid_spec_is_refused_with_a_reason_while_the_last_good_one_serves
         conds = stack.status()["bindings"]["default/quickstart-chat"]["conditions"]  # type: ignore[index]
         return any(c["type"] == "Accepted" and c["status"] == "False" and c["reason"] == "InvalidProvider" for c in conds)
 
-    wait_for(refused, 3)
+    wait_for(refused, 15)
     assert served_model(stack.url) == "mock-gpt"
 
 
@@ -102,9 +102,9 @@ def test_a_new_binding_is_served_and_a_removed_one_is_gone(live: tuple[Stack, Pa
     extra.write_text(
         binding.read_text().replace("name: quickstart-chat", "name: second-chat").replace("model: quickstart-chat", "model: second-chat")
     )
-    wait_for(lambda: ask(stack.url, "second-chat").status_code == 200, 3)
+    wait_for(lambda: ask(stack.url, "second-chat").status_code == 200, 15)
     extra.unlink()
-    wait_for(lambda: ask(stack.url, "second-chat").status_code == 404, 3)
+    wait_for(lambda: ask(stack.url, "second-chat").status_code == 404, 15)
     assert ask(stack.url).status_code == 200
 
 

@@ -149,7 +149,7 @@ class Cluster:
     async def get(self, resource: str, namespace: str, name: str) -> Any:
         return await self._call("GET", self.path(resource, namespace, name))
 
-    async def eventually(self, check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
+    async def eventually(self, check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
         """Poll ``check`` (sync or async) until it returns something truthy."""
         deadline = asyncio.get_running_loop().time() + timeout
         last: Any = None
