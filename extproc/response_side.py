@@ -26,8 +26,9 @@ from extproc.auth import Identity
 from extproc.cache import CacheCall
 from extproc.cache_charge import CallerMeter
 from extproc.cache_key import CacheKey, Directives
+from extproc.completion import Completion
 from extproc.errors import GatewayError
-from extproc.gateway import Completion, Embeddings, ModelCall
+from extproc.model_call import Embeddings, ModelCall
 from extproc.phases import Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
 from extproc.services import Services

@@ -31,7 +31,7 @@ from extproc.phases import Continue
 
 if TYPE_CHECKING:
     from extproc.cache import CacheCall
-    from extproc.gateway import ModelCall
+    from extproc.model_call import ModelCall
     from extproc.policy import Binding
 
 

@@ -30,7 +30,7 @@ from extproc.phases import PASS, Continue, Reply, Respond
 from extproc.readers import ResponseReader
 
 if TYPE_CHECKING:
-    from extproc.gateway import ModelCall
+    from extproc.model_call import ModelCall
 
 # The most of a JSON answer a session call's stream gathers to read (beyond it: no history, no
 # usage from the body; the answer itself passes unchanged, unless it is translated).
