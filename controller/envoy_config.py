@@ -43,6 +43,7 @@ from crdgol.replies import (
 )
 from crdgol.request_path import (
     BACKEND_METADATA,
+    RESPONSE_ATTRIBUTES,
     ROUTE_HEADER,
     ROUTE_NAMESPACE,
     STATE_NAMESPACE,
@@ -210,6 +211,9 @@ def ext_proc_filter(settings: RenderSettings, *, backend: str | None) -> Json:
             received += [ROUTE_NAMESPACE, STATE_NAMESPACE]
             # The header values extproc reads travel with the body (model paths skip the headers).
             extra["request_attributes"] = attributes(settings.profile_headers)
+            # A session call's response headers are skipped: what extproc reads of them comes
+            # with the first response body message (``request_path.RESPONSE_ATTRIBUTES``).
+            extra["response_attributes"] = list(RESPONSE_ATTRIBUTES)
         extra["metadata_options"] = {"receiving_namespaces": {"untyped": received}}
     return {
         # A fallback attempt's filter has a name of its own: per-route configs of the downstream

@@ -19,7 +19,6 @@ from crdgol.access_log import NAMESPACE as ACCESS_NAMESPACE
 from crdgol.request_path import (
     BODY_API_KEY,
     CLIENT_API_KEY,
-    HEADERS_SUFFIX,
     RESPONSE_FILTER,
     RESPONSE_STREAM_METADATA,
     RESPONSE_SUFFIX,
@@ -27,6 +26,7 @@ from crdgol.request_path import (
     ROUTE_NAMESPACE,
     ROUTE_RESPONSE_HEADERS,
     SESSION_HEADER,
+    SESSION_SUFFIX,
     STATE_NAMESPACE,
 )
 from crdgol.usage_log import SETTLE_NAMESPACE
@@ -182,6 +182,24 @@ BODY_ONLY = typed(
 )
 
 
+# A call that names a session: the body alone as above, then its response body on the same
+# stream, chunk by chunk as it comes (a stream is never held whole); the response headers are
+# skipped (what extproc reads of them comes as response attributes with the first chunk).
+SESSION_BODY_AND_RESPONSE = typed(
+    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+    overrides={
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "STREAMED",
+            "response_trailer_mode": "SKIP",
+        }
+    },
+)
+
+
 def model_path_routes() -> list[Json]:
     """The model-call paths before extproc has answered: extproc gets the body alone (one message).
 
@@ -194,13 +212,13 @@ def model_path_routes() -> list[Json]:
     empty = {"status": 400, "body": {"inline_string": "the request body is empty: send a JSON object"}}
     return [
         {
-            # A call that names a session most likely keeps history, whose response extproc reads:
-            # its headers, body and response go to extproc on one stream (cheaper, measured, than
-            # one message plus the response filter's own stream).
+            # A call that names a session most likely keeps history, whose answer extproc reads:
+            # its body and then its response body go to extproc on one stream, two messages
+            # (cheaper, measured, than one message plus the response filter's own stream).
             "name": "model-call-session",
             "match": {**paths, "headers": [post, {"name": SESSION_HEADER, "present_match": True}]},
             "direct_response": empty,
-            "typed_per_filter_config": NO_RESPONSE_SIDE,
+            "typed_per_filter_config": {"envoy.filters.http.ext_proc": SESSION_BODY_AND_RESPONSE, **NO_RESPONSE_SIDE},
         },
         {
             "name": "model-call",
@@ -222,7 +240,8 @@ def metadata_routes(base: Json, direct: BackendSpec | None) -> list[Json]:
     Both send the request to the binding's backends as its header-matched route ``base`` does
     (``envoy_config.binding_route``), pointed at the first backend ``direct`` (host, path, no
     caller credential; its cluster injects the provider's); the second also hands the response to
-    extproc (``response_filter``); the third serves a call whose headers extproc saw.
+    extproc (``response_filter``); the third serves a chat call that names a session, whose
+    response extproc reads on the request's own stream.
     """
     rid = base["name"]
     action: Json = dict(base["route"])
@@ -271,16 +290,17 @@ def metadata_routes(base: Json, direct: BackendSpec | None) -> list[Json]:
     # A fallback attempt's own filter tags its answer with the backend; on the plain route nobody
     # else reads that tag, so it is removed before the client sees it.
     lean["response_headers_to_remove"] = ["x-crdgol-backend"]
-    # A call whose headers extproc saw (``model-call-session``): extproc rewrote it and reads its
-    # response on its own stream; the route only injects the credential and names the APIs.
-    seen = {
-        "name": rid + HEADERS_SUFFIX,
-        "match": match(rid + HEADERS_SUFFIX),
-        "route": dict(base["route"]),
+    # A chat call that names a session (``model-call-session``): extproc reads its response on the
+    # request's own stream, so the response filter runs only for a provider's error, as on the
+    # plain route; the path is the chat path, as on the response route (a translated answer).
+    session = {
+        "name": rid + SESSION_SUFFIX,
+        "match": match(rid + SESSION_SUFFIX),
+        "route": full_action,
         **common,
-        "typed_per_filter_config": NO_RESPONSE_SIDE,
+        "response_headers_to_remove": ["x-crdgol-backend"],
     }
-    return [lean, full, seen]
+    return [lean, full, session]
 
 
 def credential_injector(secret: str, be: BackendSpec, sds_dir: str) -> Json:

@@ -15,12 +15,18 @@ route; Envoy then does the rest natively, per binding, from the rendered config:
   (``ROUTE_RESPONSE_HEADERS``);
 * usage is read by the native filters and settled from the access log (``crdgol.usage_log``).
 
-The response is extproc's business only when the request needs it (session history, a
-translated answer, a stream whose usage chunk is stripped): extproc then picks the binding's
+The response is extproc's business only when the request needs it (a translated answer, a
+stream whose usage chunk is stripped, an answer to store): extproc then picks the binding's
 second route (``ROUTE_KEY`` with ``RESPONSE_SUFFIX``), on which the response filter
 (``RESPONSE_FILTER``) sends the response headers, with the request's state as forwarded metadata
 (``STATE_NAMESPACE``). On every other route that filter runs only for a response that is not a
 2xx (a provider error to map and sanitize, or Envoy's own reply for a request extproc admitted).
+
+A call that names a session (``SESSION_HEADER``: its answer joins the history) costs two
+messages on one stream: its path route (``model-call-session``) sends the body the same way and
+then the response body, STREAMED, on the same stream (the response headers are skipped; what
+extproc reads of them comes as ``RESPONSE_ATTRIBUTES`` with the first body message), and
+extproc names the binding's session route (``SESSION_SUFFIX``) or its plain one.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from collections.abc import Mapping
 ROUTE_NAMESPACE = "crdgol.route"
 ROUTE_KEY = "route"
 RESPONSE_SUFFIX = "~r"
-# A call that names a session (``SESSION_HEADER``) goes the way of the headers instead: extproc
-# gets its headers, body and response on one stream and names the route with this suffix.
-HEADERS_SUFFIX = "~h"
+# A call that names a session (``SESSION_HEADER``) keeps its stream open for the response body:
+# extproc names the binding's route with this suffix (a chat call; an embeddings call takes the
+# plain route), which rewrites the path for a translated answer.
+SESSION_SUFFIX = "~s"
 SESSION_HEADER = "x-session-id"
 # The internal request header that names a binding's route (set by extproc or the route itself,
 # never by a client: the gateway listener removes it), and the ext_proc gRPC initial metadata key
@@ -105,6 +112,24 @@ def attribute_headers(values: Mapping[str, str | float]) -> dict[str, str]:
     if isinstance(count, float):
         out[HEADER_COUNT] = str(int(count))
     return out
+
+
+# What extproc reads of a response whose headers it skips (a session call's, which it reads on
+# the stream of its request): sent with the first response body message. ``CLUSTER_ATTRIBUTE``
+# names the backend that answered (the policy knows its clusters), as the access log's does.
+# (``response.headers[...]`` arrives empty here when the response headers were skipped.)
+STATUS_ATTRIBUTE = "response.code"
+CLUSTER_ATTRIBUTE = "xds.cluster_name"
+RESPONSE_ATTRIBUTES = (STATUS_ATTRIBUTE, CLUSTER_ATTRIBUTE)
+
+
+def response_status(values: Mapping[str, str | float]) -> int:
+    """The response status from the response attributes (0: not there)."""
+    status = values.get(STATUS_ATTRIBUTE)
+    try:
+        return int(status) if status is not None else 0
+    except ValueError:
+        return 0
 
 
 def credential_secret(backend_id: str) -> str:

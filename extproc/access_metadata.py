@@ -1,6 +1,6 @@
 """What extproc tells Envoy's access log about a request, and the latency and spend it measures.
 
-A model call (``extproc.gateway.ModelCall``) owns one ``AccessRecord``. The phase machinery asks
+A model call (``extproc.model_call.ModelCall``) owns one ``AccessRecord``. The phase machinery asks
 it after every message (``take``) whether there is dynamic metadata to hand to Envoy; it answers
 twice at most:
 
@@ -29,7 +29,7 @@ from extproc.phases import Respond
 from extproc.quota import cost_micros
 
 if TYPE_CHECKING:
-    from extproc.gateway import ModelCall
+    from extproc.model_call import ModelCall
     from extproc.phases import Reply
     from extproc.policy import Backend
     from extproc.usage import Usage

@@ -3,7 +3,7 @@
 ``ResponseCache`` (one per process, on ``Services``) holds the stores and the metrics;
 ``ResponseCache.open`` gives a ``CacheCall`` for one request of a binding with ``spec.cache``
 (None when the binding has none or the request is not eligible). The request path
-(``extproc.gateway.Completion``) then:
+(``extproc.completion.Completion``) then:
 
 1. ``lookup()`` after context injection: the stored answer (``Hit``) or None. Exact mode reads
    the entry of ``cache_key.make_key``'s ``exact`` key; semantic mode, on an exact miss, embeds

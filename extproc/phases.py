@@ -96,6 +96,11 @@ class Handler:
         """Called with the stream's first message before it is dispatched: what Envoy sends once
         per stream (request attributes, forwarded metadata) is there."""
 
+    def response_attributes(self, values: dict[str, str | float]) -> None:
+        """Called before the stream's first response message is dispatched when it carries
+        response attributes (expression -> value): the response headers extproc reads when
+        Envoy skips them (``crdgol.request_path.RESPONSE_ATTRIBUTES``)."""
+
     def resolved(self) -> Handler:
         """The handler for the rest of the stream (a dispatcher returns the strategy it chose)."""
         return self
@@ -114,6 +119,17 @@ class Handler:
         ``crdgol.access_log.NAMESPACE`` and merged with what earlier replies sent.
         """
         return None
+
+
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+
+
+def attribute_values(req: ep.ProcessingRequest) -> dict[str, str | float]:
+    """The request or response attributes a message carries (expression -> string or number)."""
+    found = req.attributes.get(ATTRIBUTES_KEY)
+    if found is None:
+        return {}
+    return {k: v.string_value if v.HasField("string_value") else v.number_value for k, v in found.fields.items()}
 
 
 def with_metadata(resp: ep.ProcessingResponse, metadata: dict[str, Any]) -> ep.ProcessingResponse:
@@ -288,6 +304,8 @@ async def run(
             count += 1
             if count == 1:
                 handler.start(req)
+            elif req.attributes and phase in ("response_headers", "response_body"):
+                handler.response_attributes(attribute_values(req))
             held = 0
             try:
                 try:

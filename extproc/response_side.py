@@ -2,13 +2,15 @@
 
 On the one-message path (``crdgol.request_path``) extproc answers the request body and its
 stream ends there. When the response needs extproc after all (the binding's response route:
-history, translation, a stripped usage chunk; or any response that is not a 2xx: a provider's
+translation, a stripped usage chunk, an answer to store; or any response that is not a 2xx: a provider's
 error to map, Envoy's own reply for an admitted request), Envoy's response filter opens a second
 stream whose first message is the response headers, with the request's state as forwarded
 metadata: the settle record (``route_reply.settle_record``) and ``ModelCall.state``. ``resume``
 rebuilds the model call from them, and the call's own response methods run unchanged: the
 charge rule, provider-error mapping, translation, history. A stream without that state (the
-refusal of a request extproc never admitted) passes through.
+refusal of a request extproc never admitted) passes through. (A call that names a session reads
+its 200 on its request's own stream instead: ``extproc.session_stream``; only its errors
+come here.)
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from extproc.auth import Identity
 from extproc.cache import CacheCall
 from extproc.cache_charge import CallerMeter
 from extproc.cache_key import CacheKey, Directives
+from extproc.completion import Completion
 from extproc.errors import GatewayError
-from extproc.gateway import Completion, Embeddings, ModelCall
+from extproc.model_call import Embeddings, ModelCall
 from extproc.phases import Handler, Headers, Reply, Respond
 from extproc.policy import Api, Binding
 from extproc.services import Services

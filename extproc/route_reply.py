@@ -3,8 +3,9 @@
 * ``settle_record``: the access-log consumer's record of a call (``extproc.usage_log``), written
   with the response headers (a call read the old way) or with the body reply (one message).
 * ``route_reply``: the one-message answer (``crdgol.request_path``): the body for the first
-  backend, and as dynamic metadata the binding's route (the plain one, or its response route
-  when ``ModelCall.response_needs`` says the response needs extproc), what that route turns into
+  backend, and as dynamic metadata the binding's route (the plain one, its response route when
+  ``ModelCall.response_needs`` says the response needs extproc, or its session route for a call
+  whose response comes back on the same stream), what that route turns into
   headers (the APIs a fallback attempt reads, the rate-limit headers), the settle record and the
   state the response side starts from. No header change: Envoy drops those from a body reply
   when it skipped the headers; the route and the cluster do them instead.
@@ -17,11 +18,11 @@ from typing import TYPE_CHECKING
 from crdgol.request_path import (
     BODY_API_KEY,
     CLIENT_API_KEY,
-    HEADERS_SUFFIX,
     NO_OP_HEADER,
     RESPONSE_SUFFIX,
     ROUTE_KEY,
     ROUTE_NAMESPACE,
+    SESSION_SUFFIX,
     STATE_NAMESPACE,
 )
 from crdgol.usage_log import SETTLE_NAMESPACE
@@ -30,7 +31,7 @@ from extproc.phases import Continue
 
 if TYPE_CHECKING:
     from extproc.cache import CacheCall
-    from extproc.gateway import ModelCall
+    from extproc.model_call import ModelCall
     from extproc.policy import Binding
 
 
@@ -63,17 +64,25 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
     call.forwarded = True
     call.deferred = True  # its span too ends with its access-log entry, not with this stream
     primary = binding.primary
-    needs = call.response_needs()
+    if call.same_stream:
+        # A session call: its response body comes on this stream (``extproc.session_stream``),
+        # which reads it where the response side would. A chat call's route has the chat path (a
+        # translated answer changes API); the response filter maps a provider's error on either.
+        needs: tuple[str, ...] = ()
+        suffix = SESSION_SUFFIX if call.operation == "chat" else ""
+    else:
+        needs = call.response_needs()
+        suffix = RESPONSE_SUFFIX if needs else ""
+        if not needs:
+            # Settled from the access log: what the access log learns from extproc goes now.
+            call.access.settled_elsewhere(call)
     settle = settle_record(call)
-    if not needs:
-        # Settled from the access log: what the access log learns from extproc goes now.
-        call.access.settled_elsewhere(call)
     tracer = call.services.tracer
     if tracer is not None and call.trace is not None:
-        # This stream ends here: the call's span ends when its access-log entry arrives.
+        # The call's span ends when its access-log entry arrives (whichever stream accounts).
         settle["trace"] = tracer.park(call)
     route: dict[str, str | float] = {
-        ROUTE_KEY: binding.route + (RESPONSE_SUFFIX if needs else ""),
+        ROUTE_KEY: binding.route + suffix,
         CLIENT_API_KEY: call.api.value,
         BODY_API_KEY: (primary.api if primary is not None else call.api).value,
         **call.route_response_headers(),
@@ -85,18 +94,6 @@ def route_reply(call: ModelCall, binding: Binding, body: bytes) -> Continue:
         clear_route_cache=True,
         dynamic_metadata={ROUTE_NAMESPACE: route, SETTLE_NAMESPACE: settle, STATE_NAMESPACE: call.state()},
     )
-
-
-def headers_route(call: ModelCall, binding: Binding) -> dict[str, dict[str, str | float]]:
-    """The route metadata for a call whose headers extproc saw (it rewrote the request itself)."""
-    primary = binding.primary
-    return {
-        ROUTE_NAMESPACE: {
-            ROUTE_KEY: binding.route + HEADERS_SUFFIX,
-            CLIENT_API_KEY: call.api.value,
-            BODY_API_KEY: (primary.api if primary is not None else call.api).value,
-        }
-    }
 
 
 def cache_state(cache: CacheCall) -> dict[str, str | float]:

@@ -32,7 +32,7 @@ from extproc.errors import GatewayError
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
-    from extproc.gateway import ModelCall
+    from extproc.model_call import ModelCall
     from extproc.usage import Usage
 
 __all__ = ["CallSpan", "CallTracer", "step"]

@@ -6,7 +6,7 @@ Contract
   request's entry to extproc, batched per worker (``controller.usage_filters.usage_access_log``).
 * Only entries that carry ``crdgol.settle`` metadata are acted on: extproc set it in its answer
   to the response headers of a request whose body it did not ask for
-  (``extproc.gateway.ModelCall.defer``), or, on the one-message path, in its answer to the
+  (``extproc.model_call.ModelCall.defer``), or, on the one-message path, in its answer to the
   request body (then without the backend, which the entry's upstream cluster names). It names the
   reservation and the metric labels. An entry marked ``handled`` was accounted for by the
   response side's stream (``extproc.response_side``) and is skipped.

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from crdgol.stack import Stack
 
@@ -75,17 +76,70 @@ def test_a_response_extproc_needs_comes_on_the_response_filters_stream(quickstar
     assert used["response.streams_started"] == 1
 
 
-def test_a_call_naming_a_session_goes_on_one_stream_with_its_headers(quickstart: Stack) -> None:
+def session_call(stack: Stack, session: str, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
+    h = {"authorization": f"Bearer {KEY}", "x-session-id": session, **headers}
+    return httpx.post(f"{stack.url}/v1/chat/completions", json=body or CHAT, headers=h, timeout=10)
+
+
+def metric(stack: Stack, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def settled(stack: Stack, before: float, grown_by: float) -> float:
+    """The token usage extproc has counted, once it grew by ``grown_by`` (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and metric(stack, "gen_ai_client_token_usage_sum") - before < grown_by:
+        time.sleep(0.05)
+    time.sleep(0.3)  # anything counted twice would have arrived by now
+    return metric(stack, "gen_ai_client_token_usage_sum") - before
+
+
+def test_a_call_naming_a_session_costs_two_messages_on_one_stream_and_keeps_history(quickstart: Stack) -> None:
+    tokens = metric(quickstart, "gen_ai_client_token_usage_sum")
     first, used = cost(quickstart, "/v1/chat/completions", CHAT, **{"x-session-id": "one-message-test"})
     assert first.status_code == 200
-    assert used == {"request.stream_msgs_sent": 4, "request.streams_started": 1}
-    second = httpx.post(
-        f"{quickstart.url}/v1/chat/completions",
-        json=CHAT,
-        headers={"authorization": f"Bearer {KEY}", "x-session-id": "one-message-test"},
-        timeout=10,
-    )
+    # The body (headers as attributes), then the response body: its headers are skipped.
+    assert used == {"request.stream_msgs_sent": 2, "request.streams_started": 1}
+    second = session_call(quickstart, "one-message-test")
     assert second.status_code == 200 and second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
+    assert "x-crdgol-backend" not in second.headers
+    # Counted once each: this stream settled them, and the access log did not again.
+    spent = sum(r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] for r in (first, second))
+    assert settled(quickstart, tokens, spent) == spent
+
+
+def test_a_failed_session_answer_is_mapped_and_joins_no_history(quickstart: Stack) -> None:
+    failed, used = cost(quickstart, "/v1/chat/completions", CHAT, **{"x-session-id": "failing", "x-mock-fail-status": "401", "x-mock-echo-credential": "1"})
+    assert failed.status_code == 502 and "sk-mock-provider" not in failed.text
+    assert used["request.stream_msgs_sent"] == 2 and used["response.streams_started"] == 1  # mapped by the response filter
+    after = session_call(quickstart, "failing")
+    fresh = session_call(quickstart, "never-used")
+    assert after.status_code == fresh.status_code == 200
+    assert after.json()["usage"]["prompt_tokens"] == fresh.json()["usage"]["prompt_tokens"]  # nothing was remembered
+
+
+def test_a_streamed_session_answer_arrives_chunk_by_chunk_and_joins_history(quickstart: Stack) -> None:
+    httpx.post(f"{quickstart.mock_url}/_mock/config", json={"chunk_delay_ms": 150}, timeout=5).raise_for_status()
+    body = {**CHAT, "stream": True}
+    arrivals: list[float] = []
+    text = ""
+    started = time.monotonic()
+    headers = {"authorization": f"Bearer {KEY}", "x-session-id": "streamed"}
+    with httpx.stream("POST", f"{quickstart.url}/v1/chat/completions", json=body, headers=headers, timeout=20) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            arrivals.append(time.monotonic() - started)
+            text += chunk.decode()
+    httpx.post(f"{quickstart.mock_url}/_mock/config", json={"chunk_delay_ms": 0}, timeout=5).raise_for_status()
+    assert text.rstrip().endswith("data: [DONE]") and '"usage"' not in text  # the forced usage chunk is stripped
+    # Each chunk reached the client when the provider sent it, not all at the end.
+    assert len(arrivals) >= 3 and arrivals[-1] - arrivals[0] > 0.3
+    first_gap = arrivals[1] - arrivals[0]
+    assert first_gap > 0.1, arrivals
+    after = session_call(quickstart, "streamed")
+    fresh = session_call(quickstart, "not-streamed-before")
+    assert after.json()["usage"]["prompt_tokens"] > fresh.json()["usage"]["prompt_tokens"]
 
 
 def test_a_refusal_and_a_bodyless_call_cost_one_message_or_none(quickstart: Stack) -> None:

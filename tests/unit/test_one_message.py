@@ -20,11 +20,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
 from crdgol.request_path import (
+    CLUSTER_ATTRIBUTE,
     NO_OP_HEADER,
     RESPONSE_SUFFIX,
     ROUTE_KEY,
     ROUTE_NAMESPACE,
+    SESSION_SUFFIX,
     STATE_NAMESPACE,
+    STATUS_ATTRIBUTE,
     attributes,
     header_attribute,
 )
@@ -143,7 +146,6 @@ async def test_a_refusal_is_answered_from_the_one_message(services: Services, st
 @pytest.mark.parametrize(
     ("doc", "kw", "need"),
     [
-        (chat("history"), {"x_session_id": "s1"}, "history"),
         (chat(stream=True), {}, "usage chunk stripped"),
         ({"model": "metered", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}, {"path": "/v1/messages"}, "translation"),
     ],
@@ -200,17 +202,44 @@ async def test_a_provider_error_is_mapped_on_the_response_stream_and_not_settled
     assert not settle_entry(services, handled)
 
 
-async def test_a_history_call_is_remembered_from_the_response_stream(services: Services, store: RecordingStore) -> None:
-    run = await one(services, chat("history"), x_session_id="s1")
-    msgs = response_stream_start(run, response_headers(200), response_body(openai_completion(text="noted")))
-    resp = await drive(ResponseStream(services), msgs, services=services)
-    assert resp.responses[0].HasField("mode_override")  # it asked for the body
+def session_response(status: int, cluster: str, raw: bytes, end_of_stream: bool = True) -> ep.ProcessingRequest:
+    """A session call's first response body message: its headers skipped, status and answering
+    cluster as response attributes."""
+    req = response_body(raw, end_of_stream)
+    attrs = struct_pb2.Struct()
+    attrs.update({STATUS_ATTRIBUTE: float(status), CLUSTER_ATTRIBUTE: cluster})
+    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
+    return req
+
+
+async def test_a_session_call_reads_its_answer_on_its_own_stream_and_remembers_it(services: Services, store: RecordingStore) -> None:
+    binding = services.current.models["history"][0]
+    cluster = binding.backends[0].cluster
+    answer = openai_completion(text="noted")
+    # The answer comes in two chunks (STREAMED): each passes as it comes, read whole at the end.
+    msgs = [body_first(chat("history"), x_session_id="s1"), session_response(200, cluster, answer[:20], False), response_body(answer[20:])]
+    run = await drive(Downstream(services, usage_log=True), msgs, services=services)
+    route = dict(run.responses[0].dynamic_metadata.fields[ROUTE_NAMESPACE].struct_value)
+    assert route[ROUTE_KEY] == binding.route + SESSION_SUFFIX
+    # The response filter sees only its errors: the user's text does not ride along in metadata.
+    state = dict(run.responses[0].dynamic_metadata.fields[STATE_NAMESPACE].struct_value)
+    assert "user_text" not in state and "session" not in state and state["started"] > 0
+    assert run.body(1) is None and run.body(2) is None  # nothing held back or changed
+    # This stream accounts for the answer: the access log is told so with its first chunk.
+    assert dict(run.responses[1].dynamic_metadata.fields[SETTLE_NAMESPACE].struct_value) == {"handled": "1"}
     [rid] = store.reserved
     assert store.outcome(rid) == [Demand.used(7, 11, PRICE)]
-    binding = services.current.models["history"][0]
     principal = services.authenticator().authenticate(KEY).principal
-    turns = await services.history.load(history_key("ns/acme", binding.key, principal, "s1"), 4)
-    assert [t.content for t in turns] == ["hello", "noted"]
+    key = history_key("ns/acme", binding.key, principal, "s1")
+    assert [t.content for t in await services.history.load(key, 4)] == ["hello", "noted"]
+    # A failed answer (mapped on the response filter's stream, settled there) joins nothing and
+    # is not accounted here; nor is a stream cut before its end settled twice.
+    store.reserved.clear()
+    error = b'{"error": {"message": "overloaded"}}'
+    run = await drive(Downstream(services, usage_log=True), [body_first(chat("history"), x_session_id="s1"), session_response(502, cluster, error)], services=services)
+    [rid] = store.reserved
+    assert store.outcome(rid) == [] and SETTLE_NAMESPACE not in run.responses[1].dynamic_metadata.fields
+    assert [t.content for t in await services.history.load(key, 4)] == ["hello", "noted"]
 
 
 async def test_a_response_stream_without_request_state_passes_through(services: Services) -> None:

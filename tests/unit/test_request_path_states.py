@@ -27,7 +27,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from crdgol.usage_log import SETTLE_NAMESPACE, USAGE_NAMESPACE
 from extproc import phases
 from extproc.admission import PROVIDER_ERROR_CHARGE
-from extproc.gateway import Downstream, ModelCall
+from extproc.gateway import Downstream
+from extproc.model_call import ModelCall
 from extproc.quota import Demand, Price
 from extproc.usage_log import settle_entry
 from tests.unit.request_path import (
