@@ -32,6 +32,7 @@ import hashlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from controller.bootstrap import ads_bootstrap
 from controller.cache_spec import cache_pb
 from controller.cache_spec import check_references as check_cache_references
 from controller.context_sources import McpSourceSpec
@@ -40,7 +41,6 @@ from controller.envoy_config import (
     EXTPROC_CLUSTER,
     Json,
     RenderSettings,
-    ads_bootstrap,
     backend_cluster,
     backend_id,
     binding_route,

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from controller.app import Controller, ControllerSettings
-from controller.envoy_config import xds_client_tls
+from controller.bootstrap import xds_client_tls
 from controller.render import RenderSettings, ads_bootstrap
 from controller.xds import build_snapshot
 from crdgol import devcerts

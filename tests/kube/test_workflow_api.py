@@ -25,7 +25,8 @@ import kmock
 import pytest
 
 from controller.app import Controller, ControllerSettings
-from controller.envoy_config import RenderSettings, ads_bootstrap
+from controller.bootstrap import ads_bootstrap
+from controller.envoy_config import RenderSettings
 from controller.models import SecretData, SpecError
 from controller.workflow.api import Caller
 from controller.workflow.cluster import ClusterWorkflowSettings

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller.envoy_config import xds_client_tls
+from controller.bootstrap import xds_client_tls
 from crdgol import cli, devcerts
 from crdgol.control_plane import InsecureControlPlane, ServerAuth, TlsFiles, require_secure_server
 from crdgol.stack import envoy_binary
