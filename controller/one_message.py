@@ -165,39 +165,30 @@ def buffer_filter(settings: RenderSettings) -> Json:
     }
 
 
-# The per-route override of the gateway's ext_proc filter that sends it the request body alone
-# (with the request attributes), and nothing of the response.
-BODY_ONLY = typed(
-    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-    overrides={
-        "processing_mode": {
-            "request_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
-            "request_trailer_mode": "SKIP",
-            "response_header_mode": "SKIP",
-            "response_body_mode": "NONE",
-            "response_trailer_mode": "SKIP",
-        }
-    },
-)
+def _body_first(response_body_mode: str) -> Json:
+    """A per-route override of the gateway's ext_proc filter: the request body alone (with the
+    request attributes), and of the response its body in ``response_body_mode``."""
+    return typed(
+        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        overrides={
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": response_body_mode,
+                "response_trailer_mode": "SKIP",
+            }
+        },
+    )
 
 
+# The request body alone, nothing of the response.
+BODY_ONLY = _body_first("NONE")
 # A call that names a session: the body alone as above, then its response body on the same
 # stream, chunk by chunk as it comes (a stream is never held whole); the response headers are
 # skipped (what extproc reads of them comes as response attributes with the first chunk).
-SESSION_BODY_AND_RESPONSE = typed(
-    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-    overrides={
-        "processing_mode": {
-            "request_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
-            "request_trailer_mode": "SKIP",
-            "response_header_mode": "SKIP",
-            "response_body_mode": "STREAMED",
-            "response_trailer_mode": "SKIP",
-        }
-    },
-)
+SESSION_BODY_AND_RESPONSE = _body_first("STREAMED")
 
 
 def model_path_routes() -> list[Json]:

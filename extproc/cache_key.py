@@ -84,7 +84,8 @@ def _last_user(messages: list[Any]) -> int:
     return -1
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
+    """A message's text: string content, or its text parts/blocks joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -116,7 +117,7 @@ def make_key(binding: Binding, api: Api, tenant: str, doc: dict[str, Any]) -> Ca
     if rule is not None and rule.semantic and isinstance(messages, list):
         i = _last_user(messages)
         if i >= 0:
-            text = _text(messages[i].get("content"))
+            text = message_text(messages[i].get("content"))
             # The question left out, its place kept: a different history or context is still
             # a different partition.
             rest = [*messages[:i], {"role": "user", "content": None}, *messages[i + 1 :]]

@@ -14,6 +14,7 @@ from extproc import context as context_policy
 from extproc.admission import Outcome
 from extproc.cache import CACHE_HEADER, CacheCall
 from extproc.cache_charge import CallerMeter
+from extproc.cache_key import message_text
 from extproc.errors import (
     BadRequest,
 )
@@ -250,12 +251,5 @@ def last_user_text(messages: list[Any]) -> str:
     for m in reversed(messages):
         if m.get("role") != "user":
             continue
-        content = m.get("content")
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            return "\n".join(
-                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text")
-            )
-        return ""
+        return message_text(m.get("content"))
     return ""
