@@ -52,8 +52,9 @@ from controller.envoy_config import (
 )
 from controller.envoy_json import Json, duration, typed, typed_struct
 from controller.mcp_servers import McpServerSpec
-from controller.models import Endpoint, QuotaSpec, SecretData, SecretRef, SpecError
+from controller.models import Endpoint, SecretData, SecretRef, SpecError
 from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
+from controller.quota_specs import QuotaSpec
 from crdgol import tenancy
 from crdgol.mcp_contract import (
     CLIENT_SESSION_KEY,

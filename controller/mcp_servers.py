@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from controller.fields import Tree, crd_spec_tree, unknown_fields
-from controller.models import Endpoint, QuotasSpec, SecretRef, parse_endpoint
-from controller.models import _quotas as parse_quotas
+from controller.models import Endpoint, SecretRef, parse_endpoint
 from controller.models import _secret_ref as parse_secret_ref
-from controller.models import _tenant as parse_tenant
 from controller.models import _tenants as parse_tenants
+from controller.quota_specs import QuotasSpec, parse_quotas, parse_tenant
 from controller.spec_parsing import SpecError, parse_duration, reserved_address
 from controller.spec_parsing import as_dict as _dict
 from controller.spec_parsing import as_list as _list

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import difflib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +19,12 @@ from controller.cache_spec import CacheSpec, parse_cache
 from controller.context_sources import McpSpec, parse_mcp
 from controller.fields import binding_problems
 from controller.health import HealthSpec, parse_health
+from controller.quota_specs import (
+    QuotasSpec,
+    parse_money,
+    parse_quotas,
+    parse_tenant,
+)
 from controller.spec_parsing import SpecError as SpecError  # re-exported: every parser raises it
 from controller.spec_parsing import as_dict as _dict
 from controller.spec_parsing import as_list as _list
@@ -89,28 +94,6 @@ class BackendSpec:
     weight: int
     priority: int
     pricing: PricingSpec = field(default_factory=PricingSpec)
-
-
-@dataclass(frozen=True, slots=True)
-class LimitSpec:
-    metric: str  # requests | input_tokens | output_tokens | total_tokens | concurrent | cost_micros
-    amount: int
-    window_seconds: int = 0
-    period_seconds: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaSpec:
-    limits: tuple[LimitSpec, ...] = ()
-    default_max_tokens: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class QuotasSpec:
-    default: QuotaSpec | None = None
-    tenants: tuple[tuple[str, QuotaSpec], ...] = ()  # by qualified tenant
-    rate_limits_fail_open: bool = True
-    budgets_fail_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,83 +285,6 @@ def _backend(raw: object, i: int, namespace: str) -> BackendSpec:
     )
 
 
-_MONEY = re.compile(r"^\d{1,12}(\.\d{1,6})?$")
-WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-PERIODS = {"day": 86400, "month": 30 * 86400}
-TOKEN_TYPES = {"input": "input_tokens", "output": "output_tokens", "total": "total_tokens"}
-
-
-def parse_money(raw: object, what: str) -> int:
-    """A decimal amount of money as a string ("2.50") -> integer micro-units, exactly."""
-    text = str(raw).strip()
-    if isinstance(raw, float) or not _MONEY.fullmatch(text):
-        raise SpecError("InvalidQuota", f"{what}: {raw!r} must be a decimal string like \"2.50\" (quote it in YAML)")
-    whole, _, frac = text.partition(".")
-    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
-
-
-def _per(raw: object, table: dict[str, int], what: str) -> int:
-    if raw not in table:
-        raise SpecError("InvalidQuota", f"{what}: must be one of {', '.join(table)}, got {raw!r}")
-    return table[str(raw)]
-
-
-def _quota(raw: object, what: str) -> QuotaSpec:
-    q = _dict(raw, what)
-    limits: list[LimitSpec] = []
-    for i, r in enumerate(_list(q.get("requests"), f"{what}.requests")):
-        r = _dict(r, f"{what}.requests[{i}]")
-        limits.append(LimitSpec("requests", _int(r.get("amount"), f"{what}.requests[{i}].amount", 1, 10**12), _per(r.get("per"), WINDOWS, f"{what}.requests[{i}].per")))
-    for i, t in enumerate(_list(q.get("tokens"), f"{what}.tokens")):
-        t = _dict(t, f"{what}.tokens[{i}]")
-        metric = TOKEN_TYPES.get(str(t.get("type", "total")))
-        if metric is None:
-            raise SpecError("InvalidQuota", f"{what}.tokens[{i}].type: must be input, output or total")
-        limits.append(LimitSpec(metric, _int(t.get("amount"), f"{what}.tokens[{i}].amount", 1, 10**15), _per(t.get("per"), WINDOWS, f"{what}.tokens[{i}].per")))
-    if q.get("concurrent") is not None:
-        limits.append(LimitSpec("concurrent", _int(q.get("concurrent"), f"{what}.concurrent", 1, 10**6)))
-    if q.get("budget") is not None:
-        b = _dict(q.get("budget"), f"{what}.budget")
-        limits.append(
-            LimitSpec("cost_micros", parse_money(b.get("amount"), f"{what}.budget.amount"), period_seconds=_per(b.get("per", "month"), PERIODS, f"{what}.budget.per"))
-        )
-    return QuotaSpec(tuple(limits), _int(q.get("defaultMaxTokens", 1024), f"{what}.defaultMaxTokens", 1, 10**7))
-
-
-def _fail(raw: object, what: str, default: str) -> bool:
-    value = str(raw or default)
-    if value not in ("open", "closed"):
-        raise SpecError("InvalidQuota", f"{what}: must be open or closed, got {raw!r}")
-    return value == "open"
-
-
-def _tenant(parse: Callable[[str, str], str], raw: object, namespace: str, what: str) -> str:
-    try:
-        return parse(str(raw), namespace)
-    except ValueError as exc:
-        raise SpecError("InvalidTenant", f"{what}: {exc}") from None
-
-
-def _quotas(raw: object, namespace: str) -> QuotasSpec:
-    q = _dict(raw, "spec.quotas")
-    if not q:
-        return QuotasSpec()
-    tenants: dict[str, QuotaSpec] = {}
-    for t, v in _dict(q.get("tenants"), "spec.quotas.tenants").items():
-        what = f"spec.quotas.tenants.{t}"
-        key = _tenant(tenancy.parse_key, t, namespace, what)
-        if key in tenants:
-            raise SpecError("InvalidTenant", f"{what}: the tenant {key} has two entries")
-        tenants[key] = _quota(v, what)
-    fail = _dict(q.get("failPolicy"), "spec.quotas.failPolicy")
-    return QuotasSpec(
-        default=_quota(q["default"], "spec.quotas.default") if q.get("default") is not None else None,
-        tenants=tuple(sorted(tenants.items())),
-        rate_limits_fail_open=_fail(fail.get("rateLimits"), "spec.quotas.failPolicy.rateLimits", "open"),
-        budgets_fail_open=_fail(fail.get("budgets"), "spec.quotas.failPolicy.budgets", "closed"),
-    )
-
-
 # Request headers a profile may not copy into the prompt: the caller's own credentials.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "api-key"})
 
@@ -548,7 +454,7 @@ def _parse_binding(obj: dict[str, Any]) -> BindingSpec:
         request_timeout=parse_duration(timeouts.get("request", "120s"), "spec.timeouts.request"),
         per_try_timeout=parse_duration(timeouts.get("perTry", "60s"), "spec.timeouts.perTry"),
         retry=RetrySpec(on=on, attempts=None if attempts is None else _int(attempts, "spec.retry.attempts", 0, 10)),
-        quotas=_check_budget(_quotas(spec.get("quotas"), namespace), backends),
+        quotas=_check_budget(parse_quotas(spec.get("quotas"), namespace), backends),
         health=parse_health(spec.get("health")),
         cache=parse_cache(spec.get("cache")),
         accept_from=_names(_dict(meta.get("annotations"), "metadata.annotations").get(ACCEPT_ANNOTATION)),
@@ -565,7 +471,7 @@ def _names(raw: object) -> frozenset[str]:
 def _tenants(raw: object, namespace: str) -> tuple[str, ...]:
     """Qualified tenant patterns (see ``crdgol.tenancy``); none given means the own namespace."""
     patterns = {
-        _tenant(tenancy.parse_pattern, t, namespace, f"spec.tenants[{i}]") for i, t in enumerate(_list(raw, "spec.tenants"))
+        parse_tenant(tenancy.parse_pattern, t, namespace, f"spec.tenants[{i}]") for i, t in enumerate(_list(raw, "spec.tenants"))
     }
     return tuple(sorted(patterns)) if patterns else (tenancy.qualified(namespace, tenancy.WILDCARD),)
 

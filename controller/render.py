@@ -62,7 +62,6 @@ from controller.models import (
     BackendSpec,
     BindingSpec,
     Endpoint,
-    QuotaSpec,
     SecretData,
     SecretRef,
     SpecError,
@@ -77,6 +76,7 @@ from controller.native_path import (
 from controller.native_path import enabled as native_enabled
 from controller.one_message import credential_value, metadata_routes, one_message
 from controller.ownership import Claims, acceptances, grant_not_accepted, unaccepted
+from controller.quota_specs import QuotaSpec
 from controller.tracing_config import collector_cluster
 from crdgol import tenancy
 from crdgol.pb import policy_pb2 as pb
