@@ -55,6 +55,7 @@ from controller.mcp_servers import McpServerSpec
 from controller.models import Endpoint, SecretData, SecretRef, SpecError
 from controller.one_message import BODY_ONLY, NO_RESPONSE_SIDE, one_message
 from controller.quota_specs import QuotaSpec
+from controller.usage_filters import USAGE_FILTER_NAMES
 from crdgol import tenancy
 from crdgol.mcp_contract import (
     CLIENT_SESSION_KEY,
@@ -341,7 +342,7 @@ def _view_route(view: str, members: list[McpServerSpec], settings: RenderSetting
         # The gateway listener's usage filters look for model usage: nothing to find in MCP answers.
         out["typed_per_filter_config"] = {
             name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
-            for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+            for name in USAGE_FILTER_NAMES
         }
     if one_message(settings):
         # extproc names the view in dynamic metadata (its answer to the body sets no header), and
@@ -390,7 +391,7 @@ def _server_route(view: str, s: McpServerSpec, settings: RenderSettings) -> Json
         ],
         "typed_per_filter_config": {
             name: typed("envoy.config.route.v3.FilterConfig", disabled=True)
-            for name in ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
+            for name in USAGE_FILTER_NAMES
         }
         if settings.usage_log
         else {},

@@ -23,7 +23,7 @@ def _usage_rule(path: list[str], key: str, kind: str = "NUMBER") -> Json:
     return {"selectors": [{"key": p} for p in path], "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": kind}}
 
 
-# The usage filters' names (routes that answer no model call turn them off by name).
+# The usage filters' names (MCP routes turn them off by name: controller.mcp_render).
 USAGE_FILTER_NAMES = ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
 
 
